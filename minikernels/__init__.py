@@ -1,0 +1,13 @@
+"""minikernels: small, verified Triton kernels for efficient attention.
+
+Import this package before triton: on a machine without a CUDA GPU it selects Triton's interpreter
+(``TRITON_INTERPRET=1``), so the same code runs on a laptop CPU. ``backend()`` says which is live.
+"""
+
+from . import _backend  # noqa: F401, I001  (must run before triton is imported anywhere below)
+from ._backend import backend, device
+from . import reference, testing
+from .row_softmax import softmax
+
+__all__ = ["backend", "device", "reference", "testing", "softmax"]
+__version__ = "0.1.0"

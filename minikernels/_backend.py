@@ -1,0 +1,45 @@
+"""Backend selection: run Triton kernels on a CUDA GPU, or on the CPU through Triton's interpreter.
+
+This module must run before anything imports triton: the interpreter is chosen by the environment
+variable ``TRITON_INTERPRET``, which triton reads when a kernel is decorated with ``@triton.jit``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_INTERPRET_VAR = "TRITON_INTERPRET"
+
+
+def _choose() -> None:
+    # No GPU and no explicit choice by the user: fall back to the interpreter so that the same
+    # notebooks and tests run unchanged on a laptop. A user who set the variable keeps their choice.
+    if not torch.cuda.is_available() and _INTERPRET_VAR not in os.environ:
+        os.environ[_INTERPRET_VAR] = "1"
+
+
+_choose()
+
+
+def backend() -> str:
+    """Which machine the kernels run on: ``"cuda"`` (a GPU) or ``"interpreter"`` (CPU, via Triton's
+    interpreter). Raises ``RuntimeError`` when neither is usable (no GPU and ``TRITON_INTERPRET=0``)."""
+    if os.environ.get(_INTERPRET_VAR, "0") not in ("", "0"):
+        return "interpreter"
+    if torch.cuda.is_available():
+        return "cuda"
+    raise RuntimeError(
+        "minikernels has no backend: there is no CUDA GPU and TRITON_INTERPRET is set to 0. "
+        "Unset TRITON_INTERPRET (or set it to 1) to run the kernels on the CPU through Triton's interpreter."
+    )
+
+
+def device() -> torch.device:
+    """The torch device whose tensors the kernels take: ``cuda`` on a GPU, ``cpu`` under the interpreter."""
+    return torch.device("cuda" if backend() == "cuda" else "cpu")
+
+
+def is_interpreter() -> bool:
+    return backend() == "interpreter"
