@@ -22,7 +22,7 @@ import torch
 
 from . import _backend
 
-OPS = ("softmax",)
+OPS = ("softmax", "flash", "decode")
 RECORDED_DIR = Path(__file__).resolve().parents[1] / "book" / "data" / "bench"
 
 
@@ -138,30 +138,162 @@ def bench_softmax(ceilings: dict, quick: bool = False) -> list[dict]:
                     print(f"  {impl} {direction} M={m} N={n}: failed ({type(exc).__name__}: {exc})")
                     continue
                 gbps = n_bytes / (ms * 1e-3) / 1e9
-                rows.append({"impl": impl, "pass": direction, "M": m, "N": n,
+                rows.append({"impl": impl, "pass": direction, "shape": f"{m}x{n}", "M": m, "N": n,
                              "dtype": str(dtype).replace("torch.", ""), "ms": ms, "GBps": gbps,
                              "frac_of_copy": gbps / ceilings["copy_GBps"], "timing": method})
             del xs, dys, ys
     return rows
 
 
+# --- flash attention ------------------------------------------------------------------------------
+
+def _sdpa(backend_name: str):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name)
+
+    def run(q, k, v, causal):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return run
+
+
+def _flex_causal(n: int):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, n, n, device="cuda")
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v, causal: compiled(q, k, v, block_mask=mask)
+
+
+def attention_flops(b, h, nq, nk, d, causal, direction):
+    fwd = 4 * b * h * nq * nk * d * (0.5 if causal else 1.0)
+    return fwd if direction == "fwd" else 2.5 * fwd
+
+
+def _time_attention(impl, fn, direction, q, k, v, do, ours_o, ours_lse, causal, scale):
+    """Milliseconds of one forward or backward pass of one implementation, and how it was timed."""
+    from . import flash
+
+    if impl == "minikernels" and direction == "fwd":
+        call = lambda: flash._forward(q, k, v, causal, scale)
+    elif impl == "minikernels":
+        call = lambda: flash._backward(q, k, v, ours_o, ours_lse, do, causal, scale)
+    elif direction == "fwd":
+        call = lambda: fn(q, k, v, causal)
+    else:
+        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+        out = fn(qg, kg, vg, causal)
+        call = lambda: torch.autograd.grad(out, (qg, kg, vg), do, retain_graph=True)
+    call()  # compile and warm up outside the timed region
+    if direction == "fwd":
+        return time_rotating([call])
+    return _do_bench(call), "do_bench"  # autograd cannot be graph-captured; these launches are long anyway
+
+
+def bench_flash(ceilings: dict, quick: bool = False, with_flex: bool = True) -> list[dict]:
+    """Shapes of the issue: B*N = 16k tokens, H*D = 2048, bf16; forward and backward. FlexAttention
+    (compiled, one compile per shape) on the dense causal D=128 shapes with N >= 4096."""
+    from . import flash
+
+    rows = []
+    lengths = [4096] if quick else [1024, 4096, 16384]
+    for d in (64, 128):
+        h = 2048 // d
+        for n in lengths:
+            b = 16384 // n
+            for causal in (False, True):
+                q, k, v, do = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+                scale = d**-0.5
+                ours_o, ours_lse = flash._forward(q, k, v, causal, scale)
+                want = _sdpa("MATH")(q[:1].float(), k[:1].float(), v[:1].float(), causal)
+                torch.testing.assert_close(ours_o[:1].float(), want, atol=2e-2, rtol=0)  # check what is timed
+                impls = {"minikernels": None, "sdpa-flash": _sdpa("FLASH_ATTENTION"),
+                         "sdpa-cudnn": _sdpa("CUDNN_ATTENTION")}
+                if with_flex and causal and d == 128 and n >= 4096:  # each shape is a fresh compile
+                    impls["flex (compiled)"] = _flex_causal(n)
+                shape = f"B{b} H{h} N{n} D{d}" + (" causal" if causal else "")
+                for impl, fn in impls.items():
+                    for direction in ("fwd", "bwd"):
+                        try:
+                            ms, method = _time_attention(impl, fn, direction, q, k, v, do, ours_o, ours_lse,
+                                                         causal, scale)
+                        except Exception as exc:
+                            print(f"  {impl} {direction} {shape}: failed ({type(exc).__name__}: {str(exc)[:200]})")
+                            continue
+                        flops = attention_flops(b, h, n, n, d, causal, direction)
+                        rows.append({"impl": impl, "pass": direction, "shape": shape, "B": b, "H": h, "N": n, "D": d,
+                                     "causal": causal, "dtype": "bfloat16", "ms": ms,
+                                     "TFLOPs": flops / (ms * 1e-3) / 1e12, "timing": method})
+                torch.cuda.empty_cache()
+    return rows
+
+
+# --- decode ---------------------------------------------------------------------------------------
+
+def bench_decode(ceilings: dict, quick: bool = False) -> list[dict]:
+    """B8 H32 D128, one query row, bf16, the cache full to length L; bytes = the K and V read."""
+    from .decode import decode_attention
+
+    rows = []
+    b, h, d = 8, 32, 128
+    for length in ([8192, 65536] if quick else [1024, 4096, 8192, 16384, 32768, 65536]):
+        kv_bytes = 2 * b * h * length * d * 2
+        sets = n_buffer_sets(kv_bytes)
+        qs = [torch.randn(b, h, 1, d, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
+        ks = [torch.randn(b, h, length, d, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
+        vs = [torch.randn(b, h, length, d, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
+        lens = torch.full((b,), length, dtype=torch.int32, device="cuda")
+        got = decode_attention(qs[0], ks[0], vs[0], lens)
+        want = _sdpa("MATH")(qs[0].float(), ks[0].float(), vs[0].float(), False)
+        torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=0)
+        impls = {
+            "minikernels": lambda q, k, v, lens=lens: decode_attention(q, k, v, lens),
+            "sdpa-flash": lambda q, k, v: _sdpa("FLASH_ATTENTION")(q, k, v, False),
+            "sdpa-cudnn": lambda q, k, v: _sdpa("CUDNN_ATTENTION")(q, k, v, False),
+        }
+        for impl, fn in impls.items():
+            calls = [lambda q=q, k=k, v=v, fn=fn: fn(q, k, v) for q, k, v in zip(qs, ks, vs)]
+            try:
+                calls[0]()
+                ms, method = time_rotating(calls)
+            except Exception as exc:
+                print(f"  {impl} decode L={length}: failed ({type(exc).__name__}: {str(exc)[:200]})")
+                continue
+            gbps = kv_bytes / (ms * 1e-3) / 1e9
+            rows.append({"impl": impl, "pass": "fwd", "shape": f"B{b} H{h} D{d} L{length}", "L": length,
+                         "dtype": "bfloat16", "ms": ms, "GBps": gbps, "frac_of_copy": gbps / ceilings["copy_GBps"],
+                         "timing": method})
+        torch.cuda.empty_cache()
+    return rows
+
+
 def print_table(op: str, rows: list[dict], ceilings: dict) -> None:
-    print(f"\n== {op}: GB/s of bytes that must move; copy ceiling {ceilings['copy_GBps']:.0f} GB/s ==")
-    keys = sorted({(r["pass"], r["dtype"], r["M"], r["N"]) for r in rows},
-                  key=lambda k: (k[0] != "fwd", k[1], k[2], k[3]))
+    """One line per (pass, dtype, shape): each implementation's rate, then ours relative to the copy
+    ceiling (memory-bound ops) and the speedup of ours over each anchor (their time / our time)."""
+    metric = "GBps" if "GBps" in rows[0] else "TFLOPs"
+    unit = "GB/s of bytes that must move" if metric == "GBps" else "TFLOP/s"
+    print(f"\n== {op}: {unit}; copy ceiling {ceilings['copy_GBps']:.0f} GB/s, "
+          f"bf16 matmul {ceilings['matmul_bf16_TFLOPs']:.0f} TFLOP/s ==")
+    rows = [{"shape": f"{r.get('M')}x{r.get('N')}", **r} for r in rows]  # runs before 'shape' was recorded
+    keys = list(dict.fromkeys((r["pass"], r["dtype"], r["shape"]) for r in rows))
     impls = list(dict.fromkeys(r["impl"] for r in rows))
-    head = f"{'pass':4} {'dtype':8} {'M x N':>12} " + " ".join(f"{i:>15}" for i in impls)
-    head += "   ours/copy " + " ".join(f"{'ours/' + i:>20}" for i in impls[1:])
+    width = max(12, *(len(k[2]) for k in keys))
+    head = f"{'pass':4} {'dtype':8} {'shape':>{width}} " + " ".join(f"{i:>14}" for i in impls)
+    if metric == "GBps":
+        head += "  ours/copy"
+    head += " " + " ".join(f"{'vs ' + i:>18}" for i in impls[1:])
     print(head)
     for key in keys:
-        by = {r["impl"]: r for r in rows if (r["pass"], r["dtype"], r["M"], r["N"]) == key}
-        line = f"{key[0]:4} {key[1]:8} {f'{key[2]}x{key[3]}':>12} "
-        line += " ".join(f"{by[i]['GBps']:>15.0f}" if i in by else f"{'-':>15}" for i in impls)
+        by = {r["impl"]: r for r in rows if (r["pass"], r["dtype"], r["shape"]) == key}
+        line = f"{key[0]:4} {key[1]:8} {key[2]:>{width}} "
+        line += " ".join(f"{by[i][metric]:>14.0f}" if i in by else f"{'-':>14}" for i in impls)
         ours = by.get("minikernels")
-        line += f"   {ours['frac_of_copy']:>9.0%} " if ours else f"   {'-':>9} "
+        if metric == "GBps":
+            line += f"  {ours['frac_of_copy']:>9.0%}" if ours else f"  {'-':>9}"
         for i in impls[1:]:
-            ok = ours and i in by
-            line += f"{(by[i]['ms'] / ours['ms']) if ok else float('nan'):>19.2f}x"
+            line += f" {by[i]['ms'] / ours['ms']:>17.2f}x" if ours and i in by else f" {'-':>18}"
         print(line)
 
 
@@ -190,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     ceilings = measure_ceilings()
     print(f"copy {ceilings['copy_GBps']:.0f} GB/s (1 GiB, read + write), "
           f"bf16 matmul {ceilings['matmul_bf16_TFLOPs']:.0f} TFLOP/s (8192^3)")
-    runners = {"softmax": bench_softmax}
+    runners = {"softmax": bench_softmax, "flash": bench_flash, "decode": bench_decode}
     for op in ops:
         rows = runners[op](ceilings, quick=args.quick)
         path = json_dir / f"{op}.json"

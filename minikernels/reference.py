@@ -8,8 +8,53 @@ import torch
 
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """exp(x - max) / sum(exp(x - max)) along ``dim``; a row of all -inf gives zeros (as the kernel)."""
+    if x.shape[dim] == 0:  # no entries to normalise (attention over zero keys)
+        return x.clone()
     m = x.amax(dim=dim, keepdim=True)
     m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
     e = torch.exp(x - m)
     s = e.sum(dim=dim, keepdim=True)
     return e / torch.where(s == 0, torch.ones_like(s), s)
+
+
+def _expand_kv_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Grouped-query attention: repeat each k/v head for the q heads that share it."""
+    return t.repeat_interleave(heads // t.shape[1], dim=1) if t.shape[1] != heads else t
+
+
+def flash_attention(q, k, v, causal: bool = False, scale: float | None = None, return_lse: bool = False):
+    """softmax(q k^T * scale) v, materialising the full score matrix. Causal masking is aligned to the
+    bottom right (query i sees keys j <= i + Nk - Nq); a query that sees no key gets zeros and a
+    logsumexp of -inf. ``k``/``v`` may have fewer heads than ``q`` (grouped-query attention)."""
+    nq, nk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    scale = d**-0.5 if scale is None else scale
+    k, v = _expand_kv_heads(k, q.shape[1]), _expand_kv_heads(v, q.shape[1])
+    s = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        i = torch.arange(nq, device=q.device)[:, None]
+        j = torch.arange(nk, device=q.device)[None, :]
+        s = s.masked_fill(j > i + (nk - nq), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = softmax(s, dim=-1)  # rows of all -inf give zeros
+    out = p @ v
+    return (out, lse) if return_lse else out
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens=None, num_splits=None, causal: bool = False):
+    """Attention of a few query rows over a KV cache whose first ``cache_seqlens[b]`` positions are
+    valid. With ``causal=True`` the Nq queries are the last Nq positions of each sequence: row i sees
+    keys j <= L - Nq + i. ``num_splits`` only changes how the kernel divides the work: ignored here."""
+    b, _, nq, _ = q.shape
+    nmax = k_cache.shape[2]
+    lengths = torch.full((b,), nmax, device=q.device) if cache_seqlens is None else cache_seqlens.to(q.device)
+    scale = q.shape[-1] ** -0.5
+    k, v = _expand_kv_heads(k_cache, q.shape[1]), _expand_kv_heads(v_cache, q.shape[1])
+    s = (q @ k.transpose(-1, -2)) * scale  # [B, H, Nq, Nmax]
+    j = torch.arange(nmax, device=q.device)[None, None, None, :]
+    limit = lengths.view(b, 1, 1, 1)
+    visible = j < limit
+    if causal:
+        i = torch.arange(nq, device=q.device)[None, None, :, None]
+        visible = visible & (j <= limit - nq + i)
+    s = s.masked_fill(~visible, float("-inf"))
+    return softmax(s, dim=-1) @ v

@@ -46,3 +46,9 @@ def test_strided_like():
     s = testing.strided_like(x)
     assert not s.is_contiguous()
     assert torch.equal(s, x)
+
+
+def test_rel_error_against_zero_reference_is_absolute():
+    zero = torch.zeros(3, dtype=torch.float64)
+    assert testing.rel_error(torch.zeros(3), zero) == 0.0
+    assert math.isclose(testing.rel_error(torch.tensor([3e-8, 4e-8, 0.0]), zero), 5e-8, rel_tol=1e-6)

@@ -1,45 +1,67 @@
-"""Fill the student version of an exercise with a plausible wrong answer, to be committed as
-exercises/<name>/wrong_submission.ipynb (CI grades it and expects the score in wrong_submission.json).
+"""Fill the student version of each exercise with plausible wrong answers, committed as
+exercises/<name>/wrong_submission.ipynb; CI grades it and expects the scores in wrong_submission.json.
 
-    python tools/make_wrong_submission.py   # after `make exercises`
+    make exercises && python tools/make_wrong_submission.py
 """
+
 import json
 
 import nbformat
 
-STUDENT = "_build/exercises/ch00_softmax/student/ch00_softmax.ipynb"
-OUT = "exercises/ch00_softmax/wrong_submission.ipynb"
-
-q1_answer = '''def naive_softmax_bytes(M, N, b):
+# exercise -> (replacements: (marker in the student cell, code that replaces its "..." body), expected, why)
+WRONG = {
+    "ch00_softmax": (
+        [("def naive_softmax_bytes", None, '''def naive_softmax_bytes(M, N, b):
     reads = M * N + (M * N + M) + M * N + M * N + (M * N + M)
     writes = M + M * N + M * N + M + M * N
     return (reads + writes) * b
 
 
 def fused_softmax_bytes(M, N, b):
-    return 2 * M * N * b'''
-
-# The classic mistake: padding lanes load 0.0 instead of -inf, so exp(0 - max) leaks into the sum of
-# every row whose length is not a power of two. Rows of 16 or 32 elements still come out right.
-q2_body = '''    x = tl.load(x_ptr + row * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
+    return 2 * M * N * b'''),
+         # padding lanes load 0.0 instead of -inf: exp(0 - max) leaks into the sum of every row whose
+         # length is not a power of two; rows of 16 or 32 still come out right
+         ("def softmax_row_kernel", "    mask = cols < N\n    ...", '''    mask = cols < N
+    x = tl.load(x_ptr + row * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
     e = tl.exp(x - tl.max(x, axis=0))
     y = e / tl.sum(e, axis=0)
-    tl.store(y_ptr + row * stride_row + cols, y, mask=mask)'''
+    tl.store(y_ptr + row * stride_row + cols, y, mask=mask)''')],
+        {"q1": 1.0, "q2": 2.0},
+        "q1 right; q2 pads with 0.0 instead of -inf: passes the power-of-two tests (2 of 3), fails the row of 17",
+    ),
+    "ch01_flashattention": (
+        [("def merge", "    (m1, l1, o1), (m2, l2, o2) = a, b\n    ...", '''    (m1, l1, o1), (m2, l2, o2) = a, b
+    m = torch.maximum(m1, m2)
+    w1 = torch.exp(m1 - m) * l1 if l1 > 0 else torch.zeros_like(l1)
+    w2 = torch.exp(m2 - m) * l2 if l2 > 0 else torch.zeros_like(l2)
+    return m, w1 + w2, (w1 * o1 + w2 * o2) / (w1 + w2)'''),
+         # floor instead of ceiling: the partial last query block is not counted
+         ("def tiled_forward_traffic", None, '''def tiled_forward_traffic(n, d, b_r, b_c):
+    return n * d + (n // b_r) * 2 * n * d + n * d'''),
+         # forgets to rescale the accumulated output when the maximum grows
+         ("def tiled_attention", "            ...", '''            m_new = torch.maximum(m, s.max(1).values)
+            alpha = torch.exp(m - m_new)
+            p = torch.exp(s - m_new[:, None])
+            l = l * alpha + p.sum(1)
+            acc = acc + p @ v[c0:c0 + b_c]
+            m = m_new''')],
+        {"q1": 2.0, "q2": 0.5, "q3": 0.0},
+        "q1 right; q2 floors the number of query blocks (public test passes, hidden fails); q3 never "
+        "rescales acc by exp(m_old - m_new)",
+    ),
+}
 
-nb = nbformat.read(STUDENT, 4)
-for cell in nb.cells:
-    if cell.cell_type != "code":
-        continue
-    if cell.source.startswith("def naive_softmax_bytes"):
-        cell.source = q1_answer
-    elif "def softmax_row_kernel" in cell.source:
-        cell.source = cell.source.replace("    mask = cols < N\n    ...", "    mask = cols < N\n" + q2_body)
-        assert q2_body in cell.source
-nbformat.write(nb, OUT)
-expected = {"q1": 1.0, "q2": 2.0,
-            "why": "q1 right; q2 pads with 0.0 instead of -inf: passes the power-of-two tests (2 of 3), "
-                   "fails the row of 17"}
-with open("exercises/ch00_softmax/wrong_submission.json", "w") as f:
-    json.dump(expected, f, indent=1)
-    f.write("\n")
-print("wrote", OUT)
+for name, (replacements, expected, why) in WRONG.items():
+    nb = nbformat.read(f"_build/exercises/{name}/student/{name}.ipynb", 4)
+    for marker, old, new in replacements:
+        (cell,) = [c for c in nb.cells if c.cell_type == "code" and marker in c.source]
+        if old is None:  # replace the whole cell
+            cell.source = new
+        else:
+            assert old in cell.source, (name, marker)
+            cell.source = cell.source.replace(old, new, 1)
+    nbformat.write(nb, f"exercises/{name}/wrong_submission.ipynb")
+    with open(f"exercises/{name}/wrong_submission.json", "w") as f:
+        json.dump({**expected, "why": why}, f, indent=1)
+        f.write("\n")
+    print("wrote", f"exercises/{name}/wrong_submission.ipynb")

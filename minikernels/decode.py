@@ -1,0 +1,200 @@
+"""Chapter 1: decoding attention with split-KV (Flash-Decoding; Lean Attention).
+
+At decode time each sequence brings one (or a few) new query rows and attends to a KV cache of L
+positions. Per (batch, kv head) the kernel reads 2*L*D cache elements and does ~4*L*D FLOPs per
+query row: about one FLOP per byte, far below the ridge point, so the time is the cache read and
+the goal is the copy bandwidth. One program per (batch, head) would leave most of the GPU idle when
+B*H is small and L is long, so the cache is cut into ``num_splits`` ranges processed in parallel:
+
+  1. each split s computes a partial result over its keys: (m_s, l_s, o_s) with o_s normalised;
+  2. a merge combines them with the online-softmax rule of chapter 0,
+        lse_s = m_s + log l_s,   o = sum_s exp(lse_s - lse) o_s,   lse = log sum_s exp(lse_s).
+
+All query heads of a grouped-query group are processed by the same program, so each k/v head is
+read once, not once per query head. Forward only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._alloc import empty
+from ._backend import is_interpreter
+from .flash import _compute_dtype, _head_dim_pad, check_attention_inputs
+
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _decode_split(Q, K, V, SEQLENS, O_PART, LSE_PART,
+                  stride_qb, stride_qh, stride_qn, stride_qd,
+                  stride_kb, stride_kh, stride_kn, stride_kd,
+                  stride_vb, stride_vh, stride_vn, stride_vd,
+                  HKV, GROUP, NQ, D, NMAX, split_len, n_splits, qk_scale,
+                  CAUSAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    split = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // HKV
+    hk = bhk % HKV
+    L = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), NMAX)  # never read outside the cache
+    # rows of the tile: (query head g of the group, query row i), flattened as g * NQ + i
+    r = tl.arange(0, ROWS)
+    g = r // NQ
+    i = r % NQ
+    row_ok = r < GROUP * NQ
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_ok = offs_d < D
+    h = hk * GROUP + g
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64)[:, None] * stride_qh + i[:, None] * stride_qn
+                + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, L)
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + offs_n
+        col_ok = cols < hi
+        kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # read BLOCK_N*D of the cache
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # read BLOCK_N*D
+        s = tl.dot(q, kt) * qk_scale
+        visible = col_ok[None, :]
+        if CAUSAL:  # the NQ queries are the last NQ positions: row i sees keys j <= L - NQ + i
+            visible = visible & (cols[None, :] <= (L - NQ + i)[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    empty_row = l_i == 0.0
+    o = acc / tl.where(empty_row, 1.0, l_i)[:, None]
+    lse2 = tl.where(empty_row, float("-inf"), m_i + tl.log2(tl.where(empty_row, 1.0, l_i)))  # base 2
+    # partials: [B*HKV, n_splits, ROWS, HEAD_DIM] and [B*HKV, n_splits, ROWS], float32 (tiny next to the cache)
+    part = (bhk.to(tl.int64) * n_splits + split) * ROWS
+    tl.store(O_PART + (part + r)[:, None] * HEAD_DIM + offs_d[None, :], o)
+    tl.store(LSE_PART + part + r, lse2)
+
+
+@triton.jit
+def _decode_merge(O_PART, LSE_PART, OUT, stride_ob, stride_oh, stride_on, stride_od,
+                  HKV, GROUP, NQ, D, n_splits,
+                  ROWS: tl.constexpr, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    bhk = tl.program_id(0)
+    r = tl.program_id(1)  # one (query head, row) of the group
+    b = bhk // HKV
+    hk = bhk % HKV
+    s = tl.arange(0, SPLITS)
+    s_ok = s < n_splits
+    offs_d = tl.arange(0, HEAD_DIM)
+    base = bhk.to(tl.int64) * n_splits * ROWS
+    lse = tl.load(LSE_PART + base + s * ROWS + r, mask=s_ok, other=float("-inf"))  # [SPLITS]
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # no split saw a key: every weight is 0, output 0
+    w = tl.exp2(lse - m)
+    o = tl.load(O_PART + (base + s * ROWS + r)[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    total = tl.sum(w, axis=0)
+    out = tl.sum(w[:, None] * o, axis=0) / tl.where(total == 0.0, 1.0, total)
+    g = r // NQ
+    i = r % NQ
+    h = hk * GROUP + g
+    tl.store(OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + i * stride_on + offs_d * stride_od,
+             out.to(OUT.dtype.element_ty), mask=offs_d < D)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few splits, enough to exercise the merge
+
+
+def choose_num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: torch.device) -> int:
+    """Enough splits that every SM has a few programs, but each split at least a few key blocks long."""
+    want = triton.cdiv(4 * _num_sms(device), max(batch_kv_heads, 1))
+    longest = max(1, triton.cdiv(max_len, 4 * block_n))
+    return int(max(1, min(want, longest, 64)))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     cache_seqlens: torch.Tensor | None = None, num_splits: int | None = None,
+                     causal: bool = False) -> torch.Tensor:
+    """Attention of a few query rows over a KV cache, split along the cache (forward only).
+
+    q ``[B, H, Nq, D]`` (Nq small, 1 is the common case); k_cache, v_cache ``[B, Hkv, Nmax, D]`` with
+    Hkv dividing H; ``cache_seqlens`` an int tensor ``[B]`` of valid lengths (default: Nmax for all);
+    ``num_splits`` splits of the cache processed in parallel (default: chosen from the GPU's size).
+    With ``causal=True`` the Nq queries are the last Nq positions of each sequence (row i sees keys
+    j <= L - Nq + i). A row that sees no key (length 0) gets zeros. Scale 1/sqrt(D).
+    """
+    check_attention_inputs(q, k_cache, v_cache, k_name="k_cache", v_name="v_cache")
+    B, H, Nq, D = q.shape
+    HKV, Nmax = k_cache.shape[1], k_cache.shape[2]
+    if cache_seqlens is None:
+        cache_seqlens = torch.full((B,), Nmax, dtype=torch.int32, device=q.device)
+    else:
+        if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError("cache_seqlens must be an int32 or int64 tensor [B]")
+        if cache_seqlens.shape != (B,):
+            raise ValueError(f"cache_seqlens must have shape [B] = ({B},), got {tuple(cache_seqlens.shape)}")
+        if cache_seqlens.device != q.device:
+            raise ValueError(f"cache_seqlens is on {cache_seqlens.device}, q on {q.device}: put them on one device")
+        # Checking the values needs a host sync, impossible while a CUDA graph is being captured;
+        # there the kernel's clamp to [0, Nmax] still keeps every read inside the cache.
+        capturing = q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if B and not capturing:
+            lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+            if lo < 0 or hi > Nmax:
+                raise ValueError(f"cache_seqlens must lie in [0, Nmax={Nmax}], got values in [{lo}, {hi}]")
+        cache_seqlens = cache_seqlens.to(torch.int32).contiguous()
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    group = H // HKV
+    rows = max(16, triton.next_power_of_2(group * Nq))  # tl.dot needs at least 16 rows
+    if group * Nq > 128:
+        raise ValueError(f"decode_attention takes a few query rows: (H / Hkv) * Nq = {group * Nq} > 128; "
+                         "use flash_attention for prefill")
+    out = empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+
+    work = _compute_dtype(q.dtype)
+    qw, kw, vw = (t.to(work) for t in (q, k_cache, v_cache))
+    block_n = 32 if is_interpreter() else 64
+    splits = num_splits or choose_num_splits(B * HKV, Nmax, block_n, q.device)
+    splits = min(splits, max(1, triton.cdiv(Nmax, block_n)))
+    split_len = triton.cdiv(triton.cdiv(max(Nmax, 1), splits), block_n) * block_n
+    pad = _head_dim_pad(D)
+    o_part = torch.empty((B * HKV, splits, rows, pad), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((B * HKV, splits, rows), dtype=torch.float32, device=q.device)
+    _decode_split[(splits, B * HKV)](
+        qw, kw, vw, cache_seqlens, o_part, lse_part, *qw.stride(), *kw.stride(), *vw.stride(),
+        HKV, group, Nq, D, Nmax, split_len, splits, D**-0.5 * 1.4426950408889634,
+        CAUSAL=causal, ROWS=rows, BLOCK_N=block_n, HEAD_DIM=pad, num_warps=4, num_stages=1 if is_interpreter() else 3)
+    _decode_merge[(B * HKV, group * Nq)](
+        o_part, lse_part, out, *out.stride(), HKV, group, Nq, D, splits,
+        ROWS=rows, SPLITS=max(2, triton.next_power_of_2(splits)), HEAD_DIM=pad, num_warps=4)
+    return out
+
+
+def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split merge in PyTorch: combine partial (out_s, lse_s) computed over disjoint key sets into
+    the result over their union. Natural-log lse; a part with lse = -inf (no keys) weighs 0."""
+    lse = torch.stack(lses)  # [S, ...]
+    m = lse.amax(0)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    w = torch.exp(lse - m)
+    total = w.sum(0)
+    out = (w[..., None] * torch.stack(outs)).sum(0) / torch.where(total == 0, 1, total)[..., None]
+    return out, m + torch.log(total)

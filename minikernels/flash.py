@@ -1,0 +1,489 @@
+"""Chapter 1: FlashAttention, forward and backward (Dao et al. 2022; Dao 2023).
+
+    O = softmax(Q K^T * scale) V,   one (batch, head) at a time, Q [Nq, D], K and V [Nk, D]
+
+Standard attention writes S = QK^T and P = softmax(S) to device memory: Theta(N^2) bytes. Here a
+program keeps one block of BLOCK_M query rows on chip and streams K and V past it in blocks of
+BLOCK_N keys, folding each block into a running (max m, sum l, output acc) with the online-softmax
+rule of chapter 0. Per (batch, head) it reads Q, K, V once per query block and writes O and the
+logsumexp once: no N^2 term ever reaches memory.
+
+The backward recomputes P block by block from the saved logsumexp (lse) instead of storing it:
+
+    P = exp(S - lse),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dQ = dS K,  dK = dS^T Q
+
+with delta_i = rowsum(dO_i * O_i) (= rowsum(P_i * dP_i), the softmax Jacobian's correction term).
+Two kernels share that work without atomics: one owns a block of keys and accumulates dK, dV over
+all query blocks (and all query heads of a grouped-query group); the other owns a block of queries
+and accumulates dQ over the key blocks.
+
+Causal masking is aligned to the bottom right as in FlashAttention-2: query i sees keys
+j <= i + Nk - Nq. Each loop is split into blocks that need no mask (every key visible to every
+row) and the few blocks on the diagonal or at the ragged end that do. A query that sees no key gets
+zeros and a logsumexp of -inf.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._alloc import empty
+from ._backend import is_interpreter
+from ._validate import check_same_device, check_tensor
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+
+
+# --------------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_block_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                    rows, lo, hi, Nk, D, causal_offset, qk_scale,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_ok = offs_d < D
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kt_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd  # K^T block [D, BLOCK_N]
+        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd  # V block [BLOCK_N, D]
+        if MASKED:
+            kt = tl.load(kt_ptrs, mask=(cols[None, :] < Nk) & d_ok[:, None], other=0.0)  # read BLOCK_N*D
+            v = tl.load(v_ptrs, mask=(cols[:, None] < Nk) & d_ok[None, :], other=0.0)  # read BLOCK_N*D
+        elif EVEN_D:
+            kt = tl.load(kt_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        s = tl.dot(q, kt) * qk_scale  # logits in base 2: exp(x) = 2^(x log2 e)
+        if MASKED:
+            visible = cols[None, :] < Nk
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        if MASKED:  # a row with no visible key so far keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new_safe = m_new
+        alpha = tl.exp2(m_i - m_new_safe)  # rescales what was accumulated under the old maximum
+        p = tl.exp2(s - m_new_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE,
+              stride_qb, stride_qh, stride_qn, stride_qd,
+              stride_kb, stride_kh, stride_kn, stride_kd,
+              stride_vb, stride_vh, stride_vn, stride_vd,
+              stride_ob, stride_oh, stride_on, stride_od,
+              H, GROUP, Nq, Nk, D, qk_scale,
+              CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP  # grouped-query attention: GROUP query heads share one k/v head
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = rows < Nq
+    d_ok = offs_d < D
+    q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # read BLOCK_M*D, once
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    causal_offset = Nk - Nq  # bottom-right alignment: query i sees keys j <= i + Nk - Nq
+    if CAUSAL:
+        # keys every row of this block sees, rounded down to whole blocks; then the diagonal band
+        full_hi = tl.minimum(start_m + causal_offset + 1, Nk)
+        full_hi = tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), Nk)
+    else:
+        full_hi = Nk // BLOCK_N * BLOCK_N
+        hi = Nk
+    acc, l_i, m_i = _fwd_block_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                    rows, 0, full_hi, Nk, D, causal_offset, qk_scale,
+                                    False, CAUSAL, EVEN_D, BLOCK_N, HEAD_DIM)
+    acc, l_i, m_i = _fwd_block_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                    rows, full_hi, hi, Nk, D, causal_offset, qk_scale,
+                                    True, CAUSAL, EVEN_D, BLOCK_N, HEAD_DIM)
+
+    empty_row = l_i == 0.0  # saw no key: output 0, logsumexp -inf
+    out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
+    lse = tl.where(empty_row, float("-inf"), (m_i + tl.log2(tl.where(empty_row, 1.0, l_i))) * 0.6931471805599453)
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(o_base + rows[:, None] * stride_on + offs_d[None, :] * stride_od, out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])  # write BLOCK_M*D
+    tl.store(LSE + bh.to(tl.int64) * Nq + rows, lse, mask=row_ok)  # write BLOCK_M (natural log)
+
+
+# --------------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_od,
+               stride_dob, stride_doh, stride_don, stride_dod, H, Nq, D,
+               BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # delta_i = rowsum(dO_i * O_i): read 2*Nq*D, write Nq
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = (rows[:, None] < Nq) & (offs_d[None, :] < D)
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows[:, None] * stride_on
+                + offs_d[None, :] * stride_od, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + rows[:, None] * stride_don
+                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * Nq + rows, tl.sum(o * do, axis=1), mask=rows < Nq)
+
+
+@triton.jit
+def _bwd_dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd,
+                   stride_don, stride_dod, cols, lo, hi, Nq, D, causal_offset, qk_scale,
+                   MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                   BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_ok = offs_d < D
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < Nq
+        qt = tl.load(q_base + rows[None, :] * stride_qn + offs_d[:, None] * stride_qd,
+                     mask=row_ok[None, :] & d_ok[:, None], other=0.0)  # Q^T block [D, BLOCK_M]
+        do = tl.load(do_base + rows[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # dO block [BLOCK_M, D]
+        lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))  # +inf: rows that do not exist get P = 0
+        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        st = tl.dot(k, qt) * qk_scale  # S^T [BLOCK_N, BLOCK_M], base 2
+        pt = tl.exp2(st - lse[None, :])  # P^T recomputed from the saved logsumexp
+        if MASKED:
+            if CAUSAL:
+                pt = tl.where(cols[:, None] <= rows[None, :] + causal_offset, pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do)  # dV += P^T dO
+        dpt = tl.dot(v, tl.trans(do))  # dP^T = V dO^T
+        dst = pt * (dpt - delta[None, :])  # dS^T
+        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt))  # dK += dS^T Q
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
+                   stride_qb, stride_qh, stride_qn, stride_qd,
+                   stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd,
+                   stride_dob, stride_doh, stride_don, stride_dod,
+                   stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                   stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                   H, HKV, GROUP, Nq, Nk, D, scale, qk_scale,
+                   CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1)
+    b = bhk // HKV
+    hk = bhk % HKV
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kv_mask = (cols[:, None] < Nk) & (offs_d[None, :] < D)
+    k = tl.load(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + cols[:, None] * stride_kn
+                + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)  # read BLOCK_N*D, once
+    v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + cols[:, None] * stride_vn
+                + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+
+    causal_offset = Nk - Nq
+    if CAUSAL:
+        # query rows that see some key of this block start at start_n - offset; rows from
+        # start_n + BLOCK_N - 1 - offset on see all of them (no mask needed)
+        lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
+        full_lo = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0), Nq)
+        full_lo = tl.cdiv(full_lo, BLOCK_M) * BLOCK_M
+        full_lo = tl.maximum(full_lo, lo)
+    else:
+        lo = 0
+        full_lo = 0
+    for g in range(0, GROUP):  # every query head that reads this k/v head contributes to dK, dV
+        h = hk * GROUP + g
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        lse_base = LSE + (b * H + h).to(tl.int64) * Nq
+        delta_base = DELTA + (b * H + h).to(tl.int64) * Nq
+        dk, dv = _bwd_dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd,
+                                stride_don, stride_dod, cols, lo, full_lo, Nq, D, causal_offset, qk_scale,
+                                True, CAUSAL, BLOCK_M, HEAD_DIM)
+        dk, dv = _bwd_dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd,
+                                stride_don, stride_dod, cols, full_lo, Nq, Nq, D, causal_offset, qk_scale,
+                                False, CAUSAL, BLOCK_M, HEAD_DIM)
+    dk = dk * scale  # S = scale * Q K^T
+    tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + cols[:, None] * stride_dkn
+             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + cols[:, None] * stride_dvn
+             + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                 rows, lo, hi, Nk, D, causal_offset, qk_scale,
+                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_ok = offs_d < D
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < Nk
+        kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # K^T [D, BLOCK_N]
+        vt = tl.load(v_base + cols[None, :] * stride_vn + offs_d[:, None] * stride_vd,
+                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # V^T [D, BLOCK_N]
+        s = tl.dot(q, kt) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        if MASKED:
+            visible = col_ok[None, :]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, vt)  # dP = dO V^T
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))  # dQ += dS K
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
+                 stride_qb, stride_qh, stride_qn, stride_qd,
+                 stride_kb, stride_kh, stride_kn, stride_kd,
+                 stride_vb, stride_vh, stride_vn, stride_vd,
+                 stride_dob, stride_doh, stride_don, stride_dod,
+                 stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+                 H, GROUP, Nq, Nk, D, scale, qk_scale,
+                 CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = rows < Nq
+    mask = row_ok[:, None] & (offs_d[None, :] < D)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None] * stride_qn
+                + offs_d[None, :] * stride_qd, mask=mask, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + rows[:, None] * stride_don
+                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * Nq + rows, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # no key: P = 0
+    delta = tl.load(DELTA + bh.to(tl.int64) * Nq + rows, mask=row_ok, other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    causal_offset = Nk - Nq
+    if CAUSAL:
+        full_hi = tl.maximum(tl.minimum(start_m + causal_offset + 1, Nk), 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), Nk)
+    else:
+        full_hi = Nk // BLOCK_N * BLOCK_N
+        hi = Nk
+    dq = _bwd_dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                      rows, 0, full_hi, Nk, D, causal_offset, qk_scale, False, CAUSAL, BLOCK_N, HEAD_DIM)
+    dq = _bwd_dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                      rows, full_hi, hi, Nk, D, causal_offset, qk_scale, True, CAUSAL, BLOCK_N, HEAD_DIM)
+    dq = dq * scale
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None] * stride_dqn
+             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# launch configuration
+# --------------------------------------------------------------------------------------------------
+
+# Shared memory holds the resident tile plus num_stages copies of the streamed tiles: 227 KB per SM
+# on Hopper. fp32 tiles are twice the bytes of fp16/bf16 ones, so they get smaller tiles (an H200
+# run with 16-bit settings asked for 256 KB and failed to launch).
+_INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+
+
+def _fwd_config(head_dim: int, elem_bytes: int) -> dict:
+    """Tile sizes, warps and pipeline stages for the forward kernel (BLOCK_M query rows resident)."""
+    if is_interpreter():
+        return dict(_INTERPRETER_CONFIG)
+    if elem_bytes == 4:
+        if head_dim <= 128:
+            return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    if head_dim <= 64:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    if head_dim <= 128:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+
+
+def _bwd_config(head_dim: int, elem_bytes: int) -> dict:
+    """The dK/dV kernel: BLOCK_N keys resident, BLOCK_M query rows streamed."""
+    if is_interpreter():
+        return dict(_INTERPRETER_CONFIG)
+    if elem_bytes == 4:
+        if head_dim <= 128:
+            return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    if head_dim <= 128:
+        return {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
+
+
+def _dq_config(head_dim: int, elem_bytes: int) -> dict:
+    """The dQ kernel: BLOCK_M query rows resident, BLOCK_N keys streamed."""
+    if is_interpreter():
+        return dict(_INTERPRETER_CONFIG)
+    if elem_bytes == 4:
+        if head_dim <= 128:
+            return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+        return {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    if head_dim <= 128:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+
+
+def _head_dim_pad(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))  # tl.dot needs >= 16; lanes past D are masked
+
+
+# --------------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------------
+
+def _forward(q, k, v, causal: bool, scale: float):
+    B, H, Nq, D = q.shape
+    HKV, Nk = k.shape[1], k.shape[2]
+    o = empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
+    lse = empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    cfg = _fwd_config(D, q.element_size())
+    grid = (triton.cdiv(Nq, cfg["BLOCK_M"]), B * H)
+    pad = _head_dim_pad(D)
+    _attn_fwd[grid](q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+                    H, H // HKV, Nq, Nk, D, scale * LOG2E,
+                    CAUSAL=causal, EVEN_D=(pad == D), HEAD_DIM=pad, **cfg)
+    return o, lse
+
+
+def _backward(q, k, v, o, lse, do, causal: bool, scale: float):
+    B, H, Nq, D = q.shape
+    HKV, Nk = k.shape[1], k.shape[2]
+    pad = _head_dim_pad(D)
+    delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    _bwd_delta[(triton.cdiv(Nq, 64), B * H)](o, do, delta, *o.stride(), *do.stride(), H, Nq, D,
+                                              BLOCK_M=64, HEAD_DIM=pad)
+    dq = empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = empty(v.shape, dtype=v.dtype, device=v.device)
+    cfg = _bwd_config(D, q.element_size())
+    _attn_bwd_dkdv[(triton.cdiv(Nk, cfg["BLOCK_N"]), B * HKV)](
+        q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+        *dk.stride(), *dv.stride(), H, HKV, H // HKV, Nq, Nk, D, scale, scale * LOG2E,
+        CAUSAL=causal, HEAD_DIM=pad, **cfg)
+    cfg = _dq_config(D, q.element_size())
+    _attn_bwd_dq[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * H)](
+        q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        H, H // HKV, Nq, Nk, D, scale, scale * LOG2E, CAUSAL=causal, HEAD_DIM=pad, **cfg)
+    return dq, dk, dv
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # The interpreter's bf16 tl.dot is wrong (DESIGN.md): compute bf16 in fp32 there and cast back.
+    return torch.float32 if (dtype == torch.bfloat16 and is_interpreter()) else dtype
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale):
+        dtype = q.dtype
+        work = _compute_dtype(dtype)
+        qw, kw, vw = (t.to(work) for t in (q, k, v))
+        o, lse = _forward(qw, kw, vw, causal, scale)
+        ctx.save_for_backward(qw, kw, vw, o, lse)
+        ctx.causal, ctx.scale, ctx.dtype = causal, scale, dtype
+        ctx.mark_non_differentiable(lse)
+        return o.to(dtype), lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        qw, kw, vw, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(qw, kw, vw, o, lse, do.to(qw.dtype), ctx.causal, ctx.scale)
+        return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None, None
+
+
+def check_attention_inputs(q, k, v, *, k_name: str = "k", v_name: str = "v") -> None:
+    """Shapes, dtypes and devices for [B, H, N, D] attention with grouped-query heads."""
+    hint = "[B, H, N, D]"
+    check_tensor("q", q, ndim=4, shape_hint=hint)
+    check_tensor(k_name, k, ndim=4, shape_hint=hint)
+    check_tensor(v_name, v, ndim=4, shape_hint=hint)
+    check_same_device(q=q, **{k_name: k, v_name: v})
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, {k_name}, {v_name} must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"{k_name} and {v_name} must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"batch sizes differ: q has {q.shape[0]}, {k_name} has {k.shape[0]}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"head dims differ: q has D={q.shape[-1]}, {k_name} has D={k.shape[-1]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"{k_name}/{v_name} heads ({k.shape[1]}) must divide q heads ({q.shape[1]}) "
+                         "for grouped-query attention")
+    d = q.shape[-1]
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim D={d} is not supported: D must be between 1 and {MAX_HEAD_DIM} "
+                         "(16, 32, 64 and 128 are the fast sizes; others are padded to the next power of two)")
+
+
+def _check_scale(scale, d: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    return float(scale)
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                    scale: float | None = None, return_lse: bool = False):
+    """softmax(q k^T * scale) v, computed tile by tile in Triton (forward and backward).
+
+    q: ``[B, H, Nq, D]``; k, v: ``[B, Hkv, Nk, D]`` with Hkv dividing H (grouped-query attention);
+    any strides; float16, bfloat16 or float32 (tf32 matrix products on the GPU). D up to 256.
+    ``causal`` masks bottom-right aligned: query i sees keys j <= i + Nk - Nq; a query that sees no key
+    gets zeros. ``scale`` defaults to 1/sqrt(D). With ``return_lse=True`` returns ``(out, lse)``, the
+    natural-log logsumexp of each row's scaled logits, ``[B, H, Nq]`` float32 (-inf for a row with no
+    key; not differentiable).
+    """
+    check_attention_inputs(q, k, v)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    scale = _check_scale(scale, q.shape[-1])
+    B, H, Nq, D = q.shape
+    if B == 0 or H == 0 or Nq == 0:  # nothing to launch
+        out = q.new_zeros((B, H, Nq, D))
+        lse = torch.full((B, H, Nq), float("-inf"), device=q.device)
+    else:
+        out, lse = _FlashAttention.apply(q, k, v, causal, scale)
+    return (out, lse) if return_lse else out

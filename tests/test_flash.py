@@ -1,0 +1,165 @@
+"""mk.flash_attention against the float64 reference: forward, logsumexp and every gradient, on awkward
+shapes, causal (bottom-right) and not, grouped-query heads, strides, and bad input."""
+
+import pytest
+import torch
+from attention_utils import check_flash, qkv
+from hypothesis import given
+from hypothesis import strategies as st
+
+import minikernels as mk
+from minikernels.testing import poisoned, randn, strided_like, test_dtypes
+
+DTYPES = test_dtypes()  # fp32, fp16 everywhere; bf16 on the GPU (the interpreter's bf16 dot is wrong)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n", [1, 17, 64, 100, 256])
+@pytest.mark.parametrize("d", [16, 32, 64])
+def test_square_shapes(n, d, causal):
+    check_flash(*qkv(1, 2, 2, n, n, d, seed=n + d), causal=causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [128, 80, 256])
+def test_large_and_odd_head_dims(d, causal, dtype):
+    check_flash(*qkv(1, 2, 1, 100, 100, d, dtype=dtype, seed=d), causal=causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_dtypes(dtype, causal):
+    check_flash(*qkv(2, 2, 2, 100, 64, 64, dtype=dtype, seed=7), causal=causal)
+
+
+@pytest.mark.parametrize("nq,nk", [(17, 100), (100, 17), (1, 256), (64, 1), (33, 70)])
+def test_causal_with_nq_not_nk(nq, nk):
+    """Bottom-right alignment; with Nq > Nk the first Nq - Nk queries see no key: zeros, lse -inf."""
+    out, lse = check_flash(*qkv(1, 2, 1, nq, nk, 32, seed=nq * nk), causal=True)
+    if nq > nk:
+        blind = nq - nk
+        assert torch.equal(out[:, :, :blind], torch.zeros_like(out[:, :, :blind]))
+        assert torch.isneginf(lse[:, :, :blind]).all()
+
+
+def test_no_keys_at_all():
+    q, k, v = qkv(1, 1, 1, 5, 0, 16)
+    out, lse = mk.flash_attention(q, k, v, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+
+
+@pytest.mark.parametrize("h,hkv", [(4, 2), (4, 1), (6, 3)])
+def test_grouped_query_attention(h, hkv):
+    check_flash(*qkv(2, h, hkv, 64, 80, 32, seed=h * hkv), causal=True)
+
+
+def test_logits_scaled_by_30_do_not_overflow():
+    """Logits 30 times their usual size (std ~30, max ~100): exp would overflow without the running max."""
+    q, k, v = qkv(1, 2, 2, 100, 100, 64, seed=3)
+    out, lse = check_flash(q, k, v, scale=30.0 / 64**0.5)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert lse.max() > 88  # exp(88) overflows float32: the kernel never forms it
+
+
+def test_explicit_scale():
+    check_flash(*qkv(1, 2, 2, 64, 64, 32, seed=4), causal=True, scale=0.3)
+
+
+def test_non_contiguous_inputs():
+    q, k, v = qkv(2, 2, 2, 64, 64, 32, seed=5)
+    check_flash(strided_like(q), strided_like(k), strided_like(v), causal=True)
+    # [B, N, H, D] storage seen as [B, H, N, D], as from a fused QKV projection
+    qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    assert not qt.is_contiguous()
+    check_flash(qt, kt, vt)
+
+
+def test_return_lse_flag():
+    q, k, v = qkv(1, 1, 1, 8, 8, 16)
+    out = mk.flash_attention(q, k, v)
+    assert isinstance(out, torch.Tensor)
+    pair = mk.flash_attention(q, k, v, return_lse=True)
+    assert isinstance(pair, tuple) and len(pair) == 2 and torch.equal(pair[0], out)
+
+
+def test_backward_uses_only_saved_outputs():
+    """The backward must not need the forward's intermediates: gradients computed twice agree exactly."""
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, 2, 64, 64, 32, seed=6))
+    out = mk.flash_attention(q, k, v, causal=True)
+    do = randn(*out.shape, seed=8)
+    g1 = torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+    g2 = torch.autograd.grad(out, (q, k, v), do)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+@given(b=st.integers(1, 2), hkv=st.integers(1, 2), group=st.integers(1, 2), nq=st.integers(1, 70),
+       nk=st.integers(1, 70), d=st.sampled_from([16, 24, 32]), causal=st.booleans(), seed=st.integers(0, 999))
+def test_property_random_shapes(b, hkv, group, nq, nk, d, causal, seed):
+    check_flash(*qkv(b, hkv * group, hkv, nq, nk, d, seed=seed), causal=causal, seed=seed)
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+def test_rejects_wrong_rank():
+    q, k, v = qkv(1, 2, 2, 8, 8, 16)
+    with pytest.raises(ValueError, match=r"q must have 4 dimensions \[B, H, N, D\], got shape \(2, 8, 16\)"):
+        mk.flash_attention(q[0], k, v)
+
+
+def test_rejects_integer_and_mixed_dtypes():
+    q, k, v = qkv(1, 2, 2, 8, 8, 16)
+    with pytest.raises(TypeError, match="q has dtype int64"):
+        mk.flash_attention(q.long(), k, v)
+    with pytest.raises(TypeError, match="must share one dtype"):
+        mk.flash_attention(q.half(), k, v)
+
+
+def test_rejects_mismatched_shapes():
+    q, k, v = qkv(1, 4, 2, 8, 8, 16)
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        mk.flash_attention(q, k, v[:, :, :4])
+    with pytest.raises(ValueError, match="head dims differ"):
+        mk.flash_attention(q[..., :8].contiguous(), k, v)
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        mk.flash_attention(torch.cat([q, q]), k, v)
+    with pytest.raises(ValueError, match=r"heads \(3\) must divide q heads \(4\)"):
+        mk.flash_attention(q, *qkv(1, 3, 3, 8, 8, 16)[1:])
+
+
+def test_rejects_unsupported_head_dim():
+    q, k, v = qkv(1, 1, 1, 4, 4, 300)
+    with pytest.raises(ValueError, match="head dim D=300 is not supported"):
+        mk.flash_attention(q, k, v)
+
+
+def test_rejects_mixed_devices():
+    q, k, v = qkv(1, 1, 1, 4, 4, 16)
+    with pytest.raises(ValueError, match="is on device 'meta'"):
+        mk.flash_attention(q, k.to("meta"), v)
+
+
+def test_rejects_bad_flags():
+    q, k, v = qkv(1, 1, 1, 4, 4, 16)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        mk.flash_attention(q, k, v, causal=1)
+    with pytest.raises(TypeError, match="scale must be a finite float"):
+        mk.flash_attention(q, k, v, scale=float("nan"))
+
+
+# --- GPU only: the benchmark's sizes, bf16 --------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("n", [1024, 4096, 1000])
+def test_gpu_large(n, d, causal):
+    check_flash(*qkv(2, 4, 2, n, n, d, dtype=torch.bfloat16, seed=n + d), causal=causal)
+
+
+@pytest.mark.gpu
+def test_gpu_poisoned_output_is_fully_written():
+    q, k, v = qkv(2, 16, 16, 4096, 4096, 128, dtype=torch.bfloat16)
+    with poisoned():
+        out = mk.flash_attention(q, k, v, causal=True)
+    assert not torch.isnan(out).any()
