@@ -9,6 +9,8 @@ import minikernels as mk
 from minikernels.decode import merge_partials
 from minikernels.testing import assert_close, poisoned, randn, strided_like, test_dtypes
 
+DEVICE = mk.device()  # cache_seqlens must live with q (no silent host-device copies)
+
 DTYPES = test_dtypes()
 
 
@@ -24,20 +26,20 @@ def check_decode(q, kc, vc, lengths=None, num_splits=None, causal=False):
 def test_every_cache_length():
     q, kc, vc = qkv(1, 4, 2, 1, 70, 32, seed=1)
     for length in range(0, 71):
-        check_decode(q, kc, vc, torch.tensor([length], dtype=torch.int32))
+        check_decode(q, kc, vc, torch.tensor([length], dtype=torch.int32, device=DEVICE))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [16, 64, 128, 80])
 def test_head_dims_and_dtypes(d, dtype):
     q, kc, vc = qkv(3, 4, 4, 1, 200, d, dtype=dtype, seed=d)
-    check_decode(q, kc, vc, torch.tensor([200, 1, 137], dtype=torch.int64))
+    check_decode(q, kc, vc, torch.tensor([200, 1, 137], dtype=torch.int64, device=DEVICE))
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 50])
 def test_split_count_does_not_change_the_result(num_splits):
     q, kc, vc = qkv(2, 2, 1, 1, 250, 32, seed=2)
-    lengths = torch.tensor([250, 99], dtype=torch.int32)
+    lengths = torch.tensor([250, 99], dtype=torch.int32, device=DEVICE)
     one = mk.decode_attention(q, kc, vc, lengths, num_splits=1)
     many = check_decode(q, kc, vc, lengths, num_splits=num_splits)
     assert_close(many, one, name="split vs one pass")
@@ -47,7 +49,7 @@ def test_split_count_does_not_change_the_result(num_splits):
 @pytest.mark.parametrize("causal", [False, True])
 def test_several_query_rows(nq, causal):
     q, kc, vc = qkv(2, 4, 2, nq, 100, 32, seed=nq)
-    check_decode(q, kc, vc, torch.tensor([100, 3], dtype=torch.int32), causal=causal)
+    check_decode(q, kc, vc, torch.tensor([100, 3], dtype=torch.int32, device=DEVICE), causal=causal)
 
 
 def test_causal_rows_match_flash_attention():
@@ -79,9 +81,11 @@ def test_bad_input():
     with pytest.raises(TypeError, match="cache_seqlens must be an int32 or int64 tensor"):
         mk.decode_attention(q, kc, vc, torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match=r"cache_seqlens must have shape \[B\] = \(2,\)"):
-        mk.decode_attention(q, kc, vc, torch.tensor([1], dtype=torch.int32))
+        mk.decode_attention(q, kc, vc, torch.tensor([1], dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match=r"cache_seqlens must lie in \[0, Nmax=16\]"):
-        mk.decode_attention(q, kc, vc, torch.tensor([1, 17], dtype=torch.int32))
+        mk.decode_attention(q, kc, vc, torch.tensor([1, 17], dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="cache_seqlens is on meta"):
+        mk.decode_attention(q, kc, vc, torch.tensor([1, 2], dtype=torch.int32, device="meta"))
     with pytest.raises(ValueError, match="num_splits must be a positive int"):
         mk.decode_attention(q, kc, vc, num_splits=0)
     with pytest.raises(ValueError, match=r"k_cache/v_cache heads \(3\) must divide q heads \(4\)"):
