@@ -6,10 +6,12 @@ Import this package before triton: on a machine without a CUDA GPU it selects Tr
 
 from . import _backend  # noqa: F401, I001  (must run before triton is imported anywhere below)
 from ._backend import backend, device
-from . import reference, testing
+from . import masks, reference, testing
+from .block_sparse import block_sparse_attention
 from .decode import decode_attention
 from .flash import flash_attention
 from .row_softmax import softmax
 
-__all__ = ["backend", "decode_attention", "device", "flash_attention", "reference", "softmax", "testing"]
+__all__ = ["backend", "block_sparse_attention", "decode_attention", "device", "flash_attention", "masks",
+           "reference", "softmax", "testing"]
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ import torch
 
 from . import _backend
 
-OPS = ("softmax", "flash", "decode")
+OPS = ("softmax", "flash", "decode", "sparse")
 RECORDED_DIR = Path(__file__).resolve().parents[1] / "book" / "data" / "bench"
 
 
@@ -269,6 +269,88 @@ def bench_decode(ceilings: dict, quick: bool = False) -> list[dict]:
     return rows
 
 
+# --- block-sparse attention -----------------------------------------------------------------------
+
+def one_in_eight_blocks(n: int, block: int = 128, seed: int = 0) -> torch.Tensor:
+    """bool [n_blocks, n_blocks]: the causal diagonal plus about one in eight blocks below it, at random."""
+    nb = n // block
+    g = torch.Generator().manual_seed(seed)
+    pick = (torch.rand(nb, nb, generator=g) < 1 / 8).tril()
+    return pick | torch.eye(nb, dtype=torch.bool)
+
+
+def _time_sparse(fn, direction, q, k, v, do) -> float:
+    """Milliseconds of a forward, or of a backward through autograd."""
+    if direction == "fwd":
+        call = lambda: fn(q, k, v)
+    else:
+        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+        out = fn(qg, kg, vg)
+        call = lambda: torch.autograd.grad(out, (qg, kg, vg), do, retain_graph=True)
+    call()
+    return _do_bench(call)
+
+
+def bench_sparse(ceilings: dict, quick: bool = False) -> list[dict]:
+    """B1 H16 N16k D128 bf16: sliding window 1024 and one-in-eight 128-blocks + diagonal; ours and
+    compiled FlexAttention with the same mask, forward and backward; our dense causal run for the
+    density ratio; XAttention's estimation against the sparse attention it selects for."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from . import block_sparse, masks
+    from .flash import flash_attention
+
+    b, h, n, d, bs = 1, 16, 16384, 128, 128
+    q, k, v, do = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    picked = one_in_eight_blocks(n, bs).cuda()
+    rules = {
+        "sliding window 1024": lambda i, j: (j <= i) & (j > i - 1024),
+        "1-in-8 blocks + diagonal": lambda i, j: picked[i // bs, j // bs] & (j <= i),
+    }
+    flex = torch.compile(flex_attention, dynamic=False)
+    rows = []
+    dense_causal = masks.causal(n, block_size=bs, device="cuda")
+    dense = lambda q, k, v: flash_attention(q, k, v, causal=True)
+    causal_ms = {dr: _time_sparse(dense, dr, q, k, v, do) for dr in ("fwd", "bwd")}
+    for name, rule in rules.items():
+        bm = masks.from_mask_fn(rule, n, n, block_size=bs, device="cuda")
+        flex_mask = create_block_mask(lambda bb, hh, i, j, rule=rule: rule(i, j), None, None, n, n, device="cuda",
+                                      BLOCK_SIZE=bs)
+        impls = {"minikernels": lambda q, k, v, bm=bm: block_sparse.block_sparse_attention(q, k, v, bm),
+                 "flex (compiled)": lambda q, k, v, m=flex_mask: flex(q, k, v, block_mask=m)}
+        got = impls["minikernels"](q[:, :1], k[:, :1], v[:, :1])
+        want = impls["flex (compiled)"](q[:, :1], k[:, :1], v[:, :1])
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=0)  # the same attention
+        ideal = dense_causal.visited_blocks() / bm.visited_blocks()
+        for impl, fn in impls.items():
+            for direction in ("fwd", "bwd"):
+                try:
+                    ms = _time_sparse(fn, direction, q, k, v, do)
+                except Exception as exc:
+                    print(f"  {impl} {direction} {name}: failed ({type(exc).__name__}: {str(exc)[:200]})")
+                    continue
+                row = {"impl": impl, "pass": direction, "shape": f"{name}, B1 H16 N16k D128", "mask": name,
+                       "density": bm.density(), "dtype": "bfloat16", "ms": ms, "timing": "do_bench",
+                       "TFLOPs": attention_flops(b, h, n, n, d, False, direction) * bm.density() / (ms * 1e-3) / 1e12}
+                if impl == "minikernels":
+                    row["speedup_over_dense_causal"] = causal_ms[direction] / ms
+                    row["ideal_speedup"] = ideal
+                    row["fraction_of_ideal"] = row["speedup_over_dense_causal"] / ideal
+                    print(f"  {name} {direction}: {row['speedup_over_dense_causal']:.2f}x our dense causal, "
+                          f"ideal {ideal:.2f}x (visited blocks), {row['fraction_of_ideal']:.0%} of ideal")
+                rows.append(row)
+    # XAttention: estimating the mask against running the attention it selects for
+    est_ms = _do_bench(lambda: masks.antidiagonal_block_scores(q, k, 8, bs))
+    bm = masks.xattention(q, k, stride=8, threshold=0.9, block_size=bs)
+    att_ms = _time_sparse(lambda q, k, v: block_sparse.block_sparse_attention(q, k, v, bm), "fwd", q, k, v, do)
+    print(f"  xattention: scoring {est_ms:.3f} ms vs sparse attention {att_ms:.3f} ms "
+          f"({est_ms / att_ms:.0%}), density {bm.density():.2f}")
+    rows.append({"impl": "xattention-estimate", "pass": "fwd", "shape": "xattention scoring, stride 8",
+                 "dtype": "bfloat16", "ms": est_ms, "TFLOPs": 0.0, "timing": "do_bench",
+                 "relative_to_sparse_attention": est_ms / att_ms, "density": bm.density()})
+    return rows
+
+
 def print_table(op: str, rows: list[dict], ceilings: dict) -> None:
     """One line per (pass, dtype, shape): each implementation's rate, then ours relative to the copy
     ceiling (memory-bound ops) and the speedup of ours over each anchor (their time / our time)."""
@@ -322,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     ceilings = measure_ceilings()
     print(f"copy {ceilings['copy_GBps']:.0f} GB/s (1 GiB, read + write), "
           f"bf16 matmul {ceilings['matmul_bf16_TFLOPs']:.0f} TFLOP/s (8192^3)")
-    runners = {"softmax": bench_softmax, "flash": bench_flash, "decode": bench_decode}
+    runners = {"softmax": bench_softmax, "flash": bench_flash, "decode": bench_decode, "sparse": bench_sparse}
     for op in ops:
         rows = runners[op](ceilings, quick=args.quick)
         path = json_dir / f"{op}.json"

@@ -58,3 +58,13 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens=None, num_splits=None, c
         visible = visible & (j <= limit - nq + i)
     s = s.masked_fill(~visible, float("-inf"))
     return softmax(s, dim=-1) @ v
+
+
+def block_sparse_attention(q, k, v, block_mask, scale: float | None = None):
+    """Attention under the element mask ``block_mask.to_dense()``, materialised; a query that sees no
+    key gets zeros."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k, v = _expand_kv_heads(k, q.shape[1]), _expand_kv_heads(v, q.shape[1])
+    s = (q @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~block_mask.to_dense().to(q.device), float("-inf"))
+    return softmax(s, dim=-1) @ v

@@ -4,7 +4,18 @@ reference with outputs poisoned."""
 import torch
 
 import minikernels as mk
-from minikernels.testing import assert_close, poisoned, randn
+from minikernels.testing import assert_close, poisoned, randn, tolerance
+
+
+def assert_grad_close(g, w, dtype, name):
+    """Like assert_close, except where the exact gradient is identically zero (a row with one
+    visible key has dS = P (dP - delta) = 0): there a relative error means nothing, and the kernel's
+    rounding noise must stay below the bound elementwise instead."""
+    assert g.shape == w.shape and g.dtype == dtype, (name, g.shape, w.shape, g.dtype)
+    if torch.count_nonzero(w) == 0:
+        assert g.abs().max().item() <= tolerance(dtype), f"{name}: {g.abs().max().item():.2e} where 0 is exact"
+    else:
+        assert_close(g, w, dtype, name=name)
 
 
 def qkv(b, h, hkv, nq, nk, d, dtype=torch.float32, seed=0, scale=1.0):
@@ -34,6 +45,5 @@ def check_flash(q, k, v, causal=False, scale=None, grads=True, seed=0):
             got = torch.autograd.grad(out, (q, k, v), do)
         want = torch.autograd.grad(ref, r, do.double())
         for name, g, w in zip(("dq", "dk", "dv"), got, want):
-            assert g.shape == w.shape and g.dtype == dtype
-            assert_close(g, w, dtype, name=name)
+            assert_grad_close(g, w, dtype, name)
     return out, lse

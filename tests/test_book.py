@@ -20,6 +20,8 @@ BOOK_TITLE = "Efficient Attention from First Principles"
 PAGES = {
     "book/intro.html": {"title": BOOK_TITLE, "min_images": 0},
     "notebooks/00_triton_and_the_roofline.html": {"title": "GPUs, Triton and the roofline", "min_images": 2},
+    "notebooks/01_flashattention_and_io.html": {"title": "FlashAttention and the I/O complexity", "min_images": 4},
+    "notebooks/02_sparse_attention_masks.html": {"title": "Sparse attention masks", "min_images": 3},
 }
 
 

@@ -1,0 +1,351 @@
+"""Chapter 2: attention masks at element level and at block level.
+
+An element mask says which keys j each query i may attend to. A block-sparse kernel works on
+tiles of ``block_size x block_size`` (query block, key block) and needs, for every query block,
+the key blocks to visit, and for each of those whether it is *full* (every element visible: no
+mask to apply) or *partial* (some visible: apply the element mask inside the tile). A block that
+no element of which is visible is never visited: that is where sparsity turns into speed.
+
+``BlockMask`` is that data structure. Every builder evaluates its element rule block row by block
+row (never the whole ``q_len x kv_len`` matrix at once) through ``from_mask_fn``; one mask serves
+every batch and head.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ._backend import device as _backend_device
+
+MaskFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class BlockMask:
+    """Which (query block, key block) tiles to visit, and the element mask of the partial ones.
+
+    ``kv_indices[i, :kv_counts[i]]`` are the key blocks query block ``i`` visits, in increasing order
+    (the rest of the row is padding, -1). ``partial[i, t]`` says whether visit ``t`` needs the element
+    mask, which is ``tiles[tile_index[i, t]]`` (a ``block_size x block_size`` bool tile; -1 for full
+    blocks). ``q_indices``, ``q_counts``, ``q_partial``, ``q_tile_index`` list the same visits by key
+    block. All integer tensors are int32, on the device the mask was built for.
+    """
+
+    q_len: int
+    kv_len: int
+    block_size: int
+    kv_indices: torch.Tensor
+    kv_counts: torch.Tensor
+    partial: torch.Tensor
+    tile_index: torch.Tensor
+    tiles: torch.Tensor
+    # the same visits seen from the key side (for the dK/dV pass): query blocks per key block
+    q_indices: torch.Tensor
+    q_counts: torch.Tensor
+    q_partial: torch.Tensor
+    q_tile_index: torch.Tensor
+
+    @property
+    def n_q_blocks(self) -> int:
+        return math.ceil(self.q_len / self.block_size)
+
+    @property
+    def n_kv_blocks(self) -> int:
+        return math.ceil(self.kv_len / self.block_size)
+
+    def visited_blocks(self) -> int:
+        return int(self.kv_counts.sum())
+
+    def density(self) -> float:
+        """The fraction of all (query block, key block) tiles that are visited."""
+        total = self.n_q_blocks * self.n_kv_blocks
+        return self.visited_blocks() / total if total else 0.0
+
+    def to_dense(self) -> torch.Tensor:
+        """The element mask, bool ``[q_len, kv_len]``."""
+        bs = self.block_size
+        dense = torch.zeros(self.n_q_blocks * bs, self.n_kv_blocks * bs, dtype=torch.bool,
+                            device=self.kv_indices.device)
+        counts = self.kv_counts.tolist()
+        for qb in range(self.n_q_blocks):
+            for t in range(counts[qb]):
+                kb = int(self.kv_indices[qb, t])
+                tile = self.tiles[int(self.tile_index[qb, t])] if bool(self.partial[qb, t]) else True
+                dense[qb * bs:(qb + 1) * bs, kb * bs:(kb + 1) * bs] = tile
+        return dense[: self.q_len, : self.kv_len]
+
+    def to_block_dense(self) -> torch.Tensor:
+        """int8 ``[n_q_blocks, n_kv_blocks]``: 0 skipped, 1 partial, 2 full. For drawing."""
+        out = torch.zeros(self.n_q_blocks, self.n_kv_blocks, dtype=torch.int8, device=self.kv_indices.device)
+        for qb, count in enumerate(self.kv_counts.tolist()):
+            idx = self.kv_indices[qb, :count].long()
+            out[qb, idx] = torch.where(self.partial[qb, :count], 1, 2).to(torch.int8)
+        return out
+
+
+def _check_len(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return value
+
+
+def _check_block_size(block_size) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 \
+            or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16 (a tile of tl.dot), got {block_size!r}")
+    return block_size
+
+
+def from_dense(mask: torch.Tensor, block_size: int = 64) -> BlockMask:
+    """A ``BlockMask`` from a bool element mask ``[q_len, kv_len]``."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
+        raise TypeError("mask must be a bool tensor [q_len, kv_len]")
+    q_len, kv_len = mask.shape
+    # indices past the end (the padding of the last blocks) are clamped here and masked off by from_mask_fn
+    rule = lambda i, j: mask[i.clamp(max=max(q_len - 1, 0)), j.clamp(max=max(kv_len - 1, 0))]
+    return from_mask_fn(rule, q_len, kv_len, block_size=block_size, device=mask.device)
+
+
+def from_mask_fn(mask_fn: MaskFn, q_len: int, kv_len: int, block_size: int = 64,
+                 device: torch.device | str | None = None) -> BlockMask:
+    """Build a ``BlockMask`` from an element rule ``mask_fn(q_idx, kv_idx) -> bool``, which takes
+    broadcastable int64 index tensors (``[rows, 1]`` and ``[1, cols]``) and returns a bool tensor.
+
+    The rule is evaluated one row of query blocks at a time, so memory stays ``block_size x kv_len``.
+    """
+    if not callable(mask_fn):
+        raise TypeError(f"mask_fn must be callable, got {type(mask_fn).__name__}")
+    q_len, kv_len = _check_len("q_len", q_len), _check_len("kv_len", kv_len)
+    bs = _check_block_size(block_size)
+    dev = torch.device(device) if device is not None else _backend_device()
+    nq, nk = math.ceil(q_len / bs), math.ceil(kv_len / bs)
+    cols = torch.arange(nk * bs, device=dev)[None, :]
+    per_row, tiles = [], []
+    for qb in range(nq):
+        rows = torch.arange(qb * bs, (qb + 1) * bs, device=dev)[:, None]
+        allowed = mask_fn(rows, cols)
+        if not isinstance(allowed, torch.Tensor) or allowed.dtype != torch.bool:
+            raise TypeError("mask_fn must return a bool tensor")
+        allowed = allowed.broadcast_to(bs, nk * bs) & (rows < q_len) & (cols < kv_len)
+        blocks = allowed.view(bs, nk, bs).permute(1, 0, 2)  # [nk, bs, bs]
+        any_ = blocks.flatten(1).any(1)
+        # "full" means every *existing* element is visible: padding past q_len / kv_len does not count
+        valid = ((rows < q_len) & (cols < kv_len)).view(bs, nk, bs).permute(1, 0, 2)
+        full = (blocks == valid).flatten(1).all(1) & any_
+        visit = torch.nonzero(any_).flatten()
+        entries = []
+        for kb in visit.tolist():
+            if bool(full[kb]):
+                entries.append((kb, False, -1))
+            else:
+                entries.append((kb, True, len(tiles)))
+                tiles.append(blocks[kb])
+        per_row.append(entries)
+    kv_indices, partial, tile_index = _pad_visits(per_row, nq)
+    tiles_t = torch.stack(tiles) if tiles else torch.zeros((0, bs, bs), dtype=torch.bool, device=dev)
+    by_key = [[] for _ in range(nk)]
+    for qb, entries in enumerate(per_row):
+        for kb, is_partial, tile in entries:
+            by_key[kb].append((qb, is_partial, tile))
+    q_indices, q_partial, q_tile_index = _pad_visits(by_key, nk)
+    return BlockMask(
+        q_len, kv_len, bs,
+        kv_indices.to(dev), torch.tensor([len(r) for r in per_row], dtype=torch.int32, device=dev),
+        partial.to(dev), tile_index.to(dev), tiles_t,
+        q_indices.to(dev), torch.tensor([len(r) for r in by_key], dtype=torch.int32, device=dev),
+        q_partial.to(dev), q_tile_index.to(dev))
+
+
+def _pad_visits(rows: list[list[tuple[int, bool, int]]], n: int):
+    """Lists of (block, partial, tile) per row -> padded int32/bool tensors [n, widest row]."""
+    width = max([len(r) for r in rows] + [1])
+    index = torch.full((n, width), -1, dtype=torch.int32)
+    partial = torch.zeros((n, width), dtype=torch.bool)
+    tile_index = torch.full((n, width), -1, dtype=torch.int32)
+    for r, entries in enumerate(rows):
+        for t, (block, is_partial, tile) in enumerate(entries):
+            index[r, t], partial[r, t], tile_index[r, t] = block, is_partial, tile
+    return index, partial, tile_index
+
+
+# --- element rules and their builders -------------------------------------------------------------
+
+def causal(q_len: int, kv_len: int | None = None, block_size: int = 64, device=None) -> BlockMask:
+    """Query i sees keys j <= i + kv_len - q_len (bottom-right aligned, as ``flash_attention``)."""
+    kv_len = q_len if kv_len is None else kv_len
+    offset = _check_len("kv_len", kv_len) - _check_len("q_len", q_len)
+    return from_mask_fn(lambda i, j: j <= i + offset, q_len, kv_len, block_size, device)
+
+
+def _check_positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def sliding_window(q_len: int, window: int, causal: bool = True, block_size: int = 64, device=None) -> BlockMask:
+    """Query i sees keys j with i - window < j <= i (causal), or |i - j| < window (not causal)."""
+    w = _check_positive("window", window)
+    if causal:
+        return from_mask_fn(lambda i, j: (j <= i) & (j > i - w), q_len, q_len, block_size, device)
+    return from_mask_fn(lambda i, j: (j - i).abs() < w, q_len, q_len, block_size, device)
+
+
+def dilated(q_len: int, window: int, dilation: int, causal: bool = True, block_size: int = 64,
+            device=None) -> BlockMask:
+    """A sliding window that keeps every ``dilation``-th key: j with (i - j) % dilation == 0 and
+    i - window * dilation < j <= i (causal), or |i - j| < window * dilation (not causal)."""
+    w, d = _check_positive("window", window), _check_positive("dilation", dilation)
+
+    def rule(i, j):
+        near = ((j <= i) & (j > i - w * d)) if causal else ((j - i).abs() < w * d)
+        return near & ((i - j) % d == 0)
+    return from_mask_fn(rule, q_len, q_len, block_size, device)
+
+
+def a_shape(q_len: int, sink: int, window: int, block_size: int = 64, device=None) -> BlockMask:
+    """Attention sinks plus a local window ("A-shape", StreamingLLM): causal, and j < sink or
+    i - window < j."""
+    s, w = _check_len("sink", sink), _check_positive("window", window)
+    return from_mask_fn(lambda i, j: (j <= i) & ((j < s) | (j > i - w)), q_len, q_len, block_size, device)
+
+
+def _neighborhood_1d(q: torch.Tensor, k: torch.Tensor, length: int, kernel: int, dilation: int) -> torch.Tensor:
+    """1-D neighborhood attention along one axis: the ``kernel`` positions of q's dilation group
+    closest to it, the window shifted (not shrunk) at the borders."""
+    group = q % dilation
+    group_len = (length - group + dilation - 1) // dilation  # positions with this residue
+    pos = q // dilation
+    start = (pos - kernel // 2).clamp(min=0)
+    start = torch.minimum(start, (group_len - kernel).clamp(min=0))
+    kpos = k // dilation
+    return (k % dilation == group) & (kpos >= start) & (kpos < start + kernel)
+
+
+def neighborhood_2d(height: int, width: int, kernel: int, dilation: int = 1, block_size: int = 64,
+                    device=None) -> BlockMask:
+    """2-D neighborhood attention on a ``height x width`` grid of tokens in row-major order: each
+    token sees the ``kernel x kernel`` tokens around it (window clamped at the borders), among the
+    tokens whose row and column share its residue modulo ``dilation``."""
+    h, w = _check_positive("height", height), _check_positive("width", width)
+    k, d = _check_positive("kernel", kernel), _check_positive("dilation", dilation)
+    if k * d > min(h, w):
+        raise ValueError(f"kernel * dilation = {k * d} must fit the {h} x {w} grid")
+
+    def rule(i, j):
+        return (_neighborhood_1d(i // w, j // w, h, k, d) & _neighborhood_1d(i % w, j % w, w, k, d))
+    return from_mask_fn(rule, h * w, h * w, block_size, device)
+
+
+# --- estimated masks -----------------------------------------------------------------------------
+
+def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor [B, H, N, D]")
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} do not fit together: same B and D, "
+                         "k heads dividing q heads")
+
+
+def _expand_heads(k: torch.Tensor, heads: int) -> torch.Tensor:
+    return k.repeat_interleave(heads // k.shape[1], dim=1) if k.shape[1] != heads else k
+
+
+def vertical_slash(q: torch.Tensor, k: torch.Tensor, n_vertical: int = 64, n_slash: int = 64,
+                   last_q: int = 64, block_size: int = 64) -> BlockMask:
+    """MInference's vertical-slash pattern, estimated from the last ``last_q`` queries (causal).
+
+    Their attention weights (summed over batch, heads and those queries) score every key column
+    ("vertical": a token everyone attends to) and every diagonal offset i - j ("slash": a fixed
+    distance everyone attends across). The mask keeps the ``n_vertical`` best columns and the
+    ``n_slash`` best diagonals, always including the first key and the main diagonal.
+    """
+    _check_qk(q, k)
+    n_q, n_k = q.shape[2], k.shape[2]
+    n_vertical, n_slash = _check_positive("n_vertical", n_vertical), _check_positive("n_slash", n_slash)
+    last_q = min(_check_positive("last_q", last_q), n_q)
+    offset = n_k - n_q
+    qs = q[:, :, n_q - last_q:].float()
+    ks = _expand_heads(k, q.shape[1]).float()
+    s = qs @ ks.transpose(-1, -2) * q.shape[-1] ** -0.5  # [B, H, last_q, n_k]
+    rows = torch.arange(n_q - last_q, n_q, device=q.device)[:, None]
+    cols = torch.arange(n_k, device=q.device)[None, :]
+    s = s.masked_fill(cols > rows + offset, float("-inf"))
+    a = torch.softmax(s, dim=-1).sum(dim=(0, 1))  # [last_q, n_k]
+    vertical_score = a.sum(0)
+    diag = (rows + offset - cols).expand_as(a)  # i - j in the aligned frame, >= 0 where visible
+    slash_score = torch.zeros(n_k + n_q, device=q.device).index_add_(
+        0, diag.clamp(min=0).flatten(), torch.where(diag >= 0, a, 0.0).flatten())
+    keep_col = torch.zeros(n_k, dtype=torch.bool, device=q.device)
+    keep_col[vertical_score.topk(min(n_vertical, n_k)).indices] = True
+    keep_col[0] = True
+    keep_diag = torch.zeros(n_k + n_q, dtype=torch.bool, device=q.device)
+    keep_diag[slash_score.topk(min(n_slash, n_k + n_q)).indices] = True
+    keep_diag[0] = True
+
+    def rule(i, j):
+        d = i + offset - j
+        visible = d >= 0
+        return visible & (keep_col[j.clamp(max=n_k - 1)] | keep_diag[d.clamp(min=0, max=n_k + n_q - 1)])
+    return from_mask_fn(rule, n_q, n_k, block_size, q.device)
+
+
+def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int,
+                              causal: bool = True) -> torch.Tensor:
+    """XAttention's block importance, ``[B, H, n_q_blocks, n_k_blocks]``: within every ``stride x stride``
+    patch of QK^T, the sum along its antidiagonal (one strided product per patch instead of
+    ``stride^2``); a softmax over those patch scores along each row; then their sum per block.
+    Each query block's row sums to its number of rows / stride (softmax rows)."""
+    _check_qk(q, k)
+    if block_size % stride:
+        raise ValueError(f"stride={stride} must divide block_size={block_size}")
+    n_q, n_k, d = q.shape[2], k.shape[2], q.shape[-1]
+    nq_b, nk_b = math.ceil(n_q / block_size), math.ceil(n_k / block_size)
+    qf = torch.nn.functional.pad(q.float(), (0, 0, 0, nq_b * block_size - n_q))
+    kf = torch.nn.functional.pad(_expand_heads(k, q.shape[1]).float(), (0, 0, 0, nk_b * block_size - n_k))
+    # antidiagonal of patch (a, b): sum over r of q[a*stride + stride-1-r] . k[b*stride + r]
+    q_re = torch.cat([qf[:, :, stride - 1 - r::stride] for r in range(stride)], dim=-1)
+    k_re = torch.cat([kf[:, :, r::stride] for r in range(stride)], dim=-1)
+    s = q_re @ k_re.transpose(-1, -2) / (math.sqrt(d) * stride)  # [B, H, n_q/stride, n_k/stride]
+    a_idx = torch.arange(s.shape[-2], device=q.device)[:, None]
+    b_idx = torch.arange(s.shape[-1], device=q.device)[None, :]
+    hide = (b_idx * stride >= n_k) | (a_idx * stride >= n_q)
+    if causal:  # a patch counts if its first key is visible to its last query (bottom-right aligned)
+        hide = hide | (b_idx * stride > a_idx * stride + stride - 1 + n_k - n_q)
+    p = torch.softmax(s.masked_fill(hide, float("-inf")), dim=-1).nan_to_num(0.0)
+    per = block_size // stride
+    return p.view(*p.shape[:2], nq_b, per, nk_b, per).sum(dim=(3, 5))
+
+
+def xattention(q: torch.Tensor, k: torch.Tensor, stride: int = 8, threshold: float = 0.9,
+               block_size: int = 64, causal: bool = True) -> BlockMask:
+    """XAttention's estimated block mask: score blocks by their strided antidiagonal sums
+    (``antidiagonal_block_scores``, averaged over batch and heads), then keep, for each query block,
+    the highest-scoring key blocks until their share of the row's total reaches ``threshold``.
+    The diagonal block is always kept when ``causal``; elements keep the causal rule."""
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    _check_positive("stride", stride)
+    scores = antidiagonal_block_scores(q, k, stride, _check_block_size(block_size), causal).mean(dim=(0, 1))
+    share = scores / scores.sum(-1, keepdim=True).clamp(min=1e-30)
+    order = share.argsort(dim=-1, descending=True)
+    sorted_share = share.gather(-1, order)
+    before = sorted_share.cumsum(-1) - sorted_share  # share of the blocks ranked above this one
+    keep_sorted = (before < threshold) & (sorted_share > 0)
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    n_q, n_k = q.shape[2], k.shape[2]
+    offset = n_k - n_q
+    if causal:
+        qb = torch.arange(keep.shape[0], device=q.device)
+        diag_block = ((qb * block_size + block_size - 1).clamp(max=n_q - 1) + offset).clamp(min=0) // block_size
+        keep[qb, diag_block.clamp(max=keep.shape[1] - 1)] = True
+
+    def rule(i, j):
+        chosen = keep[(i // block_size).clamp(max=keep.shape[0] - 1), (j // block_size).clamp(max=keep.shape[1] - 1)]
+        return chosen & (j <= i + offset) if causal else chosen
+    return from_mask_fn(rule, n_q, n_k, block_size, q.device)

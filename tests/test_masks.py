@@ -1,0 +1,198 @@
+"""mk.masks: every builder's block structure reproduces its element rule exactly; full blocks are
+really full, skipped blocks really empty; density counts visited tiles."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import minikernels as mk
+from minikernels import masks
+
+
+def element(rule, q_len, kv_len):
+    i = torch.arange(q_len, device=mk.device())[:, None]
+    j = torch.arange(kv_len, device=mk.device())[None, :]
+    return rule(i, j).broadcast_to(q_len, kv_len)
+
+
+def check_structure(bm: masks.BlockMask, dense: torch.Tensor):
+    """to_dense reproduces the rule; visited blocks are exactly the non-empty ones; 'full' ones full."""
+    assert torch.equal(bm.to_dense(), dense)
+    bs = bm.block_size
+    padded = torch.zeros(bm.n_q_blocks * bs, bm.n_kv_blocks * bs, dtype=torch.bool, device=dense.device)
+    padded[: bm.q_len, : bm.kv_len] = dense
+    valid = torch.zeros_like(padded)
+    valid[: bm.q_len, : bm.kv_len] = True
+    blocks = padded.view(bm.n_q_blocks, bs, bm.n_kv_blocks, bs).permute(0, 2, 1, 3).flatten(2)
+    valid_b = valid.view(bm.n_q_blocks, bs, bm.n_kv_blocks, bs).permute(0, 2, 1, 3).flatten(2)
+    kinds = bm.to_block_dense()
+    assert torch.equal(kinds > 0, blocks.any(-1)), "visit exactly the blocks with a visible element"
+    assert torch.equal(kinds == 2, blocks.any(-1) & (blocks == valid_b).all(-1)), "full means no mask needed"
+    for qb, count in enumerate(bm.kv_counts.tolist()):
+        row = bm.kv_indices[qb, :count]
+        assert torch.all(row[1:] > row[:-1]), "key blocks in increasing order"
+        assert torch.all(bm.kv_indices[qb, count:] == -1)
+    assert bm.density() == pytest.approx(int(blocks.any(-1).sum()) / (bm.n_q_blocks * bm.n_kv_blocks))
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(100, 100), (64, 200), (200, 64), (1, 1), (17, 33)])
+def test_causal(q_len, kv_len):
+    bm = masks.causal(q_len, kv_len, block_size=16)
+    check_structure(bm, element(lambda i, j: j <= i + kv_len - q_len, q_len, kv_len))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [1, 16, 37])
+def test_sliding_window(window, causal):
+    bm = masks.sliding_window(150, window, causal=causal, block_size=16)
+    rule = (lambda i, j: (j <= i) & (j > i - window)) if causal else (lambda i, j: (j - i).abs() < window)
+    check_structure(bm, element(rule, 150, 150))
+
+
+def test_sliding_window_matches_the_issue_definition():
+    dense = masks.sliding_window(64, 5, block_size=16).to_dense()
+    i, j = 40, torch.arange(64)
+    assert torch.equal(dense[i].cpu(), (i - 5 < j) & (j <= i))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_dilated(causal):
+    bm = masks.dilated(130, window=8, dilation=3, causal=causal, block_size=16)
+
+    def rule(i, j):
+        near = ((j <= i) & (j > i - 24)) if causal else ((j - i).abs() < 24)
+        return near & ((i - j) % 3 == 0)
+    check_structure(bm, element(rule, 130, 130))
+
+
+def test_a_shape():
+    bm = masks.a_shape(200, sink=4, window=32, block_size=16)
+    check_structure(bm, element(lambda i, j: (j <= i) & ((j < 4) | (j > i - 32)), 200, 200))
+
+
+def neighborhood_brute_force(h, w, kernel, dilation):
+    """Directly from the definition: for each token, the kernel x kernel window of its dilation
+    group, centred on it and shifted inside the grid at the borders."""
+    def window_1d(length, p):
+        group = [x for x in range(length) if x % dilation == p % dilation]
+        pos = group.index(p)
+        start = min(max(pos - kernel // 2, 0), max(len(group) - kernel, 0))
+        return set(group[start:start + kernel])
+
+    dense = torch.zeros(h * w, h * w, dtype=torch.bool)
+    for qy in range(h):
+        for qx in range(w):
+            for ky in window_1d(h, qy):
+                for kx in window_1d(w, qx):
+                    dense[qy * w + qx, ky * w + kx] = True
+    return dense.to(mk.device())
+
+
+@pytest.mark.parametrize("h,w,kernel,dilation", [(8, 8, 3, 1), (10, 7, 5, 1), (12, 9, 3, 2), (9, 9, 3, 3)])
+def test_neighborhood_2d(h, w, kernel, dilation):
+    bm = masks.neighborhood_2d(h, w, kernel, dilation, block_size=16)
+    dense = neighborhood_brute_force(h, w, kernel, dilation)
+    check_structure(bm, dense)
+    assert torch.all(dense.sum(1) == kernel * kernel), "every token sees exactly kernel^2 tokens"
+
+
+@given(q_len=st.integers(1, 90), kv_len=st.integers(1, 90), density=st.floats(0, 1), seed=st.integers(0, 999),
+       block_size=st.sampled_from([16, 32]))
+def test_from_dense_random(q_len, kv_len, density, seed, block_size):
+    g = torch.Generator().manual_seed(seed)
+    dense = (torch.rand(q_len, kv_len, generator=g) < density).to(mk.device())
+    check_structure(masks.from_dense(dense, block_size=block_size), dense)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="block_size must be a power of two >= 16"):
+        masks.causal(64, block_size=24)
+    with pytest.raises(ValueError, match="window must be a positive int"):
+        masks.sliding_window(64, 0)
+    with pytest.raises(TypeError, match="mask_fn must return a bool tensor"):
+        masks.from_mask_fn(lambda i, j: i - j, 32, 32, block_size=16)
+    with pytest.raises(ValueError, match="q_len must be a non-negative int"):
+        masks.from_mask_fn(lambda i, j: i >= j, -1, 32)
+    with pytest.raises(ValueError, match="must fit the 4 x 4 grid"):
+        masks.neighborhood_2d(4, 4, kernel=3, dilation=2)
+
+
+def test_key_side_lists_are_the_transpose():
+    bm = masks.a_shape(150, sink=8, window=40, block_size=16)
+    by_query = {(qb, int(bm.kv_indices[qb, t]), bool(bm.partial[qb, t]), int(bm.tile_index[qb, t]))
+                for qb in range(bm.n_q_blocks) for t in range(int(bm.kv_counts[qb]))}
+    by_key = {(int(bm.q_indices[kb, t]), kb, bool(bm.q_partial[kb, t]), int(bm.q_tile_index[kb, t]))
+              for kb in range(bm.n_kv_blocks) for t in range(int(bm.q_counts[kb]))}
+    assert by_query == by_key and len(by_query) == bm.visited_blocks()
+
+
+# --- estimated masks ------------------------------------------------------------------------------
+
+def test_antidiagonal_scores_match_brute_force():
+    from minikernels.testing import randn
+
+    q, k = randn(1, 2, 48, 8, seed=1).double(), randn(1, 2, 48, 8, seed=2).double()
+    stride, bs = 4, 16
+    got = masks.antidiagonal_block_scores(q, k, stride, bs, causal=True)
+    s = (q @ k.transpose(-1, -2))[0, 0].cpu() / (8 ** 0.5 * stride)
+    n = 48 // stride
+    patch = torch.full((n, n), float("-inf"), dtype=torch.float64)
+    for a in range(n):
+        for b in range(n):
+            if b * stride <= a * stride + stride - 1:  # causal at patch level
+                patch[a, b] = sum(s[a * stride + stride - 1 - r, b * stride + r] for r in range(stride))
+    p = torch.softmax(patch, dim=-1)
+    want = p.view(3, bs // stride, 3, bs // stride).sum(dim=(1, 3))
+    assert torch.allclose(got[0, 0].cpu().double(), want, atol=1e-5)
+
+
+def planted(n=256, d=32, needle=37, seed=0):
+    """Queries and keys with structure: key `needle` matches every query (a vertical line), and each
+    key j also resembles query j + 16 (a slash at distance 16)."""
+    from minikernels.testing import randn
+
+    q, k = randn(1, 2, n, d, seed=seed), randn(1, 2, n, d, seed=seed + 1) * 0.1
+    shared = randn(d, seed=seed + 2)
+    q = q + shared  # every query shares one direction ...
+    k[:, :, : n - 16] += q[:, :, 16:] * 1.5  # key j resembles query j + 16
+    k[:, :, needle] = shared * 3  # ... and the needle key points along it
+    return q, k
+
+
+def test_vertical_slash_finds_planted_structure():
+    q, k = planted()
+    bm = masks.vertical_slash(q, k, n_vertical=4, n_slash=4, last_q=32, block_size=16)
+    dense = bm.to_dense().cpu()
+    i = torch.arange(256)
+    assert dense[37:, 37].all(), "the planted vertical line is kept"
+    assert dense[i[16:], i[16:] - 16].all(), "the planted slash is kept"
+    assert not (dense & ~torch.ones(256, 256, dtype=torch.bool).tril()).any(), "causal"
+    assert bm.density() < 0.75
+
+
+def test_xattention_keeps_the_mass_it_promises():
+    q, k = planted()
+    bm = masks.xattention(q, k, stride=4, threshold=0.9, block_size=16)
+    dense = bm.to_dense()
+    s = (q @ k.transpose(-1, -2)) / 32 ** 0.5
+    causal_mask = torch.ones(256, 256, dtype=torch.bool, device=q.device).tril()
+    p = torch.softmax(s.masked_fill(~causal_mask, float("-inf")), dim=-1)
+    kept = (p * dense).sum(-1).mean()
+    assert kept > 0.85, f"kept {kept:.3f} of the attention mass"
+    assert dense[torch.arange(256), torch.arange(256)].all(), "the diagonal is always kept"
+    assert bm.density() < masks.causal(256, block_size=16).density()
+    everything = masks.xattention(q, k, stride=4, threshold=1.0, block_size=16)
+    assert torch.equal(everything.to_dense(), causal_mask), "threshold 1 keeps every causal block"
+
+
+def test_estimator_arguments():
+    from minikernels.testing import randn
+
+    q, k = randn(1, 2, 64, 16), randn(1, 2, 64, 16)
+    with pytest.raises(ValueError, match="threshold must be in"):
+        masks.xattention(q, k, threshold=0.0, block_size=16)
+    with pytest.raises(ValueError, match="stride=5 must divide block_size=16"):
+        masks.xattention(q, k, stride=5, block_size=16)
+    with pytest.raises(ValueError, match="must be a floating-point tensor"):
+        masks.vertical_slash(q[0], k)
