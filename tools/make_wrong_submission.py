@@ -49,6 +49,26 @@ def fused_softmax_bytes(M, N, b):
         "q1 right; q2 floors the number of query blocks (public test passes, hidden fails); q3 never "
         "rescales acc by exp(m_old - m_new)",
     ),
+    "ch02_sparse_masks": (
+        [("def sliding_window_blocks", "    kb = torch.arange(nb)[None, :]\n    ...",
+          '''    kb = torch.arange(nb)[None, :]
+    first_row, last_row = qb * block, torch.clamp((qb + 1) * block - 1, max=n - 1)
+    first_col, last_col = kb * block, torch.clamp((kb + 1) * block - 1, max=n - 1)
+    return (first_col <= last_row) & (last_col > first_row - window)'''),
+         # off by one: keeps key i - window too
+         ("def tile_mask", None, '''def tile_mask(qb, kb, block, window):
+    i = qb * block + torch.arange(block)[:, None]
+    j = kb * block + torch.arange(block)[None, :]
+    return (j <= i) & (j >= i - window)'''),
+         # sums the patches' main diagonals instead of their antidiagonals
+         ("def antidiagonal_score", None, '''def antidiagonal_score(s_tile, stride):
+    total = 0.0
+    for r in range(stride):
+        total = total + s_tile[r::stride, r::stride].sum()
+    return total''')],
+        {"q1": 2.0, "q2": 0.0, "q3": 0.0},
+        "q1 right; q2 keeps key i - window (off by one); q3 adds the main diagonals of the patches",
+    ),
 }
 
 for name, (replacements, expected, why) in WRONG.items():
