@@ -43,3 +43,10 @@ def device() -> torch.device:
 
 def is_interpreter() -> bool:
     return backend() == "interpreter"
+
+
+def on_device_of(t: torch.Tensor):
+    """Triton launches on the *current* CUDA device: make it the tensor's own (cuda:1 as well as cuda:0)."""
+    import contextlib
+
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()

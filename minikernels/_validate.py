@@ -56,3 +56,22 @@ def normalize_dim(dim: int, ndim: int, name: str = "dim") -> int:
         raise ValueError(f"{name}={dim} is out of range for a tensor with {ndim} dimension(s) "
                          f"(expected {-ndim} <= {name} < {ndim})")
     return dim % ndim
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def int32_addressable(name: str, t: torch.Tensor, inner_dims: int = 2) -> torch.Tensor:
+    """The kernels add 64-bit offsets for the leading (batch, head, row) indices but index *inside* a
+    slice of the last ``inner_dims`` dimensions with 32-bit arithmetic. If a strided view spans more
+    than 2^31 elements inside one slice, return a contiguous copy (which spans the least); if even
+    that is too large, refuse."""
+    def extent(x):
+        return sum((size - 1) * abs(stride) for size, stride in zip(x.shape[-inner_dims:], x.stride()[-inner_dims:]))
+    if extent(t) <= _INT32_MAX:
+        return t
+    compact = t.contiguous()
+    if extent(compact) > _INT32_MAX:
+        raise ValueError(f"{name} has {tuple(t.shape[-inner_dims:])} elements in one slice: more than 2^31, "
+                         "which the kernels' 32-bit indexing cannot address")
+    return compact

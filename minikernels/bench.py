@@ -1,9 +1,12 @@
 """Benchmarks: ``python -m minikernels.bench --op softmax`` (GPU only).
 
 Times our kernels and the anchors side by side, in one process, with Triton's benchmarking helpers
-(median of many repetitions; CUDA-graph replay over rotating buffer sets, so neither launch overhead
-nor a warm L2 flatters anyone), prints a table and writes JSON (date, GPU, torch and triton versions,
-the measured ceilings, one row per measurement) for the book's figures.
+(median of many repetitions), prints a table and writes JSON (date, GPU, torch and triton versions,
+the measured ceilings, one row per measurement) for the book's figures. Short, memory-bound calls
+(softmax, decode, attention forwards) are replayed from a CUDA graph, cycling through enough buffer
+sets that no call finds its inputs in L2, so launch overhead and a warm cache flatter no one;
+backward passes through autograd cannot be captured and are timed with plain ``do_bench``. Each
+row's ``timing`` field says which was used.
 
 Memory-bound ops are reported in GB/s of bytes that must move (each input read once, each output
 written once) and as a fraction of the copy bandwidth measured in the same run.

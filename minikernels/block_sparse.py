@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from ._alloc import empty
-from ._backend import is_interpreter
+from ._backend import is_interpreter, on_device_of
+from ._validate import int32_addressable
 from .flash import LOG2E, _check_scale, _compute_dtype, _head_dim_pad, check_attention_inputs
 from .masks import BlockMask
 
@@ -245,8 +246,9 @@ class _BlockSparseAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, bm, scale):
         dtype = q.dtype
         work = _compute_dtype(dtype)
-        qw, kw, vw = (t.to(work) for t in (q, k, v))
-        o, lse = _forward(qw, kw, vw, bm, scale)
+        qw, kw, vw = (int32_addressable(n, t.to(work)) for n, t in (("q", q), ("k", k), ("v", v)))
+        with on_device_of(q):
+            o, lse = _forward(qw, kw, vw, bm, scale)
         ctx.save_for_backward(qw, kw, vw, o, lse)
         ctx.bm, ctx.scale, ctx.dtype = bm, scale, dtype
         return o.to(dtype)
@@ -254,7 +256,9 @@ class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         qw, kw, vw, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(qw, kw, vw, o, lse, do.to(qw.dtype), ctx.bm, ctx.scale)
+        with on_device_of(qw):
+            dq, dk, dv = _backward(qw, kw, vw, o, lse, int32_addressable("grad of out", do.to(qw.dtype)), ctx.bm,
+                                   ctx.scale)
         return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None, None
 
 

@@ -21,10 +21,11 @@ import triton
 import triton.language as tl
 
 from ._alloc import empty
-from ._backend import is_interpreter
+from ._backend import is_interpreter, on_device_of
+from ._validate import int32_addressable
 from .flash import _compute_dtype, _head_dim_pad, check_attention_inputs
 
-LN2 = 0.6931471805599453
+MAX_SPLITS = 64
 
 
 @triton.jit
@@ -122,7 +123,7 @@ def choose_num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: t
     """Enough splits that every SM has a few programs, but each split at least a few key blocks long."""
     want = triton.cdiv(4 * _num_sms(device), max(batch_kv_heads, 1))
     longest = max(1, triton.cdiv(max_len, 4 * block_n))
-    return int(max(1, min(want, longest, 64)))
+    return int(max(1, min(want, longest, MAX_SPLITS)))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -132,11 +133,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     q ``[B, H, Nq, D]`` (Nq small, 1 is the common case); k_cache, v_cache ``[B, Hkv, Nmax, D]`` with
     Hkv dividing H; ``cache_seqlens`` an int tensor ``[B]`` of valid lengths (default: Nmax for all);
-    ``num_splits`` splits of the cache processed in parallel (default: chosen from the GPU's size).
+    ``num_splits`` splits of the cache processed in parallel (default: chosen from the GPU's size;
+    at most 64, and no more than the cache has blocks of keys: it changes the speed, not the result).
     With ``causal=True`` the Nq queries are the last Nq positions of each sequence (row i sees keys
     j <= L - Nq + i). A row that sees no key (length 0) gets zeros. Scale 1/sqrt(D).
     """
     check_attention_inputs(q, k_cache, v_cache, k_name="k_cache", v_name="v_cache")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+        raise RuntimeError("decode_attention is forward-only (inference): call it under torch.no_grad() or pass "
+                           "tensors that do not require grad; use flash_attention to train")
     B, H, Nq, D = q.shape
     HKV, Nmax = k_cache.shape[1], k_cache.shape[2]
     if cache_seqlens is None:
@@ -170,21 +175,23 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return out
 
     work = _compute_dtype(q.dtype)
-    qw, kw, vw = (t.to(work) for t in (q, k_cache, v_cache))
+    qw, kw, vw = (int32_addressable(n, t.to(work)) for n, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)))
     block_n = 32 if is_interpreter() else 64
     splits = num_splits or choose_num_splits(B * HKV, Nmax, block_n, q.device)
-    splits = min(splits, max(1, triton.cdiv(Nmax, block_n)))
+    # more splits than key blocks, or than the merge tile holds, would only add empty programs
+    splits = min(splits, max(1, triton.cdiv(Nmax, block_n)), MAX_SPLITS)
     split_len = triton.cdiv(triton.cdiv(max(Nmax, 1), splits), block_n) * block_n
     pad = _head_dim_pad(D)
     o_part = torch.empty((B * HKV, splits, rows, pad), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((B * HKV, splits, rows), dtype=torch.float32, device=q.device)
-    _decode_split[(splits, B * HKV)](
-        qw, kw, vw, cache_seqlens, o_part, lse_part, *qw.stride(), *kw.stride(), *vw.stride(),
-        HKV, group, Nq, D, Nmax, split_len, splits, D**-0.5 * 1.4426950408889634,
-        CAUSAL=causal, ROWS=rows, BLOCK_N=block_n, HEAD_DIM=pad, num_warps=4, num_stages=1 if is_interpreter() else 3)
-    _decode_merge[(B * HKV, group * Nq)](
-        o_part, lse_part, out, *out.stride(), HKV, group, Nq, D, splits,
-        ROWS=rows, SPLITS=max(2, triton.next_power_of_2(splits)), HEAD_DIM=pad, num_warps=4)
+    with on_device_of(q):  # Triton launches on the current CUDA device
+        _decode_split[(splits, B * HKV)](
+            qw, kw, vw, cache_seqlens, o_part, lse_part, *qw.stride(), *kw.stride(), *vw.stride(),
+            HKV, group, Nq, D, Nmax, split_len, splits, D**-0.5 * 1.4426950408889634, CAUSAL=causal, ROWS=rows,
+            BLOCK_N=block_n, HEAD_DIM=pad, num_warps=4, num_stages=1 if is_interpreter() else 3)
+        _decode_merge[(B * HKV, group * Nq)](
+            o_part, lse_part, out, *out.stride(), HKV, group, Nq, D, splits,
+            ROWS=rows, SPLITS=max(2, triton.next_power_of_2(splits)), HEAD_DIM=pad, num_warps=4)
     return out
 
 

@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from ._alloc import empty
-from ._backend import is_interpreter
-from ._validate import check_same_device, check_tensor
+from ._backend import is_interpreter, on_device_of
+from ._validate import check_same_device, check_tensor, int32_addressable
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -419,8 +419,9 @@ class _FlashAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, causal, scale):
         dtype = q.dtype
         work = _compute_dtype(dtype)
-        qw, kw, vw = (t.to(work) for t in (q, k, v))
-        o, lse = _forward(qw, kw, vw, causal, scale)
+        qw, kw, vw = (int32_addressable(n, t.to(work)) for n, t in (("q", q), ("k", k), ("v", v)))
+        with on_device_of(q):
+            o, lse = _forward(qw, kw, vw, causal, scale)
         ctx.save_for_backward(qw, kw, vw, o, lse)
         ctx.causal, ctx.scale, ctx.dtype = causal, scale, dtype
         ctx.mark_non_differentiable(lse)
@@ -429,7 +430,9 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dlse):
         qw, kw, vw, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(qw, kw, vw, o, lse, do.to(qw.dtype), ctx.causal, ctx.scale)
+        with on_device_of(qw):
+            dq, dk, dv = _backward(qw, kw, vw, o, lse, int32_addressable("grad of out", do.to(qw.dtype)),
+                                   ctx.causal, ctx.scale)
         return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None, None
 
 
@@ -479,6 +482,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     check_attention_inputs(q, k, v)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     scale = _check_scale(scale, q.shape[-1])
     B, H, Nq, D = q.shape
     if B == 0 or H == 0 or Nq == 0:  # nothing to launch

@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 from ._alloc import empty
-from ._validate import check_tensor, normalize_dim
+from ._backend import on_device_of
+from ._validate import check_tensor, int32_addressable, normalize_dim
 
 # Rows longer than this (per dtype) are processed in blocks by the online (two-pass) kernels.
 # Measured on an H200 (book/data/bench/softmax.json, 4096 rows): a whole 32768-long row on chip keeps
@@ -39,7 +40,8 @@ from ._validate import check_tensor, normalize_dim
 # bytes per element, stay memory-bound and run best fused (97%). Tests lower these to reach the
 # two-pass path at sizes the interpreter runs quickly.
 _MAX_FUSED_COLS = {torch.float32: 32768, torch.float16: 16384, torch.bfloat16: 16384}
-# The backward has no exponentials and ran at 95-97% fused up to 32768 columns in every dtype.
+# The backward has no exponentials and ran at 83-100% of the copy bandwidth fused up to 32768 columns
+# in every dtype (book/data/bench/softmax.json).
 _MAX_FUSED_COLS_BWD = 32768
 # Block width of the two-pass kernels (16384 with 16 warps was the fastest on the H200).
 _ONLINE_BLOCK_N = 16384
@@ -178,14 +180,17 @@ def _backward_2d(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
 class _Softmax2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d):
-        y2d = _forward_2d(x2d)
+        # rows are addressed with 64-bit offsets, positions inside a row with 32-bit ones
+        with on_device_of(x2d):
+            y2d = _forward_2d(int32_addressable("x", x2d, inner_dims=1))
         ctx.save_for_backward(y2d)
         return y2d
 
     @staticmethod
     def backward(ctx, dy2d):
         (y2d,) = ctx.saved_tensors
-        return _backward_2d(y2d, dy2d)
+        with on_device_of(y2d):
+            return _backward_2d(y2d, int32_addressable("grad of y", dy2d, inner_dims=1))
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:

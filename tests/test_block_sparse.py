@@ -69,6 +69,10 @@ def test_dtypes_and_head_dims(dtype, d):
     check_block_sparse(*qkv(1, 2, 2, 100, 100, d, dtype=dtype, seed=d), bm)
 
 
+def test_bf16_inputs_on_every_backend():
+    check_block_sparse(*qkv(1, 2, 2, 64, 64, 32, dtype=torch.bfloat16, seed=12), masks.causal(64, block_size=16))
+
+
 def test_grouped_query_and_strided_inputs():
     bm = masks.sliding_window(96, 24, block_size=16)
     q, k, v = qkv(2, 4, 2, 96, 96, 32, seed=3)

@@ -45,11 +45,35 @@ def test_split_count_does_not_change_the_result(num_splits):
     assert_close(many, one, name="split vs one pass")
 
 
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
 @pytest.mark.parametrize("nq", [2, 4])
 @pytest.mark.parametrize("causal", [False, True])
-def test_several_query_rows(nq, causal):
+def test_several_query_rows(nq, causal, num_splits):
     q, kc, vc = qkv(2, 4, 2, nq, 100, 32, seed=nq)
-    check_decode(q, kc, vc, torch.tensor([100, 3], dtype=torch.int32, device=DEVICE), causal=causal)
+    check_decode(q, kc, vc, torch.tensor([100, 3], dtype=torch.int32, device=DEVICE), num_splits=num_splits,
+                 causal=causal)
+
+
+def test_every_cache_length_with_splits():
+    """Lengths that leave some splits empty, with several splits to merge."""
+    q, kc, vc = qkv(1, 2, 1, 2, 130, 16, seed=7)
+    for length in (0, 1, 31, 32, 33, 64, 97, 130):
+        lengths = torch.tensor([length], dtype=torch.int32, device=DEVICE)
+        for causal in (False, True):
+            check_decode(q, kc, vc, lengths, num_splits=4, causal=causal)
+
+
+def test_bf16_inputs_on_every_backend():
+    q, kc, vc = qkv(2, 4, 2, 1, 90, 32, dtype=torch.bfloat16, seed=8)
+    check_decode(q, kc, vc, torch.tensor([90, 45], dtype=torch.int32, device=DEVICE))
+
+
+def test_forward_only_is_explicit():
+    q, kc, vc = qkv(1, 2, 2, 1, 16, 16)
+    with pytest.raises(RuntimeError, match="decode_attention is forward-only"):
+        mk.decode_attention(q.requires_grad_(), kc, vc)
+    with torch.no_grad():
+        mk.decode_attention(q, kc, vc)
 
 
 def test_causal_rows_match_flash_attention():

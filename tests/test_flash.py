@@ -45,7 +45,8 @@ def test_causal_with_nq_not_nk(nq, nk):
 
 def test_no_keys_at_all():
     q, k, v = qkv(1, 1, 1, 5, 0, 16)
-    out, lse = mk.flash_attention(q, k, v, return_lse=True)
+    with poisoned():
+        out, lse = mk.flash_attention(q, k, v, return_lse=True)
     assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
 
 
@@ -83,14 +84,53 @@ def test_return_lse_flag():
     assert isinstance(pair, tuple) and len(pair) == 2 and torch.equal(pair[0], out)
 
 
-def test_backward_uses_only_saved_outputs():
-    """The backward must not need the forward's intermediates: gradients computed twice agree exactly."""
-    q, k, v = (t.requires_grad_() for t in qkv(1, 2, 2, 64, 64, 32, seed=6))
+def test_backward_keeps_only_inputs_output_and_logsumexp():
+    """FlashAttention's backward recomputes P: what the forward saves is q, k, v, O and the
+    logsumexp, nothing of size Nq x Nk."""
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, 2, 64, 96, 16, seed=6))
     out = mk.flash_attention(q, k, v, causal=True)
-    do = randn(*out.shape, seed=8)
-    g1 = torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
-    g2 = torch.autograd.grad(out, (q, k, v), do)
-    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    saved = out.grad_fn.saved_tensors
+    assert sorted(tuple(t.shape) for t in saved) == sorted(
+        [tuple(q.shape), tuple(k.shape), tuple(v.shape), tuple(out.shape), tuple(q.shape[:3])])
+
+
+def test_bf16_inputs_on_every_backend():
+    """bf16 runs everywhere: natively on the GPU, in fp32 and cast back under the interpreter."""
+    check_flash(*qkv(1, 2, 2, 80, 80, 32, dtype=torch.bfloat16, seed=9), causal=True)
+
+
+def test_no_keys_gradients():
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, 1, 5, 0, 16))
+    with poisoned():
+        out = mk.flash_attention(q, k, v, causal=True)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert torch.equal(dq, torch.zeros_like(dq)) and dk.shape == k.shape and dv.shape == v.shape
+
+
+def test_strided_views_past_32_bit_offsets_are_compacted(monkeypatch):
+    """Inside one (batch, head) slice the kernels index with 32-bit arithmetic; a view spanning more
+    than that is copied to a compact layout first, and a slice too large even then is refused. The
+    limit is lowered here so that small tensors exercise both paths."""
+    from minikernels import _validate
+
+    monkeypatch.setattr(_validate, "_INT32_MAX", 40 * 16)
+    q, k, v = qkv(1, 2, 2, 40, 40, 16, seed=10)
+    wide = [strided_like(t) for t in (q, k, v)]  # slice extent ~ 2 * 40 * 16: over the lowered limit
+    check_flash(*wide, causal=True)
+    q, k, v = qkv(1, 2, 2, 50, 50, 16, seed=11)  # 50 * 16 elements per slice even when compact
+    with pytest.raises(ValueError, match="more than 2\\^31"):
+        mk.flash_attention(q, k, v)
+
+
+def test_int32_addressable_helper():
+    from minikernels._validate import int32_addressable
+
+    view = torch.empty_strided((40, 16), (2**26, 1), device="meta")  # rows 2^26 elements apart
+    assert int32_addressable("x", view).stride() == (16, 1)
+    small = torch.empty_strided((40, 16), (2**20, 1), device="meta")
+    assert int32_addressable("x", small) is small
+    with pytest.raises(ValueError, match="more than 2\\^31"):
+        int32_addressable("x", torch.empty((2**16, 2**16), device="meta"))
 
 
 @given(b=st.integers(1, 2), hkv=st.integers(1, 2), group=st.integers(1, 2), nq=st.integers(1, 70),
@@ -145,6 +185,8 @@ def test_rejects_bad_flags():
         mk.flash_attention(q, k, v, causal=1)
     with pytest.raises(TypeError, match="scale must be a finite float"):
         mk.flash_attention(q, k, v, scale=float("nan"))
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        mk.flash_attention(q, k, v, return_lse="no")
 
 
 # --- GPU only: the benchmark's sizes, bf16 --------------------------------------------------------
