@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minikernels as mk
-from minikernels.testing import poisoned, randn, strided_like, test_dtypes
+from minikernels.testing import poisoned, strided_like, test_dtypes
 
 DTYPES = test_dtypes()  # fp32, fp16 everywhere; bf16 on the GPU (the interpreter's bf16 dot is wrong)
 
