@@ -21,7 +21,7 @@ import triton.language as tl
 from ._alloc import empty
 from ._backend import is_interpreter, on_device_of
 from ._validate import int32_addressable
-from .flash import LOG2E, _check_scale, _compute_dtype, _head_dim_pad, check_attention_inputs
+from .flash import LOG2E, _check_scale, _compute_dtype, _head_dim_pad, check_attention_inputs, row_delta
 from .masks import BlockMask
 
 MAX_BLOCK_SIZE = 128
@@ -213,14 +213,10 @@ def _forward(q, k, v, bm: BlockMask, scale: float):
 
 
 def _backward(q, k, v, o, lse, do, bm: BlockMask, scale: float):
-    from .flash import _bwd_delta
-
     B, H, Nq, D = q.shape
     HKV, Nk = k.shape[1], k.shape[2]
     pad = _head_dim_pad(D)
-    delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
-    _bwd_delta[(triton.cdiv(Nq, 64), B * H)](o, do, delta, *o.stride(), *do.stride(), H, Nq, D,
-                                              BLOCK_M=64, HEAD_DIM=pad)
+    delta = row_delta(o, do)
     dq = empty(q.shape, dtype=q.dtype, device=q.device)
     dk = empty(k.shape, dtype=k.dtype, device=k.device)
     dv = empty(v.shape, dtype=v.dtype, device=v.device)

@@ -387,13 +387,20 @@ def _forward(q, k, v, causal: bool, scale: float):
     return o, lse
 
 
+def row_delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
+    """delta = rowsum(dO * O), fp32 [B, H, Nq]: the softmax-Jacobian term every attention backward needs."""
+    B, H, Nq, D = o.shape
+    delta = torch.empty((B, H, Nq), dtype=torch.float32, device=o.device)
+    _bwd_delta[(triton.cdiv(Nq, 64), B * H)](o, do, delta, *o.stride(), *do.stride(), H, Nq, D,
+                                              BLOCK_M=64, HEAD_DIM=_head_dim_pad(D))
+    return delta
+
+
 def _backward(q, k, v, o, lse, do, causal: bool, scale: float):
     B, H, Nq, D = q.shape
     HKV, Nk = k.shape[1], k.shape[2]
     pad = _head_dim_pad(D)
-    delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
-    _bwd_delta[(triton.cdiv(Nq, 64), B * H)](o, do, delta, *o.stride(), *do.stride(), H, Nq, D,
-                                              BLOCK_M=64, HEAD_DIM=pad)
+    delta = row_delta(o, do)
     dq = empty(q.shape, dtype=q.dtype, device=q.device)
     dk = empty(k.shape, dtype=k.dtype, device=k.device)
     dv = empty(v.shape, dtype=v.dtype, device=v.device)
