@@ -50,3 +50,13 @@ def on_device_of(t: torch.Tensor):
     import contextlib
 
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def dot_options(dtype: torch.dtype) -> dict:
+    """The ``DOT_PREC`` constexpr for kernels whose ``tl.dot`` sees ``dtype`` operands (passed on to
+    ``tl.dot(..., input_precision=DOT_PREC)``). Triton multiplies float32 matrices in tf32 by default
+    (10-bit mantissa, relative error ~1e-3, amplified by large logits); "tf32x3" splits each operand
+    into a high and a low tf32 part and adds three products: about three times the tensor-core work,
+    close to float32 accuracy. float32 is the accuracy path here, not the fast one (16-bit inputs are,
+    for which the setting is ignored)."""
+    return {"DOT_PREC": "tf32x3" if dtype == torch.float32 else "tf32"}

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._alloc import empty
-from ._backend import is_interpreter, on_device_of
+from ._backend import dot_options, is_interpreter, on_device_of
 from ._validate import int32_addressable
 from .flash import LOG2E, _check_scale, _compute_dtype, _head_dim_pad, check_attention_inputs, row_delta
 from .masks import BlockMask
@@ -28,20 +28,66 @@ MAX_BLOCK_SIZE = 128
 
 
 @triton.jit
-def _bs_fwd(Q, K, V, O, LSE, KV_IDX, KV_CNT, PARTIAL, TILE_IDX, TILES,
+def _load_rows(base, idx, stride_n, stride_d, n_valid, d_ok, EVEN: tl.constexpr):
+    # a [BLOCK, HEAD_DIM] tile of rows idx; masks only where the tile can overhang (ragged N or D)
+    ptrs = base + idx[:, None] * stride_n + tl.arange(0, d_ok.shape[0])[None, :] * stride_d
+    if EVEN:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=(idx[:, None] < n_valid) & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _load_cols(base, idx, stride_n, stride_d, n_valid, d_ok, EVEN: tl.constexpr):
+    # the transposed tile, [HEAD_DIM, BLOCK]
+    ptrs = base + idx[None, :] * stride_n + tl.arange(0, d_ok.shape[0])[:, None] * stride_d
+    if EVEN:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=(idx[None, :] < n_valid) & d_ok[:, None], other=0.0)
+
+
+@triton.jit
+def _bs_fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                 kv_idx, tile_idx, TILES, lo, hi, Nk, d_ok,
+                 qk_scale, MASKED: tl.constexpr, EVEN: tl.constexpr, BLOCK: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK)
+    for t in range(lo, hi):
+        cols = tl.load(kv_idx + t) * BLOCK + offs_n  # the key block to visit: the one indirection
+        kt = _load_cols(k_base, cols, stride_kn, stride_kd, Nk, d_ok, EVEN)  # read BLOCK*D
+        v = _load_rows(v_base, cols, stride_vn, stride_vd, Nk, d_ok, EVEN)  # read BLOCK*D
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+        if MASKED:  # a partial block: its element mask (read BLOCK^2 bytes, mostly from L2)
+            tile = tl.load(TILES + tl.load(tile_idx + t).to(tl.int64) * BLOCK * BLOCK
+                           + offs_n[:, None] * BLOCK + offs_n[None, :])
+            s = tl.where(tile != 0, s, float("-inf"))
+        if not EVEN:
+            s = tl.where(cols[None, :] < Nk, s, float("-inf"))  # the ragged end of the keys
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        if MASKED:  # a row may have seen no key yet: shift by 0 so exp2 gives 0, not NaN
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:  # a full block shows every row at least one key
+            m_safe = m_new
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _bs_fwd(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, TILE_IDX, TILES,
             stride_qb, stride_qh, stride_qn, stride_qd,
             stride_kb, stride_kh, stride_kn, stride_kd,
             stride_vb, stride_vh, stride_vn, stride_vd,
             stride_ob, stride_oh, stride_on, stride_od,
             H, GROUP, Nq, Nk, D, max_visits, qk_scale,
-            BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+            EVEN: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // GROUP
     rows = qb * BLOCK + tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = rows < Nq
     d_ok = offs_d < D
@@ -52,29 +98,15 @@ def _bs_fwd(Q, K, V, O, LSE, KV_IDX, KV_CNT, PARTIAL, TILE_IDX, TILES,
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    kv_idx = KV_IDX + qb * max_visits
+    tile_idx = TILE_IDX + qb * max_visits
+    n_full = tl.load(KV_FULL + qb)  # visits [0, n_full) are full blocks, [n_full, n_visits) partial
     n_visits = tl.load(KV_CNT + qb)
-    for t in range(0, n_visits):
-        visit = qb * max_visits + t
-        kb = tl.load(KV_IDX + visit)  # which key block (the only indirection block sparsity adds)
-        cols = kb * BLOCK + offs_n
-        col_ok = cols < Nk
-        kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # read BLOCK*D
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # read BLOCK*D
-        s = tl.dot(q, kt) * qk_scale
-        if tl.load(PARTIAL + visit) != 0:  # partial block: apply its element mask (read BLOCK^2 bytes)
-            tile = tl.load(TILES + tl.load(TILE_IDX + visit).to(tl.int64) * BLOCK * BLOCK
-                           + offs_n[:, None] * BLOCK + offs_n[None, :])
-            s = tl.where(tile != 0, s, float("-inf"))
-        s = tl.where(col_ok[None, :], s, float("-inf"))  # the ragged end of the keys
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    acc, l_i, m_i = _bs_fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                 kv_idx, tile_idx, TILES, 0, n_full, Nk, d_ok, qk_scale, False, EVEN, BLOCK, DOT_PREC)
+    acc, l_i, m_i = _bs_fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                 kv_idx, tile_idx, TILES, n_full, n_visits, Nk, d_ok, qk_scale, True, EVEN, BLOCK,
+                                 DOT_PREC)
     empty_row = l_i == 0.0
     out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
     lse = tl.where(empty_row, float("-inf"), (m_i + tl.log2(tl.where(empty_row, 1.0, l_i))) * 0.6931471805599453)
@@ -84,21 +116,47 @@ def _bs_fwd(Q, K, V, O, LSE, KV_IDX, KV_CNT, PARTIAL, TILE_IDX, TILES,
 
 
 @triton.jit
-def _bs_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KV_IDX, KV_CNT, PARTIAL, TILE_IDX, TILES,
+def _bs_dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                kv_idx, tile_idx, TILES, sub_row, lo, hi, Nk, d_ok, qk_scale,
+                MASKED: tl.constexpr, EVEN: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
+                DOT_PREC: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK)
+    offs_m = sub_row + tl.arange(0, SUB)  # this program's rows inside the mask's query block
+    for t in range(lo, hi):
+        cols = tl.load(kv_idx + t) * BLOCK + offs_n
+        kt = _load_cols(k_base, cols, stride_kn, stride_kd, Nk, d_ok, EVEN)  # K^T [D, BLOCK]
+        vt = _load_cols(v_base, cols, stride_vn, stride_vd, Nk, d_ok, EVEN)  # V^T [D, BLOCK]
+        p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale - lse[:, None])  # [SUB rows, BLOCK keys]
+        if MASKED:
+            tile = tl.load(TILES + tl.load(tile_idx + t).to(tl.int64) * BLOCK * BLOCK
+                           + offs_m[:, None] * BLOCK + offs_n[None, :])
+            p = tl.where(tile != 0, p, 0.0)
+        if not EVEN:
+            p = tl.where(cols[None, :] < Nk, p, 0.0)
+        ds = p * (tl.dot(do, vt, input_precision=DOT_PREC) - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _bs_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KV_IDX, KV_CNT, KV_FULL, TILE_IDX, TILES,
                stride_qb, stride_qh, stride_qn, stride_qd,
                stride_kb, stride_kh, stride_kn, stride_kd,
                stride_vb, stride_vh, stride_vn, stride_vd,
                stride_dob, stride_doh, stride_don, stride_dod,
                stride_dqb, stride_dqh, stride_dqn, stride_dqd,
                H, GROUP, Nq, Nk, D, max_visits, scale, qk_scale,
-               BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
-    qb = tl.program_id(0)
+               EVEN: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, HEAD_DIM: tl.constexpr,
+               DOT_PREC: tl.constexpr):
+    # one program owns SUB rows of a query block (BLOCK // SUB programs per block): a smaller
+    # accumulator than the whole block, so the backward's five tiles fit in registers
+    qb = tl.program_id(0) // (BLOCK // SUB)
+    sub_row = tl.program_id(0) % (BLOCK // SUB) * SUB
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // GROUP
-    rows = qb * BLOCK + tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, BLOCK)
+    rows = qb * BLOCK + sub_row + tl.arange(0, SUB)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = rows < Nq
     d_ok = offs_d < D
@@ -112,31 +170,48 @@ def _bs_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KV_IDX, KV_CNT, PARTIAL, TILE_IDX, T
     delta = tl.load(DELTA + bh.to(tl.int64) * Nq + rows, mask=row_ok, other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    dq = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    dq = tl.zeros([SUB, HEAD_DIM], tl.float32)
+    kv_idx = KV_IDX + qb * max_visits
+    tile_idx = TILE_IDX + qb * max_visits
+    n_full = tl.load(KV_FULL + qb)
     n_visits = tl.load(KV_CNT + qb)
-    for t in range(0, n_visits):
-        visit = qb * max_visits + t
-        kb = tl.load(KV_IDX + visit)
-        cols = kb * BLOCK + offs_n
-        col_ok = cols < Nk
-        kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        vt = tl.load(v_base + cols[None, :] * stride_vn + offs_d[:, None] * stride_vd,
-                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        p = tl.exp2(tl.dot(q, kt) * qk_scale - lse[:, None])
-        if tl.load(PARTIAL + visit) != 0:
-            tile = tl.load(TILES + tl.load(TILE_IDX + visit).to(tl.int64) * BLOCK * BLOCK
-                           + offs_n[:, None] * BLOCK + offs_n[None, :])
-            p = tl.where(tile != 0, p, 0.0)
-        p = tl.where(col_ok[None, :], p, 0.0)
-        ds = p * (tl.dot(do, vt) - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+    dq = _bs_dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                     kv_idx, tile_idx, TILES, sub_row, 0, n_full, Nk, d_ok, qk_scale, False, EVEN, BLOCK, SUB, DOT_PREC)
+    dq = _bs_dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                     kv_idx, tile_idx, TILES, sub_row, n_full, n_visits, Nk, d_ok, qk_scale, True, EVEN, BLOCK, SUB,
+                     DOT_PREC)
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None] * stride_dqn
              + offs_d[None, :] * stride_dqd, (dq * scale).to(DQ.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _bs_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, Q_IDX, Q_CNT, Q_PARTIAL, Q_TILE_IDX, TILES,
+def _bs_dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd, stride_don, stride_dod,
+                  q_idx, tile_idx, TILES, sub_col, lo, hi, Nq, d_ok, qk_scale,
+                  MASKED: tl.constexpr, EVEN: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
+                  DOT_PREC: tl.constexpr):
+    offs_m = tl.arange(0, BLOCK)
+    offs_n = sub_col + tl.arange(0, SUB)  # this program's keys inside the mask's key block
+    for t in range(lo, hi):
+        rows = tl.load(q_idx + t) * BLOCK + offs_m
+        row_ok = rows < Nq
+        qt = _load_cols(q_base, rows, stride_qn, stride_qd, Nq, d_ok, EVEN)  # Q^T [D, BLOCK]
+        do = _load_rows(do_base, rows, stride_don, stride_dod, Nq, d_ok, EVEN)  # dO [BLOCK, D]
+        lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))  # rows past Nq get P = 0
+        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        pt = tl.exp2(tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale - lse[None, :])  # P^T [SUB keys, BLOCK queries]
+        if MASKED:
+            tile = tl.load(TILES + tl.load(tile_idx + t).to(tl.int64) * BLOCK * BLOCK
+                           + offs_m[None, :] * BLOCK + offs_n[:, None])  # the tile, transposed
+            pt = tl.where(tile != 0, pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)  # dV += P^T dO
+        dst = pt * (tl.dot(v, tl.trans(do), input_precision=DOT_PREC) - delta[None, :])  # dS^T
+        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PREC)  # dK += dS^T Q
+    return dk, dv
+
+
+@triton.jit
+def _bs_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, Q_IDX, Q_CNT, Q_FULL, Q_TILE_IDX, TILES,
                  stride_qb, stride_qh, stride_qn, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
@@ -144,13 +219,15 @@ def _bs_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, Q_IDX, Q_CNT, Q_PARTIAL, Q_TIL
                  stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                  stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                  H, HKV, GROUP, Nq, Nk, D, max_visits, scale, qk_scale,
-                 BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
-    kb = tl.program_id(0)
+                 EVEN: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
+    # one program owns SUB keys of a key block (BLOCK // SUB programs per block), as in the dQ kernel
+    kb = tl.program_id(0) // (BLOCK // SUB)
+    sub_col = tl.program_id(0) % (BLOCK // SUB) * SUB
     bhk = tl.program_id(1)
     b = bhk // HKV
     hk = bhk % HKV
-    cols = kb * BLOCK + tl.arange(0, BLOCK)
-    offs_m = tl.arange(0, BLOCK)
+    cols = kb * BLOCK + sub_col + tl.arange(0, SUB)
     offs_d = tl.arange(0, HEAD_DIM)
     d_ok = offs_d < D
     kv_mask = (cols[:, None] < Nk) & d_ok[None, :]
@@ -158,8 +235,11 @@ def _bs_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, Q_IDX, Q_CNT, Q_PARTIAL, Q_TIL
                 + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
     v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + cols[:, None] * stride_vn
                 + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-    dk = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    dk = tl.zeros([SUB, HEAD_DIM], tl.float32)
+    dv = tl.zeros([SUB, HEAD_DIM], tl.float32)
+    q_idx = Q_IDX + kb * max_visits
+    tile_idx = Q_TILE_IDX + kb * max_visits
+    n_full = tl.load(Q_FULL + kb)
     n_visits = tl.load(Q_CNT + kb)
     for g in range(0, GROUP):  # every query head that reads this k/v head
         h = hk * GROUP + g
@@ -167,52 +247,57 @@ def _bs_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, Q_IDX, Q_CNT, Q_PARTIAL, Q_TIL
         do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
         lse_base = LSE + (b * H + h).to(tl.int64) * Nq
         delta_base = DELTA + (b * H + h).to(tl.int64) * Nq
-        for t in range(0, n_visits):
-            visit = kb * max_visits + t
-            qb = tl.load(Q_IDX + visit)
-            rows = qb * BLOCK + offs_m
-            row_ok = rows < Nq
-            qt = tl.load(q_base + rows[None, :] * stride_qn + offs_d[:, None] * stride_qd,
-                         mask=row_ok[None, :] & d_ok[:, None], other=0.0)  # Q^T [D, BLOCK]
-            do = tl.load(do_base + rows[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
-            lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-            delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-            pt = tl.exp2(tl.dot(k, qt) * qk_scale - lse[None, :])  # P^T [BLOCK keys, BLOCK queries]
-            if tl.load(Q_PARTIAL + visit) != 0:
-                tile = tl.load(TILES + tl.load(Q_TILE_IDX + visit).to(tl.int64) * BLOCK * BLOCK
-                               + offs_m[None, :] * BLOCK + offs_m[:, None])  # the tile, transposed
-                pt = tl.where(tile != 0, pt, 0.0)
-            dv += tl.dot(pt.to(do.dtype), do)
-            dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
-            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt))
+        dk, dv = _bs_dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd,
+                               stride_don, stride_dod, q_idx, tile_idx, TILES, sub_col, 0, n_full, Nq, d_ok,
+                               qk_scale, False, EVEN, BLOCK, SUB, DOT_PREC)
+        dk, dv = _bs_dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd,
+                               stride_don, stride_dod, q_idx, tile_idx, TILES, sub_col, n_full, n_visits, Nq,
+                               d_ok, qk_scale, True, EVEN, BLOCK, SUB, DOT_PREC)
     tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + cols[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkd, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + cols[:, None] * stride_dvn
              + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-def _launch_options(block: int, head_dim: int) -> dict:
+def _launch_options(block: int, head_dim: int, direction: str) -> dict:
     if is_interpreter():
         return {"num_warps": 4, "num_stages": 1}
-    return {"num_warps": 8 if block * head_dim >= 128 * 128 else 4, "num_stages": 2}
+    if direction == "bwd":
+        # one stage: the backward's five live tiles leave no registers and shared memory for a
+        # second copy of the streamed ones (on the H200, 128-blocks, D128: 1.8 ms with one stage,
+        # 2.9 ms with two; a 64-row resident tile was no faster)
+        return {"num_warps": 8 if block * head_dim >= 128 * 128 else 4, "num_stages": 1}
+    # the forward keeps a whole query block and streams two tiles per visit: three stages fit
+    return {"num_warps": 8 if block * head_dim >= 128 * 128 else 4, "num_stages": 3}
 
 
-def _forward(q, k, v, bm: BlockMask, scale: float):
+def _backward_sub(block: int) -> int:
+    # rows (dQ) or keys (dK, dV) one backward program keeps: the whole block on the GPU (fastest in a
+    # sweep on the H200); 16 on the interpreter, so that the tests exercise the sub-block indexing
+    return min(block, 16) if is_interpreter() else block
+
+
+def _even(bm: BlockMask, d: int) -> bool:
+    # no tile overhangs the ends of Q, K or the head dim: the kernels may skip every bounds mask
+    return bm.q_len % bm.block_size == 0 and bm.kv_len % bm.block_size == 0 and _head_dim_pad(d) == d
+
+
+def _forward(q, k, v, bm: BlockMask, scale: float, opts: dict | None = None):
     B, H, Nq, D = q.shape
     HKV, Nk = k.shape[1], k.shape[2]
     o = empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
     lse = empty((B, H, Nq), dtype=torch.float32, device=q.device)
-    tiles = bm.tiles.to(torch.uint8)
+    lay = bm.kernel_layout
     _bs_fwd[(bm.n_q_blocks, B * H)](
-        q, k, v, o, lse, bm.kv_indices, bm.kv_counts, bm.partial.to(torch.uint8), bm.tile_index, tiles,
+        q, k, v, o, lse, lay["kv_indices"], bm.kv_counts, lay["kv_full"], lay["tile_index"], lay["tiles"],
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, H // HKV, Nq, Nk, D, bm.kv_indices.shape[1],
-        scale * LOG2E, BLOCK=bm.block_size, HEAD_DIM=_head_dim_pad(D), **_launch_options(bm.block_size, D))
+        scale * LOG2E, EVEN=_even(bm, D), BLOCK=bm.block_size, HEAD_DIM=_head_dim_pad(D),
+        **(opts or _launch_options(bm.block_size, D, "fwd")), **dot_options(q.dtype))
     return o, lse
 
 
-def _backward(q, k, v, o, lse, do, bm: BlockMask, scale: float):
+def _backward(q, k, v, o, lse, do, bm: BlockMask, scale: float, opts: dict | None = None, sub: int | None = None):
+    # opts, sub: overrides of the launch options and the resident tile, for tuning
     B, H, Nq, D = q.shape
     HKV, Nk = k.shape[1], k.shape[2]
     pad = _head_dim_pad(D)
@@ -220,20 +305,22 @@ def _backward(q, k, v, o, lse, do, bm: BlockMask, scale: float):
     dq = empty(q.shape, dtype=q.dtype, device=q.device)
     dk = empty(k.shape, dtype=k.dtype, device=k.device)
     dv = empty(v.shape, dtype=v.dtype, device=v.device)
-    tiles = bm.tiles.to(torch.uint8)
-    opts = _launch_options(bm.block_size, D)
-    _bs_bwd_dq[(bm.n_q_blocks, B * H)](
-        q, k, v, do, dq, lse, delta, bm.kv_indices, bm.kv_counts, bm.partial.to(torch.uint8), bm.tile_index,
-        tiles, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+    lay = bm.kernel_layout
+    opts = {**(opts or _launch_options(bm.block_size, D, "bwd")), **dot_options(q.dtype)}
+    sub = sub or _backward_sub(bm.block_size)
+    per = bm.block_size // sub
+    _bs_bwd_dq[(bm.n_q_blocks * per, B * H)](
+        q, k, v, do, dq, lse, delta, lay["kv_indices"], bm.kv_counts, lay["kv_full"], lay["tile_index"],
+        lay["tiles"], *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         H, H // HKV, Nq, Nk, D, bm.kv_indices.shape[1], scale, scale * LOG2E,
-        BLOCK=bm.block_size, HEAD_DIM=pad, **opts)
+        EVEN=_even(bm, D), BLOCK=bm.block_size, SUB=sub, HEAD_DIM=pad, **opts)
     if bm.n_kv_blocks == 0:  # no keys: dK and dV are empty
         return dq, dk, dv
-    _bs_bwd_dkdv[(bm.n_kv_blocks, B * HKV)](
-        q, k, v, do, dk, dv, lse, delta, bm.q_indices, bm.q_counts, bm.q_partial.to(torch.uint8),
-        bm.q_tile_index, tiles, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+    _bs_bwd_dkdv[(bm.n_kv_blocks * per, B * HKV)](
+        q, k, v, do, dk, dv, lse, delta, lay["q_indices"], bm.q_counts, lay["q_full"], lay["q_tile_index"],
+        lay["tiles"], *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         H, HKV, H // HKV, Nq, Nk, D, bm.q_indices.shape[1], scale, scale * LOG2E,
-        BLOCK=bm.block_size, HEAD_DIM=pad, **opts)
+        EVEN=_even(bm, D), BLOCK=bm.block_size, SUB=sub, HEAD_DIM=pad, **opts)
     return dq, dk, dv
 
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._alloc import empty
-from ._backend import is_interpreter, on_device_of
+from ._backend import dot_options, is_interpreter, on_device_of
 from ._validate import int32_addressable
 from .flash import _compute_dtype, _head_dim_pad, check_attention_inputs
 
@@ -34,7 +34,8 @@ def _decode_split(Q, K, V, SEQLENS, O_PART, LSE_PART,
                   stride_kb, stride_kh, stride_kn, stride_kd,
                   stride_vb, stride_vh, stride_vn, stride_vd,
                   HKV, GROUP, NQ, D, NMAX, split_len, n_splits, qk_scale,
-                  CAUSAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                  CAUSAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  DOT_PREC: tl.constexpr):
     split = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // HKV
@@ -66,7 +67,7 @@ def _decode_split(Q, K, V, SEQLENS, O_PART, LSE_PART,
                      mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # read BLOCK_N*D of the cache
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # read BLOCK_N*D
-        s = tl.dot(q, kt) * qk_scale
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
         visible = col_ok[None, :]
         if CAUSAL:  # the NQ queries are the last NQ positions: row i sees keys j <= L - NQ + i
             visible = visible & (cols[None, :] <= (L - NQ + i)[:, None])
@@ -76,7 +77,7 @@ def _decode_split(Q, K, V, SEQLENS, O_PART, LSE_PART,
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     empty_row = l_i == 0.0
     o = acc / tl.where(empty_row, 1.0, l_i)[:, None]
@@ -188,7 +189,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         _decode_split[(splits, B * HKV)](
             qw, kw, vw, cache_seqlens, o_part, lse_part, *qw.stride(), *kw.stride(), *vw.stride(),
             HKV, group, Nq, D, Nmax, split_len, splits, D**-0.5 * 1.4426950408889634, CAUSAL=causal, ROWS=rows,
-            BLOCK_N=block_n, HEAD_DIM=pad, num_warps=4, num_stages=1 if is_interpreter() else 3)
+            BLOCK_N=block_n, HEAD_DIM=pad, num_warps=4, num_stages=1 if is_interpreter() else 3,
+            **dot_options(qw.dtype))
         _decode_merge[(B * HKV, group * Nq)](
             o_part, lse_part, out, *out.stride(), HKV, group, Nq, D, splits,
             ROWS=rows, SPLITS=max(2, triton.next_power_of_2(splits)), HEAD_DIM=pad, num_warps=4)

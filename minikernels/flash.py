@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ._alloc import empty
-from ._backend import is_interpreter, on_device_of
+from ._backend import dot_options, is_interpreter, on_device_of
 from ._validate import check_same_device, check_tensor, int32_addressable
 
 LOG2E = 1.4426950408889634
@@ -44,10 +44,19 @@ MAX_HEAD_DIM = 256
 # --------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _query_block(CAUSAL: tl.constexpr):
+    # Under a causal mask the last query blocks see the most keys. Handing them out first (the GPU
+    # starts programs in launch order) leaves the short ones to fill the last wave, not the long ones.
+    if CAUSAL:
+        return tl.num_programs(0) - 1 - tl.program_id(0)
+    return tl.program_id(0)
+
+
+@triton.jit
 def _fwd_block_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                     rows, lo, hi, Nk, D, causal_offset, qk_scale,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     d_ok = offs_d < D
@@ -64,7 +73,7 @@ def _fwd_block_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
         else:
             kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        s = tl.dot(q, kt) * qk_scale  # logits in base 2: exp(x) = 2^(x log2 e)
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # logits in base 2: exp(x) = 2^(x log2 e)
         if MASKED:
             visible = cols[None, :] < Nk
             if CAUSAL:
@@ -78,7 +87,7 @@ def _fwd_block_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
         alpha = tl.exp2(m_i - m_new_safe)  # rescales what was accumulated under the old maximum
         p = tl.exp2(s - m_new_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -91,8 +100,8 @@ def _attn_fwd(Q, K, V, O, LSE,
               stride_ob, stride_oh, stride_on, stride_od,
               H, GROUP, Nq, Nk, D, qk_scale,
               CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
+    start_m = _query_block(CAUSAL) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -123,10 +132,10 @@ def _attn_fwd(Q, K, V, O, LSE,
         hi = Nk
     acc, l_i, m_i = _fwd_block_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                     rows, 0, full_hi, Nk, D, causal_offset, qk_scale,
-                                    False, CAUSAL, EVEN_D, BLOCK_N, HEAD_DIM)
+                                    False, CAUSAL, EVEN_D, BLOCK_N, HEAD_DIM, DOT_PREC)
     acc, l_i, m_i = _fwd_block_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                     rows, full_hi, hi, Nk, D, causal_offset, qk_scale,
-                                    True, CAUSAL, EVEN_D, BLOCK_N, HEAD_DIM)
+                                    True, CAUSAL, EVEN_D, BLOCK_N, HEAD_DIM, DOT_PREC)
 
     empty_row = l_i == 0.0  # saw no key: output 0, logsumexp -inf
     out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
@@ -163,7 +172,7 @@ def _bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_od,
 def _bwd_dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd,
                    stride_don, stride_dod, cols, lo, hi, Nq, D, causal_offset, qk_scale,
                    MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                   BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+                   BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     d_ok = offs_d < D
@@ -177,15 +186,15 @@ def _bwd_dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_q
         lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))  # +inf: rows that do not exist get P = 0
         lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-        st = tl.dot(k, qt) * qk_scale  # S^T [BLOCK_N, BLOCK_M], base 2
+        st = tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale  # S^T [BLOCK_N, BLOCK_M], base 2
         pt = tl.exp2(st - lse[None, :])  # P^T recomputed from the saved logsumexp
         if MASKED:
             if CAUSAL:
                 pt = tl.where(cols[:, None] <= rows[None, :] + causal_offset, pt, 0.0)
-        dv += tl.dot(pt.to(do.dtype), do)  # dV += P^T dO
-        dpt = tl.dot(v, tl.trans(do))  # dP^T = V dO^T
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)  # dV += P^T dO
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # dP^T = V dO^T
         dst = pt * (dpt - delta[None, :])  # dS^T
-        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt))  # dK += dS^T Q
+        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PREC)  # dK += dS^T Q
     return dk, dv
 
 
@@ -198,7 +207,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
                    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                    H, HKV, GROUP, Nq, Nk, D, scale, qk_scale,
-                   CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                   CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   DOT_PREC: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
     b = bhk // HKV
@@ -232,10 +242,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
         delta_base = DELTA + (b * H + h).to(tl.int64) * Nq
         dk, dv = _bwd_dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd,
                                 stride_don, stride_dod, cols, lo, full_lo, Nq, D, causal_offset, qk_scale,
-                                True, CAUSAL, BLOCK_M, HEAD_DIM)
+                                True, CAUSAL, BLOCK_M, HEAD_DIM, DOT_PREC)
         dk, dv = _bwd_dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd,
                                 stride_don, stride_dod, cols, full_lo, Nq, Nq, D, causal_offset, qk_scale,
-                                False, CAUSAL, BLOCK_M, HEAD_DIM)
+                                False, CAUSAL, BLOCK_M, HEAD_DIM, DOT_PREC)
     dk = dk * scale  # S = scale * Q K^T
     tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + cols[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -246,7 +256,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
 @triton.jit
 def _bwd_dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                  rows, lo, hi, Nk, D, causal_offset, qk_scale,
-                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     d_ok = offs_d < D
@@ -257,16 +268,16 @@ def _bwd_dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, st
                      mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # K^T [D, BLOCK_N]
         vt = tl.load(v_base + cols[None, :] * stride_vn + offs_d[:, None] * stride_vd,
                      mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # V^T [D, BLOCK_N]
-        s = tl.dot(q, kt) * qk_scale
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
         p = tl.exp2(s - lse[:, None])
         if MASKED:
             visible = col_ok[None, :]
             if CAUSAL:
                 visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
             p = tl.where(visible, p, 0.0)
-        dp = tl.dot(do, vt)  # dP = dO V^T
+        dp = tl.dot(do, vt, input_precision=DOT_PREC)  # dP = dO V^T
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))  # dQ += dS K
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PREC)  # dQ += dS K
     return dq
 
 
@@ -278,8 +289,9 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
                  stride_dob, stride_doh, stride_don, stride_dod,
                  stride_dqb, stride_dqh, stride_dqn, stride_dqd,
                  H, GROUP, Nq, Nk, D, scale, qk_scale,
-                 CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
+                 CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
+    start_m = _query_block(CAUSAL) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -306,9 +318,9 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
         full_hi = Nk // BLOCK_N * BLOCK_N
         hi = Nk
     dq = _bwd_dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                      rows, 0, full_hi, Nk, D, causal_offset, qk_scale, False, CAUSAL, BLOCK_N, HEAD_DIM)
+                      rows, 0, full_hi, Nk, D, causal_offset, qk_scale, False, CAUSAL, BLOCK_N, HEAD_DIM, DOT_PREC)
     dq = _bwd_dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                      rows, full_hi, hi, Nk, D, causal_offset, qk_scale, True, CAUSAL, BLOCK_N, HEAD_DIM)
+                      rows, full_hi, hi, Nk, D, causal_offset, qk_scale, True, CAUSAL, BLOCK_N, HEAD_DIM, DOT_PREC)
     dq = dq * scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None] * stride_dqn
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=mask)
@@ -332,10 +344,11 @@ def _fwd_config(head_dim: int, elem_bytes: int) -> dict:
         if head_dim <= 128:
             return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    # 16-bit: the fastest in a sweep on the H200 (tools/tune_flash.py, B*N = 16k tokens, causal and not)
     if head_dim <= 64:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-    if head_dim <= 128:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    if head_dim <= 128:
+        return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
     return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 
 
@@ -347,8 +360,10 @@ def _bwd_config(head_dim: int, elem_bytes: int) -> dict:
         if head_dim <= 128:
             return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
         return {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    if head_dim <= 64:  # tools/tune_flash.py on the H200, as above
+        return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
     if head_dim <= 128:
-        return {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
     return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
 
 
@@ -360,8 +375,8 @@ def _dq_config(head_dim: int, elem_bytes: int) -> dict:
         if head_dim <= 128:
             return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
         return {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-    if head_dim <= 128:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    if head_dim <= 128:  # tools/tune_flash.py on the H200
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
     return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 
 
@@ -373,17 +388,17 @@ def _head_dim_pad(d: int) -> int:
 # host side
 # --------------------------------------------------------------------------------------------------
 
-def _forward(q, k, v, causal: bool, scale: float):
+def _forward(q, k, v, causal: bool, scale: float, cfg: dict | None = None):
     B, H, Nq, D = q.shape
     HKV, Nk = k.shape[1], k.shape[2]
     o = empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
     lse = empty((B, H, Nq), dtype=torch.float32, device=q.device)
-    cfg = _fwd_config(D, q.element_size())
+    cfg = cfg or _fwd_config(D, q.element_size())  # cfg: an override, for tools/tune_flash.py
     grid = (triton.cdiv(Nq, cfg["BLOCK_M"]), B * H)
     pad = _head_dim_pad(D)
     _attn_fwd[grid](q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
                     H, H // HKV, Nq, Nk, D, scale * LOG2E,
-                    CAUSAL=causal, EVEN_D=(pad == D), HEAD_DIM=pad, **cfg)
+                    CAUSAL=causal, EVEN_D=(pad == D), HEAD_DIM=pad, **cfg, **dot_options(q.dtype))
     return o, lse
 
 
@@ -396,7 +411,8 @@ def row_delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
     return delta
 
 
-def _backward(q, k, v, o, lse, do, causal: bool, scale: float):
+def _backward(q, k, v, o, lse, do, causal: bool, scale: float, dkdv_cfg: dict | None = None,
+              dq_cfg: dict | None = None):
     B, H, Nq, D = q.shape
     HKV, Nk = k.shape[1], k.shape[2]
     pad = _head_dim_pad(D)
@@ -404,15 +420,16 @@ def _backward(q, k, v, o, lse, do, causal: bool, scale: float):
     dq = empty(q.shape, dtype=q.dtype, device=q.device)
     dk = empty(k.shape, dtype=k.dtype, device=k.device)
     dv = empty(v.shape, dtype=v.dtype, device=v.device)
-    cfg = _bwd_config(D, q.element_size())
+    cfg = dkdv_cfg or _bwd_config(D, q.element_size())
     _attn_bwd_dkdv[(triton.cdiv(Nk, cfg["BLOCK_N"]), B * HKV)](
         q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
         *dk.stride(), *dv.stride(), H, HKV, H // HKV, Nq, Nk, D, scale, scale * LOG2E,
-        CAUSAL=causal, HEAD_DIM=pad, **cfg)
-    cfg = _dq_config(D, q.element_size())
+        CAUSAL=causal, HEAD_DIM=pad, **cfg, **dot_options(q.dtype))
+    cfg = dq_cfg or _dq_config(D, q.element_size())
     _attn_bwd_dq[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * H)](
         q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        H, H // HKV, Nq, Nk, D, scale, scale * LOG2E, CAUSAL=causal, HEAD_DIM=pad, **cfg)
+        H, H // HKV, Nq, Nk, D, scale, scale * LOG2E, CAUSAL=causal, HEAD_DIM=pad, **cfg,
+        **dot_options(q.dtype))
     return dq, dk, dv
 
 
@@ -480,7 +497,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     """softmax(q k^T * scale) v, computed tile by tile in Triton (forward and backward).
 
     q: ``[B, H, Nq, D]``; k, v: ``[B, Hkv, Nk, D]`` with Hkv dividing H (grouped-query attention);
-    any strides; float16, bfloat16 or float32 (tf32 matrix products on the GPU). D up to 256.
+    any strides; float16, bfloat16 or float32 (on the GPU, float32 products in 3-pass tf32: near float32). D up to 256.
     ``causal`` masks bottom-right aligned: query i sees keys j <= i + Nk - Nq; a query that sees no key
     gets zeros. ``scale`` defaults to 1/sqrt(D). With ``return_lse=True`` returns ``(out, lse)``, the
     natural-log logsumexp of each row's scaled logits, ``[B, H, Nq]`` float32 (-inf for a row with no

@@ -13,6 +13,7 @@ every batch and head.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,6 +79,17 @@ class BlockMask:
                 dense[qb * bs:(qb + 1) * bs, kb * bs:(kb + 1) * bs] = tile
         return dense[: self.q_len, : self.kv_len]
 
+    @functools.cached_property
+    def kernel_layout(self) -> dict[str, torch.Tensor]:
+        """The visits as the kernels read them, computed once per mask: each row lists its full blocks
+        before its partial ones, with the count of full ones, so a kernel runs one loop without the
+        element mask and one with it (a branch inside a single loop would keep Triton from pipelining
+        its loads), and tiles as uint8."""
+        kv_idx, kv_full, kv_tile = _full_first(self.kv_indices, self.kv_counts, self.partial, self.tile_index)
+        q_idx, q_full, q_tile = _full_first(self.q_indices, self.q_counts, self.q_partial, self.q_tile_index)
+        return {"kv_indices": kv_idx, "kv_full": kv_full, "tile_index": kv_tile,
+                "q_indices": q_idx, "q_full": q_full, "q_tile_index": q_tile, "tiles": self.tiles.to(torch.uint8)}
+
     def to_block_dense(self) -> torch.Tensor:
         """int8 ``[n_q_blocks, n_kv_blocks]``: 0 skipped, 1 partial, 2 full. For drawing."""
         out = torch.zeros(self.n_q_blocks, self.n_kv_blocks, dtype=torch.int8, device=self.kv_indices.device)
@@ -85,6 +97,16 @@ class BlockMask:
             idx = self.kv_indices[qb, :count].long()
             out[qb, idx] = torch.where(self.partial[qb, :count], 1, 2).to(torch.int8)
         return out
+
+
+def _full_first(indices, counts, partial, tile_index):
+    """Reorder each row's visits full blocks first (stable), and count the full ones."""
+    slot = torch.arange(indices.shape[1], device=indices.device)[None, :]
+    valid = slot < counts[:, None].long()
+    key = torch.where(valid, partial.to(torch.int32), 2)  # full 0, partial 1, padding 2
+    order = torch.sort(key, dim=1, stable=True).indices
+    n_full = (valid & ~partial).sum(1).to(torch.int32)
+    return indices.gather(1, order).contiguous(), n_full, tile_index.gather(1, order).contiguous()
 
 
 def _check_len(name: str, value) -> int:
@@ -306,12 +328,14 @@ def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, stride: int, blo
         raise ValueError(f"stride={stride} must divide block_size={block_size}")
     n_q, n_k, d = q.shape[2], k.shape[2], q.shape[-1]
     nq_b, nk_b = math.ceil(n_q / block_size), math.ceil(n_k / block_size)
-    qf = torch.nn.functional.pad(q.float(), (0, 0, 0, nq_b * block_size - n_q))
-    kf = torch.nn.functional.pad(_expand_heads(k, q.shape[1]).float(), (0, 0, 0, nk_b * block_size - n_k))
+    # The product runs in the inputs' dtype (bf16 tensor cores for bf16 inputs: an estimate need not be
+    # exact, and in float32 it cost more than the sparse attention it selects for); softmax in float32.
+    qf = torch.nn.functional.pad(q, (0, 0, 0, nq_b * block_size - n_q))
+    kf = torch.nn.functional.pad(_expand_heads(k, q.shape[1]), (0, 0, 0, nk_b * block_size - n_k))
     # antidiagonal of patch (a, b): sum over r of q[a*stride + stride-1-r] . k[b*stride + r]
     q_re = torch.cat([qf[:, :, stride - 1 - r::stride] for r in range(stride)], dim=-1)
     k_re = torch.cat([kf[:, :, r::stride] for r in range(stride)], dim=-1)
-    s = q_re @ k_re.transpose(-1, -2) / (math.sqrt(d) * stride)  # [B, H, n_q/stride, n_k/stride]
+    s = (q_re @ k_re.transpose(-1, -2)).float() / (math.sqrt(d) * stride)  # [B, H, n_q/stride, n_k/stride]
     a_idx = torch.arange(s.shape[-2], device=q.device)[:, None]
     b_idx = torch.arange(s.shape[-1], device=q.device)[None, :]
     hide = (b_idx * stride >= n_k) | (a_idx * stride >= n_q)
@@ -328,6 +352,20 @@ def xattention(q: torch.Tensor, k: torch.Tensor, stride: int = 8, threshold: flo
     (``antidiagonal_block_scores``, averaged over batch and heads), then keep, for each query block,
     the highest-scoring key blocks until their share of the row's total reaches ``threshold``.
     The diagonal block is always kept when ``causal``; elements keep the causal rule."""
+    keep = xattention_blocks(q, k, stride, threshold, block_size, causal)
+    n_q, n_k = q.shape[2], k.shape[2]
+    offset = n_k - n_q
+
+    def rule(i, j):
+        chosen = keep[(i // block_size).clamp(max=keep.shape[0] - 1), (j // block_size).clamp(max=keep.shape[1] - 1)]
+        return chosen & (j <= i + offset) if causal else chosen
+    return from_mask_fn(rule, n_q, n_k, block_size, q.device)
+
+
+def xattention_blocks(q: torch.Tensor, k: torch.Tensor, stride: int = 8, threshold: float = 0.9,
+                      block_size: int = 64, causal: bool = True) -> torch.Tensor:
+    """The estimation step of ``xattention``, on the device: bool ``[n_q_blocks, n_k_blocks]``, the
+    key blocks each query block keeps (before the element-level causal rule)."""
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     _check_positive("stride", stride)
@@ -344,8 +382,4 @@ def xattention(q: torch.Tensor, k: torch.Tensor, stride: int = 8, threshold: flo
         qb = torch.arange(keep.shape[0], device=q.device)
         diag_block = ((qb * block_size + block_size - 1).clamp(max=n_q - 1) + offset).clamp(min=0) // block_size
         keep[qb, diag_block.clamp(max=keep.shape[1] - 1)] = True
-
-    def rule(i, j):
-        chosen = keep[(i // block_size).clamp(max=keep.shape[0] - 1), (j // block_size).clamp(max=keep.shape[1] - 1)]
-        return chosen & (j <= i + offset) if causal else chosen
-    return from_mask_fn(rule, n_q, n_k, block_size, q.device)
+    return keep

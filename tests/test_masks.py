@@ -196,3 +196,20 @@ def test_estimator_arguments():
         masks.xattention(q, k, stride=5, block_size=16)
     with pytest.raises(ValueError, match="must be a floating-point tensor"):
         masks.vertical_slash(q[0], k)
+
+
+def test_kernel_layout_lists_full_blocks_first():
+    """The kernels run one unmasked loop over visits [0, n_full) and one masked loop after it."""
+    bm = masks.sliding_window(200, 40, block_size=16)
+    lay = bm.kernel_layout
+    for qb, count in enumerate(bm.kv_counts.tolist()):
+        n_full = int(lay["kv_full"][qb])
+        assert n_full == int((~bm.partial[qb, :count]).sum())
+        got = lay["kv_indices"][qb, :count].tolist()
+        assert sorted(got) == bm.kv_indices[qb, :count].tolist()  # the same visits, reordered
+        for t, kb in enumerate(got):  # full ones first, each with its own tile when partial
+            t0 = bm.kv_indices[qb, :count].tolist().index(kb)
+            assert bool(bm.partial[qb, t0]) == (t >= n_full)
+            if t >= n_full:
+                assert int(lay["tile_index"][qb, t]) == int(bm.tile_index[qb, t0])
+    assert int(lay["q_full"].sum()) == int(lay["kv_full"].sum())  # the same full visits, by key block
