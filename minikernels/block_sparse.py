@@ -8,8 +8,11 @@ and the bytes scale with the mask's density instead of with N^2:
     dK, dV:          for each key block j,   for t < q_counts[j]:   query block q_indices[j, t]
 
 Blocks marked *full* need no element mask; *partial* blocks load their ``block_size^2`` tile of
-the element mask and apply it. The kernels' tile is the mask's block size (16 to 128), so a mask
-and the kernel can never disagree about where blocks start. A query that sees no key gets zeros.
+the element mask and apply it. Each row's visits are listed full-first (``BlockMask.kernel_layout``),
+so every kernel runs two loops: an unmasked one the compiler can pipeline, then a masked one. The
+kernels' tile is the mask's block size (16 to 128; the backward kernels can keep a SUB-row piece of
+it resident), so a mask and the kernel can never disagree about where blocks start. A query that
+sees no key gets zeros.
 """
 
 from __future__ import annotations
