@@ -10,8 +10,9 @@ from . import masks, reference, testing
 from .block_sparse import block_sparse_attention
 from .decode import decode_attention
 from .flash import flash_attention
+from .linear import linear_attention
 from .row_softmax import softmax
 
-__all__ = ["backend", "block_sparse_attention", "decode_attention", "device", "flash_attention", "masks",
-           "reference", "softmax", "testing"]
+__all__ = ["backend", "block_sparse_attention", "decode_attention", "device", "flash_attention", "linear_attention",
+           "masks", "reference", "softmax", "testing"]
 __version__ = "0.1.0"

@@ -68,3 +68,30 @@ def block_sparse_attention(q, k, v, block_mask, scale: float | None = None):
     s = (q @ k.transpose(-1, -2)) * scale
     s = s.masked_fill(~block_mask.to_dense().to(q.device), float("-inf"))
     return softmax(s, dim=-1) @ v
+
+
+def linear_attention(q, k, v, decay=None, feature_map=None, normalize=False, chunk_size=64, initial_state=None,
+                     return_state=False):
+    """Causal linear attention, one step at a time (the recurrent form):
+    S_t = exp(decay_t) S_{t-1} + phi(k_t) v_t^T, o_t = phi(q_t)^T S_t, optionally divided by
+    phi(q_t)^T z_t with z_t = exp(decay_t) z_{t-1} + phi(k_t). q, k ``[B, H, N, Dk]``, v ``[B, H, N, Dv]``,
+    decay ``[B, H, N]`` (log-decay) or None, states ``[B, H, Dk', Dv]`` (Dk' = feature size).
+    ``chunk_size`` is accepted for the same signature as the kernel and ignored."""
+    from .linear import _normalized, apply_feature_map, check_linear_attention_inputs
+
+    check_linear_attention_inputs(q, k, v, decay, initial_state, normalize, return_state)
+    qf, kf = apply_feature_map(q, feature_map), apply_feature_map(k, feature_map)
+    b, h, n = q.shape[:3]
+    state = initial_state if initial_state is not None else q.new_zeros(b, h, qf.shape[-1], v.shape[-1])
+    z = q.new_zeros(b, h, qf.shape[-1])
+    outs = []
+    for t in range(n):
+        keep = torch.exp(decay[:, :, t])[..., None] if decay is not None else 1.0
+        state = (keep[..., None] if decay is not None else 1.0) * state + kf[:, :, t, :, None] * v[:, :, t, None, :]
+        z = keep * z + kf[:, :, t]
+        o = (qf[:, :, t, :, None] * state).sum(-2)
+        if normalize:
+            o = _normalized(o, (qf[:, :, t] * z).sum(-1, keepdim=True))
+        outs.append(o)
+    o = torch.stack(outs, dim=2) if outs else q.new_zeros(b, h, 0, v.shape[-1])
+    return (o, state) if return_state else o

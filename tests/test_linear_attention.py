@@ -1,0 +1,170 @@
+"""mk.linear_attention (Triton, chunked) against mk.reference.linear_attention (the recurrence, in
+float64): outputs, final states and the gradients of q, k, v, decay and the initial state."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import minikernels as mk
+from minikernels.testing import assert_close, poisoned, randn, strided_like, test_dtypes, tolerance
+
+
+def make(b, h, n, dk, dv, dtype, seed=0, decay=True, strength=1.0, state=False):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (randn(b, h, n, dk, dtype=dtype, gen=g, scale=dk**-0.5) for _ in range(2))
+    v = randn(b, h, n, dv, dtype=dtype, gen=g)
+    dec = (-strength * torch.rand(b, h, n, generator=g)).to(mk.device()) if decay else None
+    s0 = randn(b, h, dk, dv, gen=g) if state else None
+    return q, k, v, dec, s0
+
+
+def check(q, k, v, decay=None, s0=None, chunk=16, feature_map=None, normalize=False, dtype=None):
+    """Forward, state and every gradient against the float64 recurrence."""
+    dtype = dtype or q.dtype
+    ins = [t.detach().requires_grad_() if t is not None else None for t in (q, k, v, decay, s0)]
+    want_state = not normalize
+    with poisoned():
+        res = mk.linear_attention(*ins[:3], decay=ins[3], feature_map=feature_map, normalize=normalize,
+                                  chunk_size=chunk, initial_state=ins[4], return_state=want_state)
+    out, state = res if want_state else (res, None)
+    ref_ins = [t.detach().double().requires_grad_() if t is not None else None for t in (q, k, v, decay, s0)]
+    ref = mk.reference.linear_attention(*ref_ins[:3], decay=ref_ins[3], feature_map=feature_map,
+                                        normalize=normalize, initial_state=ref_ins[4], return_state=want_state)
+    ref_out, ref_state = ref if want_state else (ref, None)
+    assert out.dtype == dtype and out.shape == v.shape
+    assert_close(out, ref_out, dtype, name="out")
+    if want_state:
+        assert state.dtype == torch.float32
+        assert_close(state, ref_state, dtype, name="state")
+    g = torch.Generator().manual_seed(123)
+    do = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    loss = (out.double() * do.to(out.device)).sum()
+    ref_loss = (ref_out * do.to(out.device)).sum()
+    if want_state:
+        dstate = torch.randn(state.shape, generator=g, dtype=torch.float64).to(out.device)
+        loss = loss + (state.double() * dstate).sum()
+        ref_loss = ref_loss + (ref_state * dstate).sum()
+    names = [n for n, t in zip(("dq", "dk", "dv", "ddecay", "dinitial_state"), ins) if t is not None]
+    with poisoned():
+        got = torch.autograd.grad(loss, [t for t in ins if t is not None])
+    want = torch.autograd.grad(ref_loss, [t for t in ref_ins if t is not None])
+    for name, a, b_ in zip(names, got, want):
+        if name == "ddecay":
+            assert_decay_grad_close(a, b_, ref_ins[0], want[0], dtype)
+        else:
+            assert_close(a, b_, dtype, name=name)  # bounds of the inputs' dtype, also for the fp32 state
+    return out
+
+
+def assert_decay_grad_close(got, want, q, dq, dtype):
+    """The kernel gets d(decay) from the identity dL/dG_t = q_t.dq_t - k_t.dk_t, summed from t on: a
+    difference of two terms that nearly cancel when the decay is strong (then the exact gradient is
+    ~0 and a relative error means nothing). So the error is measured against the size of the terms
+    the identity subtracts, sum_{u >= t} |q_u . dq_u|, or the gradient itself if that is larger."""
+    terms = (q * dq).sum(-1).abs().flip(-1).cumsum(-1).flip(-1)
+    scale = max(torch.linalg.vector_norm(want).item(), torch.linalg.vector_norm(terms).item())
+    err = torch.linalg.vector_norm(got.double() - want).item() / scale
+    assert err <= tolerance(dtype), f"ddecay: error {err:.2e} (relative to the cancelling terms) > {tolerance(dtype)}"
+
+
+@pytest.mark.parametrize("dtype", test_dtypes())
+@pytest.mark.parametrize("decay", [False, True])
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_matches_the_recurrence(dtype, decay, chunk):
+    q, k, v, g, s0 = make(2, 2, 100, 32, 16, dtype, decay=decay, state=True)
+    check(q, k, v, g, s0, chunk=chunk)
+
+
+@pytest.mark.parametrize("n", [1, 17, 64, 65])
+def test_lengths_that_are_not_a_multiple_of_the_chunk(n):
+    check(*make(1, 2, n, 16, 16, torch.float32, seed=n))
+
+
+def test_dk_and_dv_differ_and_are_not_powers_of_two():
+    check(*make(1, 2, 40, 24, 80, torch.float32, seed=2, state=True))
+
+
+def test_state_blocks_split_over_several_programs():
+    """Dk = 160 and Dv = 96 take several 64-wide state blocks: partial products summed on the host."""
+    check(*make(1, 1, 33, 160, 96, torch.float32, seed=3, state=True))
+
+
+@pytest.mark.parametrize("feature_map", ["elu1", "relu", "taylor"])
+def test_feature_maps(feature_map):
+    q, k, v, g, _ = make(1, 2, 30, 8, 16, torch.float32, seed=4)
+    check(q, k, v, g, feature_map=feature_map)
+
+
+def test_callable_feature_map():
+    q, k, v, g, _ = make(1, 2, 30, 8, 16, torch.float32, seed=5)
+    check(q, k, v, g, feature_map=lambda x: torch.cat([x.relu(), (-x).relu()], dim=-1))
+
+
+def test_normalize():
+    q, k, v, g, _ = make(2, 1, 50, 16, 16, torch.float32, seed=6)
+    check(q, k, v, g, feature_map="elu1", normalize=True)
+
+
+def test_non_contiguous_inputs():
+    q, k, v, g, s0 = make(1, 2, 40, 16, 16, torch.float32, seed=7, state=True)
+    check(strided_like(q), strided_like(k), strided_like(v), strided_like(g), s0)
+    qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))  # [B, N, H, D] storage
+    assert not qt.is_contiguous()
+    check(qt, kt, vt, g)
+
+
+@pytest.mark.parametrize("log_decay", [-30.0, 0.0])
+def test_strong_and_no_decay_are_stable(log_decay):
+    q, k, v, _, _ = make(1, 2, 150, 16, 16, torch.float32, seed=8, decay=False)
+    g = torch.full(q.shape[:3], log_decay, device=q.device)
+    out = check(q, k, v, g, chunk=64)
+    assert torch.isfinite(out).all()
+
+
+def test_two_halves_with_the_carried_state_equal_one_pass():
+    q, k, v, g, _ = make(1, 2, 90, 16, 16, torch.float32, seed=9)
+    whole, s_whole = mk.linear_attention(q, k, v, decay=g, chunk_size=16, return_state=True)
+    a, s = mk.linear_attention(q[:, :, :37], k[:, :, :37], v[:, :, :37], decay=g[:, :, :37], chunk_size=16,
+                               return_state=True)
+    b, s2 = mk.linear_attention(q[:, :, 37:], k[:, :, 37:], v[:, :, 37:], decay=g[:, :, 37:], chunk_size=16,
+                                initial_state=s, return_state=True)
+    assert_close(torch.cat([a, b], dim=2), whole, torch.float32)
+    assert_close(s2, s_whole, torch.float32)
+
+
+def test_gradient_of_the_state_alone():
+    """Only the final state feeds the loss: the output's gradient is absent, not zero-filled."""
+    q, k, v, g, s0 = make(1, 1, 20, 16, 16, torch.float32, seed=10, state=True)
+    ins = [t.requires_grad_() for t in (q, k, v, g, s0)]
+    _, state = mk.linear_attention(*ins[:3], decay=ins[3], initial_state=ins[4], return_state=True)
+    got = torch.autograd.grad(state.sum(), ins)
+    r = [t.detach().double().requires_grad_() for t in ins]
+    _, ref_state = mk.reference.linear_attention(*r[:3], decay=r[3], initial_state=r[4], return_state=True)
+    want = torch.autograd.grad(ref_state.sum(), r[1:])  # the state does not depend on q
+    assert torch.count_nonzero(got[0]) == 0
+    for a, b_ in zip(got[1:], want):
+        assert_close(a, b_, torch.float32)
+
+
+@settings(deadline=None)
+@given(n=st.integers(1, 70), dk=st.sampled_from([8, 16, 20]), dv=st.sampled_from([8, 16, 33]),
+       chunk=st.sampled_from([16, 32]), decay=st.booleans(), seed=st.integers(0, 99))
+def test_property_random_shapes(n, dk, dv, chunk, decay, seed):
+    check(*make(1, 2, n, dk, dv, torch.float32, seed=seed, decay=decay, state=seed % 2 == 0), chunk=chunk)
+
+
+def test_bad_inputs():
+    q, k, v, g, _ = make(1, 1, 8, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match="chunk_size"):
+        mk.linear_attention(q, k, v, chunk_size=48)
+    with pytest.raises(ValueError, match="decay"):
+        mk.linear_attention(q, k, v, decay=g[..., :3])
+    with pytest.raises(ValueError, match="initial_state"):
+        mk.linear_attention(q, k, v, initial_state=torch.zeros(1, 1, 8, 16, device=q.device))
+    with pytest.raises(TypeError, match="share one dtype"):
+        mk.linear_attention(q, k.half(), v)
+    with pytest.raises(ValueError, match="normalize"):
+        mk.linear_attention(q, k, v, normalize=True, return_state=True)
+    with pytest.raises(TypeError, match="dtype"):
+        mk.linear_attention(q.double(), k.double(), v.double())

@@ -1,0 +1,110 @@
+"""Chapter 3's three forms of causal linear attention agree (in float64): the recurrence
+(mk.reference.linear_attention), the parallel masked form and the chunked form, outputs, final states
+and every gradient. The Triton kernel is not written yet; these pin down what it must compute."""
+
+import pytest
+import torch
+
+import minikernels as mk
+from minikernels.linear import chunked_form, parallel_form, taylor_features
+from minikernels.testing import assert_close, randn
+
+
+def inputs(b=2, h=2, n=37, dk=8, dv=5, seed=0, decay=True, strength=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (randn(b, h, n, d, dtype=torch.float64, gen=g, requires_grad=True) for d in (dk, dk, dv))
+    dec = None
+    if decay:
+        dec = (-strength * torch.rand(b, h, n, generator=g, dtype=torch.float64)).requires_grad_()
+    return q, k, v, dec
+
+
+def grads(out, tensors, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    do = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    return torch.autograd.grad(out, [t for t in tensors if t is not None], do)
+
+
+@pytest.mark.parametrize("feature_map", [None, "elu1", "relu", "taylor"])
+@pytest.mark.parametrize("decay", [False, True])
+@pytest.mark.parametrize("chunk", [1, 8, 16, 64])
+def test_three_forms_agree(feature_map, decay, chunk):
+    q, k, v, g = inputs(decay=decay, dk=4 if feature_map == "taylor" else 8)
+    s0 = randn(2, 2, 21 if feature_map == "taylor" else 8, 5, dtype=torch.float64, seed=7, requires_grad=True)
+    kw = dict(decay=g, feature_map=feature_map, initial_state=s0, return_state=True)
+    ref, ref_state = mk.reference.linear_attention(q, k, v, **kw)
+    for form in (parallel_form, lambda *a, **k_: chunked_form(*a, chunk_size=chunk, **k_)):
+        out, state = form(q, k, v, **kw)
+        assert_close(out, ref, torch.float64, name="out")
+        assert_close(state, ref_state, torch.float64, name="state")
+        loss_ref = (ref * torch.linspace(-1, 1, ref.numel(), dtype=ref.dtype).view_as(ref)).sum() + ref_state.sum()
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum() + state.sum()
+        ts = [q, k, v, g, s0]
+        want = torch.autograd.grad(loss_ref, [t for t in ts if t is not None], retain_graph=True)
+        got = torch.autograd.grad(loss, [t for t in ts if t is not None], retain_graph=True)
+        for name, a, b in zip(("dq", "dk", "dv", "ddecay", "ds0") if decay else ("dq", "dk", "dv", "ds0"), got, want):
+            assert_close(a, b, torch.float64, name=name)
+
+
+@pytest.mark.parametrize("chunk", [4, 64])
+def test_normalized_forms_agree(chunk):
+    q, k, v, g = inputs(seed=3)
+    ref = mk.reference.linear_attention(q, k, v, decay=g, feature_map="elu1", normalize=True)
+    assert_close(parallel_form(q, k, v, decay=g, feature_map="elu1", normalize=True), ref, torch.float64)
+    assert_close(chunked_form(q, k, v, decay=g, feature_map="elu1", normalize=True, chunk_size=chunk), ref,
+                 torch.float64)
+
+
+def test_two_halves_with_the_carried_state_equal_one_pass():
+    q, k, v, g = inputs(n=50, seed=4)
+    whole, whole_state = chunked_form(q, k, v, decay=g, chunk_size=16, return_state=True)
+    a, s = chunked_form(q[:, :, :23], k[:, :, :23], v[:, :, :23], decay=g[:, :, :23], chunk_size=16,
+                        return_state=True)
+    b, s2 = chunked_form(q[:, :, 23:], k[:, :, 23:], v[:, :, 23:], decay=g[:, :, 23:], chunk_size=16,
+                         initial_state=s, return_state=True)
+    assert_close(torch.cat([a, b], dim=2), whole, torch.float64)
+    assert_close(s2, whole_state, torch.float64)
+
+
+@pytest.mark.parametrize("log_decay", [-30.0, 0.0])
+def test_strong_and_no_decay_are_stable(log_decay):
+    """A log-decay of -30 per step (exp = 1e-13) forgets almost at once; 0 never forgets. The chunked
+    form sums log-decays inside a chunk only, so exp sees at most 64 * 30 = 1920 (exp(-1920) = 0, fine)
+    and never exp(+large)."""
+    q, k, v, _ = inputs(n=130, seed=5, decay=False)
+    g = torch.full(q.shape[:3], log_decay, dtype=torch.float64)
+    ref = mk.reference.linear_attention(q, k, v, decay=g)
+    out = chunked_form(q, k, v, decay=g, chunk_size=64)
+    assert torch.isfinite(out).all()
+    assert_close(out, ref, torch.float64)
+    if log_decay == -30.0:  # only the current step survives: o_t ~ (q_t . k_t) v_t
+        local = (q * k).sum(-1, keepdim=True) * v
+        assert_close(out, local, torch.float64, tol=1e-10)
+
+
+def test_single_step_and_ragged_chunks():
+    for n in (1, 17, 65):
+        q, k, v, g = inputs(n=n, seed=6)
+        ref = mk.reference.linear_attention(q, k, v, decay=g)
+        assert_close(chunked_form(q, k, v, decay=g, chunk_size=16), ref, torch.float64)
+
+
+def test_taylor_map_is_the_exponentials_second_order_expansion():
+    q, k = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    x = (q * k).sum(-1) / 6**0.5
+    got = (taylor_features(q) * taylor_features(k)).sum(-1)
+    assert torch.allclose(got, 1 + x + x**2 / 2)
+
+
+def test_bad_inputs_are_refused():
+    q, k, v, g = inputs(n=8)
+    with pytest.raises(ValueError, match="decay must be"):
+        chunked_form(q, k, v, decay=g[:, :, :4])
+    with pytest.raises(ValueError, match="q and k"):
+        chunked_form(q, k[:, :, :4], v)
+    with pytest.raises(ValueError, match="normalize"):
+        chunked_form(q, k, v, normalize=True, return_state=True)
+    with pytest.raises(ValueError, match="feature_map"):
+        chunked_form(q, k, v, feature_map="softplus")
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_form(q, k, v, chunk_size=0)
