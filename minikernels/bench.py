@@ -26,7 +26,7 @@ import torch
 
 from . import _backend
 
-OPS = ("softmax", "flash", "decode", "sparse")
+OPS = ("softmax", "flash", "decode", "sparse", "linear")
 RECORDED_DIR = Path(__file__).resolve().parents[1] / "book" / "data" / "bench"
 
 
@@ -364,11 +364,88 @@ def bench_sparse(ceilings: dict, quick: bool = False) -> list[dict]:
     return rows
 
 
+# --- linear attention -----------------------------------------------------------------------------
+
+def _fla_ops() -> dict:
+    """fla-core's chunked kernels, if its wheel is installed (``fetch-wheels.sh anchors``)."""
+    try:
+        from fla.ops.linear_attn import chunk_linear_attn
+        from fla.ops.simple_gla import chunk_simple_gla
+    except Exception as exc:  # not installed, or failing to import: reported, not fatal
+        print(f"  fla-core not available ({type(exc).__name__}: {str(exc)[:120]}): no fla rows")
+        return {}
+    return {"linear": chunk_linear_attn, "simple_gla": chunk_simple_gla}
+
+
+def bench_linear(ceilings: dict, quick: bool = False) -> list[dict]:
+    """B4 H16 D128 bf16, T in {4k, 16k, 64k}: mk.linear_attention without and with a decay, against
+    fla-core's chunk_linear_attn and chunk_simple_gla (inputs transposed to fla's [B, T, H, D] outside
+    the timed region), forward and forward+backward, in tokens per second; at T = 4k also softmax
+    attention (SDPA's cuDNN backend, causal) for the crossover."""
+    import torch.nn.functional as F
+
+    from .linear import chunked_form, linear_attention
+
+    fla = _fla_ops()
+    b, h, d = 4, 16, 128
+    rows = []
+    for t in ([4096] if quick else [4096, 16384, 65536]):
+        q, k = (torch.randn(b, h, t, d, device="cuda", dtype=torch.bfloat16) * d**-0.5 for _ in range(2))
+        v, do = (torch.randn(b, h, t, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        g = F.logsigmoid(torch.randn(b, h, t, device="cuda") + 4.0)  # log-decays around -0.02
+        q_t, k_t, v_t, do_t = (x.transpose(1, 2).contiguous() for x in (q, k, v, do))  # fla's layout
+        g_t = g.transpose(1, 2).contiguous()
+        for gated in (False, True):
+            dec, dec_t = (g, g_t) if gated else (None, None)
+            # the benchmark checks what it times, on one head, against the PyTorch chunked form
+            want = chunked_form(q[:1, :1].float(), k[:1, :1].float(), v[:1, :1].float(),
+                                decay=dec[:1, :1] if gated else None)
+            got = linear_attention(q[:1, :1], k[:1, :1], v[:1, :1], decay=dec[:1, :1] if gated else None)
+            err = (got.float() - want).norm() / want.norm()
+            assert err < 2e-2, f"linear attention check failed: relative error {err:.2e}"
+            impls = {"minikernels": (lambda q, k, v, g, dec=dec: linear_attention(q, k, v, decay=dec), (q, k, v), do)}
+            if fla and not gated:
+                impls["fla chunk_linear_attn"] = (
+                    lambda q, k, v, g: fla["linear"](q, k, v, scale=1.0, normalize=False)[0], (q_t, k_t, v_t), do_t)
+            if fla and gated:
+                impls["fla chunk_simple_gla"] = (
+                    lambda q, k, v, g, dec_t=dec_t: fla["simple_gla"](q, k, v, g=dec_t, scale=1.0)[0],
+                    (q_t, k_t, v_t), do_t)
+            if t == 4096 and not gated:
+                impls["sdpa-cudnn (softmax, causal)"] = (lambda q, k, v, g: _sdpa("CUDNN_ATTENTION")(q, k, v, True),
+                                                         (q, k, v), do)
+            shape = f"B{b} H{h} T{t} D{d}" + (" decay" if gated else "")
+            for impl, (fn, ins, grad_out) in impls.items():
+                for direction in ("fwd", "fwd+bwd"):
+                    try:
+                        if direction == "fwd":
+                            call = lambda fn=fn, ins=ins: fn(*ins, None)
+                            call()
+                            ms, method = time_rotating([call])
+                        else:
+                            leaves = [x.detach().requires_grad_() for x in ins]
+
+                            def call(fn=fn, leaves=leaves, grad_out=grad_out):
+                                out = fn(*leaves, None)
+                                return torch.autograd.grad(out, leaves, grad_out)
+                            call()
+                            ms, method = _do_bench(call), "do_bench"
+                    except Exception as exc:  # an anchor that fails (fla's gated backward, say) is reported
+                        print(f"  {impl} {direction} {shape}: failed ({type(exc).__name__}: {str(exc)[:160]})")
+                        continue
+                    rows.append({"impl": impl, "pass": direction, "shape": shape, "B": b, "H": h, "T": t, "D": d,
+                                 "decay": gated, "dtype": "bfloat16", "ms": ms, "Mtokps": b * t / (ms * 1e-3) / 1e6,
+                                 "timing": method})
+        del q, k, v, do, q_t, k_t, v_t, do_t
+        torch.cuda.empty_cache()
+    return rows
+
+
 def print_table(op: str, rows: list[dict], ceilings: dict) -> None:
     """One line per (pass, dtype, shape): each implementation's rate, then ours relative to the copy
     ceiling (memory-bound ops) and the speedup of ours over each anchor (their time / our time)."""
-    metric = "GBps" if "GBps" in rows[0] else "TFLOPs"
-    unit = "GB/s of bytes that must move" if metric == "GBps" else "TFLOP/s"
+    metric = next(m for m in ("GBps", "TFLOPs", "Mtokps") if m in rows[0])
+    unit = {"GBps": "GB/s of bytes that must move", "TFLOPs": "TFLOP/s", "Mtokps": "million tokens/s"}[metric]
     print(f"\n== {op}: {unit}; copy ceiling {ceilings['copy_GBps']:.0f} GB/s, "
           f"bf16 matmul {ceilings['matmul_bf16_TFLOPs']:.0f} TFLOP/s ==")
     rows = [{"shape": f"{r.get('M')}x{r.get('N')}", **r} for r in rows]  # runs before 'shape' was recorded
@@ -417,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     ceilings = measure_ceilings()
     print(f"copy {ceilings['copy_GBps']:.0f} GB/s (1 GiB, read + write), "
           f"bf16 matmul {ceilings['matmul_bf16_TFLOPs']:.0f} TFLOP/s (8192^3)")
-    runners = {"softmax": bench_softmax, "flash": bench_flash, "decode": bench_decode, "sparse": bench_sparse}
+    runners = {"softmax": bench_softmax, "flash": bench_flash, "decode": bench_decode, "sparse": bench_sparse,
+               "linear": bench_linear}
     for op in ops:
         rows = runners[op](ceilings, quick=args.quick)
         path = json_dir / f"{op}.json"

@@ -22,6 +22,8 @@ PAGES = {
     "notebooks/00_triton_and_the_roofline.html": {"title": "GPUs, Triton and the roofline", "min_images": 2},
     "notebooks/01_flashattention_and_io.html": {"title": "FlashAttention and the I/O complexity", "min_images": 4},
     "notebooks/02_sparse_attention_masks.html": {"title": "Sparse attention masks", "min_images": 3},
+    "notebooks/03_softmax_to_linear_attention.html": {"title": "From softmax attention to linear attention",
+                                                       "min_images": 3},
 }
 
 

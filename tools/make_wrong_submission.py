@@ -69,6 +69,16 @@ def fused_softmax_bytes(M, N, b):
         {"q1": 2.0, "q2": 0.0, "q3": 0.0},
         "q1 right; q2 keeps key i - window (off by one); q3 adds the main diagonals of the patches",
     ),
+    "ch03_linear_attention": (
+        [("def recurrent", "        ...", '''        state = torch.exp(g[t]) * state + torch.outer(k[t], v[t])
+        out.append(q[t] @ state)'''),
+         # forgets to decay the incoming state: right from an empty state (public test), wrong after
+         ("def chunk_state_update", None, '''def chunk_state_update(state, k, v, g):
+    b = g.cumsum(0)
+    return state + (k * torch.exp(b[-1] - b)[:, None]).T @ v''')],
+        {"q1": 2.0, "q2": 1.0},
+        "q1 right; q2 does not decay the incoming state: passes from an empty state (public), fails the hidden test",
+    ),
 }
 
 for name, (replacements, expected, why) in WRONG.items():
