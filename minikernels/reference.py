@@ -95,3 +95,21 @@ def linear_attention(q, k, v, decay=None, feature_map=None, normalize=False, chu
         outs.append(o)
     o = torch.stack(outs, dim=2) if outs else q.new_zeros(b, h, 0, v.shape[-1])
     return (o, state) if return_state else o
+
+
+def ssd(x, dt, A, B, C, chunk_size=64, D=None, initial_state=None, return_final_state=False):
+    """Mamba-2's SSD, one step at a time: h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T (state [S, P]),
+    y_t = C_t^T h_t + D x_t. x ``[B, H, N, P]``, dt ``[B, H, N]``, A ``[H]``, B and C ``[B, G, N, S]``
+    (head h reads group h // (H/G)), D ``[H]``, states ``[B, H, S, P]``. ``chunk_size`` is ignored."""
+    b, h, n, p = x.shape
+    Bh, Ch = (_expand_kv_heads(t, h) for t in (B, C))
+    state = initial_state if initial_state is not None else x.new_zeros(b, h, B.shape[-1], p)
+    ys = []
+    for t in range(n):
+        decay = torch.exp(dt[:, :, t] * A[None, :])[..., None, None]
+        state = decay * state + (dt[:, :, t, None, None] * Bh[:, :, t, :, None]) * x[:, :, t, None, :]
+        ys.append((Ch[:, :, t, :, None] * state).sum(-2))
+    y = torch.stack(ys, dim=2) if ys else x.new_zeros(x.shape)
+    if D is not None:
+        y = y + D[None, :, None, None] * x
+    return (y, state) if return_final_state else y

@@ -1,0 +1,105 @@
+"""mk.ssd (Mamba-2's SSD, run on the chunked linear-attention kernels) against the float64
+recurrence in mk.reference.ssd and against its quadratic (attention) form: outputs, final states
+and the gradients of x, dt, A, B, C, D and the initial state."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minikernels as mk
+from minikernels.ssd import quadratic_form
+from minikernels.testing import assert_close, poisoned, randn, test_dtypes
+
+
+def make(b=2, h=4, g=2, n=50, p=16, s=16, dtype=torch.float32, seed=0, state=True):
+    gen = torch.Generator().manual_seed(seed)
+    x = randn(b, h, n, p, dtype=dtype, gen=gen)
+    dt = F.softplus(torch.randn(b, h, n, generator=gen) - 1.0).to(mk.device())  # positive, ~0.3
+    A = -torch.rand(h, generator=gen).add(0.5).to(mk.device())  # negative: a decaying state
+    B, C = (randn(b, g, n, s, dtype=dtype, gen=gen, scale=s**-0.5) for _ in range(2))
+    D = randn(h, gen=gen)
+    s0 = randn(b, h, s, p, gen=gen) if state else None
+    return x, dt, A, B, C, D, s0
+
+
+def check(x, dt, A, B, C, D, s0, chunk=16):
+    dtype = x.dtype
+    ins = [t.detach().requires_grad_() if t is not None else None for t in (x, dt, A, B, C, D, s0)]
+    with poisoned():
+        y, state = mk.ssd(*ins[:5], chunk_size=chunk, D=ins[5], initial_state=ins[6], return_final_state=True)
+    r = [t.detach().double().requires_grad_() if t is not None else None for t in (x, dt, A, B, C, D, s0)]
+    y_ref, state_ref = mk.reference.ssd(*r[:5], D=r[5], initial_state=r[6], return_final_state=True)
+    assert y.dtype == dtype and state.dtype == torch.float32
+    assert_close(y, y_ref, dtype, name="y")
+    assert_close(state, state_ref, dtype, name="final state")
+    gen = torch.Generator().manual_seed(5)
+    dy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.device)
+    ds = torch.randn(state.shape, generator=gen, dtype=torch.float64).to(y.device)
+    leaves = [t for t in ins if t is not None]
+    got = torch.autograd.grad((y.double() * dy).sum() + (state.double() * ds).sum(), leaves)
+    want = torch.autograd.grad((y_ref * dy).sum() + (state_ref * ds).sum(), [t for t in r if t is not None])
+    names = [n for n, t in zip(("dx", "ddt", "dA", "dB", "dC", "dD", "dinitial_state"), ins) if t is not None]
+    for name, a, b in zip(names, got, want):
+        assert_close(a, b, dtype, name=name)
+
+
+@pytest.mark.parametrize("dtype", test_dtypes())
+def test_matches_the_recurrence(dtype):
+    check(*make(dtype=dtype))
+
+
+@pytest.mark.parametrize("n", [1, 17, 64])
+def test_lengths_and_no_initial_state(n):
+    check(*make(n=n, seed=n, state=False), chunk=32)
+
+
+def test_groups_equal_heads_and_a_single_group():
+    check(*make(g=4, seed=1))
+    check(*make(g=1, seed=2))
+
+
+def test_quadratic_form_is_the_same_model():
+    x, dt, A, B, C, D, _ = (t.double() if t is not None else None for t in make(seed=3, state=False))
+    assert_close(quadratic_form(x, dt, A, B, C, D), mk.reference.ssd(x, dt, A, B, C, D=D), torch.float64)
+
+
+def test_dt_one_and_a_zero_equals_linear_attention():
+    """With dt = 1 and A = 0 nothing decays and dt B = B: SSD is linear attention with q = C, k = B."""
+    x, dt, A, B, C, _, _ = make(h=2, g=2, seed=4, state=False)
+    y = mk.ssd(x, torch.ones_like(dt), torch.zeros_like(A), B, C)
+    assert_close(y, mk.linear_attention(C, B, x), torch.float32)
+
+
+def test_continuing_from_the_returned_state_equals_one_pass():
+    x, dt, A, B, C, D, s0 = make(n=60, seed=6)
+    whole, s_whole = mk.ssd(x, dt, A, B, C, D=D, initial_state=s0, return_final_state=True)
+    cut = 27
+    a, s = mk.ssd(x[:, :, :cut], dt[:, :, :cut], A, B[:, :, :cut], C[:, :, :cut], D=D, initial_state=s0,
+                  return_final_state=True)
+    b, s2 = mk.ssd(x[:, :, cut:], dt[:, :, cut:], A, B[:, :, cut:], C[:, :, cut:], D=D, initial_state=s,
+                   return_final_state=True)
+    assert_close(torch.cat([a, b], dim=2), whole, torch.float32)
+    assert_close(s2, s_whole, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_long_sequence(dtype):
+    """L = 4096: the cumulative dt A falls below -1000, yet chunk-local log-decays keep
+    every exponent <= 0, so nothing overflows or underflows into NaN."""
+    x, dt, A, B, C, D, s0 = make(b=1, h=4, g=1, n=4096, p=64, s=64, dtype=dtype, seed=7)
+    check(x, dt, A, B, C, D, s0, chunk=64)
+
+
+def test_bad_inputs():
+    x, dt, A, B, C, D, s0 = make(n=8)
+    with pytest.raises(ValueError, match="dt must be"):
+        mk.ssd(x, dt[:, :, :4], A, B, C)
+    with pytest.raises(ValueError, match="groups"):
+        mk.ssd(x, dt, A, B[:, :1].expand(-1, 3, -1, -1), C[:, :1].expand(-1, 3, -1, -1))
+    with pytest.raises(ValueError, match="A must be"):
+        mk.ssd(x, dt, A[:2], B, C)
+    with pytest.raises(ValueError, match="initial_state"):
+        mk.ssd(x, dt, A, B, C, initial_state=s0[..., :3])
+    with pytest.raises(ValueError, match="chunk_size"):
+        mk.ssd(x, dt, A, B, C, chunk_size=24)
