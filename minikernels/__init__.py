@@ -12,8 +12,9 @@ from .decode import decode_attention
 from .flash import flash_attention
 from .linear import linear_attention
 from .row_softmax import softmax
+from .selective_scan import selective_scan
 from .ssd import ssd
 
 __all__ = ["backend", "block_sparse_attention", "decode_attention", "device", "flash_attention", "linear_attention",
-           "masks", "reference", "softmax", "ssd", "testing"]
+           "masks", "reference", "selective_scan", "softmax", "ssd", "testing"]
 __version__ = "0.1.0"

@@ -113,3 +113,36 @@ def ssd(x, dt, A, B, C, chunk_size=64, D=None, initial_state=None, return_final_
     if D is not None:
         y = y + D[None, :, None, None] * x
     return (y, state) if return_final_state else y
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False):
+    """Mamba's selective scan, one step at a time (the semantics of mamba_ssm's selective_scan_ref):
+    h_t = exp(delta_t A) * h_{t-1} + delta_t B_t u_t, y_t = C_t . h_t, out = (y + D u) * silu(z).
+    u, delta, z ``[B, D, L]``; A ``[D, N]``; B, C ``[B, N, L]`` or ``[B, G, N, L]``; D, delta_bias
+    ``[D]``. Computes in float32 or wider; returns u's dtype (and the last state ``[B, D, N]``)."""
+    work = torch.promote_types(u.dtype, torch.float32)
+    dtype_in = u.dtype
+    u, delta, A = u.to(work), delta.to(work), A.to(work)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(work)[:, None]
+    if delta_softplus:
+        delta = torch.nn.functional.softplus(delta)
+    dim = u.shape[1]
+
+    def per_channel(t):  # [B, N, L] or [B, G, N, L] -> [B, D, N, L]
+        t = t.to(work)
+        return t[:, None] if t.dim() == 3 else t.repeat_interleave(dim // t.shape[1], dim=1)
+
+    Bd, Cd = per_channel(B), per_channel(C)
+    h = u.new_zeros(u.shape[0], dim, A.shape[1])
+    ys = []
+    for t in range(u.shape[2]):
+        h = torch.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[..., None] * Bd[..., t]
+        ys.append((h * Cd[..., t]).sum(-1))
+    y = torch.stack(ys, dim=2) if ys else u.new_zeros(u.shape)
+    out = y if D is None else y + u * D.to(work)[:, None]
+    if z is not None:
+        out = out * torch.nn.functional.silu(z.to(work))
+    out = out.to(dtype_in)
+    return (out, h) if return_last_state else out

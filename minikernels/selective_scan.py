@@ -1,0 +1,294 @@
+"""Chapter 4 (in progress): Mamba's selective scan, with ``mamba_ssm.selective_scan_fn``'s conventions.
+
+For each batch b and channel d, a diagonal state h of N entries:
+
+    h_t = exp(delta_t A) * h_{t-1} + delta_t B_t u_t,      y_t = C_t . h_t  (+ D u_t, then * silu(z_t))
+
+Input-dependent delta, B, C break the convolution view of a time-invariant SSM, but each step is an
+affine map h -> a h + b, and composing affine maps is associative:
+
+    (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2)
+
+so the recurrence is a parallel scan (``tl.associative_scan``). One program owns BD channels of one
+batch, all N states, and walks the sequence in chunks of BL steps, scanning inside a chunk and
+carrying h between chunks. The backward walks the chunks in reverse; with g_t = dL/dh_t it scans
+
+    g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}
+
+(time-reversed with ``tl.flip``, so only a forward scan is used), recomputing h from the state saved
+at each chunk's start, and uses exp(delta_t A) h_{t-1} = h_t - delta_t B_t u_t (no division).
+The elementwise parts (delta_bias, softplus, D, the z gate) run in PyTorch around the kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._alloc import empty
+from ._backend import is_interpreter, on_device_of
+from ._validate import check_same_device, check_tensor
+
+MAX_STATE = 256
+
+
+@triton.jit
+def _affine_combine(a1, b1, a2, b2):
+    # apply step 1, then step 2: h -> a2 (a1 h + b1) + b2
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _load_chunk(U, DELTA, A, BM, CM, b, offs_d, offs_n, steps, Dch, N, L, group,
+                stride_ub, stride_ud, stride_ul, stride_db, stride_dd, stride_dl,
+                stride_bb, stride_bg, stride_bn, stride_bl, stride_cb, stride_cg, stride_cn, stride_cl):
+    # u, delta [BD, BL]; A [BD, BN]; B, C [BD, BN, BL] (each channel reads its group's B and C).
+    # Steps past L load delta = 0 and u = 0: the affine map (1, 0) leaves h unchanged.
+    d_ok, n_ok, l_ok = offs_d < Dch, offs_n < N, steps < L
+    mask_dl = d_ok[:, None] & l_ok[None, :]
+    u = tl.load(U + b * stride_ub + offs_d[:, None] * stride_ud + steps[None, :] * stride_ul, mask=mask_dl,
+                other=0.0).to(tl.float32)
+    dl = tl.load(DELTA + b * stride_db + offs_d[:, None] * stride_dd + steps[None, :] * stride_dl, mask=mask_dl,
+                 other=0.0).to(tl.float32)
+    a = tl.load(A + offs_d[:, None] * N + offs_n[None, :], mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+    mask3 = d_ok[:, None, None] & n_ok[None, :, None] & l_ok[None, None, :]
+    off_b = group[:, None, None] * stride_bg + offs_n[None, :, None] * stride_bn + steps[None, None, :] * stride_bl
+    off_c = group[:, None, None] * stride_cg + offs_n[None, :, None] * stride_cn + steps[None, None, :] * stride_cl
+    bm = tl.load(BM + b * stride_bb + off_b, mask=mask3, other=0.0).to(tl.float32)
+    cm = tl.load(CM + b * stride_cb + off_c, mask=mask3, other=0.0).to(tl.float32)
+    return u, dl, a, bm, cm
+
+
+@triton.jit
+def _scan_fwd(U, DELTA, A, BM, CM, Y, H_START, H_LAST,
+              stride_ub, stride_ud, stride_ul, stride_db, stride_dd, stride_dl,
+              stride_bb, stride_bg, stride_bn, stride_bl, stride_cb, stride_cg, stride_cn, stride_cl,
+              Dch, N, L, per_group,
+              SAVE: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BD + tl.arange(0, BD)
+    offs_n = tl.arange(0, BN)
+    group = offs_d // per_group
+    d_ok = offs_d < Dch
+    state_mask = d_ok[:, None] & (offs_n < N)[None, :]
+    n_chunks = tl.cdiv(L, BL)
+    h = tl.zeros([BD, BN], tl.float32)
+    for c in range(0, n_chunks):
+        if SAVE:  # the state entering each chunk, for the backward: [B, n_chunks, D, N]
+            tl.store(H_START + ((b * n_chunks + c) * Dch + offs_d[:, None]) * N + offs_n[None, :], h, mask=state_mask)
+        steps = c * BL + tl.arange(0, BL)
+        u, dl, a, bm, cm = _load_chunk(U, DELTA, A, BM, CM, b, offs_d, offs_n, steps, Dch, N, L, group,
+                                       stride_ub, stride_ud, stride_ul, stride_db, stride_dd, stride_dl,
+                                       stride_bb, stride_bg, stride_bn, stride_bl,
+                                       stride_cb, stride_cg, stride_cn, stride_cl)
+        decay = tl.exp(dl[:, None, :] * a[:, :, None])  # exp(delta_t A)  [BD, BN, BL]
+        push = (dl * u)[:, None, :] * bm  # delta_t B_t u_t
+        a_run, b_run = tl.associative_scan((decay, push), 2, _affine_combine)
+        hs = a_run * h[:, :, None] + b_run  # h_t for every step of the chunk
+        y = tl.sum(cm * hs, axis=1)  # C_t . h_t  [BD, BL]
+        tl.store(Y + (b * Dch + offs_d[:, None]) * L + steps[None, :], y,
+                 mask=d_ok[:, None] & (steps < L)[None, :])
+        h = tl.sum(tl.where(tl.arange(0, BL)[None, None, :] == BL - 1, hs, 0.0), axis=2)  # padding keeps h
+    tl.store(H_LAST + (b * Dch + offs_d[:, None]) * N + offs_n[None, :], h, mask=state_mask)
+
+
+@triton.jit
+def _scan_bwd(U, DELTA, A, BM, CM, DY, H_START, DH_LAST, DU, DDELTA, DA_PART, DB_PART, DC_PART,
+              stride_ub, stride_ud, stride_ul, stride_db, stride_dd, stride_dl,
+              stride_bb, stride_bg, stride_bn, stride_bl, stride_cb, stride_cg, stride_cn, stride_cl,
+              Dch, N, L, per_group,
+              HAS_DH_LAST: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    offs_n = tl.arange(0, BN)
+    offs_l = tl.arange(0, BL)
+    group = offs_d // per_group
+    d_ok, n_ok = offs_d < Dch, offs_n < N
+    state_mask = d_ok[:, None] & n_ok[None, :]
+    n_chunks = tl.cdiv(L, BL)
+    if HAS_DH_LAST:  # the gradient of the returned last state
+        g_next = tl.load(DH_LAST + (b * Dch + offs_d[:, None]) * N + offs_n[None, :], mask=state_mask, other=0.0)
+    else:
+        g_next = tl.zeros([BD, BN], tl.float32)
+    da_acc = tl.zeros([BD, BN], tl.float32)
+    for i in range(0, n_chunks):
+        c = n_chunks - 1 - i
+        steps = c * BL + offs_l
+        l_ok = steps < L
+        u, dl, a, bm, cm = _load_chunk(U, DELTA, A, BM, CM, b, offs_d, offs_n, steps, Dch, N, L, group,
+                                       stride_ub, stride_ud, stride_ul, stride_db, stride_dd, stride_dl,
+                                       stride_bb, stride_bg, stride_bn, stride_bl,
+                                       stride_cb, stride_cg, stride_cn, stride_cl)
+        # delta one step ahead: exp(delta_{t+1} A) carries g_{t+1} back to g_t (1 past the end)
+        dl_next = tl.load(DELTA + b * stride_db + offs_d[:, None] * stride_dd + (steps + 1)[None, :] * stride_dl,
+                          mask=d_ok[:, None] & ((steps + 1) < L)[None, :], other=0.0).to(tl.float32)
+        dy = tl.load(DY + (b * Dch + offs_d[:, None]) * L + steps[None, :], mask=d_ok[:, None] & l_ok[None, :],
+                     other=0.0)
+        # recompute h inside the chunk from the state saved at its start
+        h0 = tl.load(H_START + ((b * n_chunks + c) * Dch + offs_d[:, None]) * N + offs_n[None, :], mask=state_mask,
+                     other=0.0)
+        decay = tl.exp(dl[:, None, :] * a[:, :, None])
+        push = (dl * u)[:, None, :] * bm
+        a_run, b_run = tl.associative_scan((decay, push), 2, _affine_combine)
+        hs = a_run * h0[:, :, None] + b_run
+        # g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}: a scan over time reversed (flip, scan, flip back)
+        carry = tl.exp(dl_next[:, None, :] * a[:, :, None])
+        inject = cm * dy[:, None, :]
+        ga, gb = tl.associative_scan((tl.flip(carry, 2), tl.flip(inject, 2)), 2, _affine_combine)
+        g = tl.flip(gb, 2) + tl.flip(ga, 2) * g_next[:, :, None]  # [BD, BN, BL]
+        decayed_prev = hs - push  # exp(delta_t A) h_{t-1}
+        du = tl.sum(g * bm, axis=1) * dl
+        ddelta = tl.sum(g * (a[:, :, None] * decayed_prev + bm * u[:, None, :]), axis=1)
+        da_acc += tl.sum(g * decayed_prev * dl[:, None, :], axis=2)
+        row = (b * Dch + offs_d[:, None]) * L + steps[None, :]
+        tl.store(DU + row, du, mask=d_ok[:, None] & l_ok[None, :])
+        tl.store(DDELTA + row, ddelta, mask=d_ok[:, None] & l_ok[None, :])
+        # dB and dC sum over the channels of a group: this program's channels give a partial sum
+        part = ((b * tl.num_programs(1) + pid_d) * N + offs_n[:, None]) * L + steps[None, :]  # [B, D/BD, N, L]
+        pmask = n_ok[:, None] & l_ok[None, :]
+        tl.store(DB_PART + part, tl.sum(g * (dl * u)[:, None, :], axis=0), mask=pmask)
+        tl.store(DC_PART + part, tl.sum(hs * dy[:, None, :], axis=0), mask=pmask)
+        g_next = tl.sum(tl.where(offs_l[None, None, :] == 0, g, 0.0), axis=2)  # g at the chunk's first step
+    tl.store(DA_PART + (b * Dch + offs_d[:, None]) * N + offs_n[None, :], da_acc, mask=state_mask)
+
+
+def _blocks(n_state: int, per_group: int) -> tuple[int, int, int]:
+    bn = max(2, triton.next_power_of_2(n_state))
+    bl = 16 if is_interpreter() else 32
+    bd = max(1, min(16, 8192 // (bn * bl)))  # keep each [BD, BN, BL] tile at 8k floats
+    while per_group % bd:  # a block of channels must not straddle two groups (their dB, dC sums differ)
+        bd //= 2
+    return bd, bn, bl
+
+
+def _bc_view(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int], int]:
+    # [B, N, L] is one group: view as [B, 1, N, L]
+    t4 = t[:, None] if t.dim() == 3 else t
+    return t4, t4.stride(), t4.shape[1]
+
+
+def _forward(u, delta, A, B4, C4, save: bool):
+    Bsz, Dch, L = u.shape
+    N = A.shape[1]
+    bd, bn, bl = _blocks(N, Dch // B4.shape[1])
+    y = empty((Bsz, Dch, L), dtype=torch.float32, device=u.device)
+    n_chunks = triton.cdiv(L, bl)
+    h_start = torch.empty((Bsz, n_chunks, Dch, N), dtype=torch.float32, device=u.device) if save else y
+    h_last = empty((Bsz, Dch, N), dtype=torch.float32, device=u.device)
+    grid = (Bsz, triton.cdiv(Dch, bd))
+    _scan_fwd[grid](u, delta, A, B4, C4, y, h_start, h_last, *u.stride(), *delta.stride(), *B4.stride(),
+                    *C4.stride(), Dch, N, L, Dch // B4.shape[1], SAVE=save, BD=bd, BN=bn, BL=bl,
+                    num_warps=4)
+    return y, h_last, (h_start if save else None)
+
+
+def _backward(u, delta, A, B4, C4, h_start, dy, dh_last):
+    Bsz, Dch, L = u.shape
+    N = A.shape[1]
+    bd, bn, bl = _blocks(N, Dch // B4.shape[1])
+    nblk = triton.cdiv(Dch, bd)
+    du = empty((Bsz, Dch, L), dtype=torch.float32, device=u.device)
+    ddelta = empty((Bsz, Dch, L), dtype=torch.float32, device=u.device)
+    da_part = empty((Bsz, Dch, N), dtype=torch.float32, device=u.device)
+    db_part = empty((Bsz, nblk, N, L), dtype=torch.float32, device=u.device)
+    dc_part = empty((Bsz, nblk, N, L), dtype=torch.float32, device=u.device)
+    _scan_bwd[(Bsz, nblk)](u, delta, A, B4, C4, dy, h_start, dh_last if dh_last is not None else du,
+                           du, ddelta, da_part, db_part, dc_part, *u.stride(), *delta.stride(), *B4.stride(),
+                           *C4.stride(), Dch, N, L, Dch // B4.shape[1], HAS_DH_LAST=dh_last is not None,
+                           BD=bd, BN=bn, BL=bl, num_warps=4)
+    # channel block k covers channels [k*bd, (k+1)*bd): sum the partials of each group's blocks
+    groups = B4.shape[1]
+    owner = (torch.arange(nblk, device=u.device) * bd) // (Dch // groups)  # group of each block's first channel
+    db = torch.zeros((Bsz, groups, N, L), dtype=torch.float32, device=u.device).index_add_(1, owner, db_part)
+    dc = torch.zeros((Bsz, groups, N, L), dtype=torch.float32, device=u.device).index_add_(1, owner, dc_part)
+    return du, ddelta, da_part.sum(0), db, dc
+
+
+class _SelectiveScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C):
+        ctx.set_materialize_grads(False)
+        B4, _, _ = _bc_view(B)
+        C4, _, _ = _bc_view(C)
+        uf, df, af = u.float(), delta.float(), A.float().contiguous()
+        with on_device_of(u):
+            y, h_last, h_start = _forward(uf, df, af, B4, C4, save=any(ctx.needs_input_grad))
+        ctx.save_for_backward(uf, df, af, B4, C4, h_start)
+        ctx.b_dim, ctx.dtypes = B.dim(), (u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype)
+        return y, h_last
+
+    @staticmethod
+    def backward(ctx, dy, dh_last):
+        uf, df, af, B4, C4, h_start = ctx.saved_tensors
+        dy = dy.float().contiguous() if dy is not None else torch.zeros_like(uf)
+        dh_last = dh_last.float().contiguous() if dh_last is not None else None
+        with on_device_of(uf):
+            du, ddelta, da, db, dc = _backward(uf, df, af, B4, C4, h_start, dy, dh_last)
+        if ctx.b_dim == 3:
+            db, dc = db[:, 0], dc[:, 0]
+        t_u, t_d, t_a, t_b, t_c = ctx.dtypes
+        return du.to(t_u), ddelta.to(t_d), da.to(t_a), db.to(t_b), dc.to(t_c)
+
+
+def check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
+    check_tensor("u", u, ndim=3, shape_hint="[B, D, L]")
+    bsz, dch, length = u.shape
+    check_tensor("delta", delta, ndim=3, shape_hint="[B, D, L]")
+    if delta.shape != u.shape:
+        raise ValueError(f"delta must have u's shape [B, D, L] = {tuple(u.shape)}, got {tuple(delta.shape)}")
+    check_tensor("A", A, ndim=2, shape_hint="[D, N] (real)")
+    if A.shape[0] != dch or not 1 <= A.shape[1] <= MAX_STATE:
+        raise ValueError(f"A must be [D, N] with D = {dch} and 1 <= N <= {MAX_STATE}, got {tuple(A.shape)}")
+    n = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        check_tensor(name, t, shape_hint="[B, N, L] or [B, G, N, L]")
+        if t.dim() == 3 and t.shape != (bsz, n, length):
+            raise ValueError(f"{name} must be [B, N, L] = {(bsz, n, length)} or [B, G, N, L], got {tuple(t.shape)}")
+        if t.dim() == 4 and (t.shape[0] != bsz or t.shape[2:] != (n, length) or t.shape[1] == 0
+                             or dch % t.shape[1]):
+            raise ValueError(f"{name} must be [B, G, N, L] with B = {bsz}, N = {n}, L = {length} and G dividing "
+                             f"D = {dch}, got {tuple(t.shape)}")
+        if t.dim() not in (3, 4):
+            raise ValueError(f"{name} must be input-dependent, [B, N, L] or [B, G, N, L] (a constant [D, N] "
+                             f"{name} is not supported), got {tuple(t.shape)}")
+    if B.shape != C.shape:
+        raise ValueError(f"B and C must have the same shape, got {tuple(B.shape)} and {tuple(C.shape)}")
+    for name, t, shape in (("D", D, (dch,)), ("delta_bias", delta_bias, (dch,)), ("z", z, tuple(u.shape))):
+        if t is not None:
+            check_tensor(name, t)
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    check_same_device(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False):
+    """Mamba's selective scan (``mamba_ssm.selective_scan_fn``'s arguments and semantics).
+
+    u, delta, z ``[B, D, L]``; real A ``[D, N]`` (N <= 256); B, C ``[B, N, L]`` or grouped
+    ``[B, G, N, L]`` (channel d reads group d // (D/G)); D and delta_bias ``[D]``. With
+    ``delta_softplus``, delta becomes softplus(delta + delta_bias). Returns ``out`` in u's dtype, or
+    ``(out, last_state)`` with the float32 state ``[B, D, N]`` after the last step. The scan runs in
+    Triton (forward and backward, float32 inside); every input gets a gradient.
+    """
+    check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    if A.is_complex():
+        raise TypeError("A must be real: complex A is not supported")
+    dt = delta.float()
+    if delta_bias is not None:
+        dt = dt + delta_bias.float()[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    if u.shape[-1] == 0:
+        y, last = u.new_zeros(u.shape, dtype=torch.float32), torch.zeros(*A.shape, device=u.device)
+        last = last.expand(u.shape[0], *A.shape).contiguous()
+    else:
+        y, last = _SelectiveScan.apply(u, dt, A, B, C)
+    out = y if D is None else y + D.float()[:, None] * u.float()
+    if z is not None:
+        out = out * F.silu(z.float())
+    out = out.to(u.dtype)
+    return (out, last) if return_last_state else out

@@ -1,0 +1,128 @@
+"""mk.selective_scan (Triton scan, forward and backward) against mk.reference.selective_scan (the
+sequential loop of mamba_ssm's selective_scan_ref, in float64): outputs, last states and the
+gradients of every input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minikernels as mk
+from minikernels.testing import assert_close, poisoned, randn, strided_like, test_dtypes
+
+
+def make(b=2, d=8, l=37, n=4, groups=None, dtype=torch.float32, seed=0, extras=True):
+    gen = torch.Generator().manual_seed(seed)
+    u = randn(b, d, l, dtype=dtype, gen=gen)
+    delta = randn(b, d, l, dtype=dtype, gen=gen, scale=0.5)
+    A = -torch.rand(d, n, generator=gen).add(0.2).to(mk.device())
+    shape = (b, n, l) if groups is None else (b, groups, n, l)
+    B, C = (randn(*shape, dtype=dtype, gen=gen) for _ in range(2))
+    D = randn(d, gen=gen) if extras else None
+    z = randn(b, d, l, dtype=dtype, gen=gen) if extras else None
+    bias = randn(d, gen=gen, scale=0.1) if extras else None
+    return dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=bias)
+
+
+def check(args, softplus=True, dtype=None):
+    dtype = dtype or args["u"].dtype
+    names = [k for k, v in args.items() if v is not None]
+    ins = {k: (v.detach().requires_grad_() if v is not None else None) for k, v in args.items()}
+    with poisoned():
+        out, last = mk.selective_scan(**ins, delta_softplus=softplus, return_last_state=True)
+    ref_ins = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in args.items()}
+    ref, ref_last = mk.reference.selective_scan(**ref_ins, delta_softplus=softplus, return_last_state=True)
+    assert out.dtype == dtype and out.shape == args["u"].shape and last.dtype == torch.float32
+    assert_close(out, ref, dtype, name="out")
+    assert_close(last, ref_last, dtype, name="last state")
+    gen = torch.Generator().manual_seed(9)
+    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device)
+    dlast = torch.randn(last.shape, generator=gen, dtype=torch.float64).to(out.device)
+    got = torch.autograd.grad((out.double() * dout).sum() + (last.double() * dlast).sum(), [ins[k] for k in names])
+    want = torch.autograd.grad((ref * dout).sum() + (ref_last * dlast).sum(), [ref_ins[k] for k in names])
+    for name, a, b in zip(names, got, want):
+        assert a.dtype == args[name].dtype, name
+        assert_close(a, b, dtype, name=f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", test_dtypes())
+def test_matches_the_reference(dtype):
+    check(make(dtype=dtype))
+
+
+@pytest.mark.parametrize("softplus", [False, True])
+def test_plain_scan_without_extras(softplus):
+    args = make(seed=1, extras=False)
+    args["delta"] = F.softplus(args["delta"]) if not softplus else args["delta"]  # keep delta positive
+    check(args, softplus=softplus)
+
+
+@pytest.mark.parametrize("groups,d", [(1, 8), (2, 8), (2, 6), (4, 12)])
+def test_grouped_b_and_c(groups, d):
+    """Channel d reads group d // (D/G); with D/G = 3 the channel blocks shrink so none straddles two groups."""
+    check(make(d=d, groups=groups, seed=2))
+
+
+@pytest.mark.parametrize("l", [1, 16, 17, 50])
+def test_lengths(l):
+    check(make(l=l, seed=l))
+
+
+@pytest.mark.parametrize("n", [1, 3, 16, 64])
+def test_state_sizes(n):
+    check(make(b=1, d=4, l=20, n=n, seed=n))
+
+
+def test_non_contiguous_inputs():
+    args = make(seed=3)
+    for k in ("u", "delta", "B", "C", "z"):
+        args[k] = strided_like(args[k])
+    check(args)
+
+
+def test_last_state_alone_gets_gradients():
+    args = make(seed=4, extras=False)
+    ins = {k: (v.detach().requires_grad_() if v is not None else None) for k, v in args.items()}
+    _, last = mk.selective_scan(**ins, delta_softplus=True, return_last_state=True)
+    got = torch.autograd.grad(last.sum(), [ins[k] for k in ("u", "delta", "A", "B")])
+    r = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in args.items()}
+    _, ref_last = mk.reference.selective_scan(**r, delta_softplus=True, return_last_state=True)
+    want = torch.autograd.grad(ref_last.sum(), [r[k] for k in ("u", "delta", "A", "B")])
+    for a, b in zip(got, want):
+        assert_close(a, b, torch.float32)
+
+
+def test_bad_inputs():
+    args = make(extras=False)
+    with pytest.raises(ValueError, match="delta must"):
+        mk.selective_scan(**{**args, "delta": args["delta"][..., :5]})
+    with pytest.raises(ValueError, match="A must be"):
+        mk.selective_scan(**{**args, "A": args["A"][:3]})
+    with pytest.raises(ValueError, match="B must"):
+        mk.selective_scan(**{**args, "B": args["B"][:, :2]})
+    with pytest.raises(ValueError, match="G dividing"):
+        b = args["B"][:, None].expand(-1, 3, -1, -1)
+        mk.selective_scan(**{**args, "B": b, "C": b})
+    with pytest.raises(ValueError, match="constant"):
+        mk.selective_scan(**{**args, "B": args["A"].clone(), "C": args["A"].clone()})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_model_size(dtype):
+    """Mamba-1's layer at a real size: D = 256 channels, N = 16, L = 2048, grouped B and C."""
+    check(make(b=1, d=256, l=2048, n=16, groups=2, dtype=dtype, seed=5))
+
+
+@pytest.mark.gpu
+def test_gpu_against_mamba_ssm_reference():
+    """Against mamba_ssm's own selective_scan_ref, where its wheel is installed (fetch-wheels.sh anchors)."""
+    import sys
+    import types
+
+    sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))  # the wheel has no CUDA ext
+    ref_mod = pytest.importorskip("mamba_ssm.ops.selective_scan_interface")
+    args = make(b=2, d=16, l=300, n=16, groups=2, seed=6)
+    out, last = mk.selective_scan(**args, delta_softplus=True, return_last_state=True)
+    want, want_last = ref_mod.selective_scan_ref(**args, delta_softplus=True, return_last_state=True)
+    assert_close(out, want.double(), torch.float32, name="out")
+    assert_close(last, want_last.double(), torch.float32, name="last state")
