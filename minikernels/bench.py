@@ -26,7 +26,7 @@ import torch
 
 from . import _backend
 
-OPS = ("softmax", "flash", "decode", "sparse", "linear")
+OPS = ("softmax", "flash", "decode", "sparse", "linear", "ssd", "selective_scan")
 RECORDED_DIR = Path(__file__).resolve().parents[1] / "book" / "data" / "bench"
 
 
@@ -441,6 +441,119 @@ def bench_linear(ceilings: dict, quick: bool = False) -> list[dict]:
     return rows
 
 
+# --- state space models -----------------------------------------------------------------------------
+
+def _mamba_chunk_scan():
+    """mamba_ssm's mamba_chunk_scan_combined (Triton), if its wheel is installed."""
+    import sys
+    import types
+
+    sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))  # the wheel lacks it
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception as exc:
+        print(f"  mamba_ssm not available ({type(exc).__name__}: {str(exc)[:120]}): no mamba rows")
+        return None
+    return mamba_chunk_scan_combined
+
+
+def _time_fwd_bwd(fn, leaves, grad_out, direction):
+    """(ms, method) of a forward, or of a forward + backward through autograd."""
+    if direction == "fwd":
+        call = lambda: fn(*leaves)
+        call()
+        return time_rotating([call])
+    leaves = [x.detach().requires_grad_() if x.is_floating_point() else x for x in leaves]
+
+    def call():
+        out = fn(*leaves)
+        return torch.autograd.grad(out, [x for x in leaves if x.requires_grad], grad_out)
+    call()
+    return _do_bench(call), "do_bench"
+
+
+def bench_ssd(ceilings: dict, quick: bool = False) -> list[dict]:
+    """mk.ssd, bf16 x, B, C (fp32 dt, A), H32 P64 S128, one group: b4 L4096 and b1 L16k; against
+    mamba_ssm's mamba_chunk_scan_combined and fla-core's chunk_simple_gla (layouts transposed outside
+    the timed region), forward and forward+backward."""
+    import torch.nn.functional as F
+
+    from .ssd import as_linear_attention, ssd
+
+    mamba, fla = _mamba_chunk_scan(), _fla_ops()
+    h, p, s, g = 32, 64, 128, 1
+    rows = []
+    for b, length in ([(4, 4096)] if quick else [(4, 4096), (1, 16384)]):
+        x = torch.randn(b, h, length, p, device="cuda", dtype=torch.bfloat16)
+        dt = F.softplus(torch.randn(b, h, length, device="cuda") - 3.0)
+        A = -torch.rand(h, device="cuda") - 0.5
+        B, C = (torch.randn(b, g, length, s, device="cuda", dtype=torch.bfloat16) * s**-0.5 for _ in range(2))
+        dy = torch.randn_like(x)
+        x_t, B_t, C_t, dy_t = (t.transpose(1, 2).contiguous() for t in (x, B, C, dy))  # [b, l, h|g, *]
+        dt_t = dt.transpose(1, 2).contiguous()
+        want = ssd(x[:1, :1].float(), dt[:1, :1], A[:1], B[:1].float(), C[:1].float())  # the check: one head
+        got = ssd(x[:1, :1], dt[:1, :1], A[:1], B[:1], C[:1])
+        err = (got.float() - want).norm() / want.norm()
+        assert err < 2e-2, f"ssd check failed: relative error {err:.2e}"
+        impls = {"minikernels": (lambda x, dt, A, B, C: ssd(x, dt, A, B, C), [x, dt, A, B, C], dy)}
+        if mamba is not None:
+            impls["mamba_chunk_scan_combined"] = (
+                lambda x, dt, A, B, C: mamba(x, dt, A, B, C, chunk_size=64), [x_t, dt_t, A, B_t, C_t], dy_t)
+        if fla:
+            q, k, v, gl = as_linear_attention(x, dt, A, B, C)
+            q, k, v, gl = (t.transpose(1, 2).contiguous() for t in (q, k, v, gl))
+            impls["fla chunk_simple_gla"] = (
+                lambda q, k, v, gl: fla["simple_gla"](q, k, v, g=gl, scale=1.0)[0], [q, k, v, gl], dy_t)
+        shape = f"b{b} L{length} h{h} p{p} n{s}"
+        for impl, (fn, leaves, grad_out) in impls.items():
+            for direction in ("fwd", "fwd+bwd"):
+                try:
+                    ms, method = _time_fwd_bwd(fn, leaves, grad_out, direction)
+                except Exception as exc:
+                    print(f"  {impl} {direction} {shape}: failed ({type(exc).__name__}: {str(exc)[:160]})")
+                    continue
+                rows.append({"impl": impl, "pass": direction, "shape": shape, "dtype": "bfloat16", "ms": ms,
+                             "Mtokps": b * length / (ms * 1e-3) / 1e6, "timing": method})
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_selective_scan(ceilings: dict, quick: bool = False) -> list[dict]:
+    """mk.selective_scan forward, B8 D2048 L4096 N16, bf16 u, delta, z, B, C (fp32 A, D, delta_bias),
+    against its bandwidth roofline (the bytes of u, delta, B, C, z and y at the measured copy speed)
+    and the PyTorch reference loop."""
+    from . import reference
+    from .selective_scan import selective_scan
+
+    b, d, length, n = (2, 2048, 4096, 16) if quick else (8, 2048, 4096, 16)
+    u, delta, z = (torch.randn(b, d, length, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    A = -torch.rand(d, n, device="cuda") - 0.5
+    B, C = (torch.randn(b, n, length, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    D, bias = torch.randn(d, device="cuda"), torch.randn(d, device="cuda") * 0.1
+    args = dict(D=D, z=z, delta_bias=bias, delta_softplus=True)
+    got = selective_scan(u[:1, :64], delta[:1, :64], A[:64], B[:1], C[:1], D=D[:64], z=z[:1, :64],
+                         delta_bias=bias[:64], delta_softplus=True)
+    want = reference.selective_scan(u[:1, :64], delta[:1, :64], A[:64], B[:1], C[:1], D=D[:64], z=z[:1, :64],
+                                    delta_bias=bias[:64], delta_softplus=True)
+    err = (got.float() - want.float()).norm() / want.float().norm()
+    assert err < 2e-2, f"selective_scan check failed: relative error {err:.2e}"
+    n_bytes = 2 * (4 * b * d * length + 2 * b * n * length)  # read u, delta, z, B, C; write y (bf16)
+    rows = []
+    impls = {"minikernels": lambda: selective_scan(u, delta, A, B, C, **args),
+             "reference (PyTorch loop)": lambda: reference.selective_scan(u, delta, A, B, C, **args)}
+    for impl, call in impls.items():
+        try:
+            call()
+            ms = _do_bench(call, ms_warmup=5, ms_rep=20) if impl.startswith("reference") else _do_bench(call)
+        except Exception as exc:
+            print(f"  {impl}: failed ({type(exc).__name__}: {str(exc)[:160]})")
+            continue
+        gbps = n_bytes / (ms * 1e-3) / 1e9
+        rows.append({"impl": impl, "pass": "fwd", "shape": f"B{b} D{d} L{length} N{n}", "dtype": "bfloat16",
+                     "ms": ms, "GBps": gbps, "frac_of_copy": gbps / ceilings["copy_GBps"], "timing": "do_bench"})
+    return rows
+
+
 def print_table(op: str, rows: list[dict], ceilings: dict) -> None:
     """One line per (pass, dtype, shape): each implementation's rate, then ours relative to the copy
     ceiling (memory-bound ops) and the speedup of ours over each anchor (their time / our time)."""
@@ -495,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"copy {ceilings['copy_GBps']:.0f} GB/s (1 GiB, read + write), "
           f"bf16 matmul {ceilings['matmul_bf16_TFLOPs']:.0f} TFLOP/s (8192^3)")
     runners = {"softmax": bench_softmax, "flash": bench_flash, "decode": bench_decode, "sparse": bench_sparse,
-               "linear": bench_linear}
+               "linear": bench_linear, "ssd": bench_ssd, "selective_scan": bench_selective_scan}
     for op in ops:
         rows = runners[op](ceilings, quick=args.quick)
         path = json_dir / f"{op}.json"
