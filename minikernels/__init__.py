@@ -12,8 +12,8 @@ from .decode import decode_attention
 from .flash import flash_attention
 from .linear import linear_attention
 from .row_softmax import softmax
-from .selective_scan import selective_scan
-from .ssd import ssd
+from .scan import selective_scan
+from .duality import ssd
 
 __all__ = ["backend", "block_sparse_attention", "decode_attention", "device", "flash_attention", "linear_attention",
            "masks", "reference", "selective_scan", "softmax", "ssd", "testing"]

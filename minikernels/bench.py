@@ -478,7 +478,7 @@ def bench_ssd(ceilings: dict, quick: bool = False) -> list[dict]:
     the timed region), forward and forward+backward."""
     import torch.nn.functional as F
 
-    from .ssd import as_linear_attention, ssd
+    from .duality import as_linear_attention, ssd
 
     mamba, fla = _mamba_chunk_scan(), _fla_ops()
     h, p, s, g = 32, 64, 128, 1
@@ -523,7 +523,7 @@ def bench_selective_scan(ceilings: dict, quick: bool = False) -> list[dict]:
     against its bandwidth roofline (the bytes of u, delta, B, C, z and y at the measured copy speed)
     and the PyTorch reference loop."""
     from . import reference
-    from .selective_scan import selective_scan
+    from .scan import selective_scan
 
     b, d, length, n = (2, 2048, 4096, 16) if quick else (8, 2048, 4096, 16)
     u, delta, z = (torch.randn(b, d, length, device="cuda", dtype=torch.bfloat16) for _ in range(3))

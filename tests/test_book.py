@@ -24,6 +24,7 @@ PAGES = {
     "notebooks/02_sparse_attention_masks.html": {"title": "Sparse attention masks", "min_images": 3},
     "notebooks/03_softmax_to_linear_attention.html": {"title": "From softmax attention to linear attention",
                                                        "min_images": 3},
+    "notebooks/04_state_space_models.html": {"title": "State-space models as dynamical systems", "min_images": 2},
 }
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import minikernels as mk
-from minikernels.ssd import quadratic_form
+from minikernels.duality import quadratic_form
 from minikernels.testing import assert_close, poisoned, randn, test_dtypes
 
 

@@ -8,6 +8,12 @@ import json
 
 import nbformat
 
+# the body of one round of the scan in exercise 4 (right: the mistake there is in combine)
+HILLIS_STEELE_ROUND = '''        a_new, b_new = combine((a[..., :-shift], b[..., :-shift]),
+                               (a[..., shift:], b[..., shift:]))
+        a = torch.cat([a[..., :shift], a_new], dim=-1)
+        b = torch.cat([b[..., :shift], b_new], dim=-1)'''
+
 # exercise -> (replacements: (marker in the student cell, code that replaces its "..." body), expected, why)
 WRONG = {
     "ch00_softmax": (
@@ -78,6 +84,17 @@ def fused_softmax_bytes(M, N, b):
     return state + (k * torch.exp(b[-1] - b)[:, None]).T @ v''')],
         {"q1": 2.0, "q2": 1.0},
         "q1 right; q2 does not decay the incoming state: passes from an empty state (public), fails the hidden test",
+    ),
+    "ch04_state_space_models": (
+        [("def zoh", None, '''def zoh(A, B, step):
+    A_bar = torch.linalg.matrix_exp(step * A)
+    return A_bar, torch.linalg.solve(A, (A_bar - torch.eye(A.shape[0], dtype=A.dtype)) @ B)'''),
+         # composes the two maps in the wrong order: h -> a2 h + b2 first, then a1 h + b1
+         ("def combine", "    (a1, b1), (a2, b2) = first, second\n    ...", '''    (a1, b1), (a2, b2) = first, second
+    return a1 * a2, a1 * b2 + b1'''),
+         ("def scan", "        ...", HILLIS_STEELE_ROUND)],
+        {"q1": 2.0, "q2": 0.0},
+        "q1 right; q2 composes the affine maps in the wrong order (second, then first)",
     ),
 }
 

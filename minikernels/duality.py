@@ -1,4 +1,4 @@
-"""Chapter 4 (in progress): Mamba-2's state space duality (SSD).
+"""Chapter 4: Mamba-2's state space duality (SSD), ``mk.ssd``.
 
 A scalar-decay state space model, one state [S, P] per (batch, head):
 
@@ -59,9 +59,10 @@ def check_ssd_inputs(x, dt, A, B, C, D=None, initial_state=None) -> None:
 def as_linear_attention(x, dt, A, B, C):
     """The duality's dictionary: (q, k, v, log-decay) of the linear attention that equals this SSM."""
     heads = x.shape[1]
+    work = torch.promote_types(x.dtype, torch.float32)  # float32 at least; float64 stays float64
     q = _expand_groups(C, heads)
-    k = (dt[..., None] * _expand_groups(B, heads).float()).to(x.dtype)
-    return q, k, x, dt.float() * A.float()[None, :, None]
+    k = (dt.to(work)[..., None] * _expand_groups(B, heads).to(work)).to(x.dtype)
+    return q, k, x, dt.to(work) * A.to(work)[None, :, None]
 
 
 def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int = 64,

@@ -1,4 +1,4 @@
-"""Chapter 4 (in progress): Mamba's selective scan, with ``mamba_ssm.selective_scan_fn``'s conventions.
+"""Chapter 4: Mamba's selective scan (``mk.selective_scan``), with ``mamba_ssm.selective_scan_fn``'s conventions.
 
 For each batch b and channel d, a diagonal state h of N entries:
 
