@@ -166,6 +166,9 @@ def _chunk_decays(G, g_base, stride_gn, rows, row_ok, C: tl.constexpr, HAS_DECAY
     causal = offs[:, None] >= offs[None, :]
     if HAS_DECAY:
         g = tl.load(G + g_base + rows * stride_gn, mask=row_ok, other=0.0).to(tl.float32)  # padding: 0
+        # a log-decay of -inf (a hard reset) must not make -inf - -inf = NaN below; exp(-80) ~ 2e-35 still
+        # forgets everything, and keeps b_t - b_s exact to ~1e-5 (a clamp at -1e4 would lose 1e-3 to rounding)
+        g = tl.maximum(g, -80.0)
         b = tl.cumsum(g, 0)
         b_last = tl.sum(g, 0)
         mask = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
@@ -202,7 +205,7 @@ def _la_fwd(Q, K, V, G, S0, O_PART, S_OUT,
         S = tl.zeros([BK, BV], tl.float32)
     o_base = O_PART + (ik * tl.num_programs(2) + bh).to(tl.int64) * N * DV  # partial O: [NK, B*H, N, DV]
     for start in range(0, N, C):
-        rows = start + offs_c
+        rows = (start + offs_c).to(tl.int64)  # 64-bit: rows * stride can pass 2^31 for long sequences
         row_ok = rows < N
         q = tl.load(q_base + rows[:, None] * stride_qn + offs_k[None, :] * stride_qd,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # read C*BK
@@ -248,7 +251,7 @@ def _la_bwd_dq(K, V, G, S0, DO, DQ_PART,
         S = tl.zeros([BK, BV], tl.float32)
     dq_base = DQ_PART + (iv * tl.num_programs(2) + bh).to(tl.int64) * N * DK  # partial dQ: [NV, B*H, N, DK]
     for start in range(0, N, C):
-        rows = start + offs_c
+        rows = (start + offs_c).to(tl.int64)
         row_ok = rows < N
         k = tl.load(k_base + rows[:, None] * stride_kn + offs_k[None, :] * stride_kd,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -295,7 +298,7 @@ def _la_bwd_dkdv(Q, K, V, G, DO, DS_END, DK_PART, DV_PART, DS0,
     dv_base = DV_PART + (ik * tl.num_programs(2) + bh).to(tl.int64) * N * DV  # partial dV: [NK, B*H, N, DV]
     n_chunks = tl.cdiv(N, C)
     for i in range(0, n_chunks):  # chunks in reverse: dS flows from the end of the sequence back
-        rows = (n_chunks - 1 - i) * C + offs_c
+        rows = ((n_chunks - 1 - i) * C + offs_c).to(tl.int64)
         row_ok = rows < N
         q = tl.load(q_base + rows[:, None] * stride_qn + offs_k[None, :] * stride_qd,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -408,7 +411,9 @@ class _LinearAttention(torch.autograd.Function):
         ctx.save_for_backward(qw, kw, vw, gw, s0w, s_end)
         ctx.chunk, ctx.dtype, ctx.has_g, ctx.has_s0 = chunk, dtype, g is not None, s0 is not None
         ctx.s0_dtype = s0.dtype if s0 is not None else None
-        return o.to(dtype), s_end
+        # float32 out: the caller casts (after normalizing, whose numerator and denominator can both
+        # exceed float16's range while their ratio does not)
+        return o, s_end
 
     @staticmethod
     def backward(ctx, do, ds_end):
@@ -434,9 +439,11 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: t
     """Causal linear attention in Triton, chunked (forward and backward).
 
     o_t = phi(q_t)^T S_t,  S_t = exp(decay_t) S_{t-1} + phi(k_t) v_t^T  (no scale factor applied).
-    q, k ``[B, H, N, Dk]``; v ``[B, H, N, Dv]``; any strides; float32, float16 or bfloat16.
-    ``decay``: log-decay ``[B, H, N]`` (<= 0) or None. ``feature_map``: None (identity), "elu1",
-    "relu", "taylor" or a callable, applied to q and k before the kernel. ``normalize=True`` divides
+    q, k ``[B, H, N, Dk]``; v ``[B, H, N, Dv]``; any strides; float32, float16 or bfloat16 (16-bit
+    inputs keep 16-bit tiles of the state in the kernel's products: with float16, states beyond
+    ~6e4, as from very long sequences without decay, overflow; bfloat16 has float32's range).
+    ``decay``: log-decay ``[B, H, N]`` (<= 0; -inf resets the state) or None. ``feature_map``: None
+    (identity), "elu1", "relu", "taylor" or a callable, applied to q and k before the kernel. ``normalize=True`` divides
     o_t by phi(q_t)^T z_t, z_t = exp(decay_t) z_{t-1} + phi(k_t) (a row with z = 0 gets 0); it cannot
     be combined with states. ``initial_state`` / the returned final state: ``[B, H, Dk', Dv]`` float32
     (Dk' = the feature size), so a long sequence can be processed in pieces. ``chunk_size`` in
@@ -451,7 +458,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: t
     check_same_device(q=q, k=k, v=v, decay=decay, initial_state=initial_state)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if chunk_size not in CHUNK_SIZES or isinstance(chunk_size, bool):
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size not in CHUNK_SIZES:
         raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size!r}")
     for name, flag in (("normalize", normalize), ("return_state", return_state)):
         if not isinstance(flag, bool):
@@ -479,4 +486,5 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: t
     out, state = _LinearAttention.apply(qf, kf, vv, decay, initial_state, chunk_size)
     if normalize:
         out = _normalized(out[..., :-1], out[..., -1:])
+    out = out.to(v.dtype)
     return (out, state) if return_state else out

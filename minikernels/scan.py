@@ -68,7 +68,7 @@ def _scan_fwd(U, DELTA, A, BM, CM, Y, H_START, H_LAST,
               Dch, N, L, per_group,
               SAVE: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    offs_d = tl.program_id(1) * BD + tl.arange(0, BD)
+    offs_d = (tl.program_id(1) * BD + tl.arange(0, BD)).to(tl.int64)  # 64-bit offsets: D * L can pass 2^31
     offs_n = tl.arange(0, BN)
     group = offs_d // per_group
     d_ok = offs_d < Dch
@@ -78,7 +78,7 @@ def _scan_fwd(U, DELTA, A, BM, CM, Y, H_START, H_LAST,
     for c in range(0, n_chunks):
         if SAVE:  # the state entering each chunk, for the backward: [B, n_chunks, D, N]
             tl.store(H_START + ((b * n_chunks + c) * Dch + offs_d[:, None]) * N + offs_n[None, :], h, mask=state_mask)
-        steps = c * BL + tl.arange(0, BL)
+        steps = (c * BL + tl.arange(0, BL)).to(tl.int64)
         u, dl, a, bm, cm = _load_chunk(U, DELTA, A, BM, CM, b, offs_d, offs_n, steps, Dch, N, L, group,
                                        stride_ub, stride_ud, stride_ul, stride_db, stride_dd, stride_dl,
                                        stride_bb, stride_bg, stride_bn, stride_bl,
@@ -95,14 +95,14 @@ def _scan_fwd(U, DELTA, A, BM, CM, Y, H_START, H_LAST,
 
 
 @triton.jit
-def _scan_bwd(U, DELTA, A, BM, CM, DY, H_START, DH_LAST, DU, DDELTA, DA_PART, DB_PART, DC_PART,
+def _scan_bwd(U, DELTA, A, BM, CM, DY, H_START, DH_LAST, DU, DDELTA, DA_PART, DB, DC,
               stride_ub, stride_ud, stride_ul, stride_db, stride_dd, stride_dl,
               stride_bb, stride_bg, stride_bn, stride_bl, stride_cb, stride_cg, stride_cn, stride_cl,
-              Dch, N, L, per_group,
+              Dch, N, L, per_group, n_groups,
               HAS_DH_LAST: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
-    offs_d = pid_d * BD + tl.arange(0, BD)
+    offs_d = (pid_d * BD + tl.arange(0, BD)).to(tl.int64)
     offs_n = tl.arange(0, BN)
     offs_l = tl.arange(0, BL)
     group = offs_d // per_group
@@ -116,7 +116,7 @@ def _scan_bwd(U, DELTA, A, BM, CM, DY, H_START, DH_LAST, DU, DDELTA, DA_PART, DB
     da_acc = tl.zeros([BD, BN], tl.float32)
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i
-        steps = c * BL + offs_l
+        steps = (c * BL + offs_l).to(tl.int64)
         l_ok = steps < L
         u, dl, a, bm, cm = _load_chunk(U, DELTA, A, BM, CM, b, offs_d, offs_n, steps, Dch, N, L, group,
                                        stride_ub, stride_ud, stride_ul, stride_db, stride_dd, stride_dl,
@@ -146,11 +146,13 @@ def _scan_bwd(U, DELTA, A, BM, CM, DY, H_START, DH_LAST, DU, DDELTA, DA_PART, DB
         row = (b * Dch + offs_d[:, None]) * L + steps[None, :]
         tl.store(DU + row, du, mask=d_ok[:, None] & l_ok[None, :])
         tl.store(DDELTA + row, ddelta, mask=d_ok[:, None] & l_ok[None, :])
-        # dB and dC sum over the channels of a group: this program's channels give a partial sum
-        part = ((b * tl.num_programs(1) + pid_d) * N + offs_n[:, None]) * L + steps[None, :]  # [B, D/BD, N, L]
+        # dB and dC sum over the channels of a group; this program's channels all lie in one group
+        # (_blocks), so it adds its partial sum into that group's rows: [B, G, N, L]
+        my_group = (pid_d * BD) // per_group
+        part = ((b * n_groups + my_group) * N + offs_n[:, None]) * L + steps[None, :]
         pmask = n_ok[:, None] & l_ok[None, :]
-        tl.store(DB_PART + part, tl.sum(g * (dl * u)[:, None, :], axis=0), mask=pmask)
-        tl.store(DC_PART + part, tl.sum(hs * dy[:, None, :], axis=0), mask=pmask)
+        tl.atomic_add(DB + part, tl.sum(g * (dl * u)[:, None, :], axis=0), mask=pmask)
+        tl.atomic_add(DC + part, tl.sum(hs * dy[:, None, :], axis=0), mask=pmask)
         g_next = tl.sum(tl.where(offs_l[None, None, :] == 0, g, 0.0), axis=2)  # g at the chunk's first step
     tl.store(DA_PART + (b * Dch + offs_d[:, None]) * N + offs_n[None, :], da_acc, mask=state_mask)
 
@@ -193,17 +195,13 @@ def _backward(u, delta, A, B4, C4, h_start, dy, dh_last):
     du = empty((Bsz, Dch, L), dtype=torch.float32, device=u.device)
     ddelta = empty((Bsz, Dch, L), dtype=torch.float32, device=u.device)
     da_part = empty((Bsz, Dch, N), dtype=torch.float32, device=u.device)
-    db_part = empty((Bsz, nblk, N, L), dtype=torch.float32, device=u.device)
-    dc_part = empty((Bsz, nblk, N, L), dtype=torch.float32, device=u.device)
-    _scan_bwd[(Bsz, nblk)](u, delta, A, B4, C4, dy, h_start, dh_last if dh_last is not None else du,
-                           du, ddelta, da_part, db_part, dc_part, *u.stride(), *delta.stride(), *B4.stride(),
-                           *C4.stride(), Dch, N, L, Dch // B4.shape[1], HAS_DH_LAST=dh_last is not None,
-                           BD=bd, BN=bn, BL=bl, num_warps=4)
-    # channel block k covers channels [k*bd, (k+1)*bd): sum the partials of each group's blocks
     groups = B4.shape[1]
-    owner = (torch.arange(nblk, device=u.device) * bd) // (Dch // groups)  # group of each block's first channel
-    db = torch.zeros((Bsz, groups, N, L), dtype=torch.float32, device=u.device).index_add_(1, owner, db_part)
-    dc = torch.zeros((Bsz, groups, N, L), dtype=torch.float32, device=u.device).index_add_(1, owner, dc_part)
+    db = torch.zeros((Bsz, groups, N, L), dtype=torch.float32, device=u.device)  # accumulated atomically
+    dc = torch.zeros((Bsz, groups, N, L), dtype=torch.float32, device=u.device)
+    _scan_bwd[(Bsz, nblk)](u, delta, A, B4, C4, dy, h_start, dh_last if dh_last is not None else du,
+                           du, ddelta, da_part, db, dc, *u.stride(), *delta.stride(), *B4.stride(),
+                           *C4.stride(), Dch, N, L, Dch // groups, groups, HAS_DH_LAST=dh_last is not None,
+                           BD=bd, BN=bn, BL=bl, num_warps=4)
     return du, ddelta, da_part.sum(0), db, dc
 
 
@@ -275,8 +273,6 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Triton (forward and backward, float32 inside); every input gets a gradient.
     """
     check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
-    if A.is_complex():
-        raise TypeError("A must be real: complex A is not supported")
     dt = delta.float()
     if delta_bias is not None:
         dt = dt + delta_bias.float()[:, None]

@@ -178,3 +178,25 @@ def test_gpu_gated_backward_at_model_size(dtype, chunk):
     backward on triton 3.6 for a compiler bug; this checks ours on the GPU)."""
     q, k, v, g, s0 = make(1, 2, 2048, 128, 128, dtype, seed=11, strength=0.1, state=True)
     check(q, k, v, g, s0, chunk=chunk)
+
+
+def test_normalize_in_float16_over_a_long_sequence():
+    """The normalizer's numerator and denominator grow with N past float16's 65504; their ratio does
+    not. The kernel's output stays float32 until the division."""
+    q, k, v, _, _ = make(1, 1, 4096, 32, 16, torch.float16, seed=12, decay=False)
+    out = mk.linear_attention(q, k, v, feature_map="elu1", normalize=True, chunk_size=128)
+    ref = mk.reference.linear_attention(q.double(), k.double(), v.double(), feature_map="elu1", normalize=True)
+    assert torch.isfinite(out).all()
+    assert_close(out, ref, torch.float16)
+
+
+def test_minus_infinity_decay_resets_the_state():
+    """A log-decay of -inf forgets everything before that step (a document boundary)."""
+    q, k, v, g, _ = make(1, 2, 40, 16, 16, torch.float32, seed=13)
+    g[:, :, 20] = float("-inf")
+    out = mk.linear_attention(q, k, v, decay=g, chunk_size=16)
+    assert torch.isfinite(out).all()
+    assert_close(out, mk.reference.linear_attention(q.double(), k.double(), v.double(), decay=g.double()),
+                 torch.float32)
+    after = mk.linear_attention(q[:, :, 20:], k[:, :, 20:], v[:, :, 20:], decay=g[:, :, 20:], chunk_size=16)
+    assert_close(out[:, :, 20:], after.double(), torch.float32)  # as if the sequence started there

@@ -1,6 +1,6 @@
 """Chapter 3's three forms of causal linear attention agree (in float64): the recurrence
 (mk.reference.linear_attention), the parallel masked form and the chunked form, outputs, final states
-and every gradient. The Triton kernel is not written yet; these pin down what it must compute."""
+and every gradient: what the Triton kernel (tests/test_linear_attention.py) must compute."""
 
 import pytest
 import torch
