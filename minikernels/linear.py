@@ -467,6 +467,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: t
     if qf.shape[:3] != q.shape[:3] or qf.shape != kf.shape:
         raise ValueError(f"feature_map must keep [B, H, N] and map q and k alike, got {tuple(qf.shape)} "
                          f"and {tuple(kf.shape)}")
+    if qf.dtype != q.dtype or kf.dtype != q.dtype:
+        raise TypeError(f"feature_map must keep the inputs' dtype {q.dtype}, got {qf.dtype} and {kf.dtype}")
     dk_feat = qf.shape[-1]
     if dk_feat > MAX_FEATURE_DIM:
         raise ValueError(f"feature size {dk_feat} exceeds {MAX_FEATURE_DIM}")

@@ -168,6 +168,8 @@ def test_bad_inputs():
         mk.linear_attention(q, k, v, normalize=True, return_state=True)
     with pytest.raises(TypeError, match="dtype"):
         mk.linear_attention(q.double(), k.double(), v.double())
+    with pytest.raises(TypeError, match="feature_map must keep"):
+        mk.linear_attention(q.half(), k.half(), v.half(), feature_map=lambda x: x.float())
 
 
 @pytest.mark.gpu
