@@ -40,6 +40,7 @@ import triton.language as tl
 from ._alloc import empty
 from ._backend import dot_options, is_interpreter, on_device_of
 from ._validate import check_same_device, check_tensor
+from .flash import _compute_dtype
 
 FEATURE_MAPS = ("elu1", "relu", "taylor")
 
@@ -390,11 +391,6 @@ def _backward(q, k, v, g, s0, do, ds_end, chunk: int):
         HAS_DECAY=has_decay, HAS_DS_END=ds_end is not None, STORE_DS0=True, C=chunk, BK=bk, BV=bv, **opts)
     return (dq_part.sum(0).view(B, H, N, DK), dk_part.sum(0).view(B, H, N, DK),
             dv_part.sum(0).view(B, H, N, DV), ds0)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # the interpreter's bf16 tl.dot is wrong (DESIGN.md): compute bf16 in fp32 there
-    return torch.float32 if (dtype == torch.bfloat16 and is_interpreter()) else dtype
 
 
 class _LinearAttention(torch.autograd.Function):
