@@ -17,13 +17,14 @@ carrying h between chunks. The backward walks the chunks in reverse; with g_t = 
 
 (time-reversed with ``tl.flip``, so only a forward scan is used), recomputing h from the state saved
 at each chunk's start, and uses exp(delta_t A) h_{t-1} = h_t - delta_t B_t u_t (no division).
-The elementwise parts (delta_bias, softplus, D, the z gate) run in PyTorch around the kernels.
+The elementwise parts (delta_bias and softplus on the way in, D and the z gate on the way out)
+are fused into both kernels, so the forward reads u, delta, z, B and C once and writes the output
+once, the bytes of the bandwidth roofline.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -41,31 +42,53 @@ def _affine_combine(a1, b1, a2, b2):
 
 
 @triton.jit
-def _load_chunk(U, DELTA, A, BM, CM, b, offs_d, offs_n, steps, Dch, N, L, group,
-                stride_ub, stride_ud, stride_ul, stride_db, stride_dd, stride_dl,
+def _softplus(x):
+    # log(1 + e^x) = max(x, 0) + log(1 + e^-|x|), with log(1 + y) ~ y - y^2/2 where y is tiny
+    # (log1p is not portable to the interpreter); the same function in forward and backward
+    y = tl.exp(-tl.abs(x))
+    return tl.maximum(x, 0.0) + tl.where(y < 1e-4, y - 0.5 * y * y, tl.log(1.0 + y))
+
+
+@triton.jit
+def _step_sizes(DELTA, BIAS, b, offs_d, steps, d_ok, L, stride_db, stride_dd, stride_dl,
+                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    # delta as the scan uses it: softplus(delta + delta_bias), and the raw sum (for softplus's derivative).
+    # Steps past L give 0 (with softplus too): the affine map (1, 0) leaves h unchanged.
+    l_ok = steps < L
+    raw = tl.load(DELTA + b * stride_db + offs_d[:, None] * stride_dd + steps[None, :] * stride_dl,
+                  mask=d_ok[:, None] & l_ok[None, :], other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw += tl.load(BIAS + offs_d, mask=d_ok, other=0.0)[:, None]
+    dl = raw
+    if SOFTPLUS:
+        dl = _softplus(raw)
+    dl = tl.where(l_ok[None, :], dl, 0.0)
+    return dl, raw
+
+
+@triton.jit
+def _load_chunk(U, A, BM, CM, b, offs_d, offs_n, steps, Dch, N, L, group,
+                stride_ub, stride_ud, stride_ul,
                 stride_bb, stride_bg, stride_bn, stride_bl, stride_cb, stride_cg, stride_cn, stride_cl):
-    # u, delta [BD, BL]; A [BD, BN]; B, C [BD, BN, BL] (each channel reads its group's B and C).
-    # Steps past L load delta = 0 and u = 0: the affine map (1, 0) leaves h unchanged.
+    # u [BD, BL]; A [BD, BN]; B, C [BD, BN, BL] (each channel reads its group's B and C)
     d_ok, n_ok, l_ok = offs_d < Dch, offs_n < N, steps < L
-    mask_dl = d_ok[:, None] & l_ok[None, :]
-    u = tl.load(U + b * stride_ub + offs_d[:, None] * stride_ud + steps[None, :] * stride_ul, mask=mask_dl,
-                other=0.0).to(tl.float32)
-    dl = tl.load(DELTA + b * stride_db + offs_d[:, None] * stride_dd + steps[None, :] * stride_dl, mask=mask_dl,
-                 other=0.0).to(tl.float32)
+    u = tl.load(U + b * stride_ub + offs_d[:, None] * stride_ud + steps[None, :] * stride_ul,
+                mask=d_ok[:, None] & l_ok[None, :], other=0.0).to(tl.float32)
     a = tl.load(A + offs_d[:, None] * N + offs_n[None, :], mask=d_ok[:, None] & n_ok[None, :], other=0.0)
     mask3 = d_ok[:, None, None] & n_ok[None, :, None] & l_ok[None, None, :]
     off_b = group[:, None, None] * stride_bg + offs_n[None, :, None] * stride_bn + steps[None, None, :] * stride_bl
     off_c = group[:, None, None] * stride_cg + offs_n[None, :, None] * stride_cn + steps[None, None, :] * stride_cl
     bm = tl.load(BM + b * stride_bb + off_b, mask=mask3, other=0.0).to(tl.float32)
     cm = tl.load(CM + b * stride_cb + off_c, mask=mask3, other=0.0).to(tl.float32)
-    return u, dl, a, bm, cm
+    return u, a, bm, cm
 
 
 @triton.jit
-def _scan_fwd(U, DELTA, A, BM, CM, Y, H_START, H_LAST,
-              stride_ub, stride_ud, stride_ul, stride_db, stride_dd, stride_dl,
+def _scan_fwd(U, DELTA, A, BM, CM, DSKIP, Z, BIAS, OUT, H_START, H_LAST,
+              stride_ub, stride_ud, stride_ul, stride_db, stride_dd, stride_dl, stride_zb, stride_zd, stride_zl,
               stride_bb, stride_bg, stride_bn, stride_bl, stride_cb, stride_cg, stride_cn, stride_cl,
               Dch, N, L, per_group,
+              HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
               SAVE: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     offs_d = (tl.program_id(1) * BD + tl.arange(0, BD)).to(tl.int64)  # 64-bit offsets: D * L can pass 2^31
@@ -79,26 +102,36 @@ def _scan_fwd(U, DELTA, A, BM, CM, Y, H_START, H_LAST,
         if SAVE:  # the state entering each chunk, for the backward: [B, n_chunks, D, N]
             tl.store(H_START + ((b * n_chunks + c) * Dch + offs_d[:, None]) * N + offs_n[None, :], h, mask=state_mask)
         steps = (c * BL + tl.arange(0, BL)).to(tl.int64)
-        u, dl, a, bm, cm = _load_chunk(U, DELTA, A, BM, CM, b, offs_d, offs_n, steps, Dch, N, L, group,
-                                       stride_ub, stride_ud, stride_ul, stride_db, stride_dd, stride_dl,
-                                       stride_bb, stride_bg, stride_bn, stride_bl,
-                                       stride_cb, stride_cg, stride_cn, stride_cl)
+        l_ok = steps < L
+        dl, raw = _step_sizes(DELTA, BIAS, b, offs_d, steps, d_ok, L, stride_db, stride_dd, stride_dl,
+                              HAS_BIAS, SOFTPLUS)  # read delta once
+        u, a, bm, cm = _load_chunk(U, A, BM, CM, b, offs_d, offs_n, steps, Dch, N, L, group,
+                                   stride_ub, stride_ud, stride_ul, stride_bb, stride_bg, stride_bn, stride_bl,
+                                   stride_cb, stride_cg, stride_cn, stride_cl)  # read u, B, C once
         decay = tl.exp(dl[:, None, :] * a[:, :, None])  # exp(delta_t A)  [BD, BN, BL]
         push = (dl * u)[:, None, :] * bm  # delta_t B_t u_t
         a_run, b_run = tl.associative_scan((decay, push), 2, _affine_combine)
         hs = a_run * h[:, :, None] + b_run  # h_t for every step of the chunk
         y = tl.sum(cm * hs, axis=1)  # C_t . h_t  [BD, BL]
-        tl.store(Y + (b * Dch + offs_d[:, None]) * L + steps[None, :], y,
-                 mask=d_ok[:, None] & (steps < L)[None, :])
+        if HAS_D:
+            y += tl.load(DSKIP + offs_d, mask=d_ok, other=0.0)[:, None] * u
+        if HAS_Z:  # the gate: y * silu(z) (read z once)
+            z = tl.load(Z + b * stride_zb + offs_d[:, None] * stride_zd + steps[None, :] * stride_zl,
+                        mask=d_ok[:, None] & l_ok[None, :], other=0.0).to(tl.float32)
+            y = y * z * tl.sigmoid(z)
+        tl.store(OUT + (b * Dch + offs_d[:, None]) * L + steps[None, :], y.to(OUT.dtype.element_ty),
+                 mask=d_ok[:, None] & l_ok[None, :])  # write y once, in u's dtype
         h = tl.sum(tl.where(tl.arange(0, BL)[None, None, :] == BL - 1, hs, 0.0), axis=2)  # padding keeps h
     tl.store(H_LAST + (b * Dch + offs_d[:, None]) * N + offs_n[None, :], h, mask=state_mask)
 
 
 @triton.jit
-def _scan_bwd(U, DELTA, A, BM, CM, DY, H_START, DH_LAST, DU, DDELTA, DA_PART, DB, DC,
-              stride_ub, stride_ud, stride_ul, stride_db, stride_dd, stride_dl,
+def _scan_bwd(U, DELTA, A, BM, CM, DSKIP, Z, BIAS, DOUT, H_START, DH_LAST,
+              DU, DDELTA, DZ, DA_PART, DD_PART, DB, DC,
+              stride_ub, stride_ud, stride_ul, stride_db, stride_dd, stride_dl, stride_zb, stride_zd, stride_zl,
               stride_bb, stride_bg, stride_bn, stride_bl, stride_cb, stride_cg, stride_cn, stride_cl,
               Dch, N, L, per_group, n_groups,
+              HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
               HAS_DH_LAST: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -113,20 +146,25 @@ def _scan_bwd(U, DELTA, A, BM, CM, DY, H_START, DH_LAST, DU, DDELTA, DA_PART, DB
         g_next = tl.load(DH_LAST + (b * Dch + offs_d[:, None]) * N + offs_n[None, :], mask=state_mask, other=0.0)
     else:
         g_next = tl.zeros([BD, BN], tl.float32)
+    if HAS_D:
+        d_skip = tl.load(DSKIP + offs_d, mask=d_ok, other=0.0)
     da_acc = tl.zeros([BD, BN], tl.float32)
+    dd_acc = tl.zeros([BD], tl.float32)
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i
         steps = (c * BL + offs_l).to(tl.int64)
         l_ok = steps < L
-        u, dl, a, bm, cm = _load_chunk(U, DELTA, A, BM, CM, b, offs_d, offs_n, steps, Dch, N, L, group,
-                                       stride_ub, stride_ud, stride_ul, stride_db, stride_dd, stride_dl,
-                                       stride_bb, stride_bg, stride_bn, stride_bl,
-                                       stride_cb, stride_cg, stride_cn, stride_cl)
+        dl_mask = d_ok[:, None] & l_ok[None, :]
+        dl, raw = _step_sizes(DELTA, BIAS, b, offs_d, steps, d_ok, L, stride_db, stride_dd, stride_dl,
+                              HAS_BIAS, SOFTPLUS)
         # delta one step ahead: exp(delta_{t+1} A) carries g_{t+1} back to g_t (1 past the end)
-        dl_next = tl.load(DELTA + b * stride_db + offs_d[:, None] * stride_dd + (steps + 1)[None, :] * stride_dl,
-                          mask=d_ok[:, None] & ((steps + 1) < L)[None, :], other=0.0).to(tl.float32)
-        dy = tl.load(DY + (b * Dch + offs_d[:, None]) * L + steps[None, :], mask=d_ok[:, None] & l_ok[None, :],
-                     other=0.0)
+        dl_next, _ = _step_sizes(DELTA, BIAS, b, offs_d, steps + 1, d_ok, L, stride_db, stride_dd, stride_dl,
+                                 HAS_BIAS, SOFTPLUS)
+        u, a, bm, cm = _load_chunk(U, A, BM, CM, b, offs_d, offs_n, steps, Dch, N, L, group,
+                                   stride_ub, stride_ud, stride_ul, stride_bb, stride_bg, stride_bn, stride_bl,
+                                   stride_cb, stride_cg, stride_cn, stride_cl)
+        row = (b * Dch + offs_d[:, None]) * L + steps[None, :]
+        dout = tl.load(DOUT + row, mask=dl_mask, other=0.0)
         # recompute h inside the chunk from the state saved at its start
         h0 = tl.load(H_START + ((b * n_chunks + c) * Dch + offs_d[:, None]) * N + offs_n[None, :], mask=state_mask,
                      other=0.0)
@@ -134,6 +172,17 @@ def _scan_bwd(U, DELTA, A, BM, CM, DY, H_START, DH_LAST, DU, DDELTA, DA_PART, DB
         push = (dl * u)[:, None, :] * bm
         a_run, b_run = tl.associative_scan((decay, push), 2, _affine_combine)
         hs = a_run * h0[:, :, None] + b_run
+        # back through the epilogue: out = (y + D u) * silu(z)
+        dy = dout
+        if HAS_Z:
+            z = tl.load(Z + b * stride_zb + offs_d[:, None] * stride_zd + steps[None, :] * stride_zl, mask=dl_mask,
+                        other=0.0).to(tl.float32)
+            pre = tl.sum(cm * hs, axis=1)
+            if HAS_D:
+                pre += d_skip[:, None] * u
+            sig = tl.sigmoid(z)
+            tl.store(DZ + row, dout * pre * sig * (1.0 + z * (1.0 - sig)), mask=dl_mask)  # silu' = s (1 + z (1 - s))
+            dy = dout * z * sig
         # g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}: a scan over time reversed (flip, scan, flip back)
         carry = tl.exp(dl_next[:, None, :] * a[:, :, None])
         inject = cm * dy[:, None, :]
@@ -141,11 +190,15 @@ def _scan_bwd(U, DELTA, A, BM, CM, DY, H_START, DH_LAST, DU, DDELTA, DA_PART, DB
         g = tl.flip(gb, 2) + tl.flip(ga, 2) * g_next[:, :, None]  # [BD, BN, BL]
         decayed_prev = hs - push  # exp(delta_t A) h_{t-1}
         du = tl.sum(g * bm, axis=1) * dl
+        if HAS_D:
+            du += dy * d_skip[:, None]
+            dd_acc += tl.sum(dy * u, axis=1)
         ddelta = tl.sum(g * (a[:, :, None] * decayed_prev + bm * u[:, None, :]), axis=1)
+        if SOFTPLUS:  # d softplus(x) / dx = sigmoid(x)
+            ddelta = ddelta * tl.sigmoid(raw)
         da_acc += tl.sum(g * decayed_prev * dl[:, None, :], axis=2)
-        row = (b * Dch + offs_d[:, None]) * L + steps[None, :]
-        tl.store(DU + row, du, mask=d_ok[:, None] & l_ok[None, :])
-        tl.store(DDELTA + row, ddelta, mask=d_ok[:, None] & l_ok[None, :])
+        tl.store(DU + row, du, mask=dl_mask)
+        tl.store(DDELTA + row, ddelta, mask=dl_mask)
         # dB and dC sum over the channels of a group; this program's channels all lie in one group
         # (_blocks), so it adds its partial sum into that group's rows: [B, G, N, L]
         my_group = (pid_d * BD) // per_group
@@ -155,6 +208,8 @@ def _scan_bwd(U, DELTA, A, BM, CM, DY, H_START, DH_LAST, DU, DDELTA, DA_PART, DB
         tl.atomic_add(DC + part, tl.sum(hs * dy[:, None, :], axis=0), mask=pmask)
         g_next = tl.sum(tl.where(offs_l[None, None, :] == 0, g, 0.0), axis=2)  # g at the chunk's first step
     tl.store(DA_PART + (b * Dch + offs_d[:, None]) * N + offs_n[None, :], da_acc, mask=state_mask)
+    if HAS_D:
+        tl.store(DD_PART + b * Dch + offs_d, dd_acc, mask=d_ok)
 
 
 def _blocks(n_state: int, per_group: int) -> tuple[int, int, int]:
@@ -172,63 +227,80 @@ def _bc_view(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int], 
     return t4, t4.stride(), t4.shape[1]
 
 
-def _forward(u, delta, A, B4, C4, save: bool):
+def _strides3(t):
+    # strides of an optional [B, D, L] tensor (zeros when absent: never read)
+    return t.stride() if t is not None else (0, 0, 0)
+
+
+def _forward(u, delta, A, B4, C4, D, z, bias, softplus: bool, save: bool):
     Bsz, Dch, L = u.shape
     N = A.shape[1]
     bd, bn, bl = _blocks(N, Dch // B4.shape[1])
-    y = empty((Bsz, Dch, L), dtype=torch.float32, device=u.device)
+    out = empty((Bsz, Dch, L), dtype=u.dtype, device=u.device)
     n_chunks = triton.cdiv(L, bl)
-    h_start = torch.empty((Bsz, n_chunks, Dch, N), dtype=torch.float32, device=u.device) if save else y
+    h_start = torch.empty((Bsz, n_chunks, Dch, N), dtype=torch.float32, device=u.device) if save else out
     h_last = empty((Bsz, Dch, N), dtype=torch.float32, device=u.device)
-    grid = (Bsz, triton.cdiv(Dch, bd))
-    _scan_fwd[grid](u, delta, A, B4, C4, y, h_start, h_last, *u.stride(), *delta.stride(), *B4.stride(),
-                    *C4.stride(), Dch, N, L, Dch // B4.shape[1], SAVE=save, BD=bd, BN=bn, BL=bl,
-                    num_warps=4)
-    return y, h_last, (h_start if save else None)
+    _scan_fwd[(Bsz, triton.cdiv(Dch, bd))](
+        u, delta, A, B4, C4, D if D is not None else A, z if z is not None else u, bias if bias is not None else A,
+        out, h_start, h_last, *u.stride(), *delta.stride(), *_strides3(z), *B4.stride(), *C4.stride(),
+        Dch, N, L, Dch // B4.shape[1], HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
+        SOFTPLUS=softplus, SAVE=save, BD=bd, BN=bn, BL=bl, num_warps=4)
+    return out, h_last, (h_start if save else None)
 
 
-def _backward(u, delta, A, B4, C4, h_start, dy, dh_last):
+def _backward(u, delta, A, B4, C4, D, z, bias, softplus: bool, h_start, dout, dh_last):
     Bsz, Dch, L = u.shape
     N = A.shape[1]
     bd, bn, bl = _blocks(N, Dch // B4.shape[1])
-    nblk = triton.cdiv(Dch, bd)
-    du = empty((Bsz, Dch, L), dtype=torch.float32, device=u.device)
-    ddelta = empty((Bsz, Dch, L), dtype=torch.float32, device=u.device)
-    da_part = empty((Bsz, Dch, N), dtype=torch.float32, device=u.device)
+    f32 = dict(dtype=torch.float32, device=u.device)
+    du, ddelta = empty((Bsz, Dch, L), **f32), empty((Bsz, Dch, L), **f32)
+    dz = empty((Bsz, Dch, L), **f32) if z is not None else None
+    da_part = empty((Bsz, Dch, N), **f32)
+    dd_part = empty((Bsz, Dch), **f32) if D is not None else None
     groups = B4.shape[1]
-    db = torch.zeros((Bsz, groups, N, L), dtype=torch.float32, device=u.device)  # accumulated atomically
-    dc = torch.zeros((Bsz, groups, N, L), dtype=torch.float32, device=u.device)
-    _scan_bwd[(Bsz, nblk)](u, delta, A, B4, C4, dy, h_start, dh_last if dh_last is not None else du,
-                           du, ddelta, da_part, db, dc, *u.stride(), *delta.stride(), *B4.stride(),
-                           *C4.stride(), Dch, N, L, Dch // groups, groups, HAS_DH_LAST=dh_last is not None,
-                           BD=bd, BN=bn, BL=bl, num_warps=4)
-    return du, ddelta, da_part.sum(0), db, dc
+    db = torch.zeros((Bsz, groups, N, L), **f32)  # accumulated atomically
+    dc = torch.zeros((Bsz, groups, N, L), **f32)
+    _scan_bwd[(Bsz, triton.cdiv(Dch, bd))](
+        u, delta, A, B4, C4, D if D is not None else A, z if z is not None else u, bias if bias is not None else A,
+        dout, h_start, dh_last if dh_last is not None else du,
+        du, ddelta, dz if dz is not None else du, da_part, dd_part if dd_part is not None else du, db, dc,
+        *u.stride(), *delta.stride(), *_strides3(z), *B4.stride(), *C4.stride(),
+        Dch, N, L, Dch // groups, groups, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
+        SOFTPLUS=softplus, HAS_DH_LAST=dh_last is not None, BD=bd, BN=bn, BL=bl, num_warps=4)
+    return du, ddelta, dz, da_part.sum(0), (dd_part.sum(0) if dd_part is not None else None), db, dc
+
+
+def _work(t: torch.Tensor | None) -> torch.Tensor | None:
+    # the small per-channel parameters (A, D, delta_bias) go to the kernels as contiguous float32
+    return t.float().contiguous() if t is not None else None
 
 
 class _SelectiveScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C):
+    def forward(ctx, u, delta, A, B, C, D, z, bias, softplus):
         ctx.set_materialize_grads(False)
-        B4, _, _ = _bc_view(B)
-        C4, _, _ = _bc_view(C)
-        uf, df, af = u.float(), delta.float(), A.float().contiguous()
+        B4, C4 = _bc_view(B)[0], _bc_view(C)[0]
+        Af, Df, bf = _work(A), _work(D), _work(bias)
         with on_device_of(u):
-            y, h_last, h_start = _forward(uf, df, af, B4, C4, save=any(ctx.needs_input_grad))
-        ctx.save_for_backward(uf, df, af, B4, C4, h_start)
-        ctx.b_dim, ctx.dtypes = B.dim(), (u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype)
-        return y, h_last
+            out, h_last, h_start = _forward(u, delta, Af, B4, C4, Df, z, bf, softplus, save=any(ctx.needs_input_grad))
+        ctx.save_for_backward(u, delta, Af, B4, C4, Df, z, bf, h_start)
+        ctx.softplus, ctx.b_dim = softplus, B.dim()
+        ctx.dtypes = [t.dtype if t is not None else None for t in (u, delta, A, B, C, D, z, bias)]
+        return out, h_last
 
     @staticmethod
-    def backward(ctx, dy, dh_last):
-        uf, df, af, B4, C4, h_start = ctx.saved_tensors
-        dy = dy.float().contiguous() if dy is not None else torch.zeros_like(uf)
+    def backward(ctx, dout, dh_last):
+        u, delta, Af, B4, C4, Df, z, bf, h_start = ctx.saved_tensors
+        dout = dout.float().contiguous() if dout is not None else torch.zeros(u.shape, device=u.device)
         dh_last = dh_last.float().contiguous() if dh_last is not None else None
-        with on_device_of(uf):
-            du, ddelta, da, db, dc = _backward(uf, df, af, B4, C4, h_start, dy, dh_last)
+        with on_device_of(u):
+            du, ddelta, dz, da, dd, db, dc = _backward(u, delta, Af, B4, C4, Df, z, bf, ctx.softplus, h_start,
+                                                       dout, dh_last)
         if ctx.b_dim == 3:
             db, dc = db[:, 0], dc[:, 0]
-        t_u, t_d, t_a, t_b, t_c = ctx.dtypes
-        return du.to(t_u), ddelta.to(t_d), da.to(t_a), db.to(t_b), dc.to(t_c)
+        dbias = ddelta.sum((0, 2)) if bf is not None else None  # delta + bias: the same gradient, summed
+        grads = (du, ddelta, da, db, dc, dd, dz, dbias)
+        return (*(g.to(t) if g is not None else None for g, t in zip(grads, ctx.dtypes)), None)
 
 
 def check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
@@ -267,24 +339,18 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """Mamba's selective scan (``mamba_ssm.selective_scan_fn``'s arguments and semantics).
 
     u, delta, z ``[B, D, L]``; real A ``[D, N]`` (N <= 256); B, C ``[B, N, L]`` or grouped
-    ``[B, G, N, L]`` (channel d reads group d // (D/G)); D and delta_bias ``[D]``. With
-    ``delta_softplus``, delta becomes softplus(delta + delta_bias). Returns ``out`` in u's dtype, or
+    ``[B, G, N, L]`` (channel d reads group d // (D/G)); D and delta_bias ``[D]``. The step is
+    delta + delta_bias, passed through softplus when ``delta_softplus``. Returns ``out`` in u's dtype, or
     ``(out, last_state)`` with the float32 state ``[B, D, N]`` after the last step. The scan runs in
-    Triton (forward and backward, float32 inside); every input gets a gradient.
+    Triton with delta_bias, softplus, D and the z gate fused in (forward and backward, float32 inside);
+    every input gets a gradient.
     """
     check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
-    dt = delta.float()
-    if delta_bias is not None:
-        dt = dt + delta_bias.float()[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
-    if u.shape[-1] == 0:
-        y, last = u.new_zeros(u.shape, dtype=torch.float32), torch.zeros(*A.shape, device=u.device)
-        last = last.expand(u.shape[0], *A.shape).contiguous()
-    else:
-        y, last = _SelectiveScan.apply(u, dt, A, B, C)
-    out = y if D is None else y + D.float()[:, None] * u.float()
-    if z is not None:
-        out = out * F.silu(z.float())
-    out = out.to(u.dtype)
+    if not isinstance(delta_softplus, bool):
+        raise TypeError(f"delta_softplus must be a bool, got {type(delta_softplus).__name__}")
+    if u.shape[-1] == 0 or u.shape[0] == 0 or u.shape[1] == 0:  # nothing to scan
+        last = torch.zeros(u.shape[0], *A.shape, device=u.device)
+        out = u.new_zeros(u.shape)
+        return (out, last) if return_last_state else out
+    out, last = _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return (out, last) if return_last_state else out

@@ -126,3 +126,14 @@ def test_gpu_against_mamba_ssm_reference():
     want, want_last = ref_mod.selective_scan_ref(**args, delta_softplus=True, return_last_state=True)
     assert_close(out, want.double(), torch.float32, name="out")
     assert_close(last, want_last.double(), torch.float32, name="last state")
+
+
+@pytest.mark.parametrize("keep", [("D",), ("z",), ("delta_bias",), ("D", "z")])
+def test_each_fused_epilogue_alone(keep):
+    """The kernels fuse delta_bias + softplus on the way in and D, the z gate on the way out: each
+    on its own, so one cannot hide another's mistake."""
+    args = make(seed=7)
+    for name in ("D", "z", "delta_bias"):
+        if name not in keep:
+            args[name] = None
+    check(args, softplus="delta_bias" in keep)
