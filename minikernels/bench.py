@@ -364,6 +364,11 @@ def bench_sparse(ceilings: dict, quick: bool = False) -> list[dict]:
     return rows
 
 
+def _progress(row: dict) -> None:
+    """One line per measurement as it is taken (the table comes at the end of an op)."""
+    print(f"  {row['impl']} {row['pass']} {row['shape']}: {row['ms']:.3f} ms", flush=True)
+
+
 # --- linear attention -----------------------------------------------------------------------------
 
 def _fla_ops() -> dict:
@@ -436,6 +441,7 @@ def bench_linear(ceilings: dict, quick: bool = False) -> list[dict]:
                     rows.append({"impl": impl, "pass": direction, "shape": shape, "B": b, "H": h, "T": t, "D": d,
                                  "decay": gated, "dtype": "bfloat16", "ms": ms, "Mtokps": b * t / (ms * 1e-3) / 1e6,
                                  "timing": method})
+                    _progress(rows[-1])
         del q, k, v, do, q_t, k_t, v_t, do_t
         torch.cuda.empty_cache()
     return rows
@@ -516,6 +522,7 @@ def bench_ssd(ceilings: dict, quick: bool = False) -> list[dict]:
                     continue
                 rows.append({"impl": impl, "pass": direction, "shape": shape, "dtype": "bfloat16", "ms": ms,
                              "Mtokps": b * length / (ms * 1e-3) / 1e6, "timing": method})
+                _progress(rows[-1])
         torch.cuda.empty_cache()
     return rows
 
@@ -553,6 +560,7 @@ def bench_selective_scan(ceilings: dict, quick: bool = False) -> list[dict]:
         gbps = n_bytes / (ms * 1e-3) / 1e9
         rows.append({"impl": impl, "pass": "fwd", "shape": f"B{b} D{d} L{length} N{n}", "dtype": "bfloat16",
                      "ms": ms, "GBps": gbps, "frac_of_copy": gbps / ceilings["copy_GBps"], "timing": "do_bench"})
+        _progress(rows[-1])
     return rows
 
 

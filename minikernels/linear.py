@@ -1,4 +1,4 @@
-"""Chapter 3 (in progress): causal linear attention with an optional per-step decay.
+"""Chapter 3: causal linear attention with an optional per-step decay.
 
     S_t = exp(g_t) S_{t-1} + phi(k_t) v_t^T        (state [Dk, Dv], one per batch and head)
     o_t = phi(q_t)^T S_t                            (no scale factor is applied)
@@ -11,22 +11,27 @@ This module holds what the chapter derives, in PyTorch: the feature maps, and th
 Attention-2) forms of the recurrence that ``mk.reference.linear_attention`` runs step by step; and
 ``linear_attention``, the chunked form in Triton (forward and backward).
 
-The kernels. One program owns a [BK, BV] block of the state of one (batch, head) and walks the chunks
-of C steps in order, keeping its block of S in registers; per chunk (b_t = the log-decays summed
-from the chunk's start, inclusive; b_C the chunk's total):
+The kernels follow the chunked form in two passes, as flash-linear-attention does: a short
+sequential pass finds the state each chunk starts from, then every chunk is computed at once.
+Per chunk c of C steps (b_t = the log-decays summed from the chunk's start, inclusive; b_C the
+chunk's total; M[t, s] = exp(b_t - b_s) for s <= t, else 0; S_c the state entering chunk c; dS_c
+the gradient of the state leaving it):
 
-    forward:   O_c  = (Q K^T * exp(b_t - b_s), s <= t) V + (Q * exp(b_t)) S     (partial over Dk blocks)
-               S   <- exp(b_C) S + (K * exp(b_C - b_s))^T V
-    dQ (same direction):   dQ_c = (dO V^T * exp(b_t - b_s), s <= t) K + exp(b_t) dO S^T
-    dK, dV (reverse, carrying dS, the gradient of the state at the chunk's end):
-               dV_c = (Q K^T * mask)^T dO + (K * exp(b_C - b_s)) dS
-               dK_c = (dO V^T * mask)^T Q + exp(b_C - b_s) V dS^T
-               dS  <- exp(b_C) dS + (Q * exp(b_t))^T dO
+    _la_states  (sequential):  S_{c+1} = exp(b_C) S_c + (K * exp(b_C - b))^T V, S_c stored
+    _la_out     (parallel):    O_c  = (Q K^T * M) V + exp(b) Q S_c
+    _la_dstates (sequential, in reverse):  dS_{c-1} = exp(b_C) dS_c + (Q * exp(b))^T dO, dS_c stored
+    _la_dv      (parallel):    dV_c = (Q K^T * M)^T dO + exp(b_C - b) K dS_c
+    _la_dqdk    (parallel):    dQ_c = (dO V^T * M) K + exp(b) dO S_c^T
+                               dK_c = (dO V^T * M)^T Q + exp(b_C - b) V dS_c^T
 
-Products over Dk (Q K^T) and Dv (dO V^T) are split across the programs of other blocks, so each
-program writes a partial result and the host sums them. The decay's gradient needs no kernel: with
-G the cumulative log-decay, o depends on G through q~ = e^G q and k~ = e^-G k, so
-dL/dG_t = q_t . dq_t - k_t . dk_t (plus <dS_N, S_N> at the last step), and dL/dg is its sum from t on.
+The states cost B*H*(N/C)*Dk*Dv values of memory (written once, read once), and buy parallelism over
+chunks: the sequential passes do one small product per chunk, the rest runs on every chunk at once.
+The backward recomputes the states rather than keeping them from the forward.
+
+The decay's gradient comes from the same identity inside each chunk: o depends on b through
+q~ = e^b q and k~ = e^-b k, and on b_C through S_{c+1}, so dL/db_t = q_t . dq_t - k_t . dk_t plus
+<dS_c, S_{c+1}> for b_C; dL/dg_t is the sum of these from t to the chunk's end. (Summed over the
+whole sequence instead, the rounding errors of q.dq - k.dk pile up with its length.)
 """
 
 from __future__ import annotations
@@ -160,169 +165,266 @@ def chunked_form(q, k, v, decay=None, feature_map=None, normalize=False, chunk_s
 # --------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _chunk_decays(G, g_base, stride_gn, rows, row_ok, C: tl.constexpr, HAS_DECAY: tl.constexpr):
-    # b_t (log-decay summed from the chunk's start, inclusive), b_C, and the causal decay mask
-    # exp(b_t - b_s) for s <= t (masked before exp: above the diagonal b_t - b_s > 0 could overflow)
-    offs = tl.arange(0, C)
-    causal = offs[:, None] >= offs[None, :]
+def _chunk_cumsum(G, g_base, stride_gn, rows, row_ok, C: tl.constexpr, HAS_DECAY: tl.constexpr):
+    # b_t: the log-decays summed from the chunk's start, inclusive; b_C: the chunk's total
     if HAS_DECAY:
         g = tl.load(G + g_base + rows * stride_gn, mask=row_ok, other=0.0).to(tl.float32)  # padding: 0
         # a log-decay of -inf (a hard reset) must not make -inf - -inf = NaN below; exp(-80) ~ 2e-35 still
         # forgets everything, and keeps b_t - b_s exact to ~1e-5 (a clamp at -1e4 would lose 1e-3 to rounding)
         g = tl.maximum(g, -80.0)
-        b = tl.cumsum(g, 0)
-        b_last = tl.sum(g, 0)
-        mask = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
-    else:
-        b = tl.zeros([C], tl.float32)
-        b_last = 0.0
-        mask = tl.where(causal, 1.0, 0.0)
-    return b, b_last, mask
+        return tl.cumsum(g, 0), tl.sum(g, 0)
+    return tl.zeros([C], tl.float32), 0.0
 
 
 @triton.jit
-def _la_fwd(Q, K, V, G, S0, O_PART, S_OUT,
+def _decay_mask(b, C: tl.constexpr, TRANSPOSED: tl.constexpr):
+    # exp(b_t - b_s) for s <= t at [t, s] (or at [s, t] when TRANSPOSED), 0 elsewhere; masked before
+    # exp, since above the diagonal b_t - b_s > 0 could overflow
+    offs = tl.arange(0, C)
+    if TRANSPOSED:
+        return tl.exp(tl.where(offs[:, None] <= offs[None, :], b[None, :] - b[:, None], float("-inf")))
+    return tl.exp(tl.where(offs[:, None] >= offs[None, :], b[:, None] - b[None, :], float("-inf")))
+
+
+@triton.jit
+def _la_states(K, V, G, S0, HS, S_OUT,
+               stride_kb, stride_kh, stride_kn, stride_kd,
+               stride_vb, stride_vh, stride_vn, stride_vd,
+               stride_gb, stride_gh, stride_gn,
+               H, N, DK, DV, NT,
+               HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr,
+               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
+    # The only sequential pass of the forward: one program per [BK, BV] block of one (batch, head)'s
+    # state walks the chunks in order and writes the state each chunk starts from (HS[bh, c]).
+    ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b_idx, h = bh // H, bh % H
+    offs_c = tl.arange(0, C)
+    offs_k = ik * BK + tl.arange(0, BK)
+    offs_v = iv * BV + tl.arange(0, BV)
+    tile_ok = (offs_k < DK)[:, None] & (offs_v < DV)[None, :]
+    k_base = K + b_idx.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b_idx.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    g_base = b_idx.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+    tile = offs_k[:, None] * DV + offs_v[None, :]  # states are [.., DK, DV], contiguous
+    hs_base = HS + bh.to(tl.int64) * NT * DK * DV
+    if HAS_S0:
+        S = tl.load(S0 + bh.to(tl.int64) * DK * DV + tile, mask=tile_ok, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], tl.float32)
+    for c in range(0, NT):
+        tl.store(hs_base + c * DK * DV + tile, S.to(HS.dtype.element_ty), mask=tile_ok)  # write BK*BV
+        rows = (c * C + offs_c).to(tl.int64)  # 64-bit: rows * stride can pass 2^31 for long sequences
+        row_ok = rows < N
+        k = tl.load(k_base + rows[:, None] * stride_kn + offs_k[None, :] * stride_kd,
+                    mask=row_ok[:, None] & (offs_k < DK)[None, :], other=0.0)  # read C*BK
+        v = tl.load(v_base + rows[:, None] * stride_vn + offs_v[None, :] * stride_vd,
+                    mask=row_ok[:, None] & (offs_v < DV)[None, :], other=0.0)  # read C*BV
+        b, b_last = _chunk_cumsum(G, g_base, stride_gn, rows, row_ok, C, HAS_DECAY)
+        k_out = (k * tl.exp(b_last - b)[:, None]).to(k.dtype)  # how much of step s reaches the chunk's end
+        S = S * tl.exp(b_last) + tl.dot(tl.trans(k_out), v, input_precision=DOT_PREC)
+    if STORE_FINAL:
+        tl.store(S_OUT + bh.to(tl.int64) * DK * DV + tile, S, mask=tile_ok)
+
+
+@triton.jit
+def _la_out(Q, K, V, G, HS, O,
             stride_qb, stride_qh, stride_qn, stride_qd,
             stride_kb, stride_kh, stride_kn, stride_kd,
             stride_vb, stride_vh, stride_vn, stride_vd,
             stride_gb, stride_gh, stride_gn,
-            H, N, DK, DV,
-            HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, STORE_STATE: tl.constexpr,
-            C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
-    ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+            stride_ob, stride_oh, stride_on, stride_od,
+            H, N, DK, DV, NT,
+            HAS_DECAY: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+            DOT_PREC: tl.constexpr):
+    # Every chunk at once, given the state it starts from: O_c = (Q K^T * M) V + exp(b) Q S_c.
+    ic, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b_idx, h = bh // H, bh % H
     offs_c = tl.arange(0, C)
-    offs_k = ik * BK + tl.arange(0, BK)
     offs_v = iv * BV + tl.arange(0, BV)
-    k_ok, v_ok = offs_k < DK, offs_v < DV
+    v_ok = offs_v < DV
+    rows = (ic * C + offs_c).to(tl.int64)
+    row_ok = rows < N
     q_base = Q + b_idx.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b_idx.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = V + b_idx.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    g_base = b_idx.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
-    state_off = bh.to(tl.int64) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]  # states: [B, H, DK, DV]
-    if HAS_S0:
-        S = tl.load(S0 + state_off, mask=k_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
-    else:
-        S = tl.zeros([BK, BV], tl.float32)
-    o_base = O_PART + (ik * tl.num_programs(2) + bh).to(tl.int64) * N * DV  # partial O: [NK, B*H, N, DV]
-    for start in range(0, N, C):
-        rows = (start + offs_c).to(tl.int64)  # 64-bit: rows * stride can pass 2^31 for long sequences
-        row_ok = rows < N
+    hs_base = HS + (bh.to(tl.int64) * NT + ic) * DK * DV
+    b, b_last = _chunk_cumsum(G, b_idx.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh, stride_gn,
+                              rows, row_ok, C, HAS_DECAY)
+    a = tl.zeros([C, C], tl.float32)
+    o = tl.zeros([C, BV], tl.float32)
+    for k0 in range(0, DK, BK):  # products over Dk, a block at a time
+        offs_k = k0 + tl.arange(0, BK)
+        k_ok = offs_k < DK
         q = tl.load(q_base + rows[:, None] * stride_qn + offs_k[None, :] * stride_qd,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # read C*BK
         k = tl.load(k_base + rows[:, None] * stride_kn + offs_k[None, :] * stride_kd,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # read C*BK
-        v = tl.load(v_base + rows[:, None] * stride_vn + offs_v[None, :] * stride_vd,
-                    mask=row_ok[:, None] & v_ok[None, :], other=0.0)  # read C*BV
-        b, b_last, mask = _chunk_decays(G, g_base, stride_gn, rows, row_ok, C, HAS_DECAY)
-        a = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * mask  # intra-chunk scores [C, C]
-        q_in = (q * tl.exp(b)[:, None]).to(q.dtype)  # q decayed back to the chunk's start
-        o = tl.dot(a.to(v.dtype), v, input_precision=DOT_PREC)
-        o += tl.dot(q_in, S.to(q.dtype), input_precision=DOT_PREC)  # what earlier chunks left in S
-        tl.store(o_base + rows[:, None] * DV + offs_v[None, :], o, mask=row_ok[:, None] & v_ok[None, :])
-        k_out = (k * tl.exp(b_last - b)[:, None]).to(k.dtype)  # how much of step s reaches the chunk's end
-        S = S * tl.exp(b_last) + tl.dot(tl.trans(k_out), v, input_precision=DOT_PREC)
-    if STORE_STATE:
-        tl.store(S_OUT + state_off, S, mask=k_ok[:, None] & v_ok[None, :])
+        s = tl.load(hs_base + offs_k[:, None] * DV + offs_v[None, :],
+                    mask=k_ok[:, None] & v_ok[None, :], other=0.0)  # read BK*BV of the chunk's state
+        a += tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        o += tl.dot(q, s, input_precision=DOT_PREC)
+    v = tl.load(v_base + rows[:, None] * stride_vn + offs_v[None, :] * stride_vd,
+                mask=row_ok[:, None] & v_ok[None, :], other=0.0)  # read C*BV
+    a = a * _decay_mask(b, C, False)
+    o = o * tl.exp(b)[:, None] + tl.dot(a.to(v.dtype), v, input_precision=DOT_PREC)
+    o_base = O + b_idx.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(o_base + rows[:, None] * stride_on + offs_v[None, :] * stride_od, o.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & v_ok[None, :])  # write C*BV
 
 
 @triton.jit
-def _la_bwd_dq(K, V, G, S0, DO, DQ_PART,
-               stride_kb, stride_kh, stride_kn, stride_kd,
-               stride_vb, stride_vh, stride_vn, stride_vd,
-               stride_gb, stride_gh, stride_gn,
-               stride_dob, stride_doh, stride_don, stride_dod,
-               H, N, DK, DV,
-               HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr,
-               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
+def _la_dstates(Q, DO, G, DS_END, DHS, DS0,
+                stride_qb, stride_qh, stride_qn, stride_qd,
+                stride_dob, stride_doh, stride_don, stride_dod,
+                stride_gb, stride_gh, stride_gn,
+                H, N, DK, DV, NT,
+                HAS_DECAY: tl.constexpr, HAS_DS_END: tl.constexpr,
+                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
+    # The backward's sequential pass, chunks in reverse: dS, the gradient of the state at the end of
+    # chunk c, goes to DHS[bh, c]; dS <- exp(b_C) dS + (Q * exp(b))^T dO. What is left is dS0.
     ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b_idx, h = bh // H, bh % H
     offs_c = tl.arange(0, C)
     offs_k = ik * BK + tl.arange(0, BK)
     offs_v = iv * BV + tl.arange(0, BV)
-    k_ok, v_ok = offs_k < DK, offs_v < DV
-    k_base = K + b_idx.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = V + b_idx.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    do_base = DO + b_idx.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-    g_base = b_idx.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
-    state_off = bh.to(tl.int64) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
-    if HAS_S0:
-        S = tl.load(S0 + state_off, mask=k_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
-    else:
-        S = tl.zeros([BK, BV], tl.float32)
-    dq_base = DQ_PART + (iv * tl.num_programs(2) + bh).to(tl.int64) * N * DK  # partial dQ: [NV, B*H, N, DK]
-    for start in range(0, N, C):
-        rows = (start + offs_c).to(tl.int64)
-        row_ok = rows < N
-        k = tl.load(k_base + rows[:, None] * stride_kn + offs_k[None, :] * stride_kd,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        v = tl.load(v_base + rows[:, None] * stride_vn + offs_v[None, :] * stride_vd,
-                    mask=row_ok[:, None] & v_ok[None, :], other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_don + offs_v[None, :] * stride_dod,
-                     mask=row_ok[:, None] & v_ok[None, :], other=0.0)
-        b, b_last, mask = _chunk_decays(G, g_base, stride_gn, rows, row_ok, C, HAS_DECAY)
-        da = tl.dot(do, tl.trans(v), input_precision=DOT_PREC) * mask  # dA = dO V^T, masked [C, C]
-        dq = tl.dot(da.to(k.dtype), k, input_precision=DOT_PREC)
-        dq += tl.dot(do, tl.trans(S.to(do.dtype)), input_precision=DOT_PREC) * tl.exp(b)[:, None]
-        tl.store(dq_base + rows[:, None] * DK + offs_k[None, :], dq, mask=row_ok[:, None] & k_ok[None, :])
-        k_out = (k * tl.exp(b_last - b)[:, None]).to(k.dtype)
-        S = S * tl.exp(b_last) + tl.dot(tl.trans(k_out), v, input_precision=DOT_PREC)
-
-
-@triton.jit
-def _la_bwd_dkdv(Q, K, V, G, DO, DS_END, DK_PART, DV_PART, DS0,
-                 stride_qb, stride_qh, stride_qn, stride_qd,
-                 stride_kb, stride_kh, stride_kn, stride_kd,
-                 stride_vb, stride_vh, stride_vn, stride_vd,
-                 stride_gb, stride_gh, stride_gn,
-                 stride_dob, stride_doh, stride_don, stride_dod,
-                 H, N, DK, DV,
-                 HAS_DECAY: tl.constexpr, HAS_DS_END: tl.constexpr, STORE_DS0: tl.constexpr,
-                 C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
-    ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b_idx, h = bh // H, bh % H
-    offs_c = tl.arange(0, C)
-    offs_k = ik * BK + tl.arange(0, BK)
-    offs_v = iv * BV + tl.arange(0, BV)
-    k_ok, v_ok = offs_k < DK, offs_v < DV
+    tile_ok = (offs_k < DK)[:, None] & (offs_v < DV)[None, :]
     q_base = Q + b_idx.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b_idx.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = V + b_idx.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     do_base = DO + b_idx.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
     g_base = b_idx.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
-    state_off = bh.to(tl.int64) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
+    tile = offs_k[:, None] * DV + offs_v[None, :]
+    dhs_base = DHS + bh.to(tl.int64) * NT * DK * DV
     if HAS_DS_END:  # the gradient of the returned final state
-        dS = tl.load(DS_END + state_off, mask=k_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+        dS = tl.load(DS_END + bh.to(tl.int64) * DK * DV + tile, mask=tile_ok, other=0.0).to(tl.float32)
     else:
         dS = tl.zeros([BK, BV], tl.float32)
-    dk_base = DK_PART + (iv * tl.num_programs(2) + bh).to(tl.int64) * N * DK  # partial dK: [NV, B*H, N, DK]
-    dv_base = DV_PART + (ik * tl.num_programs(2) + bh).to(tl.int64) * N * DV  # partial dV: [NK, B*H, N, DV]
-    n_chunks = tl.cdiv(N, C)
-    for i in range(0, n_chunks):  # chunks in reverse: dS flows from the end of the sequence back
-        rows = ((n_chunks - 1 - i) * C + offs_c).to(tl.int64)
+    for i in range(0, NT):
+        c = NT - 1 - i
+        tl.store(dhs_base + c * DK * DV + tile, dS.to(DHS.dtype.element_ty), mask=tile_ok)  # write BK*BV
+        rows = (c * C + offs_c).to(tl.int64)
         row_ok = rows < N
         q = tl.load(q_base + rows[:, None] * stride_qn + offs_k[None, :] * stride_qd,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        k = tl.load(k_base + rows[:, None] * stride_kn + offs_k[None, :] * stride_kd,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        v = tl.load(v_base + rows[:, None] * stride_vn + offs_v[None, :] * stride_vd,
-                    mask=row_ok[:, None] & v_ok[None, :], other=0.0)
+                    mask=row_ok[:, None] & (offs_k < DK)[None, :], other=0.0)  # read C*BK
         do = tl.load(do_base + rows[:, None] * stride_don + offs_v[None, :] * stride_dod,
-                     mask=row_ok[:, None] & v_ok[None, :], other=0.0)
-        b, b_last, mask = _chunk_decays(G, g_base, stride_gn, rows, row_ok, C, HAS_DECAY)
-        to_end = tl.exp(b_last - b)  # decay from step s to the chunk's end
-        a = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * mask  # [C (t), C (s)]
-        dv = tl.dot(tl.trans(a).to(do.dtype), do, input_precision=DOT_PREC)
-        dv += tl.dot((k * to_end[:, None]).to(k.dtype), dS.to(k.dtype), input_precision=DOT_PREC)
-        da = tl.dot(do, tl.trans(v), input_precision=DOT_PREC) * mask
-        dk = tl.dot(tl.trans(da).to(q.dtype), q, input_precision=DOT_PREC)
-        dk += tl.dot(v, tl.trans(dS.to(v.dtype)), input_precision=DOT_PREC) * to_end[:, None]
-        tl.store(dk_base + rows[:, None] * DK + offs_k[None, :], dk, mask=row_ok[:, None] & k_ok[None, :])
-        tl.store(dv_base + rows[:, None] * DV + offs_v[None, :], dv, mask=row_ok[:, None] & v_ok[None, :])
-        q_in = (q * tl.exp(b)[:, None]).to(q.dtype)
+                     mask=row_ok[:, None] & (offs_v < DV)[None, :], other=0.0)  # read C*BV
+        b, b_last = _chunk_cumsum(G, g_base, stride_gn, rows, row_ok, C, HAS_DECAY)
+        q_in = (q * tl.exp(b)[:, None]).to(q.dtype)  # q decayed back to the chunk's start
         dS = dS * tl.exp(b_last) + tl.dot(tl.trans(q_in), do, input_precision=DOT_PREC)
-    if STORE_DS0:
-        tl.store(DS0 + state_off, dS, mask=k_ok[:, None] & v_ok[None, :])
+    tl.store(DS0 + bh.to(tl.int64) * DK * DV + tile, dS, mask=tile_ok)
+
+
+@triton.jit
+def _la_dv(Q, K, G, DO, DHS, DVO,
+           stride_qb, stride_qh, stride_qn, stride_qd,
+           stride_kb, stride_kh, stride_kn, stride_kd,
+           stride_gb, stride_gh, stride_gn,
+           stride_dob, stride_doh, stride_don, stride_dod,
+           stride_vb, stride_vh, stride_vn, stride_vd,
+           H, N, DK, DV, NT,
+           HAS_DECAY: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+           DOT_PREC: tl.constexpr):
+    # dV_c = (Q K^T * M)^T dO + (K * exp(b_C - b)) dS_c, every chunk at once. A^T = K Q^T is its own
+    # product rather than tl.trans of Q K^T: a transposed dot result feeding a dot is what Triton
+    # 3.4-3.7.0 miscompiles on Hopper (fla-org/flash-linear-attention#640).
+    ic, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b_idx, h = bh // H, bh % H
+    offs_c = tl.arange(0, C)
+    offs_v = iv * BV + tl.arange(0, BV)
+    v_ok = offs_v < DV
+    rows = (ic * C + offs_c).to(tl.int64)
+    row_ok = rows < N
+    q_base = Q + b_idx.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b_idx.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    dhs_base = DHS + (bh.to(tl.int64) * NT + ic) * DK * DV
+    b, b_last = _chunk_cumsum(G, b_idx.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh, stride_gn,
+                              rows, row_ok, C, HAS_DECAY)
+    at = tl.zeros([C, C], tl.float32)
+    dv = tl.zeros([C, BV], tl.float32)
+    for k0 in range(0, DK, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        k_ok = offs_k < DK
+        q = tl.load(q_base + rows[:, None] * stride_qn + offs_k[None, :] * stride_qd,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # read C*BK
+        k = tl.load(k_base + rows[:, None] * stride_kn + offs_k[None, :] * stride_kd,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # read C*BK
+        ds = tl.load(dhs_base + offs_k[:, None] * DV + offs_v[None, :],
+                     mask=k_ok[:, None] & v_ok[None, :], other=0.0)  # read BK*BV
+        at += tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # A^T[s, t] = k_s . q_t
+        dv += tl.dot(k, ds, input_precision=DOT_PREC)
+    do = tl.load(DO + b_idx.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                 + rows[:, None] * stride_don + offs_v[None, :] * stride_dod,
+                 mask=row_ok[:, None] & v_ok[None, :], other=0.0)  # read C*BV
+    at = at * _decay_mask(b, C, True)
+    dv = dv * tl.exp(b_last - b)[:, None] + tl.dot(at.to(do.dtype), do, input_precision=DOT_PREC)
+    tl.store(DVO + b_idx.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+             + rows[:, None] * stride_vn + offs_v[None, :] * stride_vd, dv.to(DVO.dtype.element_ty),
+             mask=row_ok[:, None] & v_ok[None, :])  # write C*BV
+
+
+@triton.jit
+def _la_dqdk(Q, K, V, G, DO, HS, DHS, DQ, DKO, DG_PART,
+             stride_qb, stride_qh, stride_qn, stride_qd,
+             stride_kb, stride_kh, stride_kn, stride_kd,
+             stride_vb, stride_vh, stride_vn, stride_vd,
+             stride_gb, stride_gh, stride_gn,
+             stride_dob, stride_doh, stride_don, stride_dod,
+             H, N, DK, DV, NT,
+             HAS_DECAY: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+             DOT_PREC: tl.constexpr):
+    # dQ_c = (dO V^T * M) K + exp(b) dO S_c^T and dK_c = (dO V^T * M)^T Q + exp(b_C - b) V dS_c^T, every
+    # chunk at once (dA^T = V dO^T is its own product, see _la_dv). Then the decay's gradient, inside
+    # the chunk only (b is chunk-local): dL/db_t = q_t . dq_t - k_t . dk_t, plus <dS_c, S_end of c> for
+    # b_C, summed from t to the chunk's end. Summing over chunk-local terms keeps the error of a long
+    # sequence from piling up, as a global sum of q.dq - k.dk would.
+    ic, ik, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b_idx, h = bh // H, bh % H
+    offs_c = tl.arange(0, C)
+    offs_k = ik * BK + tl.arange(0, BK)
+    k_ok = offs_k < DK
+    rows = (ic * C + offs_c).to(tl.int64)
+    row_ok = rows < N
+    q_off = b_idx.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None] * stride_qn
+    k_off = b_idx.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + rows[:, None] * stride_kn
+    v_base = V + b_idx.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    do_base = DO + b_idx.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    state_base = (bh.to(tl.int64) * NT + ic) * DK * DV
+    b, b_last = _chunk_cumsum(G, b_idx.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh, stride_gn,
+                              rows, row_ok, C, HAS_DECAY)
+    q = tl.load(Q + q_off + offs_k[None, :] * stride_qd, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    k = tl.load(K + k_off + offs_k[None, :] * stride_kd, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    da = tl.zeros([C, C], tl.float32)
+    dat = tl.zeros([C, C], tl.float32)
+    dq = tl.zeros([C, BK], tl.float32)
+    dk = tl.zeros([C, BK], tl.float32)
+    state_dot = tl.zeros([BK], tl.float32)  # <S_c, dS_c>, one entry per row of this Dk block
+    for v0 in range(0, DV, BV):  # products over Dv, a block at a time
+        offs_v = v0 + tl.arange(0, BV)
+        v_ok = offs_v < DV
+        v = tl.load(v_base + rows[:, None] * stride_vn + offs_v[None, :] * stride_vd,
+                    mask=row_ok[:, None] & v_ok[None, :], other=0.0)  # read C*BV
+        do = tl.load(do_base + rows[:, None] * stride_don + offs_v[None, :] * stride_dod,
+                     mask=row_ok[:, None] & v_ok[None, :], other=0.0)  # read C*BV
+        tile = state_base + offs_k[:, None] * DV + offs_v[None, :]
+        s = tl.load(HS + tile, mask=k_ok[:, None] & v_ok[None, :], other=0.0)  # read BK*BV
+        ds = tl.load(DHS + tile, mask=k_ok[:, None] & v_ok[None, :], other=0.0)  # read BK*BV
+        da += tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # dA[t, s] = do_t . v_s
+        dat += tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # dA^T
+        dq += tl.dot(do, tl.trans(s), input_precision=DOT_PREC)
+        dk += tl.dot(v, tl.trans(ds), input_precision=DOT_PREC)
+        state_dot += tl.sum(s.to(tl.float32) * ds.to(tl.float32), 1)
+    dq = dq * tl.exp(b)[:, None] + tl.dot((da * _decay_mask(b, C, False)).to(k.dtype), k, input_precision=DOT_PREC)
+    dk_state = dk * tl.exp(b_last - b)[:, None]  # the part of dk that flows through S_end
+    dk = dk_state + tl.dot((dat * _decay_mask(b, C, True)).to(q.dtype), q, input_precision=DOT_PREC)
+    grad_off = (bh.to(tl.int64) * N + rows[:, None]) * DK + offs_k[None, :]  # dQ, dK: contiguous
+    tl.store(DQ + grad_off, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])  # write C*BK
+    tl.store(DKO + grad_off, dk.to(DKO.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])  # write C*BK
+    if HAS_DECAY:
+        qf, kf = q.to(tl.float32), k.to(tl.float32)
+        d_b = tl.sum(qf * dq, 1) - tl.sum(kf * dk, 1)
+        # <dS_c, S_end> = exp(b_C) <dS_c, S_c> + sum_s k_s . dk_state_s, the whole of it at b_C
+        end_term = tl.exp(b_last) * tl.sum(state_dot, 0) + tl.sum(tl.sum(kf * dk_state, 1), 0)
+        d_b += tl.where(offs_c == C - 1, end_term, 0.0)
+        dg = tl.sum(d_b, 0) - tl.cumsum(d_b, 0) + d_b  # summed from t to the chunk's end
+        tl.store(DG_PART + (ik * tl.num_programs(2) + bh).to(tl.int64) * N + rows, dg, mask=row_ok)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,18 +435,12 @@ CHUNK_SIZES = (16, 32, 64, 128)
 MAX_FEATURE_DIM = 1024
 
 
-def _block(d: int) -> int:
-    # state block per program: at most 64 x 64 (16 KB of fp32 registers), at least 16 (tl.dot)
-    return max(16, min(64, triton.next_power_of_2(d)))
+def _block(d: int, most: int) -> int:
+    return max(16, min(most, triton.next_power_of_2(d)))  # at least 16: tl.dot's smallest tile
 
 
-def _grid_blocks(dk: int, dv: int) -> tuple[int, int, int, int]:
-    bk, bv = _block(dk), _block(dv)
-    return bk, bv, triton.cdiv(dk, bk), triton.cdiv(dv, bv)
-
-
-def _launch_opts(dtype) -> dict:
-    opts = {"num_warps": 4, "num_stages": 1 if is_interpreter() else 2}
+def _launch_opts(dtype, num_warps: int = 4) -> dict:
+    opts = {"num_warps": num_warps, "num_stages": 1 if is_interpreter() else 2}
     return {**opts, **dot_options(dtype)}
 
 
@@ -355,47 +451,70 @@ def _decay_args(g, q):
     return g, g.stride(), True
 
 
-def _forward(q, k, v, g, s0, want_state: bool, chunk: int):
+def _chunk_states(k, v, g, s0, chunk: int, want_final: bool):
+    """The state each chunk starts from, [B*H, NT, Dk, Dv] in the inputs' dtype, and the final state
+    (float32). The sequential pass splits the state into 64 x 64 blocks, one program each."""
+    B, H, N, DK = k.shape
+    DV = v.shape[-1]
+    nt = triton.cdiv(N, chunk)
+    bk, bv = _block(DK, 64), _block(DV, 64)
+    hs = empty((B * H, nt, DK, DV), dtype=k.dtype, device=k.device)
+    s_end = empty((B, H, DK, DV), dtype=torch.float32, device=k.device) if want_final else hs
+    gt, gs, has_decay = _decay_args(g, k)
+    _la_states[(triton.cdiv(DK, bk), triton.cdiv(DV, bv), B * H)](
+        k, v, gt, s0 if s0 is not None else hs, hs, s_end,
+        *k.stride(), *v.stride(), *gs, H, N, DK, DV, nt,
+        HAS_DECAY=has_decay, HAS_S0=s0 is not None, STORE_FINAL=want_final, C=chunk, BK=bk, BV=bv,
+        **_launch_opts(k.dtype, 8))  # 8 warps: with 4, the 64-bit tile addresses spill registers
+    return hs, (s_end if want_final else None)
+
+
+def _forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype):
     B, H, N, DK = q.shape
     DV = v.shape[-1]
-    bk, bv, nk, nv = _grid_blocks(DK, DV)
-    o_part = empty((nk, B * H, N, DV), dtype=torch.float32, device=q.device)
-    s_out = empty((B, H, DK, DV), dtype=torch.float32, device=q.device) if want_state else o_part
+    hs, s_end = _chunk_states(k, v, g, s0, chunk, want_final=True)
+    o = empty((B, H, N, DV), dtype=out_dtype, device=q.device)
+    bk, bv = _block(DK, 64), _block(DV, 128)
     gt, gs, has_decay = _decay_args(g, q)
-    _la_fwd[(nk, nv, B * H)](
-        q, k, v, gt, s0 if s0 is not None else o_part, o_part, s_out,
-        *q.stride(), *k.stride(), *v.stride(), *gs, H, N, DK, DV,
-        HAS_DECAY=has_decay, HAS_S0=s0 is not None, STORE_STATE=want_state, C=chunk, BK=bk, BV=bv,
-        **_launch_opts(q.dtype))
-    o = o_part.sum(0).view(B, H, N, DV)
-    return o, (s_out if want_state else None)
+    _la_out[(triton.cdiv(N, chunk), triton.cdiv(DV, bv), B * H)](
+        q, k, v, gt, hs, o, *q.stride(), *k.stride(), *v.stride(), *gs, *o.stride(), H, N, DK, DV, hs.shape[1],
+        HAS_DECAY=has_decay, C=chunk, BK=bk, BV=bv, **_launch_opts(q.dtype, 8 if bv * chunk >= 8192 else 4))
+    return o, s_end
 
 
 def _backward(q, k, v, g, s0, do, ds_end, chunk: int):
     B, H, N, DK = q.shape
     DV = v.shape[-1]
-    bk, bv, nk, nv = _grid_blocks(DK, DV)
+    nt = triton.cdiv(N, chunk)
+    hs, _ = _chunk_states(k, v, g, s0, chunk, want_final=False)  # recomputed: cheaper than kept
     gt, gs, has_decay = _decay_args(g, q)
-    opts = _launch_opts(q.dtype)
-    dq_part = empty((nv, B * H, N, DK), dtype=torch.float32, device=q.device)
-    _la_bwd_dq[(nk, nv, B * H)](
-        k, v, gt, s0 if s0 is not None else dq_part, do, dq_part,
-        *k.stride(), *v.stride(), *gs, *do.stride(), H, N, DK, DV,
-        HAS_DECAY=has_decay, HAS_S0=s0 is not None, C=chunk, BK=bk, BV=bv, **opts)
-    dk_part = empty((nv, B * H, N, DK), dtype=torch.float32, device=q.device)
-    dv_part = empty((nk, B * H, N, DV), dtype=torch.float32, device=q.device)
+    dhs = empty(hs.shape, dtype=hs.dtype, device=q.device)
     ds0 = empty((B, H, DK, DV), dtype=torch.float32, device=q.device)
-    _la_bwd_dkdv[(nk, nv, B * H)](
-        q, k, v, gt, do, ds_end if ds_end is not None else ds0, dk_part, dv_part, ds0,
-        *q.stride(), *k.stride(), *v.stride(), *gs, *do.stride(), H, N, DK, DV,
-        HAS_DECAY=has_decay, HAS_DS_END=ds_end is not None, STORE_DS0=True, C=chunk, BK=bk, BV=bv, **opts)
-    return (dq_part.sum(0).view(B, H, N, DK), dk_part.sum(0).view(B, H, N, DK),
-            dv_part.sum(0).view(B, H, N, DV), ds0)
+    bk, bv = _block(DK, 64), _block(DV, 64)
+    _la_dstates[(triton.cdiv(DK, bk), triton.cdiv(DV, bv), B * H)](
+        q, do, gt, ds_end if ds_end is not None else ds0, dhs, ds0,
+        *q.stride(), *do.stride(), *gs, H, N, DK, DV, nt,
+        HAS_DECAY=has_decay, HAS_DS_END=ds_end is not None, C=chunk, BK=bk, BV=bv, **_launch_opts(q.dtype, 8))
+    dv = empty(v.shape, dtype=v.dtype, device=q.device)  # contiguous
+    bk, bv = _block(DK, 64), _block(DV, 128)
+    _la_dv[(nt, triton.cdiv(DV, bv), B * H)](
+        q, k, gt, do, dhs, dv, *q.stride(), *k.stride(), *gs, *do.stride(), *dv.stride(), H, N, DK, DV, nt,
+        HAS_DECAY=has_decay, C=chunk, BK=bk, BV=bv, **_launch_opts(q.dtype, 8 if bv * chunk >= 8192 else 4))
+    dq, dk = (empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(2))  # contiguous
+    bk, bv = _block(DK, 64), _block(DV, 64)
+    nk = triton.cdiv(DK, bk)
+    dg_part = empty((nk, B * H, N), dtype=torch.float32, device=q.device) if has_decay else ds0
+    _la_dqdk[(nt, nk, B * H)](
+        q, k, v, gt, do, hs, dhs, dq, dk, dg_part,
+        *q.stride(), *k.stride(), *v.stride(), *gs, *do.stride(), H, N, DK, DV, nt,
+        HAS_DECAY=has_decay, C=chunk, BK=bk, BV=bv, **_launch_opts(q.dtype, 8 if bk * chunk >= 4096 else 4))
+    dg = dg_part.sum(0).view(B, H, N) if has_decay else None
+    return dq, dk, dv, dg, ds0
 
 
 class _LinearAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, s0, chunk):
+    def forward(ctx, q, k, v, g, s0, chunk, out_dtype):
         ctx.set_materialize_grads(False)  # an unused output (often the state) gets no zero gradient
         dtype = q.dtype
         work = _compute_dtype(dtype)
@@ -403,30 +522,21 @@ class _LinearAttention(torch.autograd.Function):
         gw = g.float() if g is not None else None
         s0w = s0.float().contiguous() if s0 is not None else None
         with on_device_of(q):
-            o, s_end = _forward(qw, kw, vw, gw, s0w, True, chunk)
-        ctx.save_for_backward(qw, kw, vw, gw, s0w, s_end)
-        ctx.chunk, ctx.dtype, ctx.has_g, ctx.has_s0 = chunk, dtype, g is not None, s0 is not None
+            o, s_end = _forward(qw, kw, vw, gw, s0w, chunk, out_dtype if work == dtype else torch.float32)
+        ctx.save_for_backward(qw, kw, vw, gw, s0w)
+        ctx.chunk, ctx.dtype, ctx.has_s0 = chunk, dtype, s0 is not None
         ctx.s0_dtype = s0.dtype if s0 is not None else None
-        # float32 out: the caller casts (after normalizing, whose numerator and denominator can both
-        # exceed float16's range while their ratio does not)
-        return o, s_end
+        return o.to(out_dtype), s_end
 
     @staticmethod
     def backward(ctx, do, ds_end):
-        qw, kw, vw, gw, s0w, s_end = ctx.saved_tensors
+        qw, kw, vw, gw, s0w = ctx.saved_tensors
         do = do.to(qw.dtype) if do is not None else torch.zeros_like(qw[..., :1]).expand(*vw.shape)
         ds_end = ds_end.float().contiguous() if ds_end is not None else None
         with on_device_of(qw):
-            dq, dk, dv, ds0 = _backward(qw, kw, vw, gw, s0w, do, ds_end, ctx.chunk)
-        dg = None
-        if ctx.has_g:
-            # dL/dG_t = q_t . dq_t - k_t . dk_t (+ <dS_N, S_N> at the last step); dL/dg_t = sum over u >= t
-            dG = (qw.float() * dq).sum(-1) - (kw.float() * dk).sum(-1)
-            dg = dG.flip(-1).cumsum(-1).flip(-1)
-            if ds_end is not None:
-                dg = dg + (ds_end * s_end).sum((-2, -1))[..., None]
+            dq, dk, dv, dg, ds0 = _backward(qw, kw, vw, gw, s0w, do, ds_end, ctx.chunk)
         return (dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), dg,
-                ds0.to(ctx.s0_dtype) if ctx.has_s0 else None, None)
+                ds0.to(ctx.s0_dtype) if ctx.has_s0 else None, None, None)
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor | None = None,
@@ -481,7 +591,10 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: t
         state = (initial_state.float() if initial_state is not None
                  else torch.zeros(B, H, dk_feat, v.shape[-1], device=q.device))
         return (out, state) if return_state else out
-    out, state = _LinearAttention.apply(qf, kf, vv, decay, initial_state, chunk_size)
+    # normalizing wants float32 numerator and denominator (either may exceed float16's range while
+    # their ratio does not); otherwise the kernel writes the output's dtype directly
+    out_dtype = torch.float32 if normalize else v.dtype
+    out, state = _LinearAttention.apply(qf, kf, vv, decay, initial_state, chunk_size, out_dtype)
     if normalize:
         out = _normalized(out[..., :-1], out[..., -1:])
     out = out.to(v.dtype)

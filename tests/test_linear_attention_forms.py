@@ -15,14 +15,8 @@ def inputs(b=2, h=2, n=37, dk=8, dv=5, seed=0, decay=True, strength=1.0):
     q, k, v = (randn(b, h, n, d, dtype=torch.float64, gen=g, requires_grad=True) for d in (dk, dk, dv))
     dec = None
     if decay:
-        dec = (-strength * torch.rand(b, h, n, generator=g, dtype=torch.float64)).requires_grad_()
+        dec = (-strength * torch.rand(b, h, n, generator=g, dtype=torch.float64)).to(mk.device()).requires_grad_()
     return q, k, v, dec
-
-
-def grads(out, tensors, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    do = torch.randn(out.shape, generator=g, dtype=out.dtype)
-    return torch.autograd.grad(out, [t for t in tensors if t is not None], do)
 
 
 @pytest.mark.parametrize("feature_map", [None, "elu1", "relu", "taylor"])
@@ -37,8 +31,9 @@ def test_three_forms_agree(feature_map, decay, chunk):
         out, state = form(q, k, v, **kw)
         assert_close(out, ref, torch.float64, name="out")
         assert_close(state, ref_state, torch.float64, name="state")
-        loss_ref = (ref * torch.linspace(-1, 1, ref.numel(), dtype=ref.dtype).view_as(ref)).sum() + ref_state.sum()
-        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum() + state.sum()
+        weights = torch.linspace(-1, 1, ref.numel(), dtype=ref.dtype, device=ref.device).view_as(ref)
+        loss_ref = (ref * weights).sum() + ref_state.sum()
+        loss = (out * weights).sum() + state.sum()
         ts = [q, k, v, g, s0]
         want = torch.autograd.grad(loss_ref, [t for t in ts if t is not None], retain_graph=True)
         got = torch.autograd.grad(loss, [t for t in ts if t is not None], retain_graph=True)
@@ -72,7 +67,7 @@ def test_strong_and_no_decay_are_stable(log_decay):
     form sums log-decays inside a chunk only, so exp sees at most 64 * 30 = 1920 (exp(-1920) = 0, fine)
     and never exp(+large)."""
     q, k, v, _ = inputs(n=130, seed=5, decay=False)
-    g = torch.full(q.shape[:3], log_decay, dtype=torch.float64)
+    g = torch.full(q.shape[:3], log_decay, dtype=torch.float64, device=q.device)
     ref = mk.reference.linear_attention(q, k, v, decay=g)
     out = chunked_form(q, k, v, decay=g, chunk_size=64)
     assert torch.isfinite(out).all()
