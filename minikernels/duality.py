@@ -5,8 +5,9 @@ A scalar-decay state space model, one state [S, P] per (batch, head):
     h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T,     y_t = C_t^T h_t + D x_t
 
 is causal linear attention with a decay (chapter 3): queries C, keys dt * B, values x, log-decay
-dt * A. So ``ssd`` runs ``mk.linear_attention``'s chunked Triton kernels (forward and backward) on
-those inputs; the gradients of dt and A flow through the two elementwise products. ``quadratic_form``
+dt * A (or, moving dt to the other factor of dt_t B_t x_t^T, keys B and values dt * x). So ``ssd``
+runs ``mk.linear_attention``'s chunked Triton kernels (forward and backward) on those inputs; the
+gradients of dt and A flow through the two elementwise products. ``quadratic_form``
 is the other side of the duality: the same outputs as masked attention, (C B^T * L) (dt x), with the
 1-semiseparable mask L[t, s] = exp(dt_{s+1} A + ... + dt_t A) for s <= t.
 """
@@ -14,9 +15,71 @@ is the other side of the duality: the same outputs as masked attention, (C B^T *
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
+from ._alloc import empty
+from ._backend import on_device_of
 from ._validate import check_same_device, check_tensor
 from .linear import linear_attention
+
+
+@triton.jit
+def _scale_rows_fwd(X, DT, V, R, P, BR: tl.constexpr, BP: tl.constexpr):
+    # v[r, :] = dt[r] x[r, :] for BR rows: read x and dt once, write v once (float32 inside)
+    rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
+    cols = tl.arange(0, BP)
+    ok = (rows < R)[:, None] & (cols < P)[None, :]
+    x = tl.load(X + rows[:, None] * P + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    dt = tl.load(DT + rows, mask=rows < R, other=0.0)
+    tl.store(V + rows[:, None] * P + cols[None, :], (x * dt[:, None]).to(V.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _scale_rows_bwd(X, DT, DV, DX, DDT, R, P, BR: tl.constexpr, BP: tl.constexpr):
+    # dx = dt dv, ddt = sum_p x dv: read x, dt and dv once, write dx and ddt once
+    rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
+    cols = tl.arange(0, BP)
+    ok = (rows < R)[:, None] & (cols < P)[None, :]
+    tile = rows[:, None] * P + cols[None, :]
+    x = tl.load(X + tile, mask=ok, other=0.0).to(tl.float32)
+    dv = tl.load(DV + tile, mask=ok, other=0.0).to(tl.float32)
+    dt = tl.load(DT + rows, mask=rows < R, other=0.0)
+    tl.store(DX + tile, (dv * dt[:, None]).to(DX.dtype.element_ty), mask=ok)
+    tl.store(DDT + rows, tl.sum(x * dv, axis=1), mask=rows < R)
+
+
+def _row_blocks(p: int) -> tuple[int, int]:
+    bp = triton.next_power_of_2(p)
+    return max(1, 4096 // bp), bp  # about 4k elements per program
+
+
+class _ScaleRows(torch.autograd.Function):
+    """v = dt[..., None] * x in one pass (x [..., P] in its dtype, dt float32): the values of SSD's
+    linear attention. In PyTorch this takes three passes through a float32 copy of x."""
+
+    @staticmethod
+    def forward(ctx, x, dt):
+        x2, dt1 = x.reshape(-1, x.shape[-1]).contiguous(), dt.reshape(-1).float().contiguous()
+        v = empty(x2.shape, dtype=x.dtype, device=x.device)
+        br, bp = _row_blocks(x2.shape[1])
+        with on_device_of(x):
+            _scale_rows_fwd[(triton.cdiv(x2.shape[0], br),)](x2, dt1, v, x2.shape[0], x2.shape[1], BR=br, BP=bp)
+        ctx.save_for_backward(x2, dt1)
+        ctx.shape, ctx.dt_dtype = x.shape, dt.dtype
+        return v.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dv):
+        x2, dt1 = ctx.saved_tensors
+        dv2 = dv.reshape(x2.shape).contiguous()
+        dx, ddt = empty(x2.shape, dtype=x2.dtype, device=x2.device), empty(dt1.shape, dtype=torch.float32,
+                                                                           device=x2.device)
+        br, bp = _row_blocks(x2.shape[1])
+        with on_device_of(x2):
+            _scale_rows_bwd[(triton.cdiv(x2.shape[0], br),)](x2, dt1, dv2, dx, ddt, x2.shape[0], x2.shape[1],
+                                                             BR=br, BP=bp)
+        return dx.view(ctx.shape), ddt.view(ctx.shape[:-1]).to(ctx.dt_dtype)
 
 
 def _expand_groups(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -78,9 +141,23 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
     check_ssd_inputs(x, dt, A, B, C, D, initial_state)
     if not isinstance(return_final_state, bool):
         raise TypeError(f"return_final_state must be a bool, got {type(return_final_state).__name__}")
-    q, k, v, log_decay = as_linear_attention(x, dt, A, B, C)
-    y, state = linear_attention(q, k, v, decay=log_decay, chunk_size=chunk_size, initial_state=initial_state,
+    b, heads, n, p = x.shape
+    groups, s = B.shape[1], B.shape[-1]
+    per = heads // groups
+    # The same dictionary as as_linear_attention, arranged so nothing of size [B, H, N, S] is built:
+    # dt_t B_t x_t^T = B_t (dt_t x_t)^T puts dt on the values, so the keys are B itself; and the heads
+    # of one group become the "heads" of a (batch, group) pair, where B and C are views with a zero
+    # head stride (the kernels read a group's B and C for each of its heads; autograd's expand sums
+    # their gradients over the group).
+    work = torch.promote_types(x.dtype, torch.float32)
+    v = _ScaleRows.apply(x.reshape(b * groups, per, n, p), dt.reshape(b * groups, per, n))
+    q = C.reshape(b * groups, 1, n, s).expand(-1, per, -1, -1)
+    k = B.reshape(b * groups, 1, n, s).expand(-1, per, -1, -1)
+    log_decay = dt.to(work).reshape(b * groups, per, n) * A.to(work).reshape(groups, per, 1).repeat(b, 1, 1)
+    s0 = initial_state.reshape(b * groups, per, s, p) if initial_state is not None else None
+    y, state = linear_attention(q, k, v, decay=log_decay, chunk_size=chunk_size, initial_state=s0,
                                 return_state=True)
+    y, state = y.reshape(b, heads, n, p), state.reshape(b, heads, s, p)
     if D is not None:
         y = (y.float() + D.float()[None, :, None, None] * x.float()).to(x.dtype)
     return (y, state) if return_final_state else y

@@ -84,44 +84,104 @@ def _load_chunk(U, A, BM, CM, b, offs_d, offs_n, steps, Dch, N, L, group,
 
 
 @triton.jit
+def _odd(x, BD: tl.constexpr, G: tl.constexpr, K: tl.constexpr):
+    # [BD, G, K] -> [BD, G, K / 2]: the odd positions of the last axis
+    return tl.split(tl.reshape(x, [BD, G, K // 2, 2]))[1]
+
+
+@triton.jit
+def _last(x, BD: tl.constexpr, G: tl.constexpr, SEQ: tl.constexpr):
+    # x[:, :, SEQ - 1] of a [BD, G, SEQ] tile (SEQ in {2, 4, 8, 16}): halving the last axis and keeping
+    # the odd positions keeps the last one. Free when the SEQ values lie within one thread.
+    x = _odd(x, BD, G, SEQ)
+    if SEQ >= 4:
+        x = _odd(x, BD, G, SEQ // 2)
+    if SEQ >= 8:
+        x = _odd(x, BD, G, SEQ // 4)
+    if SEQ >= 16:
+        x = _odd(x, BD, G, SEQ // 8)
+    return tl.reshape(x, [BD, G])
+
+
+@triton.jit
 def _scan_fwd(U, DELTA, A, BM, CM, DSKIP, Z, BIAS, OUT, H_START, H_LAST,
               stride_ub, stride_ud, stride_ul, stride_db, stride_dd, stride_dl, stride_zb, stride_zd, stride_zl,
               stride_bb, stride_bg, stride_bn, stride_bl, stride_cb, stride_cg, stride_cn, stride_cl,
               Dch, N, L, per_group,
               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-              SAVE: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr):
+              SAVE: tl.constexpr, SAVE_EVERY: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr,
+              SEQ: tl.constexpr):
+    # One program: BD channels (one group) of one batch, all N states, walking L in chunks of BL steps,
+    # visiting the states one at a time (as mamba_ssm's CUDA kernel does). A chunk is a [BD, G, SEQ]
+    # tile: G runs of SEQ consecutive steps, each run held by one thread. The scan is done in two
+    # levels, as the CUDA kernel does it: sequentially inside each run (no data leaves the thread),
+    # then across the G run totals (the only part that talks between threads), and each step then
+    # needs a single multiply-add with the state entering its run.
+    G: tl.constexpr = BL // SEQ
     b = tl.program_id(0).to(tl.int64)
-    offs_d = (tl.program_id(1) * BD + tl.arange(0, BD)).to(tl.int64)  # 64-bit offsets: D * L can pass 2^31
+    pid_d = tl.program_id(1)
+    offs_d = (pid_d * BD + tl.arange(0, BD)).to(tl.int64)  # 64-bit offsets: D * L can pass 2^31
     offs_n = tl.arange(0, BN)
-    group = offs_d // per_group
+    offs_g = tl.arange(0, G)
     d_ok = offs_d < Dch
     state_mask = d_ok[:, None] & (offs_n < N)[None, :]
-    n_chunks = tl.cdiv(L, BL)
-    h = tl.zeros([BD, BN], tl.float32)
-    for c in range(0, n_chunks):
-        if SAVE:  # the state entering each chunk, for the backward: [B, n_chunks, D, N]
-            tl.store(H_START + ((b * n_chunks + c) * Dch + offs_d[:, None]) * N + offs_n[None, :], h, mask=state_mask)
-        steps = (c * BL + tl.arange(0, BL)).to(tl.int64)
+    group = (pid_d * BD) // per_group  # all BD channels read this group's B and C (_blocks)
+    b_row = BM + b * stride_bb + group * stride_bg
+    c_row = CM + b * stride_cb + group * stride_cg
+    n_saved = tl.cdiv(L, SAVE_EVERY)
+    prev_run = tl.broadcast_to(tl.maximum(offs_g - 1, 0)[None, :], [BD, G])
+    h = tl.zeros([BD, BN], tl.float32)  # the state entering the chunk, kept in registers
+    for c in range(0, tl.cdiv(L, BL)):
+        run_start = c * BL + offs_g * SEQ  # [G]
+        steps = (run_start[:, None] + tl.arange(0, SEQ)[None, :]).to(tl.int64)  # [G, SEQ]
         l_ok = steps < L
-        dl, raw = _step_sizes(DELTA, BIAS, b, offs_d, steps, d_ok, L, stride_db, stride_dd, stride_dl,
-                              HAS_BIAS, SOFTPLUS)  # read delta once
-        u, a, bm, cm = _load_chunk(U, A, BM, CM, b, offs_d, offs_n, steps, Dch, N, L, group,
-                                   stride_ub, stride_ud, stride_ul, stride_bb, stride_bg, stride_bn, stride_bl,
-                                   stride_cb, stride_cg, stride_cn, stride_cl)  # read u, B, C once
-        decay = tl.exp(dl[:, None, :] * a[:, :, None])  # exp(delta_t A)  [BD, BN, BL]
-        push = (dl * u)[:, None, :] * bm  # delta_t B_t u_t
-        a_run, b_run = tl.associative_scan((decay, push), 2, _affine_combine)
-        hs = a_run * h[:, :, None] + b_run  # h_t for every step of the chunk
-        y = tl.sum(cm * hs, axis=1)  # C_t . h_t  [BD, BL]
+        tile = d_ok[:, None, None] & l_ok[None, :, :]
+        row = offs_d[:, None, None]
+        raw = tl.load(DELTA + b * stride_db + row * stride_dd + steps[None] * stride_dl, mask=tile,
+                      other=0.0).to(tl.float32)  # read delta once
+        if HAS_BIAS:
+            raw += tl.load(BIAS + offs_d, mask=d_ok, other=0.0)[:, None, None]
+        dl = raw
+        if SOFTPLUS:
+            dl = _softplus(raw)
+        dl = tl.where(l_ok[None], dl, 0.0)  # steps past L: the map (1, 0) leaves h unchanged
+        u = tl.load(U + b * stride_ub + row * stride_ud + steps[None] * stride_ul, mask=tile,
+                    other=0.0).to(tl.float32)  # read u once
+        dlu = dl * u
+        y = tl.zeros([BD, G, SEQ], tl.float32)
+        # state n's A, B_t, C_t are loaded one iteration ahead, so their latency hides behind the scan
+        a_nxt = tl.load(A + offs_d * N, mask=d_ok, other=0.0)  # [BD]
+        b_nxt = tl.load(b_row + steps * stride_bl, mask=l_ok, other=0.0)  # [G, SEQ]
+        c_nxt = tl.load(c_row + steps * stride_cl, mask=l_ok, other=0.0)
+        for n in range(0, N):
+            a2 = a_nxt * 1.4426950408889634  # A log2(e), for exp2
+            bn, cn = b_nxt.to(tl.float32), c_nxt.to(tl.float32)
+            nxt = (n + 1) % N  # after the last state: a harmless reload of state 0
+            a_nxt = tl.load(A + offs_d * N + nxt, mask=d_ok, other=0.0)
+            b_nxt = tl.load(b_row + nxt * stride_bn + steps * stride_bl, mask=l_ok, other=0.0)
+            c_nxt = tl.load(c_row + nxt * stride_cn + steps * stride_cl, mask=l_ok, other=0.0)
+            h0 = tl.sum(tl.where(offs_n[None, :] == n, h, 0.0), axis=1)  # this state's column  [BD]
+            decay = tl.exp2(dl * a2[:, None, None])  # exp(delta_t A_n)
+            # level 1, inside each run: (a, b) of the steps from the run's start to t
+            run_a, run_b = tl.associative_scan((decay, dlu * bn[None]), 2, _affine_combine)
+            # level 2, across runs: the state after each run, then the state entering it
+            tot_a, tot_b = tl.associative_scan((_last(run_a, BD, G, SEQ), _last(run_b, BD, G, SEQ)), 1,
+                                               _affine_combine)
+            h_after = tot_a * h0[:, None] + tot_b  # [BD, G]
+            h_in = tl.where(offs_g[None, :] == 0, h0[:, None], tl.gather(h_after, prev_run, 1))
+            y += cn[None] * (run_a * h_in[:, :, None] + run_b)  # C_t[n] h_t[n]
+            if SAVE:  # the state entering every SAVE_EVERY steps, for the backward: [B, n_saved, D, N]
+                tl.store(H_START + ((b * n_saved + run_start // SAVE_EVERY)[None, :] * Dch + offs_d[:, None]) * N + n,
+                         h_in, mask=d_ok[:, None] & ((run_start % SAVE_EVERY == 0) & (run_start < L))[None, :])
+            h_end = tl.sum(tl.where(offs_g[None, :] == G - 1, h_after, 0.0), axis=1)
+            h = tl.where(offs_n[None, :] == n, h_end[:, None], h)
         if HAS_D:
-            y += tl.load(DSKIP + offs_d, mask=d_ok, other=0.0)[:, None] * u
+            y += tl.load(DSKIP + offs_d, mask=d_ok, other=0.0)[:, None, None] * u
         if HAS_Z:  # the gate: y * silu(z) (read z once)
-            z = tl.load(Z + b * stride_zb + offs_d[:, None] * stride_zd + steps[None, :] * stride_zl,
-                        mask=d_ok[:, None] & l_ok[None, :], other=0.0).to(tl.float32)
+            z = tl.load(Z + b * stride_zb + row * stride_zd + steps[None] * stride_zl, mask=tile,
+                        other=0.0).to(tl.float32)
             y = y * z * tl.sigmoid(z)
-        tl.store(OUT + (b * Dch + offs_d[:, None]) * L + steps[None, :], y.to(OUT.dtype.element_ty),
-                 mask=d_ok[:, None] & l_ok[None, :])  # write y once, in u's dtype
-        h = tl.sum(tl.where(tl.arange(0, BL)[None, None, :] == BL - 1, hs, 0.0), axis=2)  # padding keeps h
+        tl.store(OUT + (b * Dch + row) * L + steps[None], y.to(OUT.dtype.element_ty), mask=tile)  # write y once
     tl.store(H_LAST + (b * Dch + offs_d[:, None]) * N + offs_n[None, :], h, mask=state_mask)
 
 
@@ -213,12 +273,29 @@ def _scan_bwd(U, DELTA, A, BM, CM, DSKIP, Z, BIAS, DOUT, H_START, DH_LAST,
 
 
 def _blocks(n_state: int, per_group: int) -> tuple[int, int, int]:
+    # the backward's tiles: [BD, BN, BL]
     bn = max(2, triton.next_power_of_2(n_state))
     bl = 16 if is_interpreter() else 32
     bd = max(1, min(16, 8192 // (bn * bl)))  # keep each [BD, BN, BL] tile at 8k floats
     while per_group % bd:  # a block of channels must not straddle two groups (their dB, dC sums differ)
         bd //= 2
     return bd, bn, bl
+
+
+# The forward's tiles: BD channels by BL steps, runs of SEQ steps per thread, so one warp scans 256
+# steps of one channel and the scan never leaves the warp. Chosen by a sweep on the H200 (B8 D2048
+# L4096 N16, 2026-11-29): one-warp programs won, as many as fit on each SM hide each other's latency.
+FWD_CONFIG = {"BD": 1, "BL": 256, "SEQ": 8, "num_warps": 1}
+
+
+def _fwd_blocks(per_group: int, save_every: int) -> tuple[int, int, int, int]:
+    bd, bl, seq, warps = FWD_CONFIG["BD"], FWD_CONFIG["BL"], FWD_CONFIG["SEQ"], FWD_CONFIG["num_warps"]
+    if is_interpreter():  # small tiles: the interpreter's cost grows with the tile, not the work
+        bd, bl, seq = 2, 32, 4
+    bl = max(bl, save_every)  # the saved states sit at multiples of the backward's chunk (and of SEQ)
+    while per_group % bd:  # one group per program: B and C are read as one row per state
+        bd //= 2
+    return bd, bl, seq, warps
 
 
 def _bc_view(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int], int]:
@@ -235,16 +312,19 @@ def _strides3(t):
 def _forward(u, delta, A, B4, C4, D, z, bias, softplus: bool, save: bool):
     Bsz, Dch, L = u.shape
     N = A.shape[1]
-    bd, bn, bl = _blocks(N, Dch // B4.shape[1])
+    per_group = Dch // B4.shape[1]
+    save_every = _blocks(N, per_group)[2]  # the backward's chunk length
+    bd, bl, seq, warps = _fwd_blocks(per_group, save_every)
     out = empty((Bsz, Dch, L), dtype=u.dtype, device=u.device)
-    n_chunks = triton.cdiv(L, bl)
-    h_start = torch.empty((Bsz, n_chunks, Dch, N), dtype=torch.float32, device=u.device) if save else out
+    n_saved = triton.cdiv(L, save_every)
+    h_start = torch.empty((Bsz, n_saved, Dch, N), dtype=torch.float32, device=u.device) if save else out
     h_last = empty((Bsz, Dch, N), dtype=torch.float32, device=u.device)
     _scan_fwd[(Bsz, triton.cdiv(Dch, bd))](
         u, delta, A, B4, C4, D if D is not None else A, z if z is not None else u, bias if bias is not None else A,
         out, h_start, h_last, *u.stride(), *delta.stride(), *_strides3(z), *B4.stride(), *C4.stride(),
-        Dch, N, L, Dch // B4.shape[1], HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
-        SOFTPLUS=softplus, SAVE=save, BD=bd, BN=bn, BL=bl, num_warps=4)
+        Dch, N, L, per_group, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
+        SOFTPLUS=softplus, SAVE=save, SAVE_EVERY=save_every, BD=bd, BN=max(2, triton.next_power_of_2(N)), BL=bl,
+        SEQ=seq, num_warps=warps)
     return out, h_last, (h_start if save else None)
 
 
