@@ -466,6 +466,11 @@ def _chunk_states(k, v, g, s0, chunk: int, want_final: bool):
     nt = triton.cdiv(N, chunk)
     cfg = FWD_TILES["states"]
     bk, bv = _block(DK, cfg["BK"]), _block(DV, cfg["BV"])
+    # The pass is sequential over chunks, so its parallelism is the number of state blocks: with few
+    # (batch, head) pairs (as in SSD at batch 1), split the state finer until every SM has a program.
+    sms = 1 if is_interpreter() else torch.cuda.get_device_properties(k.device).multi_processor_count
+    while triton.cdiv(DK, bk) * triton.cdiv(DV, bv) * B * H < sms and max(bk, bv) > 32:
+        bk, bv = (bk // 2, bv) if bk >= bv else (bk, bv // 2)
     hs = empty((B * H, nt, DK, DV), dtype=k.dtype, device=k.device)
     s_end = empty((B, H, DK, DV), dtype=torch.float32, device=k.device) if want_final else hs
     gt, gs, has_decay = _decay_args(g, k)
