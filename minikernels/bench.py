@@ -26,7 +26,7 @@ import torch
 
 from . import _backend
 
-OPS = ("softmax", "flash", "decode", "sparse", "linear", "ssd", "selective_scan")
+OPS = ("softmax", "flash", "decode", "sparse", "linear", "crossover", "ssd", "selective_scan")
 RECORDED_DIR = Path(__file__).resolve().parents[1] / "book" / "data" / "bench"
 
 
@@ -447,6 +447,33 @@ def bench_linear(ceilings: dict, quick: bool = False) -> list[dict]:
     return rows
 
 
+def bench_crossover(ceilings: dict, quick: bool = False) -> list[dict]:
+    """Chapter 3's crossover: forward tokens per second of mk.linear_attention (no decay) and of
+    softmax attention (SDPA's cuDNN backend, causal) against the sequence length, B4 H16 D128 bf16.
+    Softmax's cost per token grows with T; linear attention's does not."""
+    from .linear import linear_attention
+
+    b, h, d = 4, 16, 128
+    sdpa = _sdpa("CUDNN_ATTENTION")
+    impls = {"minikernels": lambda q, k, v: linear_attention(q, k, v),
+             "sdpa-cudnn (softmax, causal)": lambda q, k, v: sdpa(q, k, v, True)}
+    rows = []
+    for t in ([1024, 4096] if quick else [512, 1024, 2048, 4096, 8192, 16384, 32768]):
+        q, k = (torch.randn(b, h, t, d, device="cuda", dtype=torch.bfloat16) * d**-0.5 for _ in range(2))
+        v = torch.randn(b, h, t, d, device="cuda", dtype=torch.bfloat16)
+        for impl, fn in impls.items():
+            call = lambda fn=fn, q=q, k=k, v=v: fn(q, k, v)
+            call()
+            ms, method = time_rotating([call])
+            rows.append({"impl": impl, "pass": "fwd", "shape": f"B{b} H{h} T{t} D{d}", "B": b, "H": h, "T": t, "D": d,
+                         "decay": False, "dtype": "bfloat16", "ms": ms, "Mtokps": b * t / (ms * 1e-3) / 1e6,
+                         "timing": method})
+            _progress(rows[-1])
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
 # --- state space models -----------------------------------------------------------------------------
 
 def _mamba_chunk_scan():
@@ -618,7 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"copy {ceilings['copy_GBps']:.0f} GB/s (1 GiB, read + write), "
           f"bf16 matmul {ceilings['matmul_bf16_TFLOPs']:.0f} TFLOP/s (8192^3)")
     runners = {"softmax": bench_softmax, "flash": bench_flash, "decode": bench_decode, "sparse": bench_sparse,
-               "linear": bench_linear, "ssd": bench_ssd, "selective_scan": bench_selective_scan}
+               "linear": bench_linear, "crossover": bench_crossover, "ssd": bench_ssd,
+               "selective_scan": bench_selective_scan}
     for op in ops:
         rows = runners[op](ceilings, quick=args.quick)
         path = json_dir / f"{op}.json"
