@@ -9,14 +9,17 @@ affine map h -> a h + b, and composing affine maps is associative:
 
     (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2)
 
-so the recurrence is a parallel scan (``tl.associative_scan``). One program owns BD channels of one
-batch, all N states, and walks the sequence in chunks of BL steps, scanning inside a chunk and
-carrying h between chunks. The backward walks the chunks in reverse; with g_t = dL/dh_t it scans
+so the recurrence is a parallel scan (``tl.associative_scan``). The forward: one program owns BD
+channels of one batch (one, on the H200) and walks the sequence in chunks of BL steps, carrying h
+between chunks; inside a chunk it visits the N states one at a time and scans in two levels, along
+runs of SEQ steps that each lie inside one thread, then across the run totals. The backward
+([BD, N, BL] tiles) walks the chunks in reverse; with g_t = dL/dh_t it scans
 
     g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}
 
-(time-reversed with ``tl.flip``, so only a forward scan is used), recomputing h from the state saved
-at each chunk's start, and uses exp(delta_t A) h_{t-1} = h_t - delta_t B_t u_t (no division).
+(time-reversed with ``tl.flip``, so only a forward scan is used), recomputing h from the states the
+forward saved at the start of each backward chunk, and uses exp(delta_t A) h_{t-1} = h_t - delta_t B_t u_t
+(no division).
 The elementwise parts (delta_bias and softplus on the way in, D and the z gate on the way out)
 are fused into both kernels, so the forward reads u, delta, z, B and C once and writes the output
 once, the bytes of the bandwidth roofline.
