@@ -444,9 +444,10 @@ def _launch_opts(dtype, num_warps: int = 4, num_stages: int = 2) -> dict:
     return {**opts, **dot_options(dtype)}
 
 
-# The forward's tiles: the largest Dk and Dv blocks of each pass, its warps and its pipeline depth.
-# Chosen by a sweep on the H200 (B4 H16 D128, T 4k and 16k, with and without decay; 2026-11-29): a
-# 3-deep pipeline hides the state pass's loads (-20% at 16k), 4 warps suit the output pass.
+# The forward's tiles: the largest Dk and Dv blocks of each pass, its warps and its pipeline depth
+# (the backward recomputes the states with the same tiles). Chosen by a sweep on the H200 (B4 H16
+# D128, T 4k and 16k, with and without decay; 2026-11-29): a 3-deep pipeline hides the state pass's
+# loads (-21% at 16k without decay), 4 warps suit the output pass.
 FWD_TILES = {"states": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3},
              "out": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 2}}
 
