@@ -10,8 +10,9 @@ and the bytes scale with the mask's density instead of with N^2:
 Blocks marked *full* need no element mask; *partial* blocks load their ``block_size^2`` tile of
 the element mask and apply it. Each row's visits are listed full-first (``BlockMask.kernel_layout``),
 so every kernel runs two loops: an unmasked one the compiler can pipeline, then a masked one. The
-kernels' tile is the mask's block size (16 to 128; the backward kernels can keep a SUB-row piece of
-it resident), so a mask and the kernel can never disagree about where blocks start. A query that
+kernels' tiles are cut from the mask's blocks (16 to 128), so a mask and the kernel can never disagree
+about where blocks start: each visited block is streamed in pieces of STREAM keys (or, for dK/dV,
+query rows), and a program may keep a SUB-row (SUB-key) part of a block resident. A query that
 sees no key gets zeros.
 """
 
@@ -50,17 +51,23 @@ def _load_cols(base, idx, stride_n, stride_d, n_valid, d_ok, EVEN: tl.constexpr)
 
 @triton.jit
 def _bs_fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                 kv_idx, tile_idx, TILES, lo, hi, Nk, d_ok,
-                 qk_scale, MASKED: tl.constexpr, EVEN: tl.constexpr, BLOCK: tl.constexpr, DOT_PREC: tl.constexpr):
-    offs_n = tl.arange(0, BLOCK)
-    for t in range(lo, hi):
-        cols = tl.load(kv_idx + t) * BLOCK + offs_n  # the key block to visit: the one indirection
-        kt = _load_cols(k_base, cols, stride_kn, stride_kd, Nk, d_ok, EVEN)  # read BLOCK*D
-        v = _load_rows(v_base, cols, stride_vn, stride_vd, Nk, d_ok, EVEN)  # read BLOCK*D
+                 kv_idx, tile_idx, TILES, sub_row, lo, hi, Nk, d_ok,
+                 qk_scale, MASKED: tl.constexpr, EVEN: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
+                 STREAM: tl.constexpr, DOT_PREC: tl.constexpr):
+    # visits lo..hi of this query block's list, each key block streamed as BLOCK // STREAM pieces of
+    # STREAM keys: one flat loop, so the compiler can pipeline the loads across pieces and visits
+    PER: tl.constexpr = BLOCK // STREAM
+    offs_m = sub_row + tl.arange(0, SUB)  # this program's rows inside the mask's query block
+    offs_s = tl.arange(0, STREAM)
+    for t in range(lo * PER, hi * PER):
+        piece = (t % PER) * STREAM + offs_s  # key offsets inside the block
+        cols = tl.load(kv_idx + t // PER) * BLOCK + piece  # the key block to visit: the one indirection
+        kt = _load_cols(k_base, cols, stride_kn, stride_kd, Nk, d_ok, EVEN)  # read STREAM*D
+        v = _load_rows(v_base, cols, stride_vn, stride_vd, Nk, d_ok, EVEN)  # read STREAM*D
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
-        if MASKED:  # a partial block: its element mask (read BLOCK^2 bytes, mostly from L2)
-            tile = tl.load(TILES + tl.load(tile_idx + t).to(tl.int64) * BLOCK * BLOCK
-                           + offs_n[:, None] * BLOCK + offs_n[None, :])
+        if MASKED:  # a partial block: its element mask (read BLOCK*STREAM bytes, mostly from L2)
+            tile = tl.load(TILES + tl.load(tile_idx + t // PER).to(tl.int64) * BLOCK * BLOCK
+                           + offs_m[:, None] * BLOCK + piece[None, :])
             s = tl.where(tile != 0, s, float("-inf"))
         if not EVEN:
             s = tl.where(cols[None, :] < Nk, s, float("-inf"))  # the ragged end of the keys
@@ -84,13 +91,16 @@ def _bs_fwd(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, TILE_IDX, TILES,
             stride_vb, stride_vh, stride_vn, stride_vd,
             stride_ob, stride_oh, stride_on, stride_od,
             H, GROUP, Nq, Nk, D, max_visits, qk_scale,
-            EVEN: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
-    qb = tl.program_id(0)
+            EVEN: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, STREAM: tl.constexpr,
+            HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
+    # one program owns SUB rows of a query block (BLOCK // SUB programs per block)
+    qb = tl.program_id(0) // (BLOCK // SUB)
+    sub_row = tl.program_id(0) % (BLOCK // SUB) * SUB
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // GROUP
-    rows = qb * BLOCK + tl.arange(0, BLOCK)
+    rows = qb * BLOCK + sub_row + tl.arange(0, SUB)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = rows < Nq
     d_ok = offs_d < D
@@ -98,18 +108,19 @@ def _bs_fwd(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, TILE_IDX, TILES,
                 + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK], tl.float32)
-    acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    m_i = tl.full([SUB], float("-inf"), tl.float32)
+    l_i = tl.zeros([SUB], tl.float32)
+    acc = tl.zeros([SUB, HEAD_DIM], tl.float32)
     kv_idx = KV_IDX + qb * max_visits
     tile_idx = TILE_IDX + qb * max_visits
     n_full = tl.load(KV_FULL + qb)  # visits [0, n_full) are full blocks, [n_full, n_visits) partial
     n_visits = tl.load(KV_CNT + qb)
     acc, l_i, m_i = _bs_fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                 kv_idx, tile_idx, TILES, 0, n_full, Nk, d_ok, qk_scale, False, EVEN, BLOCK, DOT_PREC)
+                                 kv_idx, tile_idx, TILES, sub_row, 0, n_full, Nk, d_ok, qk_scale, False, EVEN, BLOCK,
+                                 SUB, STREAM, DOT_PREC)
     acc, l_i, m_i = _bs_fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                 kv_idx, tile_idx, TILES, n_full, n_visits, Nk, d_ok, qk_scale, True, EVEN, BLOCK,
-                                 DOT_PREC)
+                                 kv_idx, tile_idx, TILES, sub_row, n_full, n_visits, Nk, d_ok, qk_scale, True, EVEN,
+                                 BLOCK, SUB, STREAM, DOT_PREC)
     empty_row = l_i == 0.0
     out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
     lse = tl.where(empty_row, float("-inf"), (m_i + tl.log2(tl.where(empty_row, 1.0, l_i))) * 0.6931471805599453)
@@ -122,17 +133,19 @@ def _bs_fwd(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, TILE_IDX, TILES,
 def _bs_dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                 kv_idx, tile_idx, TILES, sub_row, lo, hi, Nk, d_ok, qk_scale,
                 MASKED: tl.constexpr, EVEN: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
-                DOT_PREC: tl.constexpr):
-    offs_n = tl.arange(0, BLOCK)
+                STREAM: tl.constexpr, DOT_PREC: tl.constexpr):
+    PER: tl.constexpr = BLOCK // STREAM  # pieces of STREAM keys per visited key block, as in the forward
+    offs_s = tl.arange(0, STREAM)
     offs_m = sub_row + tl.arange(0, SUB)  # this program's rows inside the mask's query block
-    for t in range(lo, hi):
-        cols = tl.load(kv_idx + t) * BLOCK + offs_n
-        kt = _load_cols(k_base, cols, stride_kn, stride_kd, Nk, d_ok, EVEN)  # K^T [D, BLOCK]
-        vt = _load_cols(v_base, cols, stride_vn, stride_vd, Nk, d_ok, EVEN)  # V^T [D, BLOCK]
-        p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale - lse[:, None])  # [SUB rows, BLOCK keys]
+    for t in range(lo * PER, hi * PER):
+        piece = (t % PER) * STREAM + offs_s
+        cols = tl.load(kv_idx + t // PER) * BLOCK + piece
+        kt = _load_cols(k_base, cols, stride_kn, stride_kd, Nk, d_ok, EVEN)  # K^T [D, STREAM]
+        vt = _load_cols(v_base, cols, stride_vn, stride_vd, Nk, d_ok, EVEN)  # V^T [D, STREAM]
+        p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale - lse[:, None])  # [SUB rows, STREAM keys]
         if MASKED:
-            tile = tl.load(TILES + tl.load(tile_idx + t).to(tl.int64) * BLOCK * BLOCK
-                           + offs_m[:, None] * BLOCK + offs_n[None, :])
+            tile = tl.load(TILES + tl.load(tile_idx + t // PER).to(tl.int64) * BLOCK * BLOCK
+                           + offs_m[:, None] * BLOCK + piece[None, :])
             p = tl.where(tile != 0, p, 0.0)
         if not EVEN:
             p = tl.where(cols[None, :] < Nk, p, 0.0)
@@ -149,8 +162,8 @@ def _bs_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KV_IDX, KV_CNT, KV_FULL, TILE_IDX, T
                stride_dob, stride_doh, stride_don, stride_dod,
                stride_dqb, stride_dqh, stride_dqn, stride_dqd,
                H, GROUP, Nq, Nk, D, max_visits, scale, qk_scale,
-               EVEN: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, HEAD_DIM: tl.constexpr,
-               DOT_PREC: tl.constexpr):
+               EVEN: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, STREAM: tl.constexpr,
+               HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
     # one program owns SUB rows of a query block (BLOCK // SUB programs per block): a smaller
     # accumulator than the whole block, so the backward's five tiles fit in registers
     qb = tl.program_id(0) // (BLOCK // SUB)
@@ -179,10 +192,11 @@ def _bs_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KV_IDX, KV_CNT, KV_FULL, TILE_IDX, T
     n_full = tl.load(KV_FULL + qb)
     n_visits = tl.load(KV_CNT + qb)
     dq = _bs_dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                     kv_idx, tile_idx, TILES, sub_row, 0, n_full, Nk, d_ok, qk_scale, False, EVEN, BLOCK, SUB, DOT_PREC)
+                     kv_idx, tile_idx, TILES, sub_row, 0, n_full, Nk, d_ok, qk_scale, False, EVEN, BLOCK, SUB,
+                     STREAM, DOT_PREC)
     dq = _bs_dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                      kv_idx, tile_idx, TILES, sub_row, n_full, n_visits, Nk, d_ok, qk_scale, True, EVEN, BLOCK, SUB,
-                     DOT_PREC)
+                     STREAM, DOT_PREC)
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None] * stride_dqn
              + offs_d[None, :] * stride_dqd, (dq * scale).to(DQ.dtype.element_ty), mask=mask)
 
@@ -191,21 +205,23 @@ def _bs_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KV_IDX, KV_CNT, KV_FULL, TILE_IDX, T
 def _bs_dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd, stride_don, stride_dod,
                   q_idx, tile_idx, TILES, sub_col, lo, hi, Nq, d_ok, qk_scale,
                   MASKED: tl.constexpr, EVEN: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
-    offs_m = tl.arange(0, BLOCK)
+                  STREAM: tl.constexpr, DOT_PREC: tl.constexpr):
+    PER: tl.constexpr = BLOCK // STREAM  # pieces of STREAM query rows per visited query block
+    offs_s = tl.arange(0, STREAM)
     offs_n = sub_col + tl.arange(0, SUB)  # this program's keys inside the mask's key block
-    for t in range(lo, hi):
-        rows = tl.load(q_idx + t) * BLOCK + offs_m
+    for t in range(lo * PER, hi * PER):
+        piece = (t % PER) * STREAM + offs_s
+        rows = tl.load(q_idx + t // PER) * BLOCK + piece
         row_ok = rows < Nq
-        qt = _load_cols(q_base, rows, stride_qn, stride_qd, Nq, d_ok, EVEN)  # Q^T [D, BLOCK]
-        do = _load_rows(do_base, rows, stride_don, stride_dod, Nq, d_ok, EVEN)  # dO [BLOCK, D]
+        qt = _load_cols(q_base, rows, stride_qn, stride_qd, Nq, d_ok, EVEN)  # Q^T [D, STREAM]
+        do = _load_rows(do_base, rows, stride_don, stride_dod, Nq, d_ok, EVEN)  # dO [STREAM, D]
         lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))  # rows past Nq get P = 0
         lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-        pt = tl.exp2(tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale - lse[None, :])  # P^T [SUB keys, BLOCK queries]
+        pt = tl.exp2(tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale - lse[None, :])  # P^T [SUB, STREAM]
         if MASKED:
-            tile = tl.load(TILES + tl.load(tile_idx + t).to(tl.int64) * BLOCK * BLOCK
-                           + offs_m[None, :] * BLOCK + offs_n[:, None])  # the tile, transposed
+            tile = tl.load(TILES + tl.load(tile_idx + t // PER).to(tl.int64) * BLOCK * BLOCK
+                           + piece[None, :] * BLOCK + offs_n[:, None])  # the tile, transposed
             pt = tl.where(tile != 0, pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)  # dV += P^T dO
         dst = pt * (tl.dot(v, tl.trans(do), input_precision=DOT_PREC) - delta[None, :])  # dS^T
@@ -222,8 +238,8 @@ def _bs_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, Q_IDX, Q_CNT, Q_FULL, Q_TILE_I
                  stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                  stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                  H, HKV, GROUP, Nq, Nk, D, max_visits, scale, qk_scale,
-                 EVEN: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 DOT_PREC: tl.constexpr):
+                 EVEN: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, STREAM: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
     # one program owns SUB keys of a key block (BLOCK // SUB programs per block), as in the dQ kernel
     kb = tl.program_id(0) // (BLOCK // SUB)
     sub_col = tl.program_id(0) % (BLOCK // SUB) * SUB
@@ -252,32 +268,36 @@ def _bs_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, Q_IDX, Q_CNT, Q_FULL, Q_TILE_I
         delta_base = DELTA + (b * H + h).to(tl.int64) * Nq
         dk, dv = _bs_dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd,
                                stride_don, stride_dod, q_idx, tile_idx, TILES, sub_col, 0, n_full, Nq, d_ok,
-                               qk_scale, False, EVEN, BLOCK, SUB, DOT_PREC)
+                               qk_scale, False, EVEN, BLOCK, SUB, STREAM, DOT_PREC)
         dk, dv = _bs_dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd,
                                stride_don, stride_dod, q_idx, tile_idx, TILES, sub_col, n_full, n_visits, Nq,
-                               d_ok, qk_scale, True, EVEN, BLOCK, SUB, DOT_PREC)
+                               d_ok, qk_scale, True, EVEN, BLOCK, SUB, STREAM, DOT_PREC)
     tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + cols[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkd, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + cols[:, None] * stride_dvn
              + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-def _launch_options(block: int, head_dim: int, direction: str) -> dict:
-    if is_interpreter():
-        return {"num_warps": 4, "num_stages": 1}
-    if direction == "bwd":
-        # one stage: the backward's five live tiles leave no registers and shared memory for a
-        # second copy of the streamed ones (on the H200, 128-blocks, D128: 1.8 ms with one stage,
-        # 2.9 ms with two; a 64-row resident tile was no faster)
-        return {"num_warps": 8 if block * head_dim >= 128 * 128 else 4, "num_stages": 1}
-    # the forward keeps a whole query block and streams two tiles per visit: three stages fit
-    return {"num_warps": 8 if block * head_dim >= 128 * 128 else 4, "num_stages": 3}
+def _config(kernel: str, block: int, head_dim: int, elem_bytes: int) -> dict:
+    """Launch configuration of one kernel ("fwd", "dq" or "dkdv") for a mask's block size.
 
-
-def _backward_sub(block: int) -> int:
-    # rows (dQ) or keys (dK, dV) one backward program keeps: the whole block on the GPU (fastest in a
-    # sweep on the H200); 16 on the interpreter, so that the tests exercise the sub-block indexing
-    return min(block, 16) if is_interpreter() else block
+    STREAM: the keys (forward, dQ) or query rows (dK/dV) streamed per step, a piece of the mask's
+    block; SUB: the query rows (forward, dQ) or keys (dK/dV) one program keeps resident.
+    """
+    if is_interpreter():  # small pieces, so that the CPU tests exercise the piece and sub-block indexing
+        return {"SUB": min(block, 16), "STREAM": min(block, 32), "num_warps": 4, "num_stages": 1}
+    big = block * head_dim >= 128 * 128
+    if elem_bytes == 2 and head_dim <= 128:
+        # 16-bit, D <= 128: sweeps on the H200 (B1 H16 N16k D128, both masks of bench --op sparse,
+        # 2026-11-29). Whole 128-blocks kept the backward's tiles in registers only by spilling
+        # (1.8 ms); 64-row resident parts with 64-row pieces in a 2-deep pipeline take 1.16-1.21 ms.
+        # The forward is fastest with 64 resident rows (two programs per SM) and 32-key pieces.
+        if kernel == "fwd":
+            return {"SUB": min(block, 64), "STREAM": min(block, 32), "num_warps": 4, "num_stages": 2}
+        return {"SUB": min(block, 64), "STREAM": min(block, 64), "num_warps": 4, "num_stages": 2}
+    # float32, or a head dim past 128: whole blocks; one stage in the backward, whose five live tiles
+    # leave no room for a second copy of the streamed ones
+    return {"SUB": block, "STREAM": block, "num_warps": 8 if big else 4, "num_stages": 3 if kernel == "fwd" else 1}
 
 
 def _even(bm: BlockMask, d: int) -> bool:
@@ -285,22 +305,25 @@ def _even(bm: BlockMask, d: int) -> bool:
     return bm.q_len % bm.block_size == 0 and bm.kv_len % bm.block_size == 0 and _head_dim_pad(d) == d
 
 
-def _forward(q, k, v, bm: BlockMask, scale: float, opts: dict | None = None):
+def _forward(q, k, v, bm: BlockMask, scale: float, cfg: dict | None = None):
+    # cfg: an override of _config("fwd", ...), for tuning
     B, H, Nq, D = q.shape
     HKV, Nk = k.shape[1], k.shape[2]
     o = empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
     lse = empty((B, H, Nq), dtype=torch.float32, device=q.device)
     lay = bm.kernel_layout
-    _bs_fwd[(bm.n_q_blocks, B * H)](
+    cfg = cfg or _config("fwd", bm.block_size, D, q.element_size())
+    _bs_fwd[(bm.n_q_blocks * (bm.block_size // cfg["SUB"]), B * H)](
         q, k, v, o, lse, lay["kv_indices"], bm.kv_counts, lay["kv_full"], lay["tile_index"], lay["tiles"],
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, H // HKV, Nq, Nk, D, bm.kv_indices.shape[1],
-        scale * LOG2E, EVEN=_even(bm, D), BLOCK=bm.block_size, HEAD_DIM=_head_dim_pad(D),
-        **(opts or _launch_options(bm.block_size, D, "fwd")), **dot_options(q.dtype))
+        scale * LOG2E, EVEN=_even(bm, D), BLOCK=bm.block_size, HEAD_DIM=_head_dim_pad(D), **cfg,
+        **dot_options(q.dtype))
     return o, lse
 
 
-def _backward(q, k, v, o, lse, do, bm: BlockMask, scale: float, opts: dict | None = None, sub: int | None = None):
-    # opts, sub: overrides of the launch options and the resident tile, for tuning
+def _backward(q, k, v, o, lse, do, bm: BlockMask, scale: float, dq_cfg: dict | None = None,
+              dkdv_cfg: dict | None = None):
+    # dq_cfg, dkdv_cfg: overrides of _config("dq" / "dkdv", ...), for tuning
     B, H, Nq, D = q.shape
     HKV, Nk = k.shape[1], k.shape[2]
     pad = _head_dim_pad(D)
@@ -309,21 +332,21 @@ def _backward(q, k, v, o, lse, do, bm: BlockMask, scale: float, opts: dict | Non
     dk = empty(k.shape, dtype=k.dtype, device=k.device)
     dv = empty(v.shape, dtype=v.dtype, device=v.device)
     lay = bm.kernel_layout
-    opts = {**(opts or _launch_options(bm.block_size, D, "bwd")), **dot_options(q.dtype)}
-    sub = sub or _backward_sub(bm.block_size)
-    per = bm.block_size // sub
-    _bs_bwd_dq[(bm.n_q_blocks * per, B * H)](
+    bs = bm.block_size
+    cfg = dq_cfg or _config("dq", bs, D, q.element_size())
+    _bs_bwd_dq[(bm.n_q_blocks * (bs // cfg["SUB"]), B * H)](
         q, k, v, do, dq, lse, delta, lay["kv_indices"], bm.kv_counts, lay["kv_full"], lay["tile_index"],
         lay["tiles"], *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         H, H // HKV, Nq, Nk, D, bm.kv_indices.shape[1], scale, scale * LOG2E,
-        EVEN=_even(bm, D), BLOCK=bm.block_size, SUB=sub, HEAD_DIM=pad, **opts)
+        EVEN=_even(bm, D), BLOCK=bs, HEAD_DIM=pad, **cfg, **dot_options(q.dtype))
     if bm.n_kv_blocks == 0:  # no keys: dK and dV are empty
         return dq, dk, dv
-    _bs_bwd_dkdv[(bm.n_kv_blocks * per, B * HKV)](
+    cfg = dkdv_cfg or _config("dkdv", bs, D, q.element_size())
+    _bs_bwd_dkdv[(bm.n_kv_blocks * (bs // cfg["SUB"]), B * HKV)](
         q, k, v, do, dk, dv, lse, delta, lay["q_indices"], bm.q_counts, lay["q_full"], lay["q_tile_index"],
         lay["tiles"], *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         H, HKV, H // HKV, Nq, Nk, D, bm.q_indices.shape[1], scale, scale * LOG2E,
-        EVEN=_even(bm, D), BLOCK=bm.block_size, SUB=sub, HEAD_DIM=pad, **opts)
+        EVEN=_even(bm, D), BLOCK=bs, HEAD_DIM=pad, **cfg, **dot_options(q.dtype))
     return dq, dk, dv
 
 

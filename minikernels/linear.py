@@ -215,13 +215,21 @@ def _la_states(K, V, G, S0, HS, S_OUT,
         tl.store(hs_base + c * DK * DV + tile, S.to(HS.dtype.element_ty), mask=tile_ok)  # write BK*BV
         rows = (c * C + offs_c).to(tl.int64)  # 64-bit: rows * stride can pass 2^31 for long sequences
         row_ok = rows < N
-        k = tl.load(k_base + rows[:, None] * stride_kn + offs_k[None, :] * stride_kd,
-                    mask=row_ok[:, None] & (offs_k < DK)[None, :], other=0.0)  # read C*BK
         v = tl.load(v_base + rows[:, None] * stride_vn + offs_v[None, :] * stride_vd,
                     mask=row_ok[:, None] & (offs_v < DV)[None, :], other=0.0)  # read C*BV
         b, b_last = _chunk_cumsum(G, g_base, stride_gn, rows, row_ok, C, HAS_DECAY)
-        k_out = (k * tl.exp(b_last - b)[:, None]).to(k.dtype)  # how much of step s reaches the chunk's end
-        S = S * tl.exp(b_last) + tl.dot(tl.trans(k_out), v, input_precision=DOT_PREC)
+        if HAS_DECAY:
+            # K^T straight from memory, [BK, C]: the per-step weights then scale its columns in the
+            # layout the matmul reads (scaling K, then transposing it in registers, made the whole
+            # forward with decay 15% slower on the H200)
+            kt = tl.load(k_base + rows[None, :] * stride_kn + offs_k[:, None] * stride_kd,
+                         mask=row_ok[None, :] & (offs_k < DK)[:, None], other=0.0)  # read C*BK
+            kt = (kt * tl.exp(b_last - b)[None, :]).to(kt.dtype)  # how much of step s reaches the chunk's end
+            S = S * tl.exp(b_last) + tl.dot(kt, v, input_precision=DOT_PREC)
+        else:
+            k = tl.load(k_base + rows[:, None] * stride_kn + offs_k[None, :] * stride_kd,
+                        mask=row_ok[:, None] & (offs_k < DK)[None, :], other=0.0)  # read C*BK
+            S = S + tl.dot(tl.trans(k), v, input_precision=DOT_PREC)
     if STORE_FINAL:
         tl.store(S_OUT + bh.to(tl.int64) * DK * DV + tile, S, mask=tile_ok)
 
@@ -445,11 +453,13 @@ def _launch_opts(dtype, num_warps: int = 4, num_stages: int = 2) -> dict:
 
 
 # The forward's tiles: the largest Dk and Dv blocks of each pass, its warps and its pipeline depth
-# (the backward recomputes the states with the same tiles). Chosen by a sweep on the H200 (B4 H16
-# D128, T 4k and 16k, with and without decay; 2026-11-29): a 3-deep pipeline hides the state pass's
-# loads (-21% at 16k without decay), 4 warps suit the output pass.
+# (the backward recomputes the states with the same tiles). Chosen by sweeps on the H200 (B4 H16
+# D128, T 4k to 64k, with and without decay, do_bench and CUDA graphs; 2026-11-29): a 3-deep pipeline
+# hides the state pass's loads (-21% at 16k without decay); the output pass likes 3 stages without
+# a decay (-3 to -5%) and 2 with one (-1 to -2%).
 FWD_TILES = {"states": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3},
-             "out": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 2}}
+             "out": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 3},
+             "out_decay": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 2}}
 
 
 def _decay_args(g, q):
@@ -488,7 +498,7 @@ def _forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype):
     DV = v.shape[-1]
     hs, s_end = _chunk_states(k, v, g, s0, chunk, want_final=True)
     o = empty((B, H, N, DV), dtype=out_dtype, device=q.device)
-    cfg = FWD_TILES["out"]
+    cfg = FWD_TILES["out_decay" if g is not None else "out"]
     bk, bv = _block(DK, cfg["BK"]), _block(DV, cfg["BV"])
     warps = cfg["num_warps"] if bv * chunk >= 8192 else 4  # 4 warps are enough for small tiles
     gt, gs, has_decay = _decay_args(g, q)

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from . import antidiagonal
 from ._backend import device as _backend_device
+from ._validate import check_device, check_same_device
 
 MaskFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -351,7 +353,8 @@ def xattention(q: torch.Tensor, k: torch.Tensor, stride: int = 8, threshold: flo
     """XAttention's estimated block mask: score blocks by their strided antidiagonal sums
     (``antidiagonal_block_scores``, averaged over batch and heads), then keep, for each query block,
     the highest-scoring key blocks until their share of the row's total reaches ``threshold``.
-    The diagonal block is always kept when ``causal``; elements keep the causal rule."""
+    The diagonal block is always kept when ``causal``; elements keep the causal rule. q and k must be
+    on the backend's device (``mk.device()``): the scoring and the ranking run in Triton."""
     keep = xattention_blocks(q, k, stride, threshold, block_size, causal)
     n_q, n_k = q.shape[2], k.shape[2]
     offset = n_k - n_q
@@ -365,21 +368,15 @@ def xattention(q: torch.Tensor, k: torch.Tensor, stride: int = 8, threshold: flo
 def xattention_blocks(q: torch.Tensor, k: torch.Tensor, stride: int = 8, threshold: float = 0.9,
                       block_size: int = 64, causal: bool = True) -> torch.Tensor:
     """The estimation step of ``xattention``, on the device: bool ``[n_q_blocks, n_k_blocks]``, the
-    key blocks each query block keeps (before the element-level causal rule)."""
+    key blocks each query block keeps (before the element-level causal rule). Ties in score are
+    ranked by block index."""
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     _check_positive("stride", stride)
-    scores = antidiagonal_block_scores(q, k, stride, _check_block_size(block_size), causal).mean(dim=(0, 1))
-    share = scores / scores.sum(-1, keepdim=True).clamp(min=1e-30)
-    order = share.argsort(dim=-1, descending=True)
-    sorted_share = share.gather(-1, order)
-    before = sorted_share.cumsum(-1) - sorted_share  # share of the blocks ranked above this one
-    keep_sorted = (before < threshold) & (sorted_share > 0)
-    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-    n_q, n_k = q.shape[2], k.shape[2]
-    offset = n_k - n_q
-    if causal:
-        qb = torch.arange(keep.shape[0], device=q.device)
-        diag_block = ((qb * block_size + block_size - 1).clamp(max=n_q - 1) + offset).clamp(min=0) // block_size
-        keep[qb, diag_block.clamp(max=keep.shape[1] - 1)] = True
-    return keep
+    _check_qk(q, k)
+    if block_size % stride:
+        raise ValueError(f"stride={stride} must divide block_size={block_size}")
+    check_device("q", q)  # Triton kernels: on the backend's device (antidiagonal_block_scores runs anywhere)
+    check_same_device(q=q, k=k)
+    # antidiagonal_block_scores and the ranking, in two Triton launches (minikernels/antidiagonal.py)
+    return antidiagonal.estimate_blocks(q, k, stride, threshold, _check_block_size(block_size), causal)

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import minikernels as mk
 from minikernels import masks
+from minikernels.testing import test_dtypes
 
 
 def element(rule, q_len, kv_len):
@@ -147,6 +148,74 @@ def test_antidiagonal_scores_match_brute_force():
     assert torch.allclose(got[0, 0].cpu().double(), want, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", test_dtypes())
+@pytest.mark.parametrize("shape", [
+    # B, H, Hkv, Nq, Nk, D, stride, block_size, causal
+    (1, 2, 2, 48, 48, 8, 4, 16, True),
+    (2, 4, 2, 100, 130, 24, 4, 32, True),  # grouped heads, ragged ends, more keys than queries
+    (1, 2, 1, 64, 64, 16, 8, 64, False),
+    (1, 1, 1, 37, 90, 16, 16, 16, True),  # one patch per block; the first query rows see no patch
+    (1, 1, 1, 256, 256, 32, 1, 32, True),  # stride 1: the plain softmax, summed per block
+])
+def test_antidiagonal_kernel_matches_reference(shape, dtype):
+    """The one-pass Triton scoring behind xattention equals the readable PyTorch version."""
+    from minikernels import antidiagonal
+    from minikernels.testing import assert_close, randn
+
+    b, h, hkv, nq, nk, d, stride, bs, causal = shape
+    q, k = randn(b, h, nq, d, seed=1, dtype=dtype), randn(b, hkv, nk, d, seed=2, dtype=dtype)
+    got = antidiagonal.block_scores(q, k, stride, bs, causal)
+    want = masks.antidiagonal_block_scores(q.double(), k.double(), stride, bs, causal).mean(dim=(0, 1))
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert_close(got, want, dtype, name="antidiagonal block scores")
+
+
+def keep_until_threshold(scores, threshold):
+    """The selection of XAttention by sorting: rank each row's blocks by score, keep them in order
+    while the blocks ranked above hold less than ``threshold`` of the row's total."""
+    share = scores / scores.sum(-1, keepdim=True).clamp(min=1e-30)
+    order = share.argsort(dim=-1, descending=True, stable=True)
+    sorted_share = share.gather(-1, order)
+    keep_sorted = (sorted_share.cumsum(-1) - sorted_share < threshold) & (sorted_share > 0)
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.9, 1.0])
+@pytest.mark.parametrize("nq, nk, causal", [(256, 256, True), (200, 330, True), (96, 160, False)])
+def test_xattention_selection_matches_sorting(nq, nk, causal, threshold):
+    from minikernels import antidiagonal
+    from minikernels.testing import randn
+
+    q, k = randn(2, 2, nq, 16, seed=nq), randn(2, 1, nk, 16, seed=nk) * 3.0  # peaked scores
+    got = masks.xattention_blocks(q, k, stride=4, threshold=threshold, block_size=16, causal=causal)
+    want = keep_until_threshold(antidiagonal.block_scores(q, k, 4, 16, causal), threshold)
+    if causal:
+        rows = torch.arange(want.shape[0], device=want.device)
+        want[rows, ((rows * 16 + 15).clamp(max=nq - 1) + nk - nq) // 16] = True
+    assert got.dtype == torch.bool and torch.equal(got, want)
+
+
+def test_xattention_selection_breaks_ties_by_index():
+    from minikernels import antidiagonal
+
+    scores = torch.tensor([[1.0, 2.0, 1.0, 1.0, 0.0]], device=mk.device())  # total 5
+    keep = torch.empty(1, 5, dtype=torch.int8, device=mk.device())
+    antidiagonal._select_blocks[(1, 1)](scores[None], keep, 1, 5, 5, 5, 0.7, 16, 80, 16, CAUSAL=False, BJ=32, BI=32)
+    # ranked 1, 0, 2, 3 (ties by index), 4: before = 0, 2, 3, 4 (of 5): keep while below 3.5
+    assert keep.tolist() == [[1, 1, 1, 0, 0]]
+
+
+@pytest.mark.gpu
+def test_gpu_antidiagonal_kernel_long_bf16():
+    from minikernels import antidiagonal
+    from minikernels.testing import assert_close, randn
+
+    q, k = randn(1, 4, 4096, 128, seed=3, dtype=torch.bfloat16), randn(1, 4, 4096, 128, seed=4, dtype=torch.bfloat16)
+    got = antidiagonal.block_scores(q, k, 8, 128)
+    want = masks.antidiagonal_block_scores(q.double(), k.double(), 8, 128).mean(dim=(0, 1))
+    assert_close(got, want, torch.bfloat16, name="antidiagonal block scores, N = 4096")
+
+
 def planted(n=256, d=32, needle=37, seed=0):
     """Queries and keys with structure: key `needle` matches every query (a vertical line), and each
     key j also resembles query j + 16 (a slash at distance 16)."""
@@ -196,6 +265,8 @@ def test_estimator_arguments():
         masks.xattention(q, k, stride=5, block_size=16)
     with pytest.raises(ValueError, match="must be a floating-point tensor"):
         masks.vertical_slash(q[0], k)
+    with pytest.raises(ValueError, match="different devices"):
+        masks.xattention(q, k.to("meta"), stride=4, block_size=16)
 
 
 def test_kernel_layout_lists_full_blocks_first():

@@ -1,0 +1,188 @@
+"""Chapter 2: XAttention's antidiagonal block scores, in one Triton pass.
+
+``masks.antidiagonal_block_scores`` is the readable PyTorch version: gather Q and K into strided
+"patch" rows, multiply them ([N/stride, stride*D] by its transpose), softmax each row, sum the
+probabilities per block. It materializes the [N/stride, N/stride] patch scores in float32 and runs
+several passes over them; at N = 16k that costs about 70% of the sparse attention it selects for.
+
+Here one program owns BLOCK_A patch rows of one head and walks their patch columns once (only
+those left of the causal edge):
+
+    s[a, b] = sum_r q[a*stride + stride-1-r] . k[b*stride + r]      STRIDE dots of [BLOCK_A, D] x [D, BLOCK_B]
+
+The softmax needs each row's total before any probability is final, but a second pass over the
+scores would double the matrix work. So the pass stores, for each row and column tile, the tile's
+row maximum m_t and the per-block sums of exp(s - m_t) (a [BLOCK_A, BLOCK_B / PER] piece, PER patches
+to a block), while keeping the row's running log-sum-exp as FlashAttention does. A short second loop
+rescales those sums by exp(m_t - lse), adds the PER rows of each query block, and writes one head's
+[n_q_blocks, n_k_blocks] scores. Only the small sums are written and read back (from L2); the patch
+scores never leave the chip.
+
+The selection (keep each query block's best key blocks until they hold ``threshold`` of the row's
+score) is a second small kernel. Rather than sort, it ranks: block j is kept when the blocks ranked
+above it (a higher score, or an equal score and a smaller index) hold less than ``threshold`` of the
+total. That is one [n_k_blocks]^2 comparison per query block, a few microseconds, in one launch
+instead of the dozen small PyTorch operations of a sort, gather, cumsum and scatter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._backend import dot_options, is_interpreter, on_device_of
+from ._validate import int32_addressable
+
+LOG2E = 1.4426950408889634
+# patch rows / columns per tile, warps, pipeline depth on a GPU (the interpreter uses small tiles):
+# the fastest in a sweep on the H200 (B1 H16 N16k D128, stride 8, 2026-11-29)
+TILES = {"BLOCK_A": 64, "BLOCK_B": 128, "num_warps": 4, "num_stages": 4}
+
+
+@triton.jit
+def _antidiagonal_scores(Q, K, PART, TMAX, OUT,
+                         stride_qb, stride_qh, stride_qn, stride_qd,
+                         stride_kb, stride_kh, stride_kn, stride_kd,
+                         H, GROUP, Nq, Nk, D, NA, NB, n_tiles, causal_offset, qk_scale,
+                         CAUSAL: tl.constexpr, STRIDE: tl.constexpr, PER: tl.constexpr,
+                         BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         DOT_PREC: tl.constexpr):
+    a0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_A  # the longest rows (causal) start first
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
+    offs_a = a0 + tl.arange(0, BLOCK_A)  # patch rows
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_ok = offs_d < D
+    row_ok = offs_a * STRIDE < Nq
+    # the last patch column any row here may see: b*STRIDE <= a*STRIDE + STRIDE-1 + offset
+    hi = NB
+    if CAUSAL:
+        last = (a0 + BLOCK_A - 1) * STRIDE + STRIDE - 1 + causal_offset
+        hi = tl.minimum(tl.where(last >= 0, last // STRIDE + 1, 0), NB)
+    m_i = tl.full([BLOCK_A], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_A], tl.float32)
+    part_base = PART + (bh.to(tl.int64) * NA + offs_a[:, None]) * (NB // PER)
+    tmax_base = TMAX + (bh.to(tl.int64) * NA + offs_a) * n_tiles
+    for b0 in range(0, hi, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        s = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
+        for r in range(STRIDE):  # the antidiagonal: query row stride-1-r meets key row r
+            q_rows = offs_a * STRIDE + (STRIDE - 1 - r)
+            k_rows = offs_b * STRIDE + r
+            q = tl.load(q_base + q_rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                        mask=(q_rows[:, None] < Nq) & d_ok[None, :], other=0.0)  # read BLOCK_A*D (L2)
+            kt = tl.load(k_base + k_rows[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                         mask=(k_rows[None, :] < Nk) & d_ok[:, None], other=0.0)  # read BLOCK_B*D (L2)
+            s += tl.dot(q, kt, input_precision=DOT_PREC)
+        s = s * qk_scale  # base 2, with 1 / (sqrt(D) * stride)
+        show = row_ok[:, None] & (offs_b[None, :] * STRIDE < Nk)
+        if CAUSAL:  # a patch counts if its first key is visible to its last query
+            show = show & (offs_b[None, :] * STRIDE <= offs_a[:, None] * STRIDE + STRIDE - 1 + causal_offset)
+        s = tl.where(show, s, float("-inf"))
+        m_t = tl.max(s, axis=1)
+        m_t_safe = tl.where(m_t == float("-inf"), 0.0, m_t)  # a row with nothing visible here: e = 0
+        e = tl.exp2(s - m_t_safe[:, None])
+        block_sums = tl.sum(tl.reshape(e, [BLOCK_A, BLOCK_B // PER, PER]), axis=2)
+        tl.store(part_base + (b0 // PER + tl.arange(0, BLOCK_B // PER))[None, :], block_sums)  # write, small
+        tl.store(tmax_base + b0 // BLOCK_B, m_t_safe)
+        m_new = tl.maximum(m_i, m_t)
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_new_safe) + tl.sum(e, axis=1) * tl.exp2(m_t_safe - m_new_safe)
+        m_i = m_new
+    # the softmax's denominators are known: rescale the stored sums and add each block's PER rows
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))  # empty row: p = 0
+    out_rows = a0 // PER + tl.arange(0, BLOCK_A // PER)
+    out_base = OUT + (bh.to(tl.int64) * (NA // PER) + out_rows[:, None]) * (NB // PER)
+    for b0 in range(0, hi, BLOCK_B):
+        w = tl.exp2(tl.load(tmax_base + b0 // BLOCK_B) - lse)  # [BLOCK_A]
+        sums = tl.load(part_base + (b0 // PER + tl.arange(0, BLOCK_B // PER))[None, :]) * w[:, None]
+        blocks = tl.sum(tl.reshape(sums, [BLOCK_A // PER, PER, BLOCK_B // PER]), axis=1)
+        tl.store(out_base + (b0 // PER + tl.arange(0, BLOCK_B // PER))[None, :], blocks)
+
+
+@triton.jit
+def _select_blocks(SCORES, KEEP, BH, NKB, head_stride, row_stride, threshold, q_len, kv_len, block_size,
+                   CAUSAL: tl.constexpr, BJ: tl.constexpr, BI: tl.constexpr):
+    row = tl.program_id(0)  # a query block
+    offs_j = tl.program_id(1) * BJ + tl.arange(0, BJ)  # the key blocks this program decides
+    j_ok = offs_j < NKB
+    s_j = tl.zeros([BJ], tl.float32)
+    for h in range(BH):  # scores summed over batch and heads (the ranking does not need the mean)
+        s_j += tl.load(SCORES + h * head_stride + row * row_stride + offs_j, mask=j_ok, other=0.0)
+    before = tl.zeros([BJ], tl.float32)  # the score of the blocks ranked above each j
+    total = 0.0
+    for i0 in range(0, NKB, BI):
+        offs_i = i0 + tl.arange(0, BI)
+        i_ok = offs_i < NKB
+        s_i = tl.zeros([BI], tl.float32)
+        for h in range(BH):
+            s_i += tl.load(SCORES + h * head_stride + row * row_stride + offs_i, mask=i_ok, other=0.0)
+        total += tl.sum(s_i)
+        above = (s_i[:, None] > s_j[None, :]) | ((s_i[:, None] == s_j[None, :]) & (offs_i[:, None] < offs_j[None, :]))
+        before += tl.sum(tl.where(above & i_ok[:, None], s_i[:, None], 0.0), axis=0)
+    keep = (before < threshold * total) & (s_j > 0)
+    if CAUSAL:  # the block holding the diagonal of the row block's last query is always kept
+        last_q = tl.minimum(row * block_size + block_size - 1, q_len - 1)
+        diag = tl.minimum(tl.maximum(last_q + kv_len - q_len, 0) // block_size, NKB - 1)
+        keep = keep | (offs_j == diag)
+    tl.store(KEEP + row * NKB + offs_j, keep.to(tl.int8), mask=j_ok)
+
+
+def _scores_per_head(q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int, causal: bool) -> torch.Tensor:
+    # [B*H, >= n_q_blocks, >= n_k_blocks] float32, the blocks past the ends (tile padding) left at 0
+    n_q, n_k, d = q.shape[2], k.shape[2], q.shape[-1]
+    per = block_size // stride
+    nq_b, nk_b = math.ceil(n_q / block_size), math.ceil(n_k / block_size)
+    if q.dtype == torch.float64 or per > 128:  # no float64 tensor cores; a block wider than a tile
+        from .masks import antidiagonal_block_scores
+
+        return antidiagonal_block_scores(q, k, stride, block_size, causal).float().flatten(0, 1)
+    q, k = int32_addressable("q", q), int32_addressable("k", k.to(q.dtype))  # 32-bit offsets inside a head
+    B, H = q.shape[:2]
+    block_a = max(per, 32 if is_interpreter() else TILES["BLOCK_A"])
+    block_b = max(per, 32 if is_interpreter() else TILES["BLOCK_B"])
+    na = triton.cdiv(nq_b * per, block_a) * block_a  # patch rows, padded to whole tiles
+    nb = triton.cdiv(nk_b * per, block_b) * block_b
+    n_tiles = nb // block_b
+    part = torch.empty(B * H, na, nb // per, dtype=torch.float32, device=q.device)
+    tmax = torch.empty(B * H, na, n_tiles, dtype=torch.float32, device=q.device)
+    out = torch.zeros(B * H, na // per, nb // per, dtype=torch.float32, device=q.device)  # skipped tiles: 0
+    head_dim = max(16, triton.next_power_of_2(d))
+    with on_device_of(q):
+        _antidiagonal_scores[(na // block_a, B * H)](
+            q, k, part, tmax, out, *q.stride(), *k.stride(), H, H // k.shape[1], n_q, n_k, d, na, nb, n_tiles,
+            n_k - n_q, LOG2E / (math.sqrt(d) * stride), CAUSAL=causal, STRIDE=stride, PER=per,
+            BLOCK_A=block_a, BLOCK_B=block_b, HEAD_DIM=head_dim,
+            num_warps=4 if is_interpreter() else TILES["num_warps"],
+            num_stages=1 if is_interpreter() else TILES["num_stages"], **dot_options(q.dtype))
+    return out
+
+
+def block_scores(q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int, causal: bool = True) -> torch.Tensor:
+    """The antidiagonal block scores of ``masks.antidiagonal_block_scores``, averaged over batch and
+    heads: float32 ``[n_q_blocks, n_k_blocks]``. Inputs are checked by the caller (``masks``)."""
+    nq_b, nk_b = math.ceil(q.shape[2] / block_size), math.ceil(k.shape[2] / block_size)
+    return _scores_per_head(q, k, stride, block_size, causal)[:, :nq_b, :nk_b].mean(0)
+
+
+def estimate_blocks(q: torch.Tensor, k: torch.Tensor, stride: int, threshold: float, block_size: int,
+                    causal: bool = True) -> torch.Tensor:
+    """XAttention's selection: bool ``[n_q_blocks, n_k_blocks]``, for each query block the best-scoring
+    key blocks until they hold ``threshold`` of the row's score (ties: the smaller index first), plus
+    the diagonal block when ``causal``. Two launches: the scores, then the ranking."""
+    n_q, n_k = q.shape[2], k.shape[2]
+    nq_b, nk_b = math.ceil(n_q / block_size), math.ceil(n_k / block_size)
+    scores = _scores_per_head(q, k, stride, block_size, causal)
+    keep = torch.empty(nq_b, nk_b, dtype=torch.int8, device=q.device)
+    bj = 32 if is_interpreter() else 64
+    with on_device_of(q):
+        _select_blocks[(nq_b, triton.cdiv(nk_b, bj))](
+            scores, keep, scores.shape[0], nk_b, scores.stride(0), scores.stride(1), float(threshold), n_q, n_k,
+            block_size, CAUSAL=causal, BJ=bj, BI=bj)
+    return keep.view(torch.bool)
