@@ -33,10 +33,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ._alloc import empty
 from ._backend import dot_options, is_interpreter, on_device_of
 from ._validate import int32_addressable
+from .flash import LOG2E, _head_dim_pad
 
-LOG2E = 1.4426950408889634
 # patch rows / columns per tile, warps, pipeline depth on a GPU (the interpreter uses small tiles):
 # the fastest in a sweep on the H200 (B1 H16 N16k D128, stride 8, 2026-11-29)
 TILES = {"BLOCK_A": 64, "BLOCK_B": 128, "num_warps": 4, "num_stages": 4}
@@ -150,10 +151,10 @@ def _scores_per_head(q: torch.Tensor, k: torch.Tensor, stride: int, block_size: 
     na = triton.cdiv(nq_b * per, block_a) * block_a  # patch rows, padded to whole tiles
     nb = triton.cdiv(nk_b * per, block_b) * block_b
     n_tiles = nb // block_b
-    part = torch.empty(B * H, na, nb // per, dtype=torch.float32, device=q.device)
-    tmax = torch.empty(B * H, na, n_tiles, dtype=torch.float32, device=q.device)
+    part = empty((B * H, na, nb // per), dtype=torch.float32, device=q.device)  # NaN when tests poison
+    tmax = empty((B * H, na, n_tiles), dtype=torch.float32, device=q.device)
     out = torch.zeros(B * H, na // per, nb // per, dtype=torch.float32, device=q.device)  # skipped tiles: 0
-    head_dim = max(16, triton.next_power_of_2(d))
+    head_dim = _head_dim_pad(d)
     with on_device_of(q):
         _antidiagonal_scores[(na // block_a, B * H)](
             q, k, part, tmax, out, *q.stride(), *k.stride(), H, H // k.shape[1], n_q, n_k, d, na, nb, n_tiles,
