@@ -319,15 +319,21 @@ def vertical_slash(q: torch.Tensor, k: torch.Tensor, n_vertical: int = 64, n_sla
     return from_mask_fn(rule, n_q, n_k, block_size, q.device)
 
 
+def _check_antidiagonal_args(q: torch.Tensor, k: torch.Tensor, stride, block_size) -> None:
+    _check_qk(q, k)
+    _check_positive("stride", stride)
+    _check_block_size(block_size)
+    if block_size % stride:
+        raise ValueError(f"stride={stride} must divide block_size={block_size}")
+
+
 def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int,
                               causal: bool = True) -> torch.Tensor:
     """XAttention's block importance, ``[B, H, n_q_blocks, n_k_blocks]``: within every ``stride x stride``
     patch of QK^T, the sum along its antidiagonal (one strided product per patch instead of
     ``stride^2``); a softmax over those patch scores along each row; then their sum per block.
     Each query block's row sums to its number of rows / stride (softmax rows)."""
-    _check_qk(q, k)
-    if block_size % stride:
-        raise ValueError(f"stride={stride} must divide block_size={block_size}")
+    _check_antidiagonal_args(q, k, stride, block_size)
     n_q, n_k, d = q.shape[2], k.shape[2], q.shape[-1]
     nq_b, nk_b = math.ceil(n_q / block_size), math.ceil(n_k / block_size)
     # The product runs in the inputs' dtype (bf16 tensor cores for bf16 inputs: an estimate need not be
@@ -372,11 +378,8 @@ def xattention_blocks(q: torch.Tensor, k: torch.Tensor, stride: int = 8, thresho
     ranked by block index."""
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    _check_positive("stride", stride)
-    _check_qk(q, k)
-    if block_size % stride:
-        raise ValueError(f"stride={stride} must divide block_size={block_size}")
+    _check_antidiagonal_args(q, k, stride, block_size)
     check_device("q", q)  # Triton kernels: on the backend's device (antidiagonal_block_scores runs anywhere)
     check_same_device(q=q, k=k)
     # antidiagonal_block_scores and the ranking, in two Triton launches (minikernels/antidiagonal.py)
-    return antidiagonal.estimate_blocks(q, k, stride, threshold, _check_block_size(block_size), causal)
+    return antidiagonal.estimate_blocks(q, k, stride, threshold, block_size, causal)

@@ -196,6 +196,22 @@ def test_xattention_selection_matches_sorting(nq, nk, causal, threshold):
     assert got.dtype == torch.bool and torch.equal(got, want)
 
 
+def test_xattention_without_the_scoring_kernel():
+    """float64 inputs (no float64 tensor cores) and blocks wider than a tile (block_size / stride > 128)
+    score with the PyTorch version, then rank with the same kernel."""
+    from minikernels.testing import randn
+
+    q, k = randn(1, 2, 512, 16, seed=7), randn(1, 2, 512, 16, seed=8) * 3.0
+    for args in ((q.double(), k.double(), 4, 32), (q, k, 1, 256)):
+        qq, kk, stride, bs = args
+        got = masks.xattention_blocks(qq, kk, stride=stride, threshold=0.8, block_size=bs)
+        scores = masks.antidiagonal_block_scores(qq, kk, stride, bs).float().mean(dim=(0, 1))
+        want = keep_until_threshold(scores, 0.8)
+        rows = torch.arange(want.shape[0], device=want.device)
+        want[rows, rows] = True  # the diagonal block (square, causal)
+        assert torch.equal(got, want)
+
+
 def test_xattention_selection_breaks_ties_by_index():
     from minikernels import antidiagonal
 
