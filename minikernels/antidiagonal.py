@@ -38,9 +38,28 @@ from ._backend import dot_options, is_interpreter, on_device_of
 from ._validate import int32_addressable
 from .flash import LOG2E, _head_dim_pad
 
-# patch rows / columns per tile, warps, pipeline depth on a GPU (the interpreter uses small tiles):
-# the fastest in a sweep on the H200 (B1 H16 N16k D128, stride 8, 2026-11-29)
-TILES = {"BLOCK_A": 64, "BLOCK_B": 128, "num_warps": 4, "num_stages": 4}
+# patch rows / columns per tile, warps, pipeline depth, TMA loads on a GPU (the interpreter uses small
+# tiles): the fastest in sweeps on the H200 (B1 H16 N16k bf16 D128, stride 8, 2026-11-29). Wider
+# column tiles reuse each patch row more often per byte brought from L2: 0.236 ms for the estimate
+# against 0.269 with 64 x 128 tiles and pointer loads. (The same 64 x 256 tile in 4 warps timed
+# 0.20 ms but its scores were off by up to 1e-3 against float64, where 8 warps agree to 1e-6: not used.)
+TILES = {"BLOCK_A": 64, "BLOCK_B": 256, "num_warps": 8, "num_stages": 3, "TMA": True}
+
+
+def _tiles(head_dim: int, elem_bytes: int) -> dict:
+    # TILES, with fewer stages (then narrower column tiles) where a stage's Q and K tiles are larger
+    # than for 16-bit D <= 128 (float32, wider heads), so that the pipeline still fits in shared memory
+    t = dict(TILES)
+
+    def stage_bytes():
+        return (t["BLOCK_A"] + t["BLOCK_B"]) * head_dim * elem_bytes * t["num_stages"]
+
+    budget = (TILES["BLOCK_A"] + TILES["BLOCK_B"]) * 128 * 2 * TILES["num_stages"]  # what the sweep fitted
+    while stage_bytes() > budget and t["num_stages"] > 2:
+        t["num_stages"] -= 1
+    while stage_bytes() > budget and t["BLOCK_B"] > 64:
+        t["BLOCK_B"] //= 2
+    return t
 
 
 @triton.jit
@@ -50,13 +69,14 @@ def _antidiagonal_scores(Q, K, PART, TMAX, OUT,
                          H, GROUP, Nq, Nk, D, NA, NB, n_tiles, causal_offset, qk_scale,
                          CAUSAL: tl.constexpr, STRIDE: tl.constexpr, PER: tl.constexpr,
                          BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         DOT_PREC: tl.constexpr):
+                         TMA: tl.constexpr, DOT_PREC: tl.constexpr):
     a0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_A  # the longest rows (causal) start first
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
+    if not TMA:
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
     offs_a = a0 + tl.arange(0, BLOCK_A)  # patch rows
     offs_d = tl.arange(0, HEAD_DIM)
     d_ok = offs_d < D
@@ -74,12 +94,16 @@ def _antidiagonal_scores(Q, K, PART, TMAX, OUT,
         offs_b = b0 + tl.arange(0, BLOCK_B)
         s = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
         for r in range(STRIDE):  # the antidiagonal: query row stride-1-r meets key row r
-            q_rows = offs_a * STRIDE + (STRIDE - 1 - r)
-            k_rows = offs_b * STRIDE + r
-            q = tl.load(q_base + q_rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                        mask=(q_rows[:, None] < Nq) & d_ok[None, :], other=0.0)  # read BLOCK_A*D (L2)
-            kt = tl.load(k_base + k_rows[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                         mask=(k_rows[None, :] < Nk) & d_ok[:, None], other=0.0)  # read BLOCK_B*D (L2)
+            if TMA:  # Q and K as [B, H, N / STRIDE, STRIDE, D] descriptors: row r of every patch at once
+                q = Q.load([b, h, a0, STRIDE - 1 - r, 0]).reshape(BLOCK_A, HEAD_DIM)  # read BLOCK_A*D (L2)
+                kt = tl.trans(K.load([b, h // GROUP, b0, r, 0]).reshape(BLOCK_B, HEAD_DIM))  # read BLOCK_B*D
+            else:
+                q_rows = offs_a * STRIDE + (STRIDE - 1 - r)
+                k_rows = offs_b * STRIDE + r
+                q = tl.load(q_base + q_rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                            mask=(q_rows[:, None] < Nq) & d_ok[None, :], other=0.0)  # read BLOCK_A*D (L2)
+                kt = tl.load(k_base + k_rows[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                             mask=(k_rows[None, :] < Nk) & d_ok[:, None], other=0.0)  # read BLOCK_B*D (L2)
             s += tl.dot(q, kt, input_precision=DOT_PREC)
         s = s * qk_scale  # base 2, with 1 / (sqrt(D) * stride)
         show = row_ok[:, None] & (offs_b[None, :] * STRIDE < Nk)
@@ -96,7 +120,10 @@ def _antidiagonal_scores(Q, K, PART, TMAX, OUT,
         m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_new_safe) + tl.sum(e, axis=1) * tl.exp2(m_t_safe - m_new_safe)
         m_i = m_new
-    # the softmax's denominators are known: rescale the stored sums and add each block's PER rows
+    # the softmax's denominators are known: rescale the stored sums and add each block's PER rows.
+    # Other threads of this program wrote those sums: wait for all of them (a barrier also makes
+    # their global writes visible) before reading them back in a different layout
+    tl.debug_barrier()
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("inf"))  # empty row: p = 0
     out_rows = a0 // PER + tl.arange(0, BLOCK_A // PER)
     out_base = OUT + (bh.to(tl.int64) * (NA // PER) + out_rows[:, None]) * (NB // PER)
@@ -135,6 +162,13 @@ def _select_blocks(SCORES, KEEP, BH, NKB, head_stride, row_stride, threshold, q_
     tl.store(KEEP + row * NKB + offs_j, keep.to(tl.int8), mask=j_ok)
 
 
+def _tma_patches_ok(q: torch.Tensor, k: torch.Tensor, stride: int, wanted: bool) -> bool:
+    # a descriptor of the patch view needs whole patches, unit stride along D, 16-byte aligned rows
+    return wanted and all(t.shape[2] % stride == 0 and t.stride(3) == 1 and t.data_ptr() % 16 == 0
+                          and all(st > 0 and st * t.element_size() % 16 == 0 for st in t.stride()[:3])
+                          for t in (q, k))
+
+
 def _scores_per_head(q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int, causal: bool) -> torch.Tensor:
     # [B*H, >= n_q_blocks, >= n_k_blocks] float32, the blocks past the ends (tile padding) left at 0
     n_q, n_k, d = q.shape[2], k.shape[2], q.shape[-1]
@@ -146,22 +180,33 @@ def _scores_per_head(q: torch.Tensor, k: torch.Tensor, stride: int, block_size: 
         return antidiagonal_block_scores(q, k, stride, block_size, causal).float().flatten(0, 1)
     q, k = int32_addressable("q", q), int32_addressable("k", k.to(q.dtype))  # 32-bit offsets inside a head
     B, H = q.shape[:2]
-    block_a = max(per, 32 if is_interpreter() else TILES["BLOCK_A"])
-    block_b = max(per, 32 if is_interpreter() else TILES["BLOCK_B"])
+    head_dim = _head_dim_pad(d)
+    tiles = _tiles(head_dim, q.element_size())
+    block_a = max(per, 32 if is_interpreter() else tiles["BLOCK_A"])
+    block_b = max(per, 32 if is_interpreter() else tiles["BLOCK_B"])
     na = triton.cdiv(nq_b * per, block_a) * block_a  # patch rows, padded to whole tiles
     nb = triton.cdiv(nk_b * per, block_b) * block_b
     n_tiles = nb // block_b
     part = empty((B * H, na, nb // per), dtype=torch.float32, device=q.device)  # NaN when tests poison
     tmax = empty((B * H, na, n_tiles), dtype=torch.float32, device=q.device)
     out = torch.zeros(B * H, na // per, nb // per, dtype=torch.float32, device=q.device)  # skipped tiles: 0
-    head_dim = _head_dim_pad(d)
+    q_src, k_src, tma = q, k, _tma_patches_ok(q, k, stride, is_interpreter() or tiles["TMA"])
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        def patches(t, rows):  # [B, H, N, D] seen as [B, H, N / stride, stride, D]
+            shape = [*t.shape[:2], t.shape[2] // stride, stride, t.shape[3]]
+            strides = [*t.stride()[:2], t.stride(2) * stride, t.stride(2), 1]
+            return TensorDescriptor(t, shape, strides, [1, 1, rows, 1, head_dim])
+
+        q_src, k_src = patches(q, block_a), patches(k, block_b)
     with on_device_of(q):
         _antidiagonal_scores[(na // block_a, B * H)](
-            q, k, part, tmax, out, *q.stride(), *k.stride(), H, H // k.shape[1], n_q, n_k, d, na, nb, n_tiles,
+            q_src, k_src, part, tmax, out, *q.stride(), *k.stride(), H, H // k.shape[1], n_q, n_k, d, na, nb, n_tiles,
             n_k - n_q, LOG2E / (math.sqrt(d) * stride), CAUSAL=causal, STRIDE=stride, PER=per,
-            BLOCK_A=block_a, BLOCK_B=block_b, HEAD_DIM=head_dim,
-            num_warps=4 if is_interpreter() else TILES["num_warps"],
-            num_stages=1 if is_interpreter() else TILES["num_stages"], **dot_options(q.dtype))
+            BLOCK_A=block_a, BLOCK_B=block_b, HEAD_DIM=head_dim, TMA=tma,
+            num_warps=4 if is_interpreter() else tiles["num_warps"],
+            num_stages=1 if is_interpreter() else tiles["num_stages"], **dot_options(q.dtype))
     return out
 
 

@@ -14,6 +14,11 @@ kernels' tiles are cut from the mask's blocks (16 to 128), so a mask and the ker
 about where blocks start: each visited block is streamed in pieces of STREAM keys (or, for dK/dV,
 query rows), and a program may keep a SUB-row (SUB-key) part of a block resident. A query that
 sees no key gets zeros.
+
+The streamed tiles arrive through tensor descriptors (on a GPU, TMA: one instruction per tile instead
+of an address per element) whenever the tensors allow it (unit stride along D, 16-byte aligned rows);
+other layouts take the pointer loads. The dQ kernel also computes the backward's
+delta = rowsum(dO * O) for its rows and writes it for the dK/dV kernel, which runs after it.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import triton.language as tl
 from ._alloc import empty
 from ._backend import dot_options, is_interpreter, on_device_of
 from ._validate import int32_addressable
-from .flash import LOG2E, _check_scale, _compute_dtype, _head_dim_pad, check_attention_inputs, row_delta
+from .flash import LOG2E, _check_scale, _compute_dtype, _head_dim_pad, check_attention_inputs
 from .masks import BlockMask
 
 MAX_BLOCK_SIZE = 128
@@ -50,10 +55,17 @@ def _load_cols(base, idx, stride_n, stride_d, n_valid, d_ok, EVEN: tl.constexpr)
 
 
 @triton.jit
-def _bs_fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+def _tma_rows(desc, b, h, row0, STREAM: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # a [STREAM, HEAD_DIM] tile by the tensor memory accelerator: one instruction instead of a pointer
+    # per element, and rows past N (or columns past D) arrive as zeros
+    return desc.load([b, h, row0, 0]).reshape(STREAM, HEAD_DIM)
+
+
+@triton.jit
+def _bs_fwd_loop(acc, l_i, m_i, q, k_src, v_src, b, hk, stride_kn, stride_kd, stride_vn, stride_vd,
                  kv_idx, tile_idx, TILES, sub_row, lo, hi, Nk, d_ok,
-                 qk_scale, MASKED: tl.constexpr, EVEN: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
-                 STREAM: tl.constexpr, DOT_PREC: tl.constexpr):
+                 qk_scale, MASKED: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr, BLOCK: tl.constexpr,
+                 SUB: tl.constexpr, STREAM: tl.constexpr, DOT_PREC: tl.constexpr):
     # visits lo..hi of this query block's list, each key block streamed as BLOCK // STREAM pieces of
     # STREAM keys: one flat loop, so the compiler can pipeline the loads across pieces and visits
     PER: tl.constexpr = BLOCK // STREAM
@@ -61,9 +73,14 @@ def _bs_fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_
     offs_s = tl.arange(0, STREAM)
     for t in range(lo * PER, hi * PER):
         piece = (t % PER) * STREAM + offs_s  # key offsets inside the block
-        cols = tl.load(kv_idx + t // PER) * BLOCK + piece  # the key block to visit: the one indirection
-        kt = _load_cols(k_base, cols, stride_kn, stride_kd, Nk, d_ok, EVEN)  # read STREAM*D
-        v = _load_rows(v_base, cols, stride_vn, stride_vd, Nk, d_ok, EVEN)  # read STREAM*D
+        start = tl.load(kv_idx + t // PER) * BLOCK + (t % PER) * STREAM  # the one indirection
+        cols = start + offs_s
+        if TMA:
+            kt = tl.trans(_tma_rows(k_src, b, hk, start, STREAM, d_ok.shape[0]))  # read STREAM*D
+            v = _tma_rows(v_src, b, hk, start, STREAM, d_ok.shape[0])  # read STREAM*D
+        else:
+            kt = _load_cols(k_src, cols, stride_kn, stride_kd, Nk, d_ok, EVEN)  # read STREAM*D
+            v = _load_rows(v_src, cols, stride_vn, stride_vd, Nk, d_ok, EVEN)  # read STREAM*D
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
         if MASKED:  # a partial block: its element mask (read BLOCK*STREAM bytes, mostly from L2)
             tile = tl.load(TILES + tl.load(tile_idx + t // PER).to(tl.int64) * BLOCK * BLOCK
@@ -91,7 +108,7 @@ def _bs_fwd(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, TILE_IDX, TILES,
             stride_vb, stride_vh, stride_vn, stride_vd,
             stride_ob, stride_oh, stride_on, stride_od,
             H, GROUP, Nq, Nk, D, max_visits, qk_scale,
-            EVEN: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, STREAM: tl.constexpr,
+            EVEN: tl.constexpr, TMA: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, STREAM: tl.constexpr,
             HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
     # one program owns SUB rows of a query block (BLOCK // SUB programs per block)
     qb = tl.program_id(0) // (BLOCK // SUB)
@@ -106,8 +123,11 @@ def _bs_fwd(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, TILE_IDX, TILES,
     d_ok = offs_d < D
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None] * stride_qn
                 + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    if TMA:  # K and V are tensor descriptors
+        k_src, v_src = K, V
+    else:
+        k_src = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        v_src = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     m_i = tl.full([SUB], float("-inf"), tl.float32)
     l_i = tl.zeros([SUB], tl.float32)
     acc = tl.zeros([SUB, HEAD_DIM], tl.float32)
@@ -115,12 +135,12 @@ def _bs_fwd(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, TILE_IDX, TILES,
     tile_idx = TILE_IDX + qb * max_visits
     n_full = tl.load(KV_FULL + qb)  # visits [0, n_full) are full blocks, [n_full, n_visits) partial
     n_visits = tl.load(KV_CNT + qb)
-    acc, l_i, m_i = _bs_fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                 kv_idx, tile_idx, TILES, sub_row, 0, n_full, Nk, d_ok, qk_scale, False, EVEN, BLOCK,
-                                 SUB, STREAM, DOT_PREC)
-    acc, l_i, m_i = _bs_fwd_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                 kv_idx, tile_idx, TILES, sub_row, n_full, n_visits, Nk, d_ok, qk_scale, True, EVEN,
+    acc, l_i, m_i = _bs_fwd_loop(acc, l_i, m_i, q, k_src, v_src, b, hk, stride_kn, stride_kd, stride_vn, stride_vd,
+                                 kv_idx, tile_idx, TILES, sub_row, 0, n_full, Nk, d_ok, qk_scale, False, EVEN, TMA,
                                  BLOCK, SUB, STREAM, DOT_PREC)
+    acc, l_i, m_i = _bs_fwd_loop(acc, l_i, m_i, q, k_src, v_src, b, hk, stride_kn, stride_kd, stride_vn, stride_vd,
+                                 kv_idx, tile_idx, TILES, sub_row, n_full, n_visits, Nk, d_ok, qk_scale, True, EVEN,
+                                 TMA, BLOCK, SUB, STREAM, DOT_PREC)
     empty_row = l_i == 0.0
     out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
     lse = tl.where(empty_row, float("-inf"), (m_i + tl.log2(tl.where(empty_row, 1.0, l_i))) * 0.6931471805599453)
@@ -130,18 +150,23 @@ def _bs_fwd(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, TILE_IDX, TILES,
 
 
 @triton.jit
-def _bs_dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+def _bs_dq_loop(dq, q, do, lse, delta, k_src, v_src, b, hk, stride_kn, stride_kd, stride_vn, stride_vd,
                 kv_idx, tile_idx, TILES, sub_row, lo, hi, Nk, d_ok, qk_scale,
-                MASKED: tl.constexpr, EVEN: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
-                STREAM: tl.constexpr, DOT_PREC: tl.constexpr):
+                MASKED: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr, BLOCK: tl.constexpr,
+                SUB: tl.constexpr, STREAM: tl.constexpr, DOT_PREC: tl.constexpr):
     PER: tl.constexpr = BLOCK // STREAM  # pieces of STREAM keys per visited key block, as in the forward
     offs_s = tl.arange(0, STREAM)
     offs_m = sub_row + tl.arange(0, SUB)  # this program's rows inside the mask's query block
     for t in range(lo * PER, hi * PER):
         piece = (t % PER) * STREAM + offs_s
-        cols = tl.load(kv_idx + t // PER) * BLOCK + piece
-        kt = _load_cols(k_base, cols, stride_kn, stride_kd, Nk, d_ok, EVEN)  # K^T [D, STREAM]
-        vt = _load_cols(v_base, cols, stride_vn, stride_vd, Nk, d_ok, EVEN)  # V^T [D, STREAM]
+        start = tl.load(kv_idx + t // PER) * BLOCK + (t % PER) * STREAM
+        cols = start + offs_s
+        if TMA:
+            kt = tl.trans(_tma_rows(k_src, b, hk, start, STREAM, d_ok.shape[0]))  # K^T [D, STREAM]
+            vt = tl.trans(_tma_rows(v_src, b, hk, start, STREAM, d_ok.shape[0]))  # V^T [D, STREAM]
+        else:
+            kt = _load_cols(k_src, cols, stride_kn, stride_kd, Nk, d_ok, EVEN)  # K^T [D, STREAM]
+            vt = _load_cols(v_src, cols, stride_vn, stride_vd, Nk, d_ok, EVEN)  # V^T [D, STREAM]
         p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale - lse[:, None])  # [SUB rows, STREAM keys]
         if MASKED:
             tile = tl.load(TILES + tl.load(tile_idx + t // PER).to(tl.int64) * BLOCK * BLOCK
@@ -155,15 +180,16 @@ def _bs_dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, str
 
 
 @triton.jit
-def _bs_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KV_IDX, KV_CNT, KV_FULL, TILE_IDX, TILES,
+def _bs_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, KV_IDX, KV_CNT, KV_FULL, TILE_IDX, TILES,
                stride_qb, stride_qh, stride_qn, stride_qd,
                stride_kb, stride_kh, stride_kn, stride_kd,
                stride_vb, stride_vh, stride_vn, stride_vd,
+               stride_ob, stride_oh, stride_on, stride_od,
                stride_dob, stride_doh, stride_don, stride_dod,
                stride_dqb, stride_dqh, stride_dqn, stride_dqd,
                H, GROUP, Nq, Nk, D, max_visits, scale, qk_scale,
-               EVEN: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, STREAM: tl.constexpr,
-               HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
+               EVEN: tl.constexpr, TMA: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
+               STREAM: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
     # one program owns SUB rows of a query block (BLOCK // SUB programs per block): a smaller
     # accumulator than the whole block, so the backward's five tiles fit in registers
     qb = tl.program_id(0) // (BLOCK // SUB)
@@ -183,38 +209,51 @@ def _bs_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KV_IDX, KV_CNT, KV_FULL, TILE_IDX, T
                  + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * Nq + rows, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # no key: P = 0
-    delta = tl.load(DELTA + bh.to(tl.int64) * Nq + rows, mask=row_ok, other=0.0)
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    # delta = rowsum(dO * O), the softmax Jacobian's term, computed here (one program owns each row)
+    # and written for the dK/dV kernel, which runs next: no separate pass over O and dO
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows[:, None] * stride_on
+                + offs_d[None, :] * stride_od, mask=mask, other=0.0)  # read SUB*D
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + bh.to(tl.int64) * Nq + rows, delta, mask=row_ok)
+    if TMA:
+        k_src, v_src = K, V
+    else:
+        k_src = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        v_src = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     dq = tl.zeros([SUB, HEAD_DIM], tl.float32)
     kv_idx = KV_IDX + qb * max_visits
     tile_idx = TILE_IDX + qb * max_visits
     n_full = tl.load(KV_FULL + qb)
     n_visits = tl.load(KV_CNT + qb)
-    dq = _bs_dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                     kv_idx, tile_idx, TILES, sub_row, 0, n_full, Nk, d_ok, qk_scale, False, EVEN, BLOCK, SUB,
+    dq = _bs_dq_loop(dq, q, do, lse, delta, k_src, v_src, b, hk, stride_kn, stride_kd, stride_vn, stride_vd,
+                     kv_idx, tile_idx, TILES, sub_row, 0, n_full, Nk, d_ok, qk_scale, False, EVEN, TMA, BLOCK, SUB,
                      STREAM, DOT_PREC)
-    dq = _bs_dq_loop(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                     kv_idx, tile_idx, TILES, sub_row, n_full, n_visits, Nk, d_ok, qk_scale, True, EVEN, BLOCK, SUB,
-                     STREAM, DOT_PREC)
+    dq = _bs_dq_loop(dq, q, do, lse, delta, k_src, v_src, b, hk, stride_kn, stride_kd, stride_vn, stride_vd,
+                     kv_idx, tile_idx, TILES, sub_row, n_full, n_visits, Nk, d_ok, qk_scale, True, EVEN, TMA, BLOCK,
+                     SUB, STREAM, DOT_PREC)
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None] * stride_dqn
              + offs_d[None, :] * stride_dqd, (dq * scale).to(DQ.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _bs_dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd, stride_don, stride_dod,
-                  q_idx, tile_idx, TILES, sub_col, lo, hi, Nq, d_ok, qk_scale,
-                  MASKED: tl.constexpr, EVEN: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
-                  STREAM: tl.constexpr, DOT_PREC: tl.constexpr):
+def _bs_dkdv_loop(dk, dv, k, v, q_src, do_src, b, h, lse_base, delta_base, stride_qn, stride_qd, stride_don,
+                  stride_dod, q_idx, tile_idx, TILES, sub_col, lo, hi, Nq, d_ok, qk_scale,
+                  MASKED: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr, BLOCK: tl.constexpr,
+                  SUB: tl.constexpr, STREAM: tl.constexpr, DOT_PREC: tl.constexpr):
     PER: tl.constexpr = BLOCK // STREAM  # pieces of STREAM query rows per visited query block
     offs_s = tl.arange(0, STREAM)
     offs_n = sub_col + tl.arange(0, SUB)  # this program's keys inside the mask's key block
     for t in range(lo * PER, hi * PER):
         piece = (t % PER) * STREAM + offs_s
-        rows = tl.load(q_idx + t // PER) * BLOCK + piece
+        start = tl.load(q_idx + t // PER) * BLOCK + (t % PER) * STREAM
+        rows = start + offs_s
         row_ok = rows < Nq
-        qt = _load_cols(q_base, rows, stride_qn, stride_qd, Nq, d_ok, EVEN)  # Q^T [D, STREAM]
-        do = _load_rows(do_base, rows, stride_don, stride_dod, Nq, d_ok, EVEN)  # dO [STREAM, D]
+        if TMA:
+            qt = tl.trans(_tma_rows(q_src, b, h, start, STREAM, d_ok.shape[0]))  # Q^T [D, STREAM]
+            do = _tma_rows(do_src, b, h, start, STREAM, d_ok.shape[0])  # dO [STREAM, D]
+        else:
+            qt = _load_cols(q_src, rows, stride_qn, stride_qd, Nq, d_ok, EVEN)  # Q^T [D, STREAM]
+            do = _load_rows(do_src, rows, stride_don, stride_dod, Nq, d_ok, EVEN)  # dO [STREAM, D]
         lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))  # rows past Nq get P = 0
         lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
@@ -238,8 +277,8 @@ def _bs_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, Q_IDX, Q_CNT, Q_FULL, Q_TILE_I
                  stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                  stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                  H, HKV, GROUP, Nq, Nk, D, max_visits, scale, qk_scale,
-                 EVEN: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, STREAM: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
+                 EVEN: tl.constexpr, TMA: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
+                 STREAM: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
     # one program owns SUB keys of a key block (BLOCK // SUB programs per block), as in the dQ kernel
     kb = tl.program_id(0) // (BLOCK // SUB)
     sub_col = tl.program_id(0) % (BLOCK // SUB) * SUB
@@ -262,16 +301,19 @@ def _bs_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, Q_IDX, Q_CNT, Q_FULL, Q_TILE_I
     n_visits = tl.load(Q_CNT + kb)
     for g in range(0, GROUP):  # every query head that reads this k/v head
         h = hk * GROUP + g
-        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        if TMA:
+            q_src, do_src = Q, DO
+        else:
+            q_src = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+            do_src = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
         lse_base = LSE + (b * H + h).to(tl.int64) * Nq
         delta_base = DELTA + (b * H + h).to(tl.int64) * Nq
-        dk, dv = _bs_dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd,
+        dk, dv = _bs_dkdv_loop(dk, dv, k, v, q_src, do_src, b, h, lse_base, delta_base, stride_qn, stride_qd,
                                stride_don, stride_dod, q_idx, tile_idx, TILES, sub_col, 0, n_full, Nq, d_ok,
-                               qk_scale, False, EVEN, BLOCK, SUB, STREAM, DOT_PREC)
-        dk, dv = _bs_dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd,
+                               qk_scale, False, EVEN, TMA, BLOCK, SUB, STREAM, DOT_PREC)
+        dk, dv = _bs_dkdv_loop(dk, dv, k, v, q_src, do_src, b, h, lse_base, delta_base, stride_qn, stride_qd,
                                stride_don, stride_dod, q_idx, tile_idx, TILES, sub_col, n_full, n_visits, Nq,
-                               d_ok, qk_scale, True, EVEN, BLOCK, SUB, STREAM, DOT_PREC)
+                               d_ok, qk_scale, True, EVEN, TMA, BLOCK, SUB, STREAM, DOT_PREC)
     tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + cols[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkd, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + cols[:, None] * stride_dvn
@@ -285,19 +327,42 @@ def _config(kernel: str, block: int, head_dim: int, elem_bytes: int) -> dict:
     block; SUB: the query rows (forward, dQ) or keys (dK/dV) one program keeps resident.
     """
     if is_interpreter():  # small pieces, so that the CPU tests exercise the piece and sub-block indexing
-        return {"SUB": min(block, 16), "STREAM": min(block, 32), "num_warps": 4, "num_stages": 1}
+        return {"SUB": min(block, 16), "STREAM": min(block, 32), "num_warps": 4, "num_stages": 1, "TMA": True}
     big = block * head_dim >= 128 * 128
     if elem_bytes == 2 and head_dim <= 128:
         # 16-bit, D <= 128: sweeps on the H200 (B1 H16 N16k D128, both masks of bench --op sparse,
         # 2026-11-29). Whole 128-blocks kept the backward's tiles in registers only by spilling
-        # (1.8 ms); 64-row resident parts with 64-row pieces in a 2-deep pipeline take 1.16-1.21 ms.
-        # The forward is fastest with 64 resident rows (two programs per SM) and 32-key pieces.
+        # (1.8 ms); 64-row resident parts with 64-row pieces in a 2-deep pipeline take 1.15-1.17 ms
+        # with TMA loads (1.20-1.23 ms without). The forward keeps a whole 128-row block in 8 warps and
+        # streams 64-key pieces; capped at 128 registers a thread (it needs 167 uncapped, and
+        # compiles to 128 without spilling), two programs share an SM, so one's loads and epilogue
+        # hide under the other's matrix work: 0.376 ms instead of 0.414 (sliding window 1024).
         if kernel == "fwd":
-            return {"SUB": min(block, 64), "STREAM": min(block, 32), "num_warps": 4, "num_stages": 2}
-        return {"SUB": min(block, 64), "STREAM": min(block, 64), "num_warps": 4, "num_stages": 2}
+            return {"SUB": min(block, 128), "STREAM": min(block, 64), "num_warps": 8, "num_stages": 2, "TMA": True,
+                    "maxnreg": 128}
+        return {"SUB": min(block, 64), "STREAM": min(block, 64), "num_warps": 4, "num_stages": 2, "TMA": True}
     # float32, or a head dim past 128: whole blocks; one stage in the backward, whose five live tiles
     # leave no room for a second copy of the streamed ones
-    return {"SUB": block, "STREAM": block, "num_warps": 8 if big else 4, "num_stages": 3 if kernel == "fwd" else 1}
+    return {"SUB": block, "STREAM": block, "num_warps": 8 if big else 4, "num_stages": 3 if kernel == "fwd" else 1,
+            "TMA": False}
+
+
+def _tma_ready(*ts: torch.Tensor) -> bool:
+    # what a tensor descriptor asks of [B, H, N, D]: unit stride along D, other strides and the base
+    # 16-byte aligned (and no zero strides, as broadcast views have)
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+               and all(st > 0 and st * t.element_size() % 16 == 0 for st in t.stride()[:-1]) for t in ts)
+
+
+def _sources(cfg: dict, rows: int, head_dim: int, *ts: torch.Tensor) -> tuple[dict, tuple]:
+    # the kernel's TMA flag and what it reads the streamed tensors through: descriptors of
+    # [1, 1, rows, head_dim] tiles, or (inputs a descriptor cannot describe) the tensors themselves
+    tma = cfg.get("TMA", False) and _tma_ready(*ts)
+    if not tma:
+        return {**cfg, "TMA": False}, ts
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return cfg, tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, head_dim]) for t in ts)
 
 
 def _even(bm: BlockMask, d: int) -> bool:
@@ -313,8 +378,9 @@ def _forward(q, k, v, bm: BlockMask, scale: float, cfg: dict | None = None):
     lse = empty((B, H, Nq), dtype=torch.float32, device=q.device)
     lay = bm.kernel_layout
     cfg = cfg or _config("fwd", bm.block_size, D, q.element_size())
+    cfg, (k_src, v_src) = _sources(cfg, cfg["STREAM"], _head_dim_pad(D), k, v)
     _bs_fwd[(bm.n_q_blocks * (bm.block_size // cfg["SUB"]), B * H)](
-        q, k, v, o, lse, lay["kv_indices"], bm.kv_counts, lay["kv_full"], lay["tile_index"], lay["tiles"],
+        q, k_src, v_src, o, lse, lay["kv_indices"], bm.kv_counts, lay["kv_full"], lay["tile_index"], lay["tiles"],
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, H // HKV, Nq, Nk, D, bm.kv_indices.shape[1],
         scale * LOG2E, EVEN=_even(bm, D), BLOCK=bm.block_size, HEAD_DIM=_head_dim_pad(D), **cfg,
         **dot_options(q.dtype))
@@ -327,23 +393,25 @@ def _backward(q, k, v, o, lse, do, bm: BlockMask, scale: float, dq_cfg: dict | N
     B, H, Nq, D = q.shape
     HKV, Nk = k.shape[1], k.shape[2]
     pad = _head_dim_pad(D)
-    delta = row_delta(o, do)
+    delta = empty((B, H, Nq), dtype=torch.float32, device=q.device)  # written by the dQ kernel
     dq = empty(q.shape, dtype=q.dtype, device=q.device)
     dk = empty(k.shape, dtype=k.dtype, device=k.device)
     dv = empty(v.shape, dtype=v.dtype, device=v.device)
     lay = bm.kernel_layout
     bs = bm.block_size
     cfg = dq_cfg or _config("dq", bs, D, q.element_size())
+    cfg, (k_src, v_src) = _sources(cfg, cfg["STREAM"], pad, k, v)
     _bs_bwd_dq[(bm.n_q_blocks * (bs // cfg["SUB"]), B * H)](
-        q, k, v, do, dq, lse, delta, lay["kv_indices"], bm.kv_counts, lay["kv_full"], lay["tile_index"],
-        lay["tiles"], *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        q, k_src, v_src, o, do, dq, lse, delta, lay["kv_indices"], bm.kv_counts, lay["kv_full"],
+        lay["tile_index"], lay["tiles"], *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
         H, H // HKV, Nq, Nk, D, bm.kv_indices.shape[1], scale, scale * LOG2E,
         EVEN=_even(bm, D), BLOCK=bs, HEAD_DIM=pad, **cfg, **dot_options(q.dtype))
     if bm.n_kv_blocks == 0:  # no keys: dK and dV are empty
         return dq, dk, dv
     cfg = dkdv_cfg or _config("dkdv", bs, D, q.element_size())
+    cfg, (q_src, do_src) = _sources(cfg, cfg["STREAM"], pad, q, do)
     _bs_bwd_dkdv[(bm.n_kv_blocks * (bs // cfg["SUB"]), B * HKV)](
-        q, k, v, do, dk, dv, lse, delta, lay["q_indices"], bm.q_counts, lay["q_full"], lay["q_tile_index"],
+        q_src, k, v, do_src, dk, dv, lse, delta, lay["q_indices"], bm.q_counts, lay["q_full"], lay["q_tile_index"],
         lay["tiles"], *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         H, HKV, H // HKV, Nq, Nk, D, bm.q_indices.shape[1], scale, scale * LOG2E,
         EVEN=_even(bm, D), BLOCK=bs, HEAD_DIM=pad, **cfg, **dot_options(q.dtype))
