@@ -60,3 +60,11 @@ def dot_options(dtype: torch.dtype) -> dict:
     close to float32 accuracy. float32 is the accuracy path here, not the fast one (16-bit inputs are,
     for which the setting is ignored)."""
     return {"DOT_PREC": "tf32x3" if dtype == torch.float32 else "tf32"}
+
+
+def has_tma(t: torch.Tensor) -> bool:
+    """Whether kernels may read ``t`` through tensor descriptors: under the interpreter (which
+    emulates them), or on a GPU with a Tensor Memory Accelerator (compute capability 9.0 and up)."""
+    if is_interpreter():
+        return True
+    return t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] >= 9

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ._alloc import empty
-from ._backend import dot_options, is_interpreter, on_device_of
+from ._backend import dot_options, has_tma, is_interpreter, on_device_of
 from ._validate import int32_addressable
 from .flash import LOG2E, _head_dim_pad
 
@@ -47,18 +47,21 @@ TILES = {"BLOCK_A": 64, "BLOCK_B": 256, "num_warps": 8, "num_stages": 3, "TMA": 
 
 
 def _tiles(head_dim: int, elem_bytes: int) -> dict:
-    # TILES, with fewer stages (then narrower column tiles) where a stage's Q and K tiles are larger
-    # than for 16-bit D <= 128 (float32, wider heads), so that the pipeline still fits in shared memory
+    # TILES, with fewer stages (then narrower column tiles, then one stage) where a stage's Q and K
+    # tiles are larger than for 16-bit D <= 128 (float32, wider heads), so that the pipeline still
+    # fits in shared memory
     t = dict(TILES)
 
-    def stage_bytes():
+    def pipeline_bytes():
         return (t["BLOCK_A"] + t["BLOCK_B"]) * head_dim * elem_bytes * t["num_stages"]
 
     budget = (TILES["BLOCK_A"] + TILES["BLOCK_B"]) * 128 * 2 * TILES["num_stages"]  # what the sweep fitted
-    while stage_bytes() > budget and t["num_stages"] > 2:
+    while pipeline_bytes() > budget and t["num_stages"] > 2:
         t["num_stages"] -= 1
-    while stage_bytes() > budget and t["BLOCK_B"] > 64:
+    while pipeline_bytes() > budget and t["BLOCK_B"] > 64:
         t["BLOCK_B"] //= 2
+    if pipeline_bytes() > budget:  # float32 with D = 256: no pipeline left to shorten but this one
+        t["num_stages"] = 1
     return t
 
 
@@ -163,8 +166,9 @@ def _select_blocks(SCORES, KEEP, BH, NKB, head_stride, row_stride, threshold, q_
 
 
 def _tma_patches_ok(q: torch.Tensor, k: torch.Tensor, stride: int, wanted: bool) -> bool:
-    # a descriptor of the patch view needs whole patches, unit stride along D, 16-byte aligned rows
-    return wanted and all(t.shape[2] % stride == 0 and t.stride(3) == 1 and t.data_ptr() % 16 == 0
+    # a descriptor of the patch view needs a TMA (or the interpreter), whole patches, unit stride
+    # along D and 16-byte aligned rows
+    return wanted and has_tma(q) and all(t.shape[2] % stride == 0 and t.stride(3) == 1 and t.data_ptr() % 16 == 0
                           and all(st > 0 and st * t.element_size() % 16 == 0 for st in t.stride()[:3])
                           for t in (q, k))
 

@@ -15,9 +15,9 @@ about where blocks start: each visited block is streamed in pieces of STREAM key
 query rows), and a program may keep a SUB-row (SUB-key) part of a block resident. A query that
 sees no key gets zeros.
 
-The streamed tiles arrive through tensor descriptors (on a GPU, TMA: one instruction per tile instead
-of an address per element) whenever the tensors allow it (unit stride along D, 16-byte aligned rows);
-other layouts take the pointer loads. The dQ kernel also computes the backward's
+The streamed tiles arrive through tensor descriptors (on a Hopper GPU, TMA: one instruction per tile
+instead of an address per element) whenever the tensors allow it (unit stride along D, 16-byte aligned
+rows); other layouts and older GPUs take the pointer loads. The dQ kernel also computes the backward's
 delta = rowsum(dO * O) for its rows and writes it for the dK/dV kernel, which runs after it.
 """
 
@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ._alloc import empty
-from ._backend import dot_options, is_interpreter, on_device_of
+from ._backend import dot_options, has_tma, is_interpreter, on_device_of
 from ._validate import int32_addressable
 from .flash import LOG2E, _check_scale, _compute_dtype, _head_dim_pad, check_attention_inputs
 from .masks import BlockMask
@@ -357,7 +357,7 @@ def _tma_ready(*ts: torch.Tensor) -> bool:
 def _sources(cfg: dict, rows: int, head_dim: int, *ts: torch.Tensor) -> tuple[dict, tuple]:
     # the kernel's TMA flag and what it reads the streamed tensors through: descriptors of
     # [1, 1, rows, head_dim] tiles, or (inputs a descriptor cannot describe) the tensors themselves
-    tma = cfg.get("TMA", False) and _tma_ready(*ts)
+    tma = cfg.get("TMA", False) and has_tma(ts[0]) and _tma_ready(*ts)
     if not tma:
         return {**cfg, "TMA": False}, ts
     from triton.tools.tensor_descriptor import TensorDescriptor

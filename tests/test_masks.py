@@ -212,6 +212,23 @@ def test_xattention_without_the_scoring_kernel():
         assert torch.equal(got, want)
 
 
+def test_antidiagonal_tiles_fit_for_every_dtype_and_head_dim():
+    """The GPU tiles were tuned for 16-bit D = 128; wider elements or heads get fewer stages or
+    narrower column tiles, never more shared memory per pipeline than the tuned setting."""
+    from minikernels import antidiagonal
+
+    def footprint(t, head_dim, elem_bytes):
+        return (t["BLOCK_A"] + t["BLOCK_B"]) * head_dim * elem_bytes * t["num_stages"]
+
+    tuned = footprint(antidiagonal.TILES, 128, 2)
+    assert antidiagonal._tiles(128, 2) == antidiagonal.TILES
+    for head_dim in (16, 64, 128, 256):
+        for elem_bytes in (2, 4):
+            t = antidiagonal._tiles(head_dim, elem_bytes)
+            assert footprint(t, head_dim, elem_bytes) <= tuned, (head_dim, elem_bytes, t)
+            assert t["BLOCK_B"] >= 64 and t["num_stages"] >= 1
+
+
 def test_xattention_selection_breaks_ties_by_index():
     from minikernels import antidiagonal
 
