@@ -62,9 +62,15 @@ def dot_options(dtype: torch.dtype) -> dict:
     return {"DOT_PREC": "tf32x3" if dtype == torch.float32 else "tf32"}
 
 
-def has_tma(t: torch.Tensor) -> bool:
-    """Whether kernels may read ``t`` through tensor descriptors: under the interpreter (which
-    emulates them), or on a GPU with a Tensor Memory Accelerator (compute capability 9.0 and up)."""
-    if is_interpreter():
-        return True
-    return t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] >= 9
+def tma_ready(*ts: torch.Tensor) -> bool:
+    """Whether kernels may read every one of ``ts`` through tensor descriptors: under the interpreter
+    (which emulates them) or on a GPU with a Tensor Memory Accelerator (compute capability 9.0 and up),
+    and in a layout a descriptor can describe: unit stride along the last dimension, the base and the
+    other strides 16-byte aligned, no zero strides (broadcast views)."""
+    def has_tma(t):
+        return t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+    if not is_interpreter() and not all(has_tma(t) for t in ts):
+        return False
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+               and all(st > 0 and st * t.element_size() % 16 == 0 for st in t.stride()[:-1]) for t in ts)

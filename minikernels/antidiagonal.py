@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ._alloc import empty
-from ._backend import dot_options, has_tma, is_interpreter, on_device_of
+from ._backend import dot_options, is_interpreter, on_device_of, tma_ready
 from ._validate import int32_addressable
 from .flash import LOG2E, _head_dim_pad
 
@@ -165,14 +165,6 @@ def _select_blocks(SCORES, KEEP, BH, NKB, head_stride, row_stride, threshold, q_
     tl.store(KEEP + row * NKB + offs_j, keep.to(tl.int8), mask=j_ok)
 
 
-def _tma_patches_ok(q: torch.Tensor, k: torch.Tensor, stride: int, wanted: bool) -> bool:
-    # a descriptor of the patch view needs a TMA (or the interpreter), whole patches, unit stride
-    # along D and 16-byte aligned rows
-    return wanted and has_tma(q) and all(t.shape[2] % stride == 0 and t.stride(3) == 1 and t.data_ptr() % 16 == 0
-                          and all(st > 0 and st * t.element_size() % 16 == 0 for st in t.stride()[:3])
-                          for t in (q, k))
-
-
 def _scores_per_head(q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int, causal: bool) -> torch.Tensor:
     # [B*H, >= n_q_blocks, >= n_k_blocks] float32, the blocks past the ends (tile padding) left at 0
     n_q, n_k, d = q.shape[2], k.shape[2], q.shape[-1]
@@ -194,7 +186,9 @@ def _scores_per_head(q: torch.Tensor, k: torch.Tensor, stride: int, block_size: 
     part = empty((B * H, na, nb // per), dtype=torch.float32, device=q.device)  # NaN when tests poison
     tmax = empty((B * H, na, n_tiles), dtype=torch.float32, device=q.device)
     out = torch.zeros(B * H, na // per, nb // per, dtype=torch.float32, device=q.device)  # skipped tiles: 0
-    q_src, k_src, tma = q, k, _tma_patches_ok(q, k, stride, is_interpreter() or tiles["TMA"])
+    # descriptors of the patch view ([B, H, N / stride, stride, D]) need whole patches
+    tma = ((is_interpreter() or tiles["TMA"]) and n_q % stride == 0 and n_k % stride == 0 and tma_ready(q, k))
+    q_src, k_src = q, k
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 

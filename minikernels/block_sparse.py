@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ._alloc import empty
-from ._backend import dot_options, has_tma, is_interpreter, on_device_of
+from ._backend import dot_options, is_interpreter, on_device_of, tma_ready
 from ._validate import int32_addressable
 from .flash import LOG2E, _check_scale, _compute_dtype, _head_dim_pad, check_attention_inputs
 from .masks import BlockMask
@@ -347,17 +347,10 @@ def _config(kernel: str, block: int, head_dim: int, elem_bytes: int) -> dict:
             "TMA": False}
 
 
-def _tma_ready(*ts: torch.Tensor) -> bool:
-    # what a tensor descriptor asks of [B, H, N, D]: unit stride along D, other strides and the base
-    # 16-byte aligned (and no zero strides, as broadcast views have)
-    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-               and all(st > 0 and st * t.element_size() % 16 == 0 for st in t.stride()[:-1]) for t in ts)
-
-
 def _sources(cfg: dict, rows: int, head_dim: int, *ts: torch.Tensor) -> tuple[dict, tuple]:
     # the kernel's TMA flag and what it reads the streamed tensors through: descriptors of
     # [1, 1, rows, head_dim] tiles, or (inputs a descriptor cannot describe) the tensors themselves
-    tma = cfg.get("TMA", False) and has_tma(ts[0]) and _tma_ready(*ts)
+    tma = cfg.get("TMA", False) and tma_ready(*ts)
     if not tma:
         return {**cfg, "TMA": False}, ts
     from triton.tools.tensor_descriptor import TensorDescriptor

@@ -116,13 +116,13 @@ def test_descriptor_and_pointer_loads_agree():
 
 
 def test_descriptors_only_for_layouts_they_can_describe():
-    from minikernels.block_sparse import _tma_ready
+    from minikernels._backend import tma_ready
 
     x = randn(1, 2, 64, 32)
-    assert _tma_ready(x)
-    assert not _tma_ready(strided_like(x))  # stride 2 along D
-    assert not _tma_ready(randn(1, 2, 64, 33)[..., 1:])  # rows 33 elements apart, base one element in
-    assert not _tma_ready(x[:, :1].expand(1, 2, 64, 32))  # a broadcast head (stride 0)
+    assert tma_ready(x)
+    assert not tma_ready(strided_like(x))  # stride 2 along D
+    assert not tma_ready(randn(1, 2, 64, 33)[..., 1:])  # rows 33 elements apart, base one element in
+    assert not tma_ready(x[:, :1].expand(1, 2, 64, 32))  # a broadcast head (stride 0)
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice")  # rows next to the NaN keys do see them
