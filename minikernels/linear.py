@@ -471,7 +471,8 @@ def _decay_args(g, q):
 
 def _chunk_states(k, v, g, s0, chunk: int, want_final: bool):
     """The state each chunk starts from, [B*H, NT, Dk, Dv] in the inputs' dtype, and the final state
-    (float32). The sequential pass splits the state into 64 x 64 blocks, one program each."""
+    (float32). The sequential pass splits the state into blocks of FWD_TILES["states"] (finer when
+    there are fewer blocks than SMs), one program each."""
     B, H, N, DK = k.shape
     DV = v.shape[-1]
     nt = triton.cdiv(N, chunk)
