@@ -6,6 +6,7 @@ variable ``TRITON_INTERPRET``, which triton reads when a kernel is decorated wit
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -62,13 +63,19 @@ def dot_options(dtype: torch.dtype) -> dict:
     return {"DOT_PREC": "tf32x3" if dtype == torch.float32 else "tf32"}
 
 
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    # asked on every launch that may take descriptors: looked up once per device
+    return torch.cuda.get_device_capability(index)
+
+
 def tma_ready(*ts: torch.Tensor) -> bool:
     """Whether kernels may read every one of ``ts`` through tensor descriptors: under the interpreter
     (which emulates them) or on a GPU with a Tensor Memory Accelerator (compute capability 9.0 and up),
     and in a layout a descriptor can describe: unit stride along the last dimension, the base and the
     other strides 16-byte aligned, no zero strides (broadcast views)."""
     def has_tma(t):
-        return t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] >= 9
+        return t.device.type == "cuda" and _capability(t.device.index)[0] >= 9
 
     if not is_interpreter() and not all(has_tma(t) for t in ts):
         return False

@@ -38,30 +38,21 @@ from ._backend import dot_options, is_interpreter, on_device_of, tma_ready
 from ._validate import int32_addressable
 from .flash import LOG2E, _head_dim_pad
 
-# patch rows / columns per tile, warps, pipeline depth, TMA loads on a GPU (the interpreter uses small
-# tiles): the fastest in sweeps on the H200 (B1 H16 N16k bf16 D128, stride 8, 2026-11-29). Wider
-# column tiles reuse each patch row more often per byte brought from L2: 0.236 ms for the estimate
-# against 0.269 with 64 x 128 tiles and pointer loads. (The same 64 x 256 tile in 4 warps timed
-# 0.20 ms but its scores were off by up to 1e-3 against float64, where 8 warps agree to 1e-6: not used.)
-TILES = {"BLOCK_A": 64, "BLOCK_B": 256, "num_warps": 8, "num_stages": 3, "TMA": True}
+# patch rows / columns per tile, head-dimension slice per pipeline step (for 16-bit inputs), warps,
+# pipeline depth, TMA loads on a GPU (the interpreter uses small tiles): the fastest in sweeps on the
+# H200 (B1 H16 N16k bf16 D128, stride 8, 2026-11-29). The scoring reads two tiles for each product,
+# so it waits on L2 unless many loads are in flight: 64-wide slices of D make a step 40 KB, and four
+# steps in flight take 0.200 ms for the estimate (three: 0.232 ms; whole 128-wide rows, two steps:
+# 0.266 ms). 8 warps or 128-row tiles: 0.21-0.25 ms. Before, 5-D views [.., STRIDE, D] sent Q through
+# registers and the best was 0.236 ms.
+TILES = {"BLOCK_A": 64, "BLOCK_B": 256, "D_CHUNK": 64, "num_warps": 4, "num_stages": 4, "TMA": True}
 
 
 def _tiles(head_dim: int, elem_bytes: int) -> dict:
-    # TILES, with fewer stages (then narrower column tiles, then one stage) where a stage's Q and K
-    # tiles are larger than for 16-bit D <= 128 (float32, wider heads), so that the pipeline still
-    # fits in shared memory
+    # TILES, with the head-dimension slice narrowed for wider elements (float32) so that a pipeline
+    # step holds the same bytes as for 16-bit inputs, and the pipeline fits in shared memory
     t = dict(TILES)
-
-    def pipeline_bytes():
-        return (t["BLOCK_A"] + t["BLOCK_B"]) * head_dim * elem_bytes * t["num_stages"]
-
-    budget = (TILES["BLOCK_A"] + TILES["BLOCK_B"]) * 128 * 2 * TILES["num_stages"]  # what the sweep fitted
-    while pipeline_bytes() > budget and t["num_stages"] > 2:
-        t["num_stages"] -= 1
-    while pipeline_bytes() > budget and t["BLOCK_B"] > 64:
-        t["BLOCK_B"] //= 2
-    if pipeline_bytes() > budget:  # float32 with D = 256: no pipeline left to shorten but this one
-        t["num_stages"] = 1
+    t["D_CHUNK"] = min(head_dim, TILES["D_CHUNK"] * 2 // elem_bytes)
     return t
 
 
@@ -71,7 +62,7 @@ def _antidiagonal_scores(Q, K, PART, TMAX, OUT,
                          stride_kb, stride_kh, stride_kn, stride_kd,
                          H, GROUP, Nq, Nk, D, NA, NB, n_tiles, causal_offset, qk_scale,
                          CAUSAL: tl.constexpr, STRIDE: tl.constexpr, PER: tl.constexpr,
-                         BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, HEAD_DIM: tl.constexpr, D_CHUNK: tl.constexpr,
                          TMA: tl.constexpr, DOT_PREC: tl.constexpr):
     a0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_A  # the longest rows (causal) start first
     bh = tl.program_id(1)
@@ -81,8 +72,6 @@ def _antidiagonal_scores(Q, K, PART, TMAX, OUT,
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
     offs_a = a0 + tl.arange(0, BLOCK_A)  # patch rows
-    offs_d = tl.arange(0, HEAD_DIM)
-    d_ok = offs_d < D
     row_ok = offs_a * STRIDE < Nq
     # the last patch column any row here may see: b*STRIDE <= a*STRIDE + STRIDE-1 + offset
     hi = NB
@@ -96,17 +85,21 @@ def _antidiagonal_scores(Q, K, PART, TMAX, OUT,
     for b0 in range(0, hi, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         s = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
-        for r in range(STRIDE):  # the antidiagonal: query row stride-1-r meets key row r
-            if TMA:  # Q and K as [B, H, N / STRIDE, STRIDE, D] descriptors: row r of every patch at once
-                q = Q.load([b, h, a0, STRIDE - 1 - r, 0]).reshape(BLOCK_A, HEAD_DIM)  # read BLOCK_A*D (L2)
-                kt = tl.trans(K.load([b, h // GROUP, b0, r, 0]).reshape(BLOCK_B, HEAD_DIM))  # read BLOCK_B*D
+        for t in range(STRIDE * (HEAD_DIM // D_CHUNK)):  # the antidiagonal: query row stride-1-r meets key
+            r = t // (HEAD_DIM // D_CHUNK)  # row r, one D_CHUNK slice of the head dimension at a time (a
+            c = t % (HEAD_DIM // D_CHUNK) * D_CHUNK  # shorter step leaves shared memory for a deeper pipeline)
+            if TMA:  # [B, H, N / STRIDE, STRIDE * D] descriptors: row STRIDE-1-r (Q), r (K) of every patch.
+                # (Tiles of a [.., STRIDE, D] view were reshaped through registers, Q stayed there: slower)
+                q = Q.load([b, h, a0, (STRIDE - 1 - r) * HEAD_DIM + c]).reshape(BLOCK_A, D_CHUNK)  # read (L2)
+                kt = tl.trans(K.load([b, h // GROUP, b0, r * HEAD_DIM + c]).reshape(BLOCK_B, D_CHUNK))  # read
             else:
                 q_rows = offs_a * STRIDE + (STRIDE - 1 - r)
                 k_rows = offs_b * STRIDE + r
+                offs_d = c + tl.arange(0, D_CHUNK)
                 q = tl.load(q_base + q_rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                            mask=(q_rows[:, None] < Nq) & d_ok[None, :], other=0.0)  # read BLOCK_A*D (L2)
+                            mask=(q_rows[:, None] < Nq) & (offs_d[None, :] < D), other=0.0)  # read (L2)
                 kt = tl.load(k_base + k_rows[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                             mask=(k_rows[None, :] < Nk) & d_ok[:, None], other=0.0)  # read BLOCK_B*D (L2)
+                             mask=(k_rows[None, :] < Nk) & (offs_d[:, None] < D), other=0.0)  # read (L2)
             s += tl.dot(q, kt, input_precision=DOT_PREC)
         s = s * qk_scale  # base 2, with 1 / (sqrt(D) * stride)
         show = row_ok[:, None] & (offs_b[None, :] * STRIDE < Nk)
@@ -180,29 +173,31 @@ def _scores_per_head(q: torch.Tensor, k: torch.Tensor, stride: int, block_size: 
     tiles = _tiles(head_dim, q.element_size())
     block_a = max(per, 32 if is_interpreter() else tiles["BLOCK_A"])
     block_b = max(per, 32 if is_interpreter() else tiles["BLOCK_B"])
+    d_chunk = min(head_dim, 16) if is_interpreter() else tiles["D_CHUNK"]  # several slices in the CPU tests
     na = triton.cdiv(nq_b * per, block_a) * block_a  # patch rows, padded to whole tiles
     nb = triton.cdiv(nk_b * per, block_b) * block_b
     n_tiles = nb // block_b
     part = empty((B * H, na, nb // per), dtype=torch.float32, device=q.device)  # NaN when tests poison
     tmax = empty((B * H, na, n_tiles), dtype=torch.float32, device=q.device)
     out = torch.zeros(B * H, na // per, nb // per, dtype=torch.float32, device=q.device)  # skipped tiles: 0
-    # descriptors of the patch view ([B, H, N / stride, stride, D]) need whole patches
-    tma = ((is_interpreter() or tiles["TMA"]) and n_q % stride == 0 and n_k % stride == 0 and tma_ready(q, k))
+    # descriptors of the patch views ([B, H, N / stride, stride * D]) need whole patches, each patch's
+    # rows contiguous, and no padding of D (a wider tile would read the next row, not zeros)
+    tma = ((is_interpreter() or tiles["TMA"]) and n_q % stride == 0 and n_k % stride == 0 and tma_ready(q, k)
+           and d == head_dim and q.stride(2) == d and k.stride(2) == d)
     q_src, k_src = q, k
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        def patches(t, rows):  # [B, H, N, D] seen as [B, H, N / stride, stride, D]
-            shape = [*t.shape[:2], t.shape[2] // stride, stride, t.shape[3]]
-            strides = [*t.stride()[:2], t.stride(2) * stride, t.stride(2), 1]
-            return TensorDescriptor(t, shape, strides, [1, 1, rows, 1, head_dim])
+        def patches(t, rows):  # [B, H, N, D] seen as [B, H, N / stride, stride * D]: one patch a row
+            return TensorDescriptor(t, [*t.shape[:2], t.shape[2] // stride, stride * d],
+                                    [*t.stride()[:2], t.stride(2) * stride, 1], [1, 1, rows, d_chunk])
 
         q_src, k_src = patches(q, block_a), patches(k, block_b)
     with on_device_of(q):
         _antidiagonal_scores[(na // block_a, B * H)](
             q_src, k_src, part, tmax, out, *q.stride(), *k.stride(), H, H // k.shape[1], n_q, n_k, d, na, nb, n_tiles,
             n_k - n_q, LOG2E / (math.sqrt(d) * stride), CAUSAL=causal, STRIDE=stride, PER=per,
-            BLOCK_A=block_a, BLOCK_B=block_b, HEAD_DIM=head_dim, TMA=tma,
+            BLOCK_A=block_a, BLOCK_B=block_b, HEAD_DIM=head_dim, D_CHUNK=d_chunk, TMA=tma,
             num_warps=4 if is_interpreter() else tiles["num_warps"],
             num_stages=1 if is_interpreter() else tiles["num_stages"], **dot_options(q.dtype))
     return out

@@ -171,6 +171,24 @@ def test_antidiagonal_kernel_matches_reference(shape, dtype):
     assert_close(got, want, dtype, name="antidiagonal block scores")
 
 
+def test_antidiagonal_descriptor_and_pointer_loads_agree():
+    """Contiguous patches are read through tensor descriptors (the interpreter, a Hopper GPU); a
+    [B, N, H, D] layout seen as [B, H, N, D] is not (its patch rows are not contiguous) and takes the
+    pointer loads: both give the same scores, grouped heads and a partial last tile included."""
+    from minikernels import antidiagonal
+    from minikernels._backend import tma_ready
+    from minikernels.testing import randn
+
+    q, k = randn(1, 4, 96, 16, seed=5), randn(1, 2, 96, 16, seed=6)
+    if not tma_ready(q, k):
+        pytest.skip("no tensor descriptors on this device: both runs would take the pointer loads")
+    q_strided, k_strided = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k))
+    assert q_strided.stride(2) != q.shape[-1]  # rows of a patch H*D apart: no descriptor
+    got_tma = antidiagonal.block_scores(q, k, 4, 32)
+    got_ptr = antidiagonal.block_scores(q_strided, k_strided, 4, 32)
+    assert torch.allclose(got_tma, got_ptr, rtol=1e-5, atol=1e-7)
+
+
 def keep_until_threshold(scores, threshold):
     """The selection of XAttention by sorting: rank each row's blocks by score, keep them in order
     while the blocks ranked above hold less than ``threshold`` of the row's total."""
@@ -213,20 +231,21 @@ def test_xattention_without_the_scoring_kernel():
 
 
 def test_antidiagonal_tiles_fit_for_every_dtype_and_head_dim():
-    """The GPU tiles were tuned for 16-bit D = 128; wider elements or heads get fewer stages or
-    narrower column tiles, never more shared memory per pipeline than the tuned setting."""
+    """The GPU tiles were tuned for 16-bit D = 128; a pipeline step never holds more bytes than there
+    (float32 takes a narrower slice of the head dimension), and the slice tiles the head dimension
+    in pieces a descriptor can load (at least 16 bytes wide)."""
     from minikernels import antidiagonal
 
-    def footprint(t, head_dim, elem_bytes):
-        return (t["BLOCK_A"] + t["BLOCK_B"]) * head_dim * elem_bytes * t["num_stages"]
+    def footprint(t, elem_bytes):
+        return (t["BLOCK_A"] + t["BLOCK_B"]) * t["D_CHUNK"] * elem_bytes * t["num_stages"]
 
-    tuned = footprint(antidiagonal.TILES, 128, 2)
+    tuned = footprint(antidiagonal.TILES, 2)
     assert antidiagonal._tiles(128, 2) == antidiagonal.TILES
-    for head_dim in (16, 64, 128, 256):
+    for head_dim in (16, 32, 64, 128, 256):
         for elem_bytes in (2, 4):
             t = antidiagonal._tiles(head_dim, elem_bytes)
-            assert footprint(t, head_dim, elem_bytes) <= tuned, (head_dim, elem_bytes, t)
-            assert t["BLOCK_B"] >= 64 and t["num_stages"] >= 1
+            assert footprint(t, elem_bytes) <= tuned, (head_dim, elem_bytes, t)
+            assert head_dim % t["D_CHUNK"] == 0 and t["D_CHUNK"] * elem_bytes >= 16, (head_dim, elem_bytes, t)
 
 
 def test_xattention_selection_breaks_ties_by_index():
