@@ -187,16 +187,22 @@ def _decay_mask(b, C: tl.constexpr, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
-def _la_states(K, V, G, S0, HS, S_OUT,
+def _la_states(K, V, G, S_IN, HS, S_OUT, LOG_DECAY,
                stride_kb, stride_kh, stride_kn, stride_kd,
                stride_vb, stride_vh, stride_vn, stride_vd,
                stride_gb, stride_gh, stride_gn,
-               H, N, DK, DV, NT,
-               HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr,
-               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
-    # The only sequential pass of the forward: one program per [BK, BV] block of one (batch, head)'s
-    # state walks the chunks in order and writes the state each chunk starts from (HS[bh, c]).
-    ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+               H, N, DK, DV, NT, SEG_CHUNKS,
+               HAS_DECAY: tl.constexpr, HAS_S_IN: tl.constexpr, STORE_STATES: tl.constexpr,
+               STORE_FINAL: tl.constexpr, STORE_DECAY: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+               BV: tl.constexpr, DOT_PREC: tl.constexpr):
+    # The forward's sequential pass: one program per [BK, BV] block of one (batch, head)'s state
+    # walks its segment's chunks in order (SEG_CHUNKS of them; the whole sequence when there is one
+    # segment), starting from S_IN (or zeros), and writes the state each chunk starts from
+    # (HS[bh, c], if STORE_STATES), the state it ends with (S_OUT[bh, segment], if STORE_FINAL) and
+    # the segment's summed log-decay (LOG_DECAY[bh, segment], if STORE_DECAY).
+    ik, iv = tl.program_id(0), tl.program_id(1)
+    n_seg = tl.cdiv(NT, SEG_CHUNKS)
+    bh, seg = tl.program_id(2) // n_seg, tl.program_id(2) % n_seg
     b_idx, h = bh // H, bh % H
     offs_c = tl.arange(0, C)
     offs_k = ik * BK + tl.arange(0, BK)
@@ -207,12 +213,15 @@ def _la_states(K, V, G, S0, HS, S_OUT,
     g_base = b_idx.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
     tile = offs_k[:, None] * DV + offs_v[None, :]  # states are [.., DK, DV], contiguous
     hs_base = HS + bh.to(tl.int64) * NT * DK * DV
-    if HAS_S0:
-        S = tl.load(S0 + bh.to(tl.int64) * DK * DV + tile, mask=tile_ok, other=0.0).to(tl.float32)
+    seg_state = (bh.to(tl.int64) * n_seg + seg) * DK * DV  # S_IN and S_OUT: [B*H, n_seg, DK, DV]
+    if HAS_S_IN:
+        S = tl.load(S_IN + seg_state + tile, mask=tile_ok, other=0.0).to(tl.float32)
     else:
         S = tl.zeros([BK, BV], tl.float32)
-    for c in range(0, NT):
-        tl.store(hs_base + c * DK * DV + tile, S.to(HS.dtype.element_ty), mask=tile_ok)  # write BK*BV
+    log_decay = 0.0
+    for c in range(seg * SEG_CHUNKS, tl.minimum(seg * SEG_CHUNKS + SEG_CHUNKS, NT)):
+        if STORE_STATES:
+            tl.store(hs_base + c * DK * DV + tile, S.to(HS.dtype.element_ty), mask=tile_ok)  # write BK*BV
         rows = (c * C + offs_c).to(tl.int64)  # 64-bit: rows * stride can pass 2^31 for long sequences
         row_ok = rows < N
         v = tl.load(v_base + rows[:, None] * stride_vn + offs_v[None, :] * stride_vd,
@@ -226,12 +235,40 @@ def _la_states(K, V, G, S0, HS, S_OUT,
                          mask=row_ok[None, :] & (offs_k < DK)[:, None], other=0.0)  # read C*BK
             kt = (kt * tl.exp(b_last - b)[None, :]).to(kt.dtype)  # how much of step s reaches the chunk's end
             S = S * tl.exp(b_last) + tl.dot(kt, v, input_precision=DOT_PREC)
+            log_decay += b_last
         else:
             k = tl.load(k_base + rows[:, None] * stride_kn + offs_k[None, :] * stride_kd,
                         mask=row_ok[:, None] & (offs_k < DK)[None, :], other=0.0)  # read C*BK
             S = S + tl.dot(tl.trans(k), v, input_precision=DOT_PREC)
     if STORE_FINAL:
-        tl.store(S_OUT + bh.to(tl.int64) * DK * DV + tile, S, mask=tile_ok)
+        tl.store(S_OUT + seg_state + tile, S, mask=tile_ok)
+    if STORE_DECAY:
+        if (ik == 0) & (iv == 0):  # one program per segment writes its decay
+            tl.store(LOG_DECAY + bh * n_seg + seg, log_decay)
+
+
+@triton.jit
+def _la_carry(SEG_END, LOG_DECAY, S0, CARRY, S_OUT, DKDV, N_SEG,
+              HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr, BLOCK: tl.constexpr):
+    # Between the two segmented passes: the state each segment starts from, from the state each
+    # segment reaches on its own from zeros (SEG_END) and its summed log-decay:
+    #     carry_0 = S0,  carry_{g+1} = exp(log_decay_g) carry_g + seg_end_g
+    # sequential over the few segments, elementwise over the state
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    bh = tl.program_id(1)
+    ok = offs < DKDV
+    if HAS_S0:
+        carry = tl.load(S0 + bh.to(tl.int64) * DKDV + offs, mask=ok, other=0.0)
+    else:
+        carry = tl.zeros([BLOCK], tl.float32)
+    for seg in range(0, N_SEG):
+        at = (bh.to(tl.int64) * N_SEG + seg) * DKDV + offs
+        tl.store(CARRY + at, carry, mask=ok)
+        if HAS_DECAY:
+            carry = carry * tl.exp(tl.load(LOG_DECAY + bh * N_SEG + seg))
+        carry += tl.load(SEG_END + at, mask=ok, other=0.0)
+    if STORE_FINAL:
+        tl.store(S_OUT + bh.to(tl.int64) * DKDV + offs, carry, mask=ok)
 
 
 @triton.jit
@@ -471,27 +508,60 @@ def _decay_args(g, q):
 
 def _chunk_states(k, v, g, s0, chunk: int, want_final: bool):
     """The state each chunk starts from, [B*H, NT, Dk, Dv] in the inputs' dtype, and the final state
-    (float32). The sequential pass splits the state into blocks of FWD_TILES["states"] (finer when
-    there are fewer blocks than SMs), one program each."""
+    (float32). The sequential pass splits the state into blocks of FWD_TILES["states"], one program
+    each; when those are fewer than the SMs (as in SSD at batch 1), it also splits the sequence into
+    segments (_segments)."""
     B, H, N, DK = k.shape
     DV = v.shape[-1]
     nt = triton.cdiv(N, chunk)
     cfg = FWD_TILES["states"]
     bk, bv = _block(DK, cfg["BK"]), _block(DV, cfg["BV"])
-    # The pass is sequential over chunks, so its parallelism is the number of state blocks: with few
-    # (batch, head) pairs (as in SSD at batch 1), split the state finer until every SM has a program.
     sms = 1 if is_interpreter() else torch.cuda.get_device_properties(k.device).multi_processor_count
-    while triton.cdiv(DK, bk) * triton.cdiv(DV, bv) * B * H < sms and max(bk, bv) > 32:
+    n_seg = _segments(triton.cdiv(DK, bk) * triton.cdiv(DV, bv) * B * H, nt, sms)
+    # Too short to cut into segments, and still too few programs: split the state finer
+    while n_seg == 1 and triton.cdiv(DK, bk) * triton.cdiv(DV, bv) * B * H < sms and max(bk, bv) > 32:
         bk, bv = (bk // 2, bv) if bk >= bv else (bk, bv // 2)
+    seg_chunks = triton.cdiv(nt, n_seg) if nt else 1
+    n_seg = triton.cdiv(nt, seg_chunks) if nt else 1
     hs = empty((B * H, nt, DK, DV), dtype=k.dtype, device=k.device)
     s_end = empty((B, H, DK, DV), dtype=torch.float32, device=k.device) if want_final else hs
     gt, gs, has_decay = _decay_args(g, k)
-    _la_states[(triton.cdiv(DK, bk), triton.cdiv(DV, bv), B * H)](
-        k, v, gt, s0 if s0 is not None else hs, hs, s_end,
-        *k.stride(), *v.stride(), *gs, H, N, DK, DV, nt,
-        HAS_DECAY=has_decay, HAS_S0=s0 is not None, STORE_FINAL=want_final, C=chunk, BK=bk, BV=bv,
-        **_launch_opts(k.dtype, cfg["num_warps"], cfg["num_stages"]))
+    grid = (triton.cdiv(DK, bk), triton.cdiv(DV, bv), B * H * n_seg)
+    args = (*k.stride(), *v.stride(), *gs, H, N, DK, DV, nt, seg_chunks)
+    opts = dict(HAS_DECAY=has_decay, C=chunk, BK=bk, BV=bv, **_launch_opts(k.dtype, cfg["num_warps"],
+                                                                          cfg["num_stages"]))
+    if n_seg == 1:
+        _la_states[grid](k, v, gt, s0 if s0 is not None else hs, hs, s_end, hs, *args, HAS_S_IN=s0 is not None,
+                         STORE_STATES=True, STORE_FINAL=want_final, STORE_DECAY=False, **opts)
+        return hs, (s_end if want_final else None)
+    # 1. each segment's own end state, from zeros, in parallel; 2. the state each segment starts
+    # from, sequential over the segments; 3. each segment again from that state, writing HS
+    seg_end, carry = (empty((B * H, n_seg, DK, DV), dtype=torch.float32, device=k.device) for _ in range(2))
+    log_decay = empty((B * H, n_seg), dtype=torch.float32, device=k.device)
+    _la_states[grid](k, v, gt, hs, hs, seg_end, log_decay, *args, HAS_S_IN=False, STORE_STATES=False,
+                     STORE_FINAL=True, STORE_DECAY=has_decay, **opts)
+    block = 1024
+    _la_carry[(triton.cdiv(DK * DV, block), B * H)](
+        seg_end, log_decay, s0 if s0 is not None else seg_end, carry, s_end, DK * DV, n_seg,
+        HAS_DECAY=has_decay, HAS_S0=s0 is not None, STORE_FINAL=want_final, BLOCK=block)
+    _la_states[grid](k, v, gt, carry, hs, hs, hs, *args, HAS_S_IN=True, STORE_STATES=True, STORE_FINAL=False,
+                     STORE_DECAY=False, **opts)
     return hs, (s_end if want_final else None)
+
+
+def _segments(programs: int, n_chunks: int, sms: int) -> int:
+    # How many pieces to cut the sequence into for the state pass. Its steps depend on each other,
+    # so with few programs it waits on each step's loads in turn; with fewer programs than SMs,
+    # segments of at least 16 chunks each run in parallel, until there are about 8 programs an SM.
+    # Each segment is then walked twice (its end state from zeros; then from the carried state),
+    # plus a short pass over the segments: twice the reads, far fewer dependent steps in a row.
+    if is_interpreter():  # the CPU tests: segments whenever there are two of at least 2 chunks
+        return 2 if n_chunks >= 4 else 1
+    n_seg = 1
+    if programs < sms:
+        while programs * n_seg * 2 <= 8 * sms and n_chunks // (n_seg * 2) >= 16:
+            n_seg *= 2
+    return n_seg
 
 
 def _forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype):

@@ -90,6 +90,27 @@ def test_state_blocks_split_over_several_programs():
     check(*make(1, 1, 33, 160, 96, torch.float32, seed=3, state=True))
 
 
+@pytest.mark.parametrize("n_seg", [1, 2, 3, 8])
+@pytest.mark.parametrize("decay,state", [(False, False), (True, True)])
+def test_state_pass_cut_into_segments(monkeypatch, n_seg, decay, state):
+    """With few programs the state pass cuts the sequence into segments (each walked from zeros,
+    then a pass over the segments, then each walked again from the state it really starts from):
+    any number of segments, a last one shorter than the rest, gives the states of one sequential
+    walk, and so the same outputs, final state and gradients against the recurrence."""
+    from minikernels import linear
+
+    q, k, v, g, s0 = make(1, 2, 7 * 16 + 5, 24, 40, torch.float32, seed=9, decay=decay, state=state)
+    kw, vw = k.float(), v.float()
+    monkeypatch.setattr(linear, "_segments", lambda programs, n_chunks, sms: 1)
+    want_hs, want_end = linear._chunk_states(kw, vw, g, s0, 16, want_final=True)
+    monkeypatch.setattr(linear, "_segments", lambda programs, n_chunks, sms: n_seg)
+    with poisoned():
+        got_hs, got_end = linear._chunk_states(kw, vw, g, s0, 16, want_final=True)
+    torch.testing.assert_close(got_hs, want_hs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_end, want_end, rtol=1e-5, atol=1e-5)
+    check(q, k, v, g, s0)
+
+
 @pytest.mark.parametrize("feature_map", ["elu1", "relu", "taylor"])
 def test_feature_maps(feature_map):
     q, k, v, g, _ = make(1, 2, 30, 8, 16, torch.float32, seed=4)
