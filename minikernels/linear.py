@@ -18,6 +18,7 @@ chunk's total; M[t, s] = exp(b_t - b_s) for s <= t, else 0; S_c the state enteri
 the gradient of the state leaving it):
 
     _la_states  (sequential):  S_{c+1} = exp(b_C) S_c + (K * exp(b_C - b))^T V, S_c stored
+                               (in segments chained by _la_carry when it has few programs)
     _la_out     (parallel):    O_c  = (Q K^T * M) V + exp(b) Q S_c
     _la_dstates (sequential, in reverse):  dS_{c-1} = exp(b_C) dS_c + (Q * exp(b))^T dO, dS_c stored
     _la_dv      (parallel):    dV_c = (Q K^T * M)^T dO + exp(b_C - b) K dS_c
