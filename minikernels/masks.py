@@ -148,55 +148,46 @@ def from_mask_fn(mask_fn: MaskFn, q_len: int, kv_len: int, block_size: int = 64,
     dev = torch.device(device) if device is not None else _backend_device()
     nq, nk = math.ceil(q_len / bs), math.ceil(kv_len / bs)
     cols = torch.arange(nk * bs, device=dev)[None, :]
-    per_row, tiles = [], []
+    visit = torch.zeros(nq, nk, dtype=torch.bool, device=dev)  # any element visible
+    full = torch.zeros(nq, nk, dtype=torch.bool, device=dev)  # every existing element visible
+    tiles = []  # the element masks of the partial blocks, row by row, each row's in key order
     for qb in range(nq):
         rows = torch.arange(qb * bs, (qb + 1) * bs, device=dev)[:, None]
         allowed = mask_fn(rows, cols)
         if not isinstance(allowed, torch.Tensor) or allowed.dtype != torch.bool:
             raise TypeError("mask_fn must return a bool tensor")
-        allowed = allowed.broadcast_to(bs, nk * bs) & (rows < q_len) & (cols < kv_len)
+        exists = (rows < q_len) & (cols < kv_len)  # padding past q_len / kv_len does not count
+        allowed = allowed.broadcast_to(bs, nk * bs) & exists
         blocks = allowed.view(bs, nk, bs).permute(1, 0, 2)  # [nk, bs, bs]
-        any_ = blocks.flatten(1).any(1)
-        # "full" means every *existing* element is visible: padding past q_len / kv_len does not count
-        valid = ((rows < q_len) & (cols < kv_len)).view(bs, nk, bs).permute(1, 0, 2)
-        full = (blocks == valid).flatten(1).all(1) & any_
-        visit = torch.nonzero(any_).flatten()
-        entries = []
-        for kb in visit.tolist():
-            if bool(full[kb]):
-                entries.append((kb, False, -1))
-            else:
-                entries.append((kb, True, len(tiles)))
-                tiles.append(blocks[kb])
-        per_row.append(entries)
-    kv_indices, partial, tile_index = _pad_visits(per_row, nq)
-    tiles_t = torch.stack(tiles) if tiles else torch.zeros((0, bs, bs), dtype=torch.bool, device=dev)
-    by_key = [[] for _ in range(nk)]
-    for qb, entries in enumerate(per_row):
-        for kb, is_partial, tile in entries:
-            by_key[kb].append((qb, is_partial, tile))
-    q_indices, q_partial, q_tile_index = _pad_visits(by_key, nk)
-    return BlockMask(
-        q_len, kv_len, bs,
-        kv_indices.to(dev), torch.tensor([len(r) for r in per_row], dtype=torch.int32, device=dev),
-        partial.to(dev), tile_index.to(dev), tiles_t,
-        q_indices.to(dev), torch.tensor([len(r) for r in by_key], dtype=torch.int32, device=dev),
-        q_partial.to(dev), q_tile_index.to(dev))
+        visit[qb] = blocks.flatten(1).any(1)
+        full[qb] = (blocks == exists.view(bs, nk, bs).permute(1, 0, 2)).flatten(1).all(1) & visit[qb]
+        tiles.append(blocks[visit[qb] & ~full[qb]])
+    tiles_t = torch.cat(tiles) if tiles else torch.zeros((0, bs, bs), dtype=torch.bool, device=dev)
+    partial = visit & ~full
+    # partial blocks are numbered in row-major order, as their tiles were gathered
+    tile_id = torch.where(partial, partial.flatten().cumsum(0).view(nq, nk) - 1, -1).to(torch.int32)
+    kv_indices, kv_counts, kv_partial, kv_tile = _visits(visit, partial, tile_id)
+    q_indices, q_counts, q_partial, q_tile = _visits(visit.T, partial.T, tile_id.T)
+    return BlockMask(q_len, kv_len, bs, kv_indices, kv_counts, kv_partial, kv_tile, tiles_t,
+                     q_indices, q_counts, q_partial, q_tile)
 
 
-def _pad_visits(rows: list[list[tuple[int, bool, int]]], n: int):
-    """Lists of (block, partial, tile) per row -> padded int32/bool tensors [n, widest row]."""
-    width = max([len(r) for r in rows] + [1])
-    index = torch.full((n, width), -1, dtype=torch.int32)
-    partial = torch.zeros((n, width), dtype=torch.bool)
-    tile_index = torch.full((n, width), -1, dtype=torch.int32)
-    for r, entries in enumerate(rows):
-        for t, (block, is_partial, tile) in enumerate(entries):
-            index[r, t], partial[r, t], tile_index[r, t] = block, is_partial, tile
-    return index, partial, tile_index
+def _visits(visit: torch.Tensor, partial: torch.Tensor, tile_id: torch.Tensor):
+    """Per row of a [rows, cols] visit matrix: the visited columns in increasing order, padded with
+    -1 to the widest row (at least 1 wide); their count; whether each is partial; its tile (or -1)."""
+    n_rows, n_cols = visit.shape
+    counts = visit.sum(1).to(torch.int32)
+    if n_rows == 0 or n_cols == 0:  # nothing to visit: one padding slot per row
+        empty_index = torch.full((n_rows, 1), -1, dtype=torch.int32, device=visit.device)
+        return empty_index, counts, torch.zeros((n_rows, 1), dtype=torch.bool, device=visit.device), empty_index
+    width = max(int(counts.max()), 1)  # at most n_cols
+    col = torch.arange(n_cols, device=visit.device).expand(n_rows, n_cols)
+    order = torch.where(visit, col, col + n_cols).sort(dim=1).values[:, :width]  # visited first, in order
+    used = order < n_cols
+    at = torch.where(used, order, 0)
+    index = torch.where(used, order, -1).to(torch.int32)
+    return index, counts, partial.gather(1, at) & used, torch.where(used, tile_id.gather(1, at), -1).to(torch.int32)
 
-
-# --- element rules and their builders -------------------------------------------------------------
 
 def causal(q_len: int, kv_len: int | None = None, block_size: int = 64, device=None) -> BlockMask:
     """Query i sees keys j <= i + kv_len - q_len (bottom-right aligned, as ``flash_attention``)."""

@@ -35,6 +35,35 @@ def check_structure(bm: masks.BlockMask, dense: torch.Tensor):
         assert torch.all(row[1:] > row[:-1]), "key blocks in increasing order"
         assert torch.all(bm.kv_indices[qb, count:] == -1)
     assert bm.density() == pytest.approx(int(blocks.any(-1).sum()) / (bm.n_q_blocks * bm.n_kv_blocks))
+    check_key_side(bm)
+
+
+def check_key_side(bm: masks.BlockMask):
+    """The key-side lists (for dK/dV) hold the same visits as the query-side ones, with the same
+    partial flags and tiles, query blocks in increasing order, padded with -1; all int32."""
+    by_query = {(qb, int(bm.kv_indices[qb, t]), bool(bm.partial[qb, t]), int(bm.tile_index[qb, t]))
+                for qb in range(bm.n_q_blocks) for t in range(int(bm.kv_counts[qb]))}
+    by_key = {(int(bm.q_indices[kb, t]), kb, bool(bm.q_partial[kb, t]), int(bm.q_tile_index[kb, t]))
+              for kb in range(bm.n_kv_blocks) for t in range(int(bm.q_counts[kb]))}
+    assert by_query == by_key and len(by_query) == bm.visited_blocks()
+    assert all(tile == -1 for *_, partial, tile in by_query if not partial)
+    assert sorted(tile for *_, partial, tile in by_query if partial) == list(range(bm.tiles.shape[0])), \
+        "every tile belongs to exactly one partial visit"
+    for kb, count in enumerate(bm.q_counts.tolist()):
+        col = bm.q_indices[kb, :count]
+        assert torch.all(col[1:] > col[:-1]), "query blocks in increasing order"
+        assert torch.all(bm.q_indices[kb, count:] == -1)
+    for t in (bm.kv_indices, bm.kv_counts, bm.tile_index, bm.q_indices, bm.q_counts, bm.q_tile_index):
+        assert t.dtype == torch.int32
+
+
+def test_empty_sequences():
+    """No queries or no keys: nothing to visit, one padding slot per row."""
+    for q_len, kv_len in ((0, 40), (40, 0), (0, 0)):
+        bm = masks.from_mask_fn(lambda i, j: j <= i, q_len, kv_len, block_size=16)
+        assert bm.visited_blocks() == 0 and bm.tiles.shape[0] == 0
+        assert bm.kv_indices.shape == (bm.n_q_blocks, 1) and bm.q_indices.shape == (bm.n_kv_blocks, 1)
+        assert torch.all(bm.kv_indices == -1) and torch.all(bm.q_indices == -1)
 
 
 @pytest.mark.parametrize("q_len,kv_len", [(100, 100), (64, 200), (200, 64), (1, 1), (17, 33)])
@@ -120,12 +149,7 @@ def test_bad_arguments():
 
 
 def test_key_side_lists_are_the_transpose():
-    bm = masks.a_shape(150, sink=8, window=40, block_size=16)
-    by_query = {(qb, int(bm.kv_indices[qb, t]), bool(bm.partial[qb, t]), int(bm.tile_index[qb, t]))
-                for qb in range(bm.n_q_blocks) for t in range(int(bm.kv_counts[qb]))}
-    by_key = {(int(bm.q_indices[kb, t]), kb, bool(bm.q_partial[kb, t]), int(bm.q_tile_index[kb, t]))
-              for kb in range(bm.n_kv_blocks) for t in range(int(bm.q_counts[kb]))}
-    assert by_query == by_key and len(by_query) == bm.visited_blocks()
+    check_key_side(masks.a_shape(150, sink=8, window=40, block_size=16))
 
 
 # --- estimated masks ------------------------------------------------------------------------------
