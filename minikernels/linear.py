@@ -522,8 +522,8 @@ def _chunk_states(k, v, g, s0, chunk: int, want_final: bool):
     # Too short to cut into segments, and still too few programs: split the state finer
     while n_seg == 1 and triton.cdiv(DK, bk) * triton.cdiv(DV, bv) * B * H < sms and max(bk, bv) > 32:
         bk, bv = (bk // 2, bv) if bk >= bv else (bk, bv // 2)
-    seg_chunks = triton.cdiv(nt, n_seg) if nt else 1
-    n_seg = triton.cdiv(nt, seg_chunks) if nt else 1
+    seg_chunks = triton.cdiv(nt, n_seg)  # nt >= 1: linear_attention returns before any kernel when N == 0
+    n_seg = triton.cdiv(nt, seg_chunks)  # as the kernel counts them
     hs = empty((B * H, nt, DK, DV), dtype=k.dtype, device=k.device)
     s_end = empty((B, H, DK, DV), dtype=torch.float32, device=k.device) if want_final else hs
     gt, gs, has_decay = _decay_args(g, k)
