@@ -104,10 +104,11 @@ def test_state_pass_cut_into_segments(monkeypatch, n_seg, decay, state):
     monkeypatch.setattr(linear, "_segments", lambda programs, n_chunks, sms: 1)
     want_hs, want_end = linear._chunk_states(kw, vw, g, s0, 16, want_final=True)
     monkeypatch.setattr(linear, "_segments", lambda programs, n_chunks, sms: n_seg)
-    with poisoned():
-        got_hs, got_end = linear._chunk_states(kw, vw, g, s0, 16, want_final=True)
-    torch.testing.assert_close(got_hs, want_hs, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got_end, want_end, rtol=1e-5, atol=1e-5)
+    if n_seg > 1:  # (one segment is the sequential walk itself: checked against the recurrence below)
+        with poisoned():
+            got_hs, got_end = linear._chunk_states(kw, vw, g, s0, 16, want_final=True)
+        torch.testing.assert_close(got_hs, want_hs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_end, want_end, rtol=1e-5, atol=1e-5)
     check(q, k, v, g, s0)
 
 
