@@ -6,8 +6,9 @@ A scalar-decay state space model, one state [S, P] per (batch, head):
 
 is causal linear attention with a decay (chapter 3): queries C, keys dt * B, values x, log-decay
 dt * A (or, moving dt to the other factor of dt_t B_t x_t^T, keys B and values dt * x). So ``ssd``
-runs ``mk.linear_attention``'s chunked Triton kernels (forward and backward) on those inputs; the
-gradients of dt and A flow through the two elementwise products. ``quadratic_form``
+runs ``mk.linear_attention``'s chunked Triton kernels (forward and backward) on those inputs, with
+dt handed to them as weights on the values: the forward kernels fold dt into the per-step factors
+they compute anyway, so dt * x is never written out. ``quadratic_form``
 is the other side of the duality: the same outputs as masked attention, (C B^T * L) (dt x), with the
 1-semiseparable mask L[t, s] = exp(dt_{s+1} A + ... + dt_t A) for s <= t.
 """
@@ -15,71 +16,9 @@ is the other side of the duality: the same outputs as masked attention, (C B^T *
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from ._alloc import empty
-from ._backend import on_device_of
 from ._validate import check_same_device, check_tensor
-from .linear import linear_attention
-
-
-@triton.jit
-def _scale_rows_fwd(X, DT, V, R, P, BR: tl.constexpr, BP: tl.constexpr):
-    # v[r, :] = dt[r] x[r, :] for BR rows: read x and dt once, write v once (float32 inside)
-    rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
-    cols = tl.arange(0, BP)
-    ok = (rows < R)[:, None] & (cols < P)[None, :]
-    x = tl.load(X + rows[:, None] * P + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    dt = tl.load(DT + rows, mask=rows < R, other=0.0)
-    tl.store(V + rows[:, None] * P + cols[None, :], (x * dt[:, None]).to(V.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _scale_rows_bwd(X, DT, DV, DX, DDT, R, P, BR: tl.constexpr, BP: tl.constexpr):
-    # dx = dt dv, ddt = sum_p x dv: read x, dt and dv once, write dx and ddt once
-    rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
-    cols = tl.arange(0, BP)
-    ok = (rows < R)[:, None] & (cols < P)[None, :]
-    tile = rows[:, None] * P + cols[None, :]
-    x = tl.load(X + tile, mask=ok, other=0.0).to(tl.float32)
-    dv = tl.load(DV + tile, mask=ok, other=0.0).to(tl.float32)
-    dt = tl.load(DT + rows, mask=rows < R, other=0.0)
-    tl.store(DX + tile, (dv * dt[:, None]).to(DX.dtype.element_ty), mask=ok)
-    tl.store(DDT + rows, tl.sum(x * dv, axis=1), mask=rows < R)
-
-
-def _row_blocks(p: int) -> tuple[int, int]:
-    bp = triton.next_power_of_2(p)
-    return max(1, 4096 // bp), bp  # about 4k elements per program
-
-
-class _ScaleRows(torch.autograd.Function):
-    """v = dt[..., None] * x in one pass (x [..., P] in its dtype, dt float32): the values of SSD's
-    linear attention. In PyTorch this takes three passes through a float32 copy of x."""
-
-    @staticmethod
-    def forward(ctx, x, dt):
-        x2, dt1 = x.reshape(-1, x.shape[-1]).contiguous(), dt.reshape(-1).float().contiguous()
-        v = empty(x2.shape, dtype=x.dtype, device=x.device)
-        br, bp = _row_blocks(x2.shape[1])
-        with on_device_of(x):
-            _scale_rows_fwd[(triton.cdiv(x2.shape[0], br),)](x2, dt1, v, x2.shape[0], x2.shape[1], BR=br, BP=bp)
-        ctx.save_for_backward(x2, dt1)
-        ctx.shape, ctx.dt_dtype = x.shape, dt.dtype
-        return v.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dv):
-        x2, dt1 = ctx.saved_tensors
-        dv2 = dv.reshape(x2.shape).contiguous()
-        dx, ddt = empty(x2.shape, dtype=x2.dtype, device=x2.device), empty(dt1.shape, dtype=torch.float32,
-                                                                           device=x2.device)
-        br, bp = _row_blocks(x2.shape[1])
-        with on_device_of(x2):
-            _scale_rows_bwd[(triton.cdiv(x2.shape[0], br),)](x2, dt1, dv2, dx, ddt, x2.shape[0], x2.shape[1],
-                                                             BR=br, BP=bp)
-        return dx.view(ctx.shape), ddt.view(ctx.shape[:-1]).to(ctx.dt_dtype)
+from .linear import CHUNK_SIZES, MAX_FEATURE_DIM, _LinearAttention
 
 
 def _expand_groups(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -149,15 +88,25 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
     # of one group become the "heads" of a (batch, group) pair, where B and C are views with a zero
     # head stride (the kernels read a group's B and C for each of its heads; autograd's expand sums
     # their gradients over the group).
-    work = torch.promote_types(x.dtype, torch.float32)
-    v = _ScaleRows.apply(x.reshape(b * groups, per, n, p), dt.reshape(b * groups, per, n))
-    q = C.reshape(b * groups, 1, n, s).expand(-1, per, -1, -1)
-    k = B.reshape(b * groups, 1, n, s).expand(-1, per, -1, -1)
-    log_decay = dt.to(work).reshape(b * groups, per, n) * A.to(work).reshape(groups, per, 1).repeat(b, 1, 1)
-    s0 = initial_state.reshape(b * groups, per, s, p) if initial_state is not None else None
-    y, state = linear_attention(q, k, v, decay=log_decay, chunk_size=chunk_size, initial_state=s0,
-                                return_state=True)
-    y, state = y.reshape(b, heads, n, p), state.reshape(b, heads, s, p)
+    # dt itself goes to the kernels as the values' weights: the forward folds it into factors it
+    # computes anyway, instead of a pass over x to build dt * x.
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size!r}")
+    if s > MAX_FEATURE_DIM:
+        raise ValueError(f"state size S = {s} exceeds {MAX_FEATURE_DIM}")
+    if b * heads * n == 0:  # nothing for the kernels to walk
+        y = x.new_zeros(x.shape)
+        state = initial_state.float() if initial_state is not None else x.new_zeros(b, heads, s, p).float()
+    else:
+        work = torch.promote_types(x.dtype, torch.float32)
+        q = C.reshape(b * groups, 1, n, s).expand(-1, per, -1, -1)
+        k = B.reshape(b * groups, 1, n, s).expand(-1, per, -1, -1)
+        weights = dt.to(work).reshape(b * groups, per, n)
+        log_decay = weights * A.to(work).reshape(groups, per, 1).repeat(b, 1, 1)
+        s0 = initial_state.reshape(b * groups, per, s, p) if initial_state is not None else None
+        y, state = _LinearAttention.apply(q, k, x.reshape(b * groups, per, n, p), log_decay, s0, chunk_size,
+                                          x.dtype, weights)
+        y, state = y.reshape(b, heads, n, p), state.reshape(b, heads, s, p)
     if D is not None:
         y = (y.float() + D.float()[None, :, None, None] * x.float()).to(x.dtype)
     return (y, state) if return_final_state else y

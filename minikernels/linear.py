@@ -188,19 +188,21 @@ def _decay_mask(b, C: tl.constexpr, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
-def _la_states(K, V, G, S_IN, HS, S_OUT, LOG_DECAY,
+def _la_states(K, V, G, W, S_IN, HS, S_OUT, LOG_DECAY,
                stride_kb, stride_kh, stride_kn, stride_kd,
                stride_vb, stride_vh, stride_vn, stride_vd,
                stride_gb, stride_gh, stride_gn,
+               stride_wb, stride_wh, stride_wn,
                H, N, DK, DV, NT, SEG_CHUNKS,
-               HAS_DECAY: tl.constexpr, HAS_S_IN: tl.constexpr, STORE_STATES: tl.constexpr,
+               HAS_DECAY: tl.constexpr, HAS_W: tl.constexpr, HAS_S_IN: tl.constexpr, STORE_STATES: tl.constexpr,
                STORE_FINAL: tl.constexpr, STORE_DECAY: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                BV: tl.constexpr, DOT_PREC: tl.constexpr):
     # The forward's sequential pass: one program per [BK, BV] block of one (batch, head)'s state
     # walks its segment's chunks in order (SEG_CHUNKS of them; the whole sequence when there is one
     # segment), starting from S_IN (or zeros), and writes the state each chunk starts from
     # (HS[bh, c], if STORE_STATES), the state it ends with (S_OUT[bh, segment], if STORE_FINAL) and
-    # the segment's summed log-decay (LOG_DECAY[bh, segment], if STORE_DECAY).
+    # the segment's summed log-decay (LOG_DECAY[bh, segment], if STORE_DECAY). With HAS_W, step s's
+    # value is w_s v_s: the weight joins the per-step factor of K's columns, at no extra product.
     ik, iv = tl.program_id(0), tl.program_id(1)
     n_seg = tl.cdiv(NT, SEG_CHUNKS)
     bh, seg = tl.program_id(2) // n_seg, tl.program_id(2) % n_seg
@@ -212,6 +214,7 @@ def _la_states(K, V, G, S_IN, HS, S_OUT, LOG_DECAY,
     k_base = K + b_idx.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = V + b_idx.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     g_base = b_idx.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+    w_base = W + b_idx.to(tl.int64) * stride_wb + h.to(tl.int64) * stride_wh
     tile = offs_k[:, None] * DV + offs_v[None, :]  # states are [.., DK, DV], contiguous
     hs_base = HS + bh.to(tl.int64) * NT * DK * DV
     seg_state = (bh.to(tl.int64) * n_seg + seg) * DK * DV  # S_IN and S_OUT: [B*H, n_seg, DK, DV]
@@ -228,13 +231,16 @@ def _la_states(K, V, G, S_IN, HS, S_OUT, LOG_DECAY,
         v = tl.load(v_base + rows[:, None] * stride_vn + offs_v[None, :] * stride_vd,
                     mask=row_ok[:, None] & (offs_v < DV)[None, :], other=0.0)  # read C*BV
         b, b_last = _chunk_cumsum(G, g_base, stride_gn, rows, row_ok, C, HAS_DECAY)
-        if HAS_DECAY:
+        if HAS_DECAY or HAS_W:
             # K^T straight from memory, [BK, C]: the per-step weights then scale its columns in the
             # layout the matmul reads (scaling K, then transposing it in registers, made the whole
             # forward with decay 15% slower on the H200)
             kt = tl.load(k_base + rows[None, :] * stride_kn + offs_k[:, None] * stride_kd,
                          mask=row_ok[None, :] & (offs_k < DK)[:, None], other=0.0)  # read C*BK
-            kt = (kt * tl.exp(b_last - b)[None, :]).to(kt.dtype)  # how much of step s reaches the chunk's end
+            weight = tl.exp(b_last - b)  # how much of step s reaches the chunk's end
+            if HAS_W:
+                weight *= tl.load(w_base + rows * stride_wn, mask=row_ok, other=0.0)  # read C
+            kt = (kt * weight[None, :]).to(kt.dtype)
             S = S * tl.exp(b_last) + tl.dot(kt, v, input_precision=DOT_PREC)
             log_decay += b_last
         else:
@@ -273,16 +279,18 @@ def _la_carry(SEG_END, LOG_DECAY, S0, CARRY, S_OUT, DKDV, N_SEG,
 
 
 @triton.jit
-def _la_out(Q, K, V, G, HS, O,
+def _la_out(Q, K, V, G, W, HS, O,
             stride_qb, stride_qh, stride_qn, stride_qd,
             stride_kb, stride_kh, stride_kn, stride_kd,
             stride_vb, stride_vh, stride_vn, stride_vd,
             stride_gb, stride_gh, stride_gn,
+            stride_wb, stride_wh, stride_wn,
             stride_ob, stride_oh, stride_on, stride_od,
             H, N, DK, DV, NT,
-            HAS_DECAY: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+            HAS_DECAY: tl.constexpr, HAS_W: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
             DOT_PREC: tl.constexpr):
-    # Every chunk at once, given the state it starts from: O_c = (Q K^T * M) V + exp(b) Q S_c.
+    # Every chunk at once, given the state it starts from: O_c = (Q K^T * M) V + exp(b) Q S_c
+    # (with HAS_W, V's rows weighted by w: folded into the columns of Q K^T * M).
     ic, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b_idx, h = bh // H, bh % H
     offs_c = tl.arange(0, C)
@@ -312,6 +320,9 @@ def _la_out(Q, K, V, G, HS, O,
     v = tl.load(v_base + rows[:, None] * stride_vn + offs_v[None, :] * stride_vd,
                 mask=row_ok[:, None] & v_ok[None, :], other=0.0)  # read C*BV
     a = a * _decay_mask(b, C, False)
+    if HAS_W:
+        a = a * tl.load(W + b_idx.to(tl.int64) * stride_wb + h.to(tl.int64) * stride_wh + rows * stride_wn,
+                        mask=row_ok, other=0.0)[None, :]  # read C
     o = o * tl.exp(b)[:, None] + tl.dot(a.to(v.dtype), v, input_precision=DOT_PREC)
     o_base = O + b_idx.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(o_base + rows[:, None] * stride_on + offs_v[None, :] * stride_od, o.to(O.dtype.element_ty),
@@ -494,24 +505,27 @@ def _launch_opts(dtype, num_warps: int = 4, num_stages: int = 2) -> dict:
 # (the backward recomputes the states with the same tiles). Chosen by sweeps on the H200 (B4 H16
 # D128, T 4k to 64k, with and without decay, do_bench and CUDA graphs; 2026-11-29): a 3-deep pipeline
 # hides the state pass's loads (-21% at 16k without decay); the output pass likes 3 stages without
-# a decay (-3 to -5%) and 2 with one (-1 to -2%).
+# a decay (-3 to -5%) and 2 with one (-1 to -2%). With value weights (SSD: H32 P64 S128, B4 L4k and
+# B1 L16k) it likes 3 stages again: 120 us against 125 with 2 (without weights, 2 stages: 110 us).
 FWD_TILES = {"states": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3},
              "out": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 3},
-             "out_decay": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 2}}
+             "out_decay": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 2},
+             "out_weighted": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 3}}
 
 
 def _decay_args(g, q):
-    # (tensor, strides) for the kernels; a dummy when there is no decay
+    # (tensor, strides, present) for the kernels, of a [B, H, N] input: the log-decay or the value
+    # weights; a dummy when there is none
     if g is None:
         return q, (0, 0, 0), False
     return g, g.stride(), True
 
 
-def _chunk_states(k, v, g, s0, chunk: int, want_final: bool):
+def _chunk_states(k, v, g, s0, chunk: int, want_final: bool, w=None):
     """The state each chunk starts from, [B*H, NT, Dk, Dv] in the inputs' dtype, and the final state
-    (float32). The sequential pass splits the state into blocks of FWD_TILES["states"], one program
-    each; when those are fewer than the SMs (as in SSD at batch 1), it also splits the sequence into
-    segments (_segments)."""
+    (float32); with value weights w [B, H, N], of the values w_t v_t. The sequential pass splits the
+    state into blocks of FWD_TILES["states"], one program each; when those are fewer than the SMs (as
+    in SSD at batch 1), it also splits the sequence into segments (_segments)."""
     B, H, N, DK = k.shape
     DV = v.shape[-1]
     nt = triton.cdiv(N, chunk)
@@ -527,25 +541,26 @@ def _chunk_states(k, v, g, s0, chunk: int, want_final: bool):
     hs = empty((B * H, nt, DK, DV), dtype=k.dtype, device=k.device)
     s_end = empty((B, H, DK, DV), dtype=torch.float32, device=k.device) if want_final else hs
     gt, gs, has_decay = _decay_args(g, k)
+    wt, ws, has_w = _decay_args(w, k)
     grid = (triton.cdiv(DK, bk), triton.cdiv(DV, bv), B * H * n_seg)
-    args = (*k.stride(), *v.stride(), *gs, H, N, DK, DV, nt, seg_chunks)
-    opts = dict(HAS_DECAY=has_decay, C=chunk, BK=bk, BV=bv, **_launch_opts(k.dtype, cfg["num_warps"],
+    args = (*k.stride(), *v.stride(), *gs, *ws, H, N, DK, DV, nt, seg_chunks)
+    opts = dict(HAS_DECAY=has_decay, HAS_W=has_w, C=chunk, BK=bk, BV=bv, **_launch_opts(k.dtype, cfg["num_warps"],
                                                                           cfg["num_stages"]))
     if n_seg == 1:
-        _la_states[grid](k, v, gt, s0 if s0 is not None else hs, hs, s_end, hs, *args, HAS_S_IN=s0 is not None,
+        _la_states[grid](k, v, gt, wt, s0 if s0 is not None else hs, hs, s_end, hs, *args, HAS_S_IN=s0 is not None,
                          STORE_STATES=True, STORE_FINAL=want_final, STORE_DECAY=False, **opts)
         return hs, (s_end if want_final else None)
     # 1. each segment's own end state, from zeros, in parallel; 2. the state each segment starts
     # from, sequential over the segments; 3. each segment again from that state, writing HS
     seg_end, carry = (empty((B * H, n_seg, DK, DV), dtype=torch.float32, device=k.device) for _ in range(2))
     log_decay = empty((B * H, n_seg), dtype=torch.float32, device=k.device)
-    _la_states[grid](k, v, gt, hs, hs, seg_end, log_decay, *args, HAS_S_IN=False, STORE_STATES=False,
+    _la_states[grid](k, v, gt, wt, hs, hs, seg_end, log_decay, *args, HAS_S_IN=False, STORE_STATES=False,
                      STORE_FINAL=True, STORE_DECAY=has_decay, **opts)
     block = 1024
     _la_carry[(triton.cdiv(DK * DV, block), B * H)](
         seg_end, log_decay, s0 if s0 is not None else seg_end, carry, s_end, DK * DV, n_seg,
         HAS_DECAY=has_decay, HAS_S0=s0 is not None, STORE_FINAL=want_final, BLOCK=block)
-    _la_states[grid](k, v, gt, carry, hs, hs, hs, *args, HAS_S_IN=True, STORE_STATES=True, STORE_FINAL=False,
+    _la_states[grid](k, v, gt, wt, carry, hs, hs, hs, *args, HAS_S_IN=True, STORE_STATES=True, STORE_FINAL=False,
                      STORE_DECAY=False, **opts)
     return hs, (s_end if want_final else None)
 
@@ -565,18 +580,20 @@ def _segments(programs: int, n_chunks: int, sms: int) -> int:
     return n_seg
 
 
-def _forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype):
+def _forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype, w=None):
     B, H, N, DK = q.shape
     DV = v.shape[-1]
-    hs, s_end = _chunk_states(k, v, g, s0, chunk, want_final=True)
+    hs, s_end = _chunk_states(k, v, g, s0, chunk, want_final=True, w=w)
     o = empty((B, H, N, DV), dtype=out_dtype, device=q.device)
-    cfg = FWD_TILES["out_decay" if g is not None else "out"]
+    cfg = FWD_TILES["out_weighted" if w is not None else "out_decay" if g is not None else "out"]
     bk, bv = _block(DK, cfg["BK"]), _block(DV, cfg["BV"])
     warps = cfg["num_warps"] if bv * chunk >= 8192 else 4  # 4 warps are enough for small tiles
     gt, gs, has_decay = _decay_args(g, q)
+    wt, ws, has_w = _decay_args(w, q)
     _la_out[(triton.cdiv(N, chunk), triton.cdiv(DV, bv), B * H)](
-        q, k, v, gt, hs, o, *q.stride(), *k.stride(), *v.stride(), *gs, *o.stride(), H, N, DK, DV, hs.shape[1],
-        HAS_DECAY=has_decay, C=chunk, BK=bk, BV=bv, **_launch_opts(q.dtype, warps, cfg["num_stages"]))
+        q, k, v, gt, wt, hs, o, *q.stride(), *k.stride(), *v.stride(), *gs, *ws, *o.stride(), H, N, DK, DV,
+        hs.shape[1], HAS_DECAY=has_decay, HAS_W=has_w, C=chunk, BK=bk, BV=bv,
+        **_launch_opts(q.dtype, warps, cfg["num_stages"]))
     return o, s_end
 
 
@@ -610,31 +627,91 @@ def _backward(q, k, v, g, s0, do, ds_end, chunk: int):
     return dq, dk, dv, dg, ds0
 
 
+@triton.jit
+def _weight_rows_fwd(X, W, V, R, P, BR: tl.constexpr, BP: tl.constexpr):
+    # v[r, :] = w[r] x[r, :] for BR rows: read x and w once, write v once (float32 inside)
+    rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
+    cols = tl.arange(0, BP)
+    ok = (rows < R)[:, None] & (cols < P)[None, :]
+    x = tl.load(X + rows[:, None] * P + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    w = tl.load(W + rows, mask=rows < R, other=0.0)
+    tl.store(V + rows[:, None] * P + cols[None, :], (x * w[:, None]).to(V.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _weight_rows_bwd(X, W, DV, DX, DW, R, P, BR: tl.constexpr, BP: tl.constexpr):
+    # dx = w dv, dw = sum_p x dv: read x, w and dv once, write dx and dw once
+    rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
+    cols = tl.arange(0, BP)
+    ok = (rows < R)[:, None] & (cols < P)[None, :]
+    tile = rows[:, None] * P + cols[None, :]
+    x = tl.load(X + tile, mask=ok, other=0.0).to(tl.float32)
+    dv = tl.load(DV + tile, mask=ok, other=0.0).to(tl.float32)
+    w = tl.load(W + rows, mask=rows < R, other=0.0)
+    tl.store(DX + tile, (dv * w[:, None]).to(DX.dtype.element_ty), mask=ok)
+    tl.store(DW + rows, tl.sum(x * dv, axis=1), mask=rows < R)
+
+
+def _row_blocks(p: int) -> tuple[int, int]:
+    bp = triton.next_power_of_2(p)
+    return max(1, 4096 // bp), bp  # about 4k elements per program
+
+
+def _weight_rows(x, w):
+    """w[..., None] * x in one pass (x [B, H, N, P] in its dtype, w float32 [B, H, N])."""
+    x2, w1 = x.reshape(-1, x.shape[-1]).contiguous(), w.reshape(-1).contiguous()
+    v = empty(x2.shape, dtype=x.dtype, device=x.device)
+    br, bp = _row_blocks(x2.shape[1])
+    _weight_rows_fwd[(triton.cdiv(x2.shape[0], br),)](x2, w1, v, x2.shape[0], x2.shape[1], BR=br, BP=bp)
+    return v.view(x.shape)
+
+
+def _weight_rows_grad(x, w, dv):
+    """The gradients of x and w (float32) through v = w[..., None] * x, given dv."""
+    x2, w1 = x.reshape(-1, x.shape[-1]).contiguous(), w.reshape(-1).contiguous()
+    dv2 = dv.reshape(x2.shape).contiguous()
+    dx, dw = empty(x2.shape, dtype=x2.dtype, device=x2.device), empty(w1.shape, dtype=torch.float32,
+                                                                      device=x2.device)
+    br, bp = _row_blocks(x2.shape[1])
+    _weight_rows_bwd[(triton.cdiv(x2.shape[0], br),)](x2, w1, dv2, dx, dw, x2.shape[0], x2.shape[1], BR=br, BP=bp)
+    return dx.view(x.shape), dw.view(w.shape)
+
+
 class _LinearAttention(torch.autograd.Function):
+    # w: optional float32 value weights [B, H, N] (the values become w_t v_t). mk.ssd passes dt here:
+    # the forward kernels fold it into factors they compute anyway, instead of a pass over x; the
+    # backward builds w v once and runs the unweighted kernels on it.
     @staticmethod
-    def forward(ctx, q, k, v, g, s0, chunk, out_dtype):
+    def forward(ctx, q, k, v, g, s0, chunk, out_dtype, w=None):
         ctx.set_materialize_grads(False)  # an unused output (often the state) gets no zero gradient
         dtype = q.dtype
         work = _compute_dtype(dtype)
         qw, kw, vw = (t.to(work) for t in (q, k, v))
         gw = g.float() if g is not None else None
+        ww = w.float().contiguous() if w is not None else None
         s0w = s0.float().contiguous() if s0 is not None else None
         with on_device_of(q):
-            o, s_end = _forward(qw, kw, vw, gw, s0w, chunk, out_dtype if work == dtype else torch.float32)
-        ctx.save_for_backward(qw, kw, vw, gw, s0w)
+            o, s_end = _forward(qw, kw, vw, gw, s0w, chunk, out_dtype if work == dtype else torch.float32, w=ww)
+        ctx.save_for_backward(qw, kw, vw, gw, s0w, ww)
         ctx.chunk, ctx.dtype, ctx.has_s0 = chunk, dtype, s0 is not None
         ctx.s0_dtype = s0.dtype if s0 is not None else None
+        ctx.w_dtype = w.dtype if w is not None else None
         return o.to(out_dtype), s_end
 
     @staticmethod
     def backward(ctx, do, ds_end):
-        qw, kw, vw, gw, s0w = ctx.saved_tensors
+        qw, kw, vw, gw, s0w, ww = ctx.saved_tensors
         do = do.to(qw.dtype) if do is not None else torch.zeros_like(qw[..., :1]).expand(*vw.shape)
         ds_end = ds_end.float().contiguous() if ds_end is not None else None
+        dw = None
         with on_device_of(qw):
-            dq, dk, dv, dg, ds0 = _backward(qw, kw, vw, gw, s0w, do, ds_end, ctx.chunk)
+            v_eff = _weight_rows(vw, ww) if ww is not None else vw
+            dq, dk, dv, dg, ds0 = _backward(qw, kw, v_eff, gw, s0w, do, ds_end, ctx.chunk)
+            if ww is not None:
+                dv, dw = _weight_rows_grad(vw, ww, dv)
+                dw = dw.to(ctx.w_dtype)
         return (dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), dg,
-                ds0.to(ctx.s0_dtype) if ctx.has_s0 else None, None, None)
+                ds0.to(ctx.s0_dtype) if ctx.has_s0 else None, None, None, dw)
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor | None = None,
