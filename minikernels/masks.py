@@ -6,9 +6,10 @@ the key blocks to visit, and for each of those whether it is *full* (every eleme
 mask to apply) or *partial* (some visible: apply the element mask inside the tile). A block that
 no element of which is visible is never visited: that is where sparsity turns into speed.
 
-``BlockMask`` is that data structure. Every builder evaluates its element rule block row by block
-row (never the whole ``q_len x kv_len`` matrix at once) through ``from_mask_fn``; one mask serves
-every batch and head.
+``BlockMask`` is that data structure. Builders evaluate their element rule a few block rows at a
+time (never the whole ``q_len x kv_len`` matrix at once) through ``from_mask_fn``; ``causal`` and
+``xattention`` know which of their blocks are empty or full, and evaluate only the diagonal band.
+One mask serves every batch and head.
 """
 
 from __future__ import annotations
@@ -134,12 +135,16 @@ def from_dense(mask: torch.Tensor, block_size: int = 64) -> BlockMask:
     return from_mask_fn(rule, q_len, kv_len, block_size=block_size, device=mask.device)
 
 
+RULE_ELEMENTS = 1 << 24  # how many (query, key) pairs from_mask_fn asks its rule about at once
+
+
 def from_mask_fn(mask_fn: MaskFn, q_len: int, kv_len: int, block_size: int = 64,
                  device: torch.device | str | None = None) -> BlockMask:
     """Build a ``BlockMask`` from an element rule ``mask_fn(q_idx, kv_idx) -> bool``, which takes
     broadcastable int64 index tensors (``[rows, 1]`` and ``[1, cols]``) and returns a bool tensor.
 
-    The rule is evaluated one row of query blocks at a time, so memory stays ``block_size x kv_len``.
+    The rule is evaluated a few rows of query blocks at a time (about RULE_ELEMENTS pairs each), so memory
+    stays bounded and the device is synchronized once per group of rows, not once per block.
     """
     if not callable(mask_fn):
         raise TypeError(f"mask_fn must be callable, got {type(mask_fn).__name__}")
@@ -150,26 +155,60 @@ def from_mask_fn(mask_fn: MaskFn, q_len: int, kv_len: int, block_size: int = 64,
     cols = torch.arange(nk * bs, device=dev)[None, :]
     visit = torch.zeros(nq, nk, dtype=torch.bool, device=dev)  # any element visible
     full = torch.zeros(nq, nk, dtype=torch.bool, device=dev)  # every existing element visible
-    tiles = []  # the element masks of the partial blocks, row by row, each row's in key order
-    for qb in range(nq):
-        rows = torch.arange(qb * bs, (qb + 1) * bs, device=dev)[:, None]
+    tiles = []  # the element masks of the partial blocks, in row-major block order
+    group = max(1, RULE_ELEMENTS // max(1, bs * nk * bs))  # query-block rows per evaluation of the rule
+    for q0 in range(0, nq, group):
+        g = min(group, nq - q0)
+        rows = torch.arange(q0 * bs, (q0 + g) * bs, device=dev)[:, None]
         allowed = mask_fn(rows, cols)
         if not isinstance(allowed, torch.Tensor) or allowed.dtype != torch.bool:
             raise TypeError("mask_fn must return a bool tensor")
         exists = (rows < q_len) & (cols < kv_len)  # padding past q_len / kv_len does not count
-        allowed = allowed.broadcast_to(bs, nk * bs) & exists
-        blocks = allowed.view(bs, nk, bs).permute(1, 0, 2)  # [nk, bs, bs]
-        visit[qb] = blocks.flatten(1).any(1)
-        full[qb] = (blocks == exists.view(bs, nk, bs).permute(1, 0, 2)).flatten(1).all(1) & visit[qb]
-        tiles.append(blocks[visit[qb] & ~full[qb]])
+        allowed = allowed.broadcast_to(g * bs, nk * bs) & exists
+        blocks = allowed.view(g, bs, nk, bs).permute(0, 2, 1, 3)  # [g, nk, bs, bs]
+        seen = blocks.flatten(2).any(2)
+        every = (blocks == exists.view(g, bs, nk, bs).permute(0, 2, 1, 3)).flatten(2).all(2) & seen
+        visit[q0:q0 + g], full[q0:q0 + g] = seen, every
+        tiles.append(blocks[seen & ~every])  # row-major over (row, key block), as tile_id numbers them
     tiles_t = torch.cat(tiles) if tiles else torch.zeros((0, bs, bs), dtype=torch.bool, device=dev)
+    return _assemble(q_len, kv_len, bs, visit, full, tiles_t)
+
+
+def _assemble(q_len: int, kv_len: int, bs: int, visit: torch.Tensor, full: torch.Tensor,
+              tiles: torch.Tensor) -> BlockMask:
+    """A BlockMask from block-level [nq, nk] visit and full matrices and the tiles of the partial
+    blocks (visit & ~full), in row-major block order."""
     partial = visit & ~full
+    nq, nk = visit.shape
     # partial blocks are numbered in row-major order, as their tiles were gathered
     tile_id = torch.where(partial, partial.flatten().cumsum(0).view(nq, nk) - 1, -1).to(torch.int32)
     kv_indices, kv_counts, kv_partial, kv_tile = _visits(visit, partial, tile_id)
     q_indices, q_counts, q_partial, q_tile = _visits(visit.T, partial.T, tile_id.T)
-    return BlockMask(q_len, kv_len, bs, kv_indices, kv_counts, kv_partial, kv_tile, tiles_t,
+    return BlockMask(q_len, kv_len, bs, kv_indices, kv_counts, kv_partial, kv_tile, tiles,
                      q_indices, q_counts, q_partial, q_tile)
+
+
+def _causal_blocks(q_len: int, kv_len: int, bs: int, device, keep: torch.Tensor | None = None) -> BlockMask:
+    """The causal rule (query i sees keys j <= i + kv_len - q_len), optionally only inside the blocks
+    ``keep`` [nq, nk] selects, without asking the rule about every pair: a block is visited if its
+    last query sees its first key, full if its first query sees its last key, and only the partial
+    blocks in between (a band along the diagonal) get their elements evaluated."""
+    offset = kv_len - q_len
+    nq, nk = math.ceil(q_len / bs), math.ceil(kv_len / bs)
+    qb = torch.arange(nq, device=device)[:, None]
+    kb = torch.arange(nk, device=device)[None, :]
+    last_q = torch.clamp((qb + 1) * bs, max=q_len) - 1
+    last_k = torch.clamp((kb + 1) * bs, max=kv_len) - 1
+    visit = kb * bs <= last_q + offset
+    full = last_k <= qb * bs + offset
+    if keep is not None:
+        visit, full = visit & keep, full & keep
+    part_q, part_k = (visit & ~full).nonzero(as_tuple=True)  # row-major, as _assemble numbers tiles
+    offs = torch.arange(bs, device=device)
+    i = part_q[:, None, None] * bs + offs[None, :, None]  # [n_partial, bs, 1]
+    j = part_k[:, None, None] * bs + offs[None, None, :]  # [n_partial, 1, bs]
+    tiles = (j <= i + offset) & (i < q_len) & (j < kv_len)
+    return _assemble(q_len, kv_len, bs, visit, full, tiles)
 
 
 def _visits(visit: torch.Tensor, partial: torch.Tensor, tile_id: torch.Tensor):
@@ -192,8 +231,10 @@ def _visits(visit: torch.Tensor, partial: torch.Tensor, tile_id: torch.Tensor):
 def causal(q_len: int, kv_len: int | None = None, block_size: int = 64, device=None) -> BlockMask:
     """Query i sees keys j <= i + kv_len - q_len (bottom-right aligned, as ``flash_attention``)."""
     kv_len = q_len if kv_len is None else kv_len
-    offset = _check_len("kv_len", kv_len) - _check_len("q_len", q_len)
-    return from_mask_fn(lambda i, j: j <= i + offset, q_len, kv_len, block_size, device)
+    q_len, kv_len = _check_len("q_len", q_len), _check_len("kv_len", kv_len)
+    bs = _check_block_size(block_size)
+    dev = torch.device(device) if device is not None else _backend_device()
+    return _causal_blocks(q_len, kv_len, bs, dev)
 
 
 def _check_positive(name: str, value) -> int:
@@ -354,12 +395,11 @@ def xattention(q: torch.Tensor, k: torch.Tensor, stride: int = 8, threshold: flo
     on the backend's device (``mk.device()``): the scoring and the ranking run in Triton."""
     keep = xattention_blocks(q, k, stride, threshold, block_size, causal)
     n_q, n_k = q.shape[2], k.shape[2]
-    offset = n_k - n_q
-
-    def rule(i, j):
-        chosen = keep[(i // block_size).clamp(max=keep.shape[0] - 1), (j // block_size).clamp(max=keep.shape[1] - 1)]
-        return chosen & (j <= i + offset) if causal else chosen
-    return from_mask_fn(rule, n_q, n_k, block_size, q.device)
+    if causal:  # the kept blocks, with the causal rule's elements: only the diagonal band is evaluated
+        return _causal_blocks(n_q, n_k, block_size, q.device, keep=keep)
+    # every element of a kept block is visible: all of them are full, no tiles
+    return _assemble(n_q, n_k, block_size, keep, keep, torch.zeros((0, block_size, block_size), dtype=torch.bool,
+                                                                    device=q.device))
 
 
 def xattention_blocks(q: torch.Tensor, k: torch.Tensor, stride: int = 8, threshold: float = 0.9,

@@ -66,6 +66,49 @@ def test_empty_sequences():
         assert torch.all(bm.kv_indices == -1) and torch.all(bm.q_indices == -1)
 
 
+@pytest.mark.parametrize("rows_at_once", [1, 2, 3])
+def test_rule_evaluated_a_few_query_block_rows_at_a_time(monkeypatch, rows_at_once):
+    """from_mask_fn asks its rule about groups of query-block rows (RULE_ELEMENTS pairs at a time):
+    every grouping, a ragged last group included, gives the mask and lists of one evaluation."""
+    q_len, kv_len, bs = 150, 90, 16  # 10 query-block rows of 6 key blocks
+    gen = torch.Generator().manual_seed(3)
+    dense = (torch.rand(q_len, kv_len, generator=gen) < 0.2).to(mk.device())
+    dense[:, :20] |= torch.ones(q_len, 20, dtype=torch.bool, device=dense.device).tril()[:, :20]  # full blocks too
+    whole = masks.from_dense(dense, block_size=bs)
+    monkeypatch.setattr(masks, "RULE_ELEMENTS", rows_at_once * bs * 6 * bs)
+    grouped = masks.from_dense(dense, block_size=bs)
+    check_structure(grouped, dense)
+    for name in FIELDS:
+        assert torch.equal(getattr(grouped, name), getattr(whole, name)), name
+
+
+FIELDS = ("kv_indices", "kv_counts", "partial", "tile_index", "tiles", "q_indices", "q_counts", "q_partial",
+          "q_tile_index")
+
+
+@pytest.mark.parametrize("q_len,kv_len,bs", [(100, 100, 16), (64, 200, 16), (200, 64, 32), (1, 1, 16),
+                                             (17, 33, 16), (0, 40, 16), (130, 130, 64)])
+def test_causal_block_structure_without_evaluating_every_pair(q_len, kv_len, bs):
+    """causal (and xattention) classify blocks as empty, full or partial by their corners and
+    evaluate only the partial ones: the same BlockMask, field by field, as asking the rule about
+    every pair through from_mask_fn; likewise inside a random selection of blocks (xattention)."""
+    offset = kv_len - q_len
+    generic = masks.from_mask_fn(lambda i, j: j <= i + offset, q_len, kv_len, block_size=bs)
+    fast = masks.causal(q_len, kv_len, block_size=bs)
+    for name in FIELDS:
+        assert torch.equal(getattr(fast, name), getattr(generic, name)), name
+    gen = torch.Generator().manual_seed(q_len + kv_len)
+    keep = (torch.rand(generic.n_q_blocks, generic.n_kv_blocks, generator=gen) < 0.5).to(mk.device())
+    rule = lambda i, j: (keep[(i // bs).clamp(max=max(keep.shape[0] - 1, 0)), (j // bs).clamp(max=keep.shape[1] - 1)]
+                         & (j <= i + offset))
+    generic = masks.from_mask_fn(rule, q_len, kv_len, block_size=bs)
+    fast = masks._causal_blocks(q_len, kv_len, bs, mk.device(), keep=keep)
+    if q_len:  # (check_structure's density needs a block; the field comparison covers q_len = 0)
+        check_structure(fast, element(rule, q_len, kv_len))
+    for name in FIELDS:
+        assert torch.equal(getattr(fast, name), getattr(generic, name)), name
+
+
 @pytest.mark.parametrize("q_len,kv_len", [(100, 100), (64, 200), (200, 64), (1, 1), (17, 33)])
 def test_causal(q_len, kv_len):
     bm = masks.causal(q_len, kv_len, block_size=16)
