@@ -25,6 +25,10 @@ the gradient of the state leaving it):
     _la_dqdk    (parallel):    dQ_c = (dO V^T * M) K + exp(b) dO S_c^T
                                dK_c = (dO V^T * M)^T Q + exp(b_C - b) V dS_c^T
 
+With per-step value weights w (how mk.ssd passes its step sizes), the values are w_t v_t: the
+forward folds w into the factor exp(b_C - b) of _la_states and into the columns of Q K^T * M in
+_la_out; the backward builds w * V once and runs the kernels above on it.
+
 The states cost B*H*(N/C)*Dk*Dv values of memory (written once, read once), and buy parallelism over
 chunks: the sequential passes do one small product per chunk, the rest runs on every chunk at once.
 The backward recomputes the states rather than keeping them from the forward.
