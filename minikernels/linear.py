@@ -517,7 +517,7 @@ FWD_TILES = {"states": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3},
              "out_weighted": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 3}}
 
 
-def _decay_args(g, q):
+def _per_step_args(g, q):
     # (tensor, strides, present) for the kernels, of a [B, H, N] input: the log-decay or the value
     # weights; a dummy when there is none
     if g is None:
@@ -544,8 +544,8 @@ def _chunk_states(k, v, g, s0, chunk: int, want_final: bool, w=None):
     n_seg = triton.cdiv(nt, seg_chunks)  # as the kernel counts them
     hs = empty((B * H, nt, DK, DV), dtype=k.dtype, device=k.device)
     s_end = empty((B, H, DK, DV), dtype=torch.float32, device=k.device) if want_final else hs
-    gt, gs, has_decay = _decay_args(g, k)
-    wt, ws, has_w = _decay_args(w, k)
+    gt, gs, has_decay = _per_step_args(g, k)
+    wt, ws, has_w = _per_step_args(w, k)
     grid = (triton.cdiv(DK, bk), triton.cdiv(DV, bv), B * H * n_seg)
     args = (*k.stride(), *v.stride(), *gs, *ws, H, N, DK, DV, nt, seg_chunks)
     opts = dict(HAS_DECAY=has_decay, HAS_W=has_w, C=chunk, BK=bk, BV=bv, **_launch_opts(k.dtype, cfg["num_warps"],
@@ -592,8 +592,8 @@ def _forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype, w=None):
     cfg = FWD_TILES["out_weighted" if w is not None else "out_decay" if g is not None else "out"]
     bk, bv = _block(DK, cfg["BK"]), _block(DV, cfg["BV"])
     warps = cfg["num_warps"] if bv * chunk >= 8192 else 4  # 4 warps are enough for small tiles
-    gt, gs, has_decay = _decay_args(g, q)
-    wt, ws, has_w = _decay_args(w, q)
+    gt, gs, has_decay = _per_step_args(g, q)
+    wt, ws, has_w = _per_step_args(w, q)
     _la_out[(triton.cdiv(N, chunk), triton.cdiv(DV, bv), B * H)](
         q, k, v, gt, wt, hs, o, *q.stride(), *k.stride(), *v.stride(), *gs, *ws, *o.stride(), H, N, DK, DV,
         hs.shape[1], HAS_DECAY=has_decay, HAS_W=has_w, C=chunk, BK=bk, BV=bv,
@@ -606,7 +606,7 @@ def _backward(q, k, v, g, s0, do, ds_end, chunk: int):
     DV = v.shape[-1]
     nt = triton.cdiv(N, chunk)
     hs, _ = _chunk_states(k, v, g, s0, chunk, want_final=False)  # recomputed: cheaper than kept
-    gt, gs, has_decay = _decay_args(g, q)
+    gt, gs, has_decay = _per_step_args(g, q)
     dhs = empty(hs.shape, dtype=hs.dtype, device=q.device)
     ds0 = empty((B, H, DK, DV), dtype=torch.float32, device=q.device)
     bk, bv = _block(DK, 64), _block(DV, 64)
