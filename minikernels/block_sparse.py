@@ -7,9 +7,12 @@ and the bytes scale with the mask's density instead of with N^2:
     forward and dQ:  for each query block i, for t < kv_counts[i]: key block kv_indices[i, t]
     dK, dV:          for each key block j,   for t < q_counts[j]:   query block q_indices[j, t]
 
-Blocks marked *full* need no element mask; *partial* blocks load their ``block_size^2`` tile of
-the element mask and apply it. Each row's visits are listed full-first (``BlockMask.kernel_layout``),
-so every kernel runs two loops: an unmasked one the compiler can pipeline, then a masked one. The
+Blocks marked *full* need no element mask; *partial* blocks apply their ``block_size^2`` tile of
+the element mask. Most partial tiles of real masks are diagonal bands (the causal diagonal, the far
+edge of a sliding window): lo <= c - r <= hi at row r, column c of the tile, which the kernels draw
+from two numbers instead of reading the tile; the others are read (from L2, mostly). Each row's visits
+are listed full first, then band tiles, then the rest (``BlockMask.kernel_layout``), so every kernel
+runs three loops: an unmasked one the compiler can pipeline, one that draws bands, one that reads tiles. The
 kernels' tiles are cut from the mask's blocks (16 to 128), so a mask and the kernel can never disagree
 about where blocks start: each visited block is streamed in pieces of STREAM keys (or, for dK/dV,
 query rows), and a program may keep a SUB-row (SUB-key) part of a block resident. A query that
@@ -63,7 +66,7 @@ def _tma_rows(desc, b, h, row0, STREAM: tl.constexpr, HEAD_DIM: tl.constexpr):
 
 @triton.jit
 def _bs_fwd_loop(acc, l_i, m_i, q, k_src, v_src, b, hk, stride_kn, stride_kd, stride_vn, stride_vd,
-                 kv_idx, tile_idx, TILES, sub_row, lo, hi, Nk, d_ok,
+                 kv_idx, tile_idx, TILES, TILE_LO, TILE_HI, sub_row, lo, hi, Nk, d_ok,
                  qk_scale, MASKED: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr, BLOCK: tl.constexpr,
                  SUB: tl.constexpr, STREAM: tl.constexpr, DOT_PREC: tl.constexpr):
     # visits lo..hi of this query block's list, each key block streamed as BLOCK // STREAM pieces of
@@ -82,7 +85,11 @@ def _bs_fwd_loop(acc, l_i, m_i, q, k_src, v_src, b, hk, stride_kn, stride_kd, st
             kt = _load_cols(k_src, cols, stride_kn, stride_kd, Nk, d_ok, EVEN)  # read STREAM*D
             v = _load_rows(v_src, cols, stride_vn, stride_vd, Nk, d_ok, EVEN)  # read STREAM*D
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
-        if MASKED:  # a partial block: its element mask (read BLOCK*STREAM bytes, mostly from L2)
+        if MASKED == 1:  # a band tile, lo <= c - r <= hi: drawn from two numbers, nothing to read
+            tid = tl.load(tile_idx + t // PER)
+            c_r = piece[None, :] - offs_m[:, None]
+            s = tl.where((c_r >= tl.load(TILE_LO + tid)) & (c_r <= tl.load(TILE_HI + tid)), s, float("-inf"))
+        if MASKED == 2:  # any other partial block: its element mask (read BLOCK*STREAM bytes, mostly from L2)
             tile = tl.load(TILES + tl.load(tile_idx + t // PER).to(tl.int64) * BLOCK * BLOCK
                            + offs_m[:, None] * BLOCK + piece[None, :])
             s = tl.where(tile != 0, s, float("-inf"))
@@ -102,7 +109,7 @@ def _bs_fwd_loop(acc, l_i, m_i, q, k_src, v_src, b, hk, stride_kn, stride_kd, st
 
 
 @triton.jit
-def _bs_fwd(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, TILE_IDX, TILES,
+def _bs_fwd(Q, K, V, O, LSE, ORDER, KV_IDX, KV_CNT, KV_FULL, KV_BAND, TILE_IDX, TILES, TILE_LO, TILE_HI,
             stride_qb, stride_qh, stride_qn, stride_qd,
             stride_kb, stride_kh, stride_kn, stride_kd,
             stride_vb, stride_vh, stride_vn, stride_vd,
@@ -110,8 +117,9 @@ def _bs_fwd(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, TILE_IDX, TILES,
             H, GROUP, Nq, Nk, D, max_visits, qk_scale,
             EVEN: tl.constexpr, TMA: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, STREAM: tl.constexpr,
             HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
-    # one program owns SUB rows of a query block (BLOCK // SUB programs per block)
-    qb = tl.program_id(0) // (BLOCK // SUB)
+    # one program owns SUB rows of a query block (BLOCK // SUB programs per block); blocks are taken
+    # in ORDER, the ones with the most visits first, so that short ones fill the last wave
+    qb = tl.load(ORDER + tl.program_id(0) // (BLOCK // SUB))
     sub_row = tl.program_id(0) % (BLOCK // SUB) * SUB
     bh = tl.program_id(1)
     b = bh // H
@@ -133,14 +141,19 @@ def _bs_fwd(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, TILE_IDX, TILES,
     acc = tl.zeros([SUB, HEAD_DIM], tl.float32)
     kv_idx = KV_IDX + qb * max_visits
     tile_idx = TILE_IDX + qb * max_visits
-    n_full = tl.load(KV_FULL + qb)  # visits [0, n_full) are full blocks, [n_full, n_visits) partial
+    # visits [0, n_full) are full blocks, [n_full, n_band) band tiles, [n_band, n_visits) other partial ones
+    n_full = tl.load(KV_FULL + qb)
+    n_band = tl.load(KV_BAND + qb)
     n_visits = tl.load(KV_CNT + qb)
     acc, l_i, m_i = _bs_fwd_loop(acc, l_i, m_i, q, k_src, v_src, b, hk, stride_kn, stride_kd, stride_vn, stride_vd,
-                                 kv_idx, tile_idx, TILES, sub_row, 0, n_full, Nk, d_ok, qk_scale, False, EVEN, TMA,
-                                 BLOCK, SUB, STREAM, DOT_PREC)
+                                 kv_idx, tile_idx, TILES, TILE_LO, TILE_HI, sub_row, 0, n_full, Nk, d_ok, qk_scale,
+                                 0, EVEN, TMA, BLOCK, SUB, STREAM, DOT_PREC)  # no mask
     acc, l_i, m_i = _bs_fwd_loop(acc, l_i, m_i, q, k_src, v_src, b, hk, stride_kn, stride_kd, stride_vn, stride_vd,
-                                 kv_idx, tile_idx, TILES, sub_row, n_full, n_visits, Nk, d_ok, qk_scale, True, EVEN,
-                                 TMA, BLOCK, SUB, STREAM, DOT_PREC)
+                                 kv_idx, tile_idx, TILES, TILE_LO, TILE_HI, sub_row, n_full, n_band, Nk, d_ok,
+                                 qk_scale, 1, EVEN, TMA, BLOCK, SUB, STREAM, DOT_PREC)  # band tiles
+    acc, l_i, m_i = _bs_fwd_loop(acc, l_i, m_i, q, k_src, v_src, b, hk, stride_kn, stride_kd, stride_vn, stride_vd,
+                                 kv_idx, tile_idx, TILES, TILE_LO, TILE_HI, sub_row, n_band, n_visits, Nk, d_ok,
+                                 qk_scale, 2, EVEN, TMA, BLOCK, SUB, STREAM, DOT_PREC)  # other tiles
     empty_row = l_i == 0.0
     out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
     lse = tl.where(empty_row, float("-inf"), (m_i + tl.log2(tl.where(empty_row, 1.0, l_i))) * 0.6931471805599453)
@@ -151,7 +164,7 @@ def _bs_fwd(Q, K, V, O, LSE, KV_IDX, KV_CNT, KV_FULL, TILE_IDX, TILES,
 
 @triton.jit
 def _bs_dq_loop(dq, q, do, lse, delta, k_src, v_src, b, hk, stride_kn, stride_kd, stride_vn, stride_vd,
-                kv_idx, tile_idx, TILES, sub_row, lo, hi, Nk, d_ok, qk_scale,
+                kv_idx, tile_idx, TILES, TILE_LO, TILE_HI, sub_row, lo, hi, Nk, d_ok, qk_scale,
                 MASKED: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr, BLOCK: tl.constexpr,
                 SUB: tl.constexpr, STREAM: tl.constexpr, DOT_PREC: tl.constexpr):
     PER: tl.constexpr = BLOCK // STREAM  # pieces of STREAM keys per visited key block, as in the forward
@@ -168,7 +181,11 @@ def _bs_dq_loop(dq, q, do, lse, delta, k_src, v_src, b, hk, stride_kn, stride_kd
             kt = _load_cols(k_src, cols, stride_kn, stride_kd, Nk, d_ok, EVEN)  # K^T [D, STREAM]
             vt = _load_cols(v_src, cols, stride_vn, stride_vd, Nk, d_ok, EVEN)  # V^T [D, STREAM]
         p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale - lse[:, None])  # [SUB rows, STREAM keys]
-        if MASKED:
+        if MASKED == 1:  # a band tile, lo <= c - r <= hi
+            tid = tl.load(tile_idx + t // PER)
+            c_r = piece[None, :] - offs_m[:, None]
+            p = tl.where((c_r >= tl.load(TILE_LO + tid)) & (c_r <= tl.load(TILE_HI + tid)), p, 0.0)
+        if MASKED == 2:
             tile = tl.load(TILES + tl.load(tile_idx + t // PER).to(tl.int64) * BLOCK * BLOCK
                            + offs_m[:, None] * BLOCK + piece[None, :])
             p = tl.where(tile != 0, p, 0.0)
@@ -180,7 +197,8 @@ def _bs_dq_loop(dq, q, do, lse, delta, k_src, v_src, b, hk, stride_kn, stride_kd
 
 
 @triton.jit
-def _bs_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, KV_IDX, KV_CNT, KV_FULL, TILE_IDX, TILES,
+def _bs_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, ORDER, KV_IDX, KV_CNT, KV_FULL, KV_BAND, TILE_IDX, TILES, TILE_LO,
+               TILE_HI,
                stride_qb, stride_qh, stride_qn, stride_qd,
                stride_kb, stride_kh, stride_kn, stride_kd,
                stride_vb, stride_vh, stride_vn, stride_vd,
@@ -191,8 +209,8 @@ def _bs_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, KV_IDX, KV_CNT, KV_FULL, TILE_IDX
                EVEN: tl.constexpr, TMA: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
                STREAM: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
     # one program owns SUB rows of a query block (BLOCK // SUB programs per block): a smaller
-    # accumulator than the whole block, so the backward's five tiles fit in registers
-    qb = tl.program_id(0) // (BLOCK // SUB)
+    # accumulator than the whole block, so the backward's five tiles fit in registers. Longest first.
+    qb = tl.load(ORDER + tl.program_id(0) // (BLOCK // SUB))
     sub_row = tl.program_id(0) % (BLOCK // SUB) * SUB
     bh = tl.program_id(1)
     b = bh // H
@@ -223,21 +241,25 @@ def _bs_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, KV_IDX, KV_CNT, KV_FULL, TILE_IDX
     dq = tl.zeros([SUB, HEAD_DIM], tl.float32)
     kv_idx = KV_IDX + qb * max_visits
     tile_idx = TILE_IDX + qb * max_visits
-    n_full = tl.load(KV_FULL + qb)
+    n_full = tl.load(KV_FULL + qb)  # full visits, then band tiles, then other partial ones
+    n_band = tl.load(KV_BAND + qb)
     n_visits = tl.load(KV_CNT + qb)
     dq = _bs_dq_loop(dq, q, do, lse, delta, k_src, v_src, b, hk, stride_kn, stride_kd, stride_vn, stride_vd,
-                     kv_idx, tile_idx, TILES, sub_row, 0, n_full, Nk, d_ok, qk_scale, False, EVEN, TMA, BLOCK, SUB,
-                     STREAM, DOT_PREC)
+                     kv_idx, tile_idx, TILES, TILE_LO, TILE_HI, sub_row, 0, n_full, Nk, d_ok, qk_scale, 0, EVEN, TMA,
+                     BLOCK, SUB, STREAM, DOT_PREC)
     dq = _bs_dq_loop(dq, q, do, lse, delta, k_src, v_src, b, hk, stride_kn, stride_kd, stride_vn, stride_vd,
-                     kv_idx, tile_idx, TILES, sub_row, n_full, n_visits, Nk, d_ok, qk_scale, True, EVEN, TMA, BLOCK,
-                     SUB, STREAM, DOT_PREC)
+                     kv_idx, tile_idx, TILES, TILE_LO, TILE_HI, sub_row, n_full, n_band, Nk, d_ok, qk_scale, 1, EVEN,
+                     TMA, BLOCK, SUB, STREAM, DOT_PREC)
+    dq = _bs_dq_loop(dq, q, do, lse, delta, k_src, v_src, b, hk, stride_kn, stride_kd, stride_vn, stride_vd,
+                     kv_idx, tile_idx, TILES, TILE_LO, TILE_HI, sub_row, n_band, n_visits, Nk, d_ok, qk_scale, 2,
+                     EVEN, TMA, BLOCK, SUB, STREAM, DOT_PREC)
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None] * stride_dqn
              + offs_d[None, :] * stride_dqd, (dq * scale).to(DQ.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _bs_dkdv_loop(dk, dv, k, v, q_src, do_src, b, h, lse_base, delta_base, stride_qn, stride_qd, stride_don,
-                  stride_dod, q_idx, tile_idx, TILES, sub_col, lo, hi, Nq, d_ok, qk_scale,
+                  stride_dod, q_idx, tile_idx, TILES, TILE_LO, TILE_HI, sub_col, lo, hi, Nq, d_ok, qk_scale,
                   MASKED: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr, BLOCK: tl.constexpr,
                   SUB: tl.constexpr, STREAM: tl.constexpr, DOT_PREC: tl.constexpr):
     PER: tl.constexpr = BLOCK // STREAM  # pieces of STREAM query rows per visited query block
@@ -258,7 +280,11 @@ def _bs_dkdv_loop(dk, dv, k, v, q_src, do_src, b, h, lse_base, delta_base, strid
         lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         pt = tl.exp2(tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale - lse[None, :])  # P^T [SUB, STREAM]
-        if MASKED:
+        if MASKED == 1:  # a band tile, lo <= c - r <= hi (c: this program's keys, r: the streamed rows)
+            tid = tl.load(tile_idx + t // PER)
+            c_r = offs_n[:, None] - piece[None, :]
+            pt = tl.where((c_r >= tl.load(TILE_LO + tid)) & (c_r <= tl.load(TILE_HI + tid)), pt, 0.0)
+        if MASKED == 2:
             tile = tl.load(TILES + tl.load(tile_idx + t // PER).to(tl.int64) * BLOCK * BLOCK
                            + piece[None, :] * BLOCK + offs_n[:, None])  # the tile, transposed
             pt = tl.where(tile != 0, pt, 0.0)
@@ -269,7 +295,8 @@ def _bs_dkdv_loop(dk, dv, k, v, q_src, do_src, b, h, lse_base, delta_base, strid
 
 
 @triton.jit
-def _bs_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, Q_IDX, Q_CNT, Q_FULL, Q_TILE_IDX, TILES,
+def _bs_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, ORDER, Q_IDX, Q_CNT, Q_FULL, Q_BAND, Q_TILE_IDX, TILES, TILE_LO,
+                 TILE_HI,
                  stride_qb, stride_qh, stride_qn, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
@@ -279,8 +306,8 @@ def _bs_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, Q_IDX, Q_CNT, Q_FULL, Q_TILE_I
                  H, HKV, GROUP, Nq, Nk, D, max_visits, scale, qk_scale,
                  EVEN: tl.constexpr, TMA: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
                  STREAM: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
-    # one program owns SUB keys of a key block (BLOCK // SUB programs per block), as in the dQ kernel
-    kb = tl.program_id(0) // (BLOCK // SUB)
+    # one program owns SUB keys of a key block (BLOCK // SUB programs per block), longest first
+    kb = tl.load(ORDER + tl.program_id(0) // (BLOCK // SUB))
     sub_col = tl.program_id(0) % (BLOCK // SUB) * SUB
     bhk = tl.program_id(1)
     b = bhk // HKV
@@ -297,7 +324,8 @@ def _bs_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, Q_IDX, Q_CNT, Q_FULL, Q_TILE_I
     dv = tl.zeros([SUB, HEAD_DIM], tl.float32)
     q_idx = Q_IDX + kb * max_visits
     tile_idx = Q_TILE_IDX + kb * max_visits
-    n_full = tl.load(Q_FULL + kb)
+    n_full = tl.load(Q_FULL + kb)  # full visits, then band tiles, then other partial ones
+    n_band = tl.load(Q_BAND + kb)
     n_visits = tl.load(Q_CNT + kb)
     for g in range(0, GROUP):  # every query head that reads this k/v head
         h = hk * GROUP + g
@@ -309,11 +337,14 @@ def _bs_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, Q_IDX, Q_CNT, Q_FULL, Q_TILE_I
         lse_base = LSE + (b * H + h).to(tl.int64) * Nq
         delta_base = DELTA + (b * H + h).to(tl.int64) * Nq
         dk, dv = _bs_dkdv_loop(dk, dv, k, v, q_src, do_src, b, h, lse_base, delta_base, stride_qn, stride_qd,
-                               stride_don, stride_dod, q_idx, tile_idx, TILES, sub_col, 0, n_full, Nq, d_ok,
-                               qk_scale, False, EVEN, TMA, BLOCK, SUB, STREAM, DOT_PREC)
+                               stride_don, stride_dod, q_idx, tile_idx, TILES, TILE_LO, TILE_HI, sub_col, 0, n_full,
+                               Nq, d_ok, qk_scale, 0, EVEN, TMA, BLOCK, SUB, STREAM, DOT_PREC)
         dk, dv = _bs_dkdv_loop(dk, dv, k, v, q_src, do_src, b, h, lse_base, delta_base, stride_qn, stride_qd,
-                               stride_don, stride_dod, q_idx, tile_idx, TILES, sub_col, n_full, n_visits, Nq,
-                               d_ok, qk_scale, True, EVEN, TMA, BLOCK, SUB, STREAM, DOT_PREC)
+                               stride_don, stride_dod, q_idx, tile_idx, TILES, TILE_LO, TILE_HI, sub_col, n_full,
+                               n_band, Nq, d_ok, qk_scale, 1, EVEN, TMA, BLOCK, SUB, STREAM, DOT_PREC)
+        dk, dv = _bs_dkdv_loop(dk, dv, k, v, q_src, do_src, b, h, lse_base, delta_base, stride_qn, stride_qd,
+                               stride_don, stride_dod, q_idx, tile_idx, TILES, TILE_LO, TILE_HI, sub_col, n_band,
+                               n_visits, Nq, d_ok, qk_scale, 2, EVEN, TMA, BLOCK, SUB, STREAM, DOT_PREC)
     tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + cols[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkd, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + cols[:, None] * stride_dvn
@@ -373,7 +404,8 @@ def _forward(q, k, v, bm: BlockMask, scale: float, cfg: dict | None = None):
     cfg = cfg or _config("fwd", bm.block_size, D, q.element_size())
     cfg, (k_src, v_src) = _sources(cfg, cfg["STREAM"], _head_dim_pad(D), k, v)
     _bs_fwd[(bm.n_q_blocks * (bm.block_size // cfg["SUB"]), B * H)](
-        q, k_src, v_src, o, lse, lay["kv_indices"], bm.kv_counts, lay["kv_full"], lay["tile_index"], lay["tiles"],
+        q, k_src, v_src, o, lse, lay["q_order"], lay["kv_indices"], bm.kv_counts, lay["kv_full"], lay["kv_band_end"],
+        lay["tile_index"], lay["tiles"], lay["tile_lo"], lay["tile_hi"],
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, H // HKV, Nq, Nk, D, bm.kv_indices.shape[1],
         scale * LOG2E, EVEN=_even(bm, D), BLOCK=bm.block_size, HEAD_DIM=_head_dim_pad(D), **cfg,
         **dot_options(q.dtype))
@@ -395,19 +427,19 @@ def _backward(q, k, v, o, lse, do, bm: BlockMask, scale: float, dq_cfg: dict | N
     cfg = dq_cfg or _config("dq", bs, D, q.element_size())
     cfg, (k_src, v_src) = _sources(cfg, cfg["STREAM"], pad, k, v)
     _bs_bwd_dq[(bm.n_q_blocks * (bs // cfg["SUB"]), B * H)](
-        q, k_src, v_src, o, do, dq, lse, delta, lay["kv_indices"], bm.kv_counts, lay["kv_full"],
-        lay["tile_index"], lay["tiles"], *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
-        H, H // HKV, Nq, Nk, D, bm.kv_indices.shape[1], scale, scale * LOG2E,
-        EVEN=_even(bm, D), BLOCK=bs, HEAD_DIM=pad, **cfg, **dot_options(q.dtype))
+        q, k_src, v_src, o, do, dq, lse, delta, lay["q_order"], lay["kv_indices"], bm.kv_counts, lay["kv_full"],
+        lay["kv_band_end"], lay["tile_index"], lay["tiles"], lay["tile_lo"], lay["tile_hi"], *q.stride(), *k.stride(),
+        *v.stride(), *o.stride(), *do.stride(), *dq.stride(), H, H // HKV, Nq, Nk, D, bm.kv_indices.shape[1], scale,
+        scale * LOG2E, EVEN=_even(bm, D), BLOCK=bs, HEAD_DIM=pad, **cfg, **dot_options(q.dtype))
     if bm.n_kv_blocks == 0:  # no keys: dK and dV are empty
         return dq, dk, dv
     cfg = dkdv_cfg or _config("dkdv", bs, D, q.element_size())
     cfg, (q_src, do_src) = _sources(cfg, cfg["STREAM"], pad, q, do)
     _bs_bwd_dkdv[(bm.n_kv_blocks * (bs // cfg["SUB"]), B * HKV)](
-        q_src, k, v, do_src, dk, dv, lse, delta, lay["q_indices"], bm.q_counts, lay["q_full"], lay["q_tile_index"],
-        lay["tiles"], *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        H, HKV, H // HKV, Nq, Nk, D, bm.q_indices.shape[1], scale, scale * LOG2E,
-        EVEN=_even(bm, D), BLOCK=bs, HEAD_DIM=pad, **cfg, **dot_options(q.dtype))
+        q_src, k, v, do_src, dk, dv, lse, delta, lay["kv_order"], lay["q_indices"], bm.q_counts, lay["q_full"],
+        lay["q_band_end"], lay["q_tile_index"], lay["tiles"], lay["tile_lo"], lay["tile_hi"], *q.stride(), *k.stride(),
+        *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), H, HKV, H // HKV, Nq, Nk, D, bm.q_indices.shape[1],
+        scale, scale * LOG2E, EVEN=_even(bm, D), BLOCK=bs, HEAD_DIM=pad, **cfg, **dot_options(q.dtype))
     return dq, dk, dv
 
 

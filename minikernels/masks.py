@@ -84,14 +84,23 @@ class BlockMask:
 
     @functools.cached_property
     def kernel_layout(self) -> dict[str, torch.Tensor]:
-        """The visits as the kernels read them, computed once per mask: each row lists its full blocks
-        before its partial ones, with the count of full ones, so a kernel runs one loop without the
-        element mask and one with it (a branch inside a single loop would keep Triton from pipelining
-        its loads), and tiles as uint8."""
-        kv_idx, kv_full, kv_tile = _full_first(self.kv_indices, self.kv_counts, self.partial, self.tile_index)
-        q_idx, q_full, q_tile = _full_first(self.q_indices, self.q_counts, self.q_partial, self.q_tile_index)
-        return {"kv_indices": kv_idx, "kv_full": kv_full, "tile_index": kv_tile,
-                "q_indices": q_idx, "q_full": q_full, "q_tile_index": q_tile, "tiles": self.tiles.to(torch.uint8)}
+        """The visits as the kernels read them, computed once per mask. Each row lists its full blocks
+        first, then its partial blocks whose tile is a diagonal band, then the other partial blocks,
+        with where each group ends (``kv_full``, ``kv_band_end``): a kernel runs one loop without an
+        element mask, one that draws the band from two numbers, and one that reads the tile (a branch
+        inside a single loop would keep Triton from pipelining its loads). Also the order to take the
+        rows (columns) in, longest first; the tiles as uint8; and each tile's band ``tile_lo``,
+        ``tile_hi``: the tile is ``lo <= c - r <= hi`` at row r, column c (meaningful for band tiles)."""
+        is_band, lo, hi = _band_tiles(self.tiles)
+        kv_idx, kv_full, kv_band_end, kv_tile = _visit_order(self.kv_indices, self.kv_counts, self.partial,
+                                                             self.tile_index, is_band)
+        q_idx, q_full, q_band_end, q_tile = _visit_order(self.q_indices, self.q_counts, self.q_partial,
+                                                         self.q_tile_index, is_band)
+        return {"kv_indices": kv_idx, "kv_full": kv_full, "kv_band_end": kv_band_end, "tile_index": kv_tile,
+                "q_order": _longest_first(self.kv_counts),
+                "q_indices": q_idx, "q_full": q_full, "q_band_end": q_band_end, "q_tile_index": q_tile,
+                "kv_order": _longest_first(self.q_counts), "tiles": self.tiles.to(torch.uint8),
+                "tile_lo": lo, "tile_hi": hi}
 
     def to_block_dense(self) -> torch.Tensor:
         """int8 ``[n_q_blocks, n_kv_blocks]``: 0 skipped, 1 partial, 2 full. For drawing."""
@@ -102,14 +111,43 @@ class BlockMask:
         return out
 
 
-def _full_first(indices, counts, partial, tile_index):
-    """Reorder each row's visits full blocks first (stable), and count the full ones."""
+def _longest_first(counts):
+    """int32 row numbers, most visits first (ties in row order). The GPU starts programs in launch
+    order, so a kernel that takes its rows in this order leaves the short ones for the last wave: the
+    longest-processing-time-first rule, which flash.py's causal kernels follow by walking rows backwards."""
+    return torch.argsort(counts, descending=True, stable=True).to(torch.int32)
+
+
+def _band_tiles(tiles: torch.Tensor, group: int = 1024):
+    """For each [bs, bs] tile: whether it is exactly a diagonal band {(r, c): lo <= c - r <= hi}
+    (causal diagonals, sliding-window edges), and lo, hi (int32; from its visible elements)."""
+    n, bs = tiles.shape[0], tiles.shape[-1]
+    dev = tiles.device
+    is_band = torch.zeros(n, dtype=torch.bool, device=dev)
+    lo, hi = (torch.zeros(n, dtype=torch.int32, device=dev) for _ in range(2))
+    pos = torch.arange(bs, device=dev, dtype=torch.int32)
+    d = pos[None, :] - pos[:, None]  # c - r
+    for i in range(0, n, group):  # a group of tiles at a time: the temporaries are [group, bs, bs]
+        t = tiles[i:i + group]
+        lo_g = torch.where(t, d, bs).flatten(1).amin(1)
+        hi_g = torch.where(t, d, -bs).flatten(1).amax(1)
+        band = (d >= lo_g[:, None, None]) & (d <= hi_g[:, None, None])
+        is_band[i:i + group] = (band == t).flatten(1).all(1) & t.flatten(1).any(1)
+        lo[i:i + group], hi[i:i + group] = lo_g, hi_g
+    return is_band, lo, hi
+
+
+def _visit_order(indices, counts, partial, tile_index, is_band):
+    """Reorder each row's visits (stably) full blocks first, then band tiles, then other partial
+    blocks; return them with where the full ones and the band ones end."""
     slot = torch.arange(indices.shape[1], device=indices.device)[None, :]
     valid = slot < counts[:, None].long()
-    key = torch.where(valid, partial.to(torch.int32), 2)  # full 0, partial 1, padding 2
-    order = torch.sort(key, dim=1, stable=True).indices
+    band = partial & is_band[tile_index.clamp(min=0).long()] if is_band.numel() else torch.zeros_like(partial)
+    kind = torch.where(partial, torch.where(band, 1, 2), 0)  # full 0, band 1, other partial 2
+    order = torch.sort(torch.where(valid, kind, 3), dim=1, stable=True).indices  # padding last
     n_full = (valid & ~partial).sum(1).to(torch.int32)
-    return indices.gather(1, order).contiguous(), n_full, tile_index.gather(1, order).contiguous()
+    band_end = n_full + (valid & band).sum(1).to(torch.int32)
+    return indices.gather(1, order).contiguous(), n_full, band_end, tile_index.gather(1, order).contiguous()
 
 
 def _check_len(name: str, value) -> int:

@@ -404,3 +404,56 @@ def test_kernel_layout_lists_full_blocks_first():
             if t >= n_full:
                 assert int(lay["tile_index"][qb, t]) == int(bm.tile_index[qb, t0])
     assert int(lay["q_full"].sum()) == int(lay["kv_full"].sum())  # the same full visits, by key block
+
+
+@pytest.mark.parametrize("build", [lambda: masks.causal(100, 200, block_size=16),
+                                   lambda: masks.sliding_window(200, 40, block_size=16),
+                                   lambda: masks.from_dense(torch.rand(130, 90, generator=torch.Generator()
+                                                                       .manual_seed(3)) < 0.2, block_size=16)])
+def test_kernel_layout_orders_rows_longest_first(build):
+    """Each kernel takes its blocks in this order: a permutation, most visits first, ties by number."""
+    bm = build()
+    lay = bm.kernel_layout
+    for order, counts in ((lay["q_order"], bm.kv_counts), (lay["kv_order"], bm.q_counts)):
+        assert order.dtype == torch.int32
+        assert sorted(order.tolist()) == list(range(len(counts)))
+        pairs = [(-int(counts[i]), int(i)) for i in order]
+        assert pairs == sorted(pairs)
+
+
+def test_band_tiles_are_recognized_exactly():
+    """A partial tile the kernels draw from (lo, hi) must equal lo <= c - r <= hi everywhere; any
+    other tile (a column range, a random pattern, an empty or a full one) must be read instead."""
+    bs = 16
+    r = torch.arange(bs)[:, None]
+    c = torch.arange(bs)[None, :]
+    bands = [(c - r >= lo) & (c - r <= hi) for lo, hi in [(0, 0), (-15, 0), (-3, 5), (1, 15), (-15, -4), (-8, 8)]]
+    others = [(c < 5).expand(bs, bs), (r < 3).expand(bs, bs),
+              torch.rand(bs, bs, generator=torch.Generator().manual_seed(0)) < 0.5,
+              torch.zeros(bs, bs, dtype=torch.bool), ((c - r).abs() <= 1) & (c != 7)]
+    is_band, lo, hi = masks._band_tiles(torch.stack(bands + others), group=4)  # several groups
+    assert is_band.tolist() == [True] * len(bands) + [False] * len(others)
+    for t, tile in enumerate(bands):
+        assert torch.equal((c - r >= lo[t]) & (c - r <= hi[t]), tile)
+
+
+@pytest.mark.parametrize("build", [lambda: masks.sliding_window(200, 40, block_size=16),  # ragged: a non-band end
+                                   lambda: masks.a_shape(200, sink=5, window=40, block_size=16),  # sink columns
+                                   lambda: masks.causal(100, 70, block_size=16)])
+def test_kernel_layout_groups_band_tiles(build):
+    """Each row's visits: full blocks, then the partial ones whose tile is a band, then the rest."""
+    bm = build()
+    lay = bm.kernel_layout
+    assert (lay["kv_band_end"] > lay["kv_full"]).any() and (bm.kv_counts > lay["kv_band_end"]).any()  # both kinds
+    for side in ("kv", "q"):
+        counts = bm.kv_counts if side == "kv" else bm.q_counts
+        full = lay["kv_full" if side == "kv" else "q_full"]
+        band_end = lay["kv_band_end" if side == "kv" else "q_band_end"]
+        tile_index = lay["tile_index" if side == "kv" else "q_tile_index"]
+        for i, count in enumerate(counts.tolist()):
+            for t in range(int(full[i]), count):
+                tile = bm.tiles[int(tile_index[i, t])]
+                pos = torch.arange(bm.block_size, device=tile.device)
+                c_r = pos[None, :] - pos[:, None]
+                band = (c_r >= lay["tile_lo"][tile_index[i, t]]) & (c_r <= lay["tile_hi"][tile_index[i, t]])
+                assert torch.equal(band, tile) == (t < int(band_end[i]))
