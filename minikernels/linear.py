@@ -500,8 +500,12 @@ def _block(d: int, most: int) -> int:
     return max(16, min(most, triton.next_power_of_2(d)))  # at least 16: tl.dot's smallest tile
 
 
-def _launch_opts(dtype, num_warps: int = 4, num_stages: int = 2) -> dict:
+def _launch_opts(dtype, num_warps: int = 4, num_stages: int = 2, maxnreg: int | None = None) -> dict:
+    # maxnreg: a cap on registers a thread, applied to 16-bit inputs only (the sweeps that chose it;
+    # float32 tiles hold twice the bytes and would spill under it)
     opts = {"num_warps": num_warps, "num_stages": 1 if is_interpreter() else num_stages}
+    if maxnreg is not None and not is_interpreter() and torch.empty((), dtype=dtype).element_size() == 2:
+        opts["maxnreg"] = maxnreg
     return {**opts, **dot_options(dtype)}
 
 
@@ -511,7 +515,11 @@ def _launch_opts(dtype, num_warps: int = 4, num_stages: int = 2) -> dict:
 # hides the state pass's loads (-21% at 16k without decay); the output pass likes 3 stages without
 # a decay (-3 to -5%) and 2 with one (-1 to -2%). With value weights (SSD: H32 P64 S128, B4 L4k and
 # B1 L16k) it likes 3 stages again: 120 us against 125 with 2 (without weights, 2 stages: 110 us).
-FWD_TILES = {"states": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3},
+# The state pass is latency-bound (ncu at SSD's B4 L4k: 12 warps an SM, 42% of DRAM bandwidth, 143
+# registers a thread); capped at 128 registers it takes 88 us instead of 95 there, 132 instead of 146 at
+# B1 L16k, and the same at linear attention's B4 H16 D128 (2026-11-29). Lower caps spill, and caps on
+# the output pass only slowed it.
+FWD_TILES = {"states": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3, "maxnreg": 128},
              "out": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 3},
              "out_decay": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 2},
              "out_weighted": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 3}}
@@ -549,7 +557,7 @@ def _chunk_states(k, v, g, s0, chunk: int, want_final: bool, w=None):
     grid = (triton.cdiv(DK, bk), triton.cdiv(DV, bv), B * H * n_seg)
     args = (*k.stride(), *v.stride(), *gs, *ws, H, N, DK, DV, nt, seg_chunks)
     opts = dict(HAS_DECAY=has_decay, HAS_W=has_w, C=chunk, BK=bk, BV=bv, **_launch_opts(k.dtype, cfg["num_warps"],
-                                                                          cfg["num_stages"]))
+                                                                          cfg["num_stages"], cfg["maxnreg"]))
     if n_seg == 1:
         _la_states[grid](k, v, gt, wt, s0 if s0 is not None else hs, hs, s_end, hs, *args, HAS_S_IN=s0 is not None,
                          STORE_STATES=True, STORE_FINAL=want_final, STORE_DECAY=False, **opts)
