@@ -517,8 +517,9 @@ def _launch_opts(dtype, num_warps: int = 4, num_stages: int = 2, maxnreg: int | 
 # B1 L16k) it likes 3 stages again: 120 us against 125 with 2 (without weights, 2 stages: 110 us).
 # The state pass is latency-bound (ncu at SSD's B4 L4k: 12 warps an SM, 42% of DRAM bandwidth, 143
 # registers a thread); capped at 128 registers it takes 88 us instead of 95 there, 132 instead of 146 at
-# B1 L16k, and the same at linear attention's B4 H16 D128 (2026-11-29). Lower caps spill, and caps on
-# the output pass only slowed it.
+# B1 L16k, and the same at linear attention's B4 H16 D128 (2026-11-29; forward passes measured; the
+# backward's recomputation of the states runs this kernel with this cap too). Lower caps spill, and
+# caps on the output pass only slowed it.
 FWD_TILES = {"states": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3, "maxnreg": 128},
              "out": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 3},
              "out_decay": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 2},

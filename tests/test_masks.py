@@ -390,7 +390,7 @@ def test_estimator_arguments():
 
 
 def test_kernel_layout_lists_full_blocks_first():
-    """The kernels run one unmasked loop over visits [0, n_full) and one masked loop after it."""
+    """The kernels run one unmasked loop over visits [0, n_full), then the masked loops after it."""
     bm = masks.sliding_window(200, 40, block_size=16)
     lay = bm.kernel_layout
     for qb, count in enumerate(bm.kv_counts.tolist()):
@@ -423,7 +423,9 @@ def test_kernel_layout_orders_rows_longest_first(build):
 
 def test_band_tiles_are_recognized_exactly():
     """A partial tile the kernels draw from (lo, hi) must equal lo <= c - r <= hi everywhere; any
-    other tile (a column range, a random pattern, an empty or a full one) must be read instead."""
+    other tile (a column range, a row range, a random pattern, an empty one, a band with a hole) must
+    be read instead. (An all-true tile would count as the band -(bs-1)..bs-1, which draws it right;
+    the builders never list one as partial.)"""
     bs = 16
     r = torch.arange(bs)[:, None]
     c = torch.arange(bs)[None, :]
