@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ._validate import check_same_device, check_tensor
-from .linear import CHUNK_SIZES, MAX_FEATURE_DIM, _LinearAttention
+from .linear import MAX_FEATURE_DIM, _LinearAttention, check_chunk_size
 
 
 def _expand_groups(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -90,8 +90,7 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
     # their gradients over the group).
     # dt itself goes to the kernels as the values' weights: the forward folds it into factors it
     # computes anyway, instead of a pass over x to build dt * x.
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size not in CHUNK_SIZES:
-        raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     if s > MAX_FEATURE_DIM:
         raise ValueError(f"state size S = {s} exceeds {MAX_FEATURE_DIM}")
     if b * heads * n == 0:  # nothing for the kernels to walk

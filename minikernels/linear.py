@@ -496,6 +496,12 @@ CHUNK_SIZES = (16, 32, 64, 128)
 MAX_FEATURE_DIM = 1024
 
 
+def check_chunk_size(chunk_size) -> None:
+    # the kernels' chunk is a tile of tl.dot and a constexpr: one of a few powers of two
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size!r}")
+
+
 def _block(d: int, most: int) -> int:
     return max(16, min(most, triton.next_power_of_2(d)))  # at least 16: tl.dot's smallest tile
 
@@ -752,8 +758,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: t
     check_same_device(q=q, k=k, v=v, decay=decay, initial_state=initial_state)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size not in CHUNK_SIZES:
-        raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     for name, flag in (("normalize", normalize), ("return_state", return_state)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")

@@ -7,8 +7,9 @@ mask to apply) or *partial* (some visible: apply the element mask inside the til
 no element of which is visible is never visited: that is where sparsity turns into speed.
 
 ``BlockMask`` is that data structure. Builders evaluate their element rule a few block rows at a
-time (never the whole ``q_len x kv_len`` matrix at once) through ``from_mask_fn``; ``causal`` and
-``xattention`` know which of their blocks are empty or full, and evaluate only the diagonal band.
+time (never the whole ``q_len x kv_len`` matrix at once) through ``from_mask_fn``; ``causal``,
+``sliding_window`` and ``xattention`` know which of their blocks are empty or full, and evaluate only
+the partial blocks along the diagonal.
 One mask serves every batch and head.
 """
 
@@ -226,27 +227,35 @@ def _assemble(q_len: int, kv_len: int, bs: int, visit: torch.Tensor, full: torch
                      q_indices, q_counts, q_partial, q_tile)
 
 
-def _causal_blocks(q_len: int, kv_len: int, bs: int, device, keep: torch.Tensor | None = None) -> BlockMask:
-    """The causal rule (query i sees keys j <= i + kv_len - q_len), optionally only inside the blocks
-    ``keep`` [nq, nk] selects, without asking the rule about every pair: a block is visited if its
-    last query sees its first key, full if its first query sees its last key, and only the partial
-    blocks in between (a band along the diagonal) get their elements evaluated."""
-    offset = kv_len - q_len
+def _band_blocks(q_len: int, kv_len: int, bs: int, device, lo: int, hi: int,
+                 keep: torch.Tensor | None = None) -> BlockMask:
+    """The rule lo <= j - i <= hi (query i, key j), optionally only inside the blocks ``keep`` [nq, nk]
+    selects, without asking the rule about every pair. Over a block the differences j - i run without
+    gaps from (first key - last query) to (last key - first query): the block is visited if that range
+    meets [lo, hi], full if it lies inside, and only the partial blocks (bands along the diagonals)
+    get their elements evaluated. Causal masks and sliding windows are such bands."""
     nq, nk = math.ceil(q_len / bs), math.ceil(kv_len / bs)
     qb = torch.arange(nq, device=device)[:, None]
     kb = torch.arange(nk, device=device)[None, :]
     last_q = torch.clamp((qb + 1) * bs, max=q_len) - 1
     last_k = torch.clamp((kb + 1) * bs, max=kv_len) - 1
-    visit = kb * bs <= last_q + offset
-    full = last_k <= qb * bs + offset
+    least, most = kb * bs - last_q, last_k - qb * bs  # the smallest and largest j - i in the block
+    visit = (most >= lo) & (least <= hi)
+    full = (least >= lo) & (most <= hi)
     if keep is not None:
         visit, full = visit & keep, full & keep
     part_q, part_k = (visit & ~full).nonzero(as_tuple=True)  # row-major, as _assemble numbers tiles
     offs = torch.arange(bs, device=device)
     i = part_q[:, None, None] * bs + offs[None, :, None]  # [n_partial, bs, 1]
     j = part_k[:, None, None] * bs + offs[None, None, :]  # [n_partial, 1, bs]
-    tiles = (j <= i + offset) & (i < q_len) & (j < kv_len)
+    tiles = (j - i >= lo) & (j - i <= hi) & (i < q_len) & (j < kv_len)
     return _assemble(q_len, kv_len, bs, visit, full, tiles)
+
+
+def _causal_blocks(q_len: int, kv_len: int, bs: int, device, keep: torch.Tensor | None = None) -> BlockMask:
+    """The causal rule (query i sees keys j <= i + kv_len - q_len) as a band: j - i from -q_len (below
+    any pair) to kv_len - q_len."""
+    return _band_blocks(q_len, kv_len, bs, device, -q_len, kv_len - q_len, keep)
 
 
 def _visits(visit: torch.Tensor, partial: torch.Tensor, tile_id: torch.Tensor):
@@ -284,9 +293,11 @@ def _check_positive(name: str, value) -> int:
 def sliding_window(q_len: int, window: int, causal: bool = True, block_size: int = 64, device=None) -> BlockMask:
     """Query i sees keys j with i - window < j <= i (causal), or |i - j| < window (not causal)."""
     w = _check_positive("window", window)
-    if causal:
-        return from_mask_fn(lambda i, j: (j <= i) & (j > i - w), q_len, q_len, block_size, device)
-    return from_mask_fn(lambda i, j: (j - i).abs() < w, q_len, q_len, block_size, device)
+    q_len = _check_len("q_len", q_len)
+    bs = _check_block_size(block_size)
+    dev = torch.device(device) if device is not None else _backend_device()
+    # a band of j - i: [1 - w, 0] (causal) or [1 - w, w - 1]; built block by block (_band_blocks)
+    return _band_blocks(q_len, q_len, bs, dev, 1 - w, 0 if causal else w - 1)
 
 
 def dilated(q_len: int, window: int, dilation: int, causal: bool = True, block_size: int = 64,

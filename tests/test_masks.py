@@ -109,6 +109,19 @@ def test_causal_block_structure_without_evaluating_every_pair(q_len, kv_len, bs)
         assert torch.equal(getattr(fast, name), getattr(generic, name)), name
 
 
+@pytest.mark.parametrize("q_len", [0, 1, 15, 16, 17, 100, 150])
+@pytest.mark.parametrize("window", [1, 15, 16, 17, 40, 500])
+@pytest.mark.parametrize("causal", [True, False])
+def test_sliding_window_block_structure_without_evaluating_every_pair(q_len, window, causal):
+    """sliding_window classifies blocks by the range of j - i they hold, as causal does: the same
+    BlockMask, field by field, as asking its rule about every pair."""
+    rule = (lambda i, j: (j <= i) & (j > i - window)) if causal else (lambda i, j: (j - i).abs() < window)
+    generic = masks.from_mask_fn(rule, q_len, q_len, block_size=16)
+    fast = masks.sliding_window(q_len, window, causal=causal, block_size=16)
+    for name in FIELDS:
+        assert torch.equal(getattr(fast, name), getattr(generic, name)), name
+
+
 @pytest.mark.parametrize("q_len,kv_len", [(100, 100), (64, 200), (200, 64), (1, 1), (17, 33)])
 def test_causal(q_len, kv_len):
     bm = masks.causal(q_len, kv_len, block_size=16)
