@@ -9,10 +9,11 @@ affine map h -> a h + b, and composing affine maps is associative:
 
     (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2)
 
-so the recurrence is a parallel scan (``tl.associative_scan``). The forward: one program owns BD
-channels of one batch (one, on the H200) and walks the sequence in chunks of BL steps, carrying h
-between chunks; inside a chunk it visits the N states one at a time and scans in two levels, along
-runs of SEQ steps that each lie inside one thread, then across the run totals. The backward
+so the recurrence is a parallel scan (``tl.associative_scan``). The forward: one program (one warp)
+owns BD channels of one batch and all N states, and walks the whole sequence T steps at a time with
+the state in registers; a chunk is a [BD, N, T] tile whose T steps lie inside one thread, so the scan
+is a chain of multiply-adds in each thread and only the sum over states for y crosses threads. B and
+C are converted once, on the host, to float32 in chunk-major order (_chunk_major). The backward
 ([BD, N, BL] tiles) walks the chunks in reverse; with g_t = dL/dh_t it scans
 
     g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}
@@ -21,8 +22,8 @@ runs of SEQ steps that each lie inside one thread, then across the run totals. T
 forward saved at the start of each backward chunk, and uses exp(delta_t A) h_{t-1} = h_t - delta_t B_t u_t
 (no division).
 The elementwise parts (delta_bias and softplus on the way in, D and the z gate on the way out)
-are fused into both kernels, so the forward reads u, delta, z, B and C once and writes the output
-once, the bytes of the bandwidth roofline.
+are fused into both kernels, so the forward reads u, delta and z once and writes the output once
+(B and C, a few megabytes, come from L2 to every program), the bytes of the bandwidth roofline.
 """
 
 from __future__ import annotations
@@ -45,16 +46,26 @@ def _affine_combine(a1, b1, a2, b2):
 
 
 @triton.jit
-def _softplus(x):
+def _log2(x, FAST: tl.constexpr):
+    # FAST: the GPU's approximate log2, one special-function instruction (relative error about 2^-22),
+    # instead of libdevice's polynomial of some twenty instructions; the interpreter runs tl.log2
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    return tl.log2(x)
+
+
+@triton.jit
+def _softplus(x, FAST_LOG: tl.constexpr):
     # log(1 + e^x) = max(x, 0) + log(1 + e^-|x|), with log(1 + y) ~ y - y^2/2 where y is tiny
     # (log1p is not portable to the interpreter); the same function in forward and backward
     y = tl.exp(-tl.abs(x))
-    return tl.maximum(x, 0.0) + tl.where(y < 1e-4, y - 0.5 * y * y, tl.log(1.0 + y))
+    return tl.maximum(x, 0.0) + tl.where(y < 1e-4, y - 0.5 * y * y, _log2(1.0 + y, FAST_LOG) * 0.6931471805599453)
 
 
 @triton.jit
 def _step_sizes(DELTA, BIAS, b, offs_d, steps, d_ok, L, stride_db, stride_dd, stride_dl,
-                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr):
     # delta as the scan uses it: softplus(delta + delta_bias), and the raw sum (for softplus's derivative).
     # Steps past L give 0 (with softplus too): the affine map (1, 0) leaves h unchanged.
     l_ok = steps < L
@@ -64,7 +75,7 @@ def _step_sizes(DELTA, BIAS, b, offs_d, steps, d_ok, L, stride_db, stride_dd, st
         raw += tl.load(BIAS + offs_d, mask=d_ok, other=0.0)[:, None]
     dl = raw
     if SOFTPLUS:
-        dl = _softplus(raw)
+        dl = _softplus(raw, FAST_LOG)
     dl = tl.where(l_ok[None, :], dl, 0.0)
     return dl, raw
 
@@ -87,104 +98,122 @@ def _load_chunk(U, A, BM, CM, b, offs_d, offs_n, steps, Dch, N, L, group,
 
 
 @triton.jit
-def _odd(x, BD: tl.constexpr, G: tl.constexpr, K: tl.constexpr):
-    # [BD, G, K] -> [BD, G, K / 2]: the odd positions of the last axis
-    return tl.split(tl.reshape(x, [BD, G, K // 2, 2]))[1]
+def _last_step(x, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr):
+    # x[:, :, T - 1] of a [BD, BN, T] tile (T a power of two up to 16): halving the last axis and keeping
+    # the odd positions keeps the last one. Free when the T steps lie within one thread.
+    if T >= 2:
+        x = tl.split(tl.reshape(x, [BD, BN, T // 2, 2]))[1]
+    if T >= 4:
+        x = tl.split(tl.reshape(x, [BD, BN, T // 4, 2]))[1]
+    if T >= 8:
+        x = tl.split(tl.reshape(x, [BD, BN, T // 8, 2]))[1]
+    if T >= 16:
+        x = tl.split(tl.reshape(x, [BD, BN, T // 16, 2]))[1]
+    return tl.reshape(x, [BD, BN])
 
 
 @triton.jit
-def _last(x, BD: tl.constexpr, G: tl.constexpr, SEQ: tl.constexpr):
-    # x[:, :, SEQ - 1] of a [BD, G, SEQ] tile (SEQ in {2, 4, 8, 16}): halving the last axis and keeping
-    # the odd positions keeps the last one. Free when the SEQ values lie within one thread.
-    x = _odd(x, BD, G, SEQ)
-    if SEQ >= 4:
-        x = _odd(x, BD, G, SEQ // 2)
-    if SEQ >= 8:
-        x = _odd(x, BD, G, SEQ // 4)
-    if SEQ >= 16:
-        x = _odd(x, BD, G, SEQ // 8)
-    return tl.reshape(x, [BD, G])
+def _load(ptrs, mask, MASKED: tl.constexpr):
+    # unmasked where every address is known valid: no zeroing of the registers, full-width vector loads
+    if MASKED:
+        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptrs).to(tl.float32)
 
 
 @triton.jit
-def _scan_fwd(U, DELTA, A, BM, CM, DSKIP, Z, BIAS, OUT, H_START, H_LAST,
+def _fwd_chunk(h, raw, u, z, bm, cm, out_ptrs, a2, bias, dskip, mask,
+               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+               BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr, MASKED: tl.constexpr, FAST_LOG: tl.constexpr):
+    # T steps of BD channels and all BN states: h [BD, BN] enters, the state after the chunk leaves.
+    # raw delta, u, z [BD, T]: one owner per element, so softplus and the gate run once per channel
+    # and step, not once per state; B, C [BD, BN, T] float32 (each channel sees its group's rows).
+    if HAS_BIAS:
+        raw += bias[:, None]
+    dl = raw
+    if SOFTPLUS:
+        dl = _softplus(raw, FAST_LOG)
+    if MASKED:  # steps past L: the map (1, 0) leaves h unchanged
+        dl = tl.where(mask, dl, 0.0)
+    decay = tl.exp2(dl[:, None, :] * a2[:, :, None])  # exp(delta_t A)
+    push = (dl * u)[:, None, :] * bm  # delta_t B_t u_t
+    # fold the entering state into the first step; then h_t = decay_t h_{t-1} + push_t is a scan whose
+    # steps lie in one thread: a chain of multiply-adds, nothing crosses threads
+    push = tl.where(tl.arange(0, T)[None, None, :] == 0, push + decay * h[:, :, None], push)
+    _, hs = tl.associative_scan((decay, push), 2, _affine_combine)
+    y = tl.sum(cm * hs, axis=1)  # C_t . h_t  [BD, T]: the only sum across threads
+    if HAS_D:
+        y += dskip[:, None] * u
+    if HAS_Z:  # the gate: y * silu(z)
+        y = y * z * tl.sigmoid(z)
+    if MASKED:
+        tl.store(out_ptrs, y.to(out_ptrs.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptrs, y.to(out_ptrs.dtype.element_ty))  # write y once
+    return _last_step(hs, BD, BN, T)
+
+
+@triton.jit
+def _scan_fwd(U, DELTA, A, BP, CP, DSKIP, Z, BIAS, OUT, H_START, H_LAST,
               stride_ub, stride_ud, stride_ul, stride_db, stride_dd, stride_dl, stride_zb, stride_zd, stride_zl,
-              stride_bb, stride_bg, stride_bn, stride_bl, stride_cb, stride_cg, stride_cn, stride_cl,
-              Dch, N, L, per_group,
+              Dch, N, L, L_PAD, per_group, groups,
               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-              SAVE: tl.constexpr, SAVE_EVERY: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr,
-              SEQ: tl.constexpr):
-    # One program: BD channels (one group) of one batch, all N states, walking L in chunks of BL steps,
-    # visiting the states one at a time (as mamba_ssm's CUDA kernel does). A chunk is a [BD, G, SEQ]
-    # tile: G runs of SEQ consecutive steps, each run held by one thread. The scan is done in two
-    # levels, as the CUDA kernel does it: sequentially inside each run (no data leaves the thread),
-    # then across the G run totals (the only part that talks between threads), and each step then
-    # needs a single multiply-add with the state entering its run.
-    G: tl.constexpr = BL // SEQ
+              SAVE: tl.constexpr, SAVE_EVERY: tl.constexpr, EVEN_D: tl.constexpr, FAST_LOG: tl.constexpr,
+              BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr):
+    # One program: BD channels of one batch and all BN states, walking the whole sequence T steps at a
+    # time with the state in registers. A chunk is a [BD, BN, T] tile whose T steps lie inside one
+    # thread (they are one 16-byte load of B or C), so the scan is a chain of multiply-adds in each
+    # thread and the sum over states for y is the only talk between threads. B and C arrive as float32,
+    # chunk-major and padded ([batch, groups, L_PAD / T, BN, T], zeros past N and L; _chunk_major): read
+    # without masks, a chunk's addresses a constant apart.
     b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     offs_d = (pid_d * BD + tl.arange(0, BD)).to(tl.int64)  # 64-bit offsets: D * L can pass 2^31
     offs_n = tl.arange(0, BN)
-    offs_g = tl.arange(0, G)
+    offs_t = tl.arange(0, T)
     d_ok = offs_d < Dch
-    state_mask = d_ok[:, None] & (offs_n < N)[None, :]
-    group = (pid_d * BD) // per_group  # all BD channels read this group's B and C (_blocks)
-    b_row = BM + b * stride_bb + group * stride_bg
-    c_row = CM + b * stride_cb + group * stride_cg
+    state_mask = d_ok[:, None] & (offs_n < N)[None, :]  # [BD, BN]
+    group = tl.minimum(offs_d, Dch - 1) // per_group  # channel d reads group d // (D / G), always in bounds
+    a2 = tl.load(A + offs_d[:, None] * N + offs_n[None, :], mask=state_mask, other=0.0) * 1.4426950408889634
+    bias = tl.load(BIAS + offs_d, mask=d_ok, other=0.0) if HAS_BIAS else offs_d
+    dskip = tl.load(DSKIP + offs_d, mask=d_ok, other=0.0) if HAS_D else offs_d
+    u_ptrs = U + b * stride_ub + offs_d[:, None] * stride_ud + offs_t[None, :] * stride_ul  # [BD, T]
+    dl_ptrs = DELTA + b * stride_db + offs_d[:, None] * stride_dd + offs_t[None, :] * stride_dl
+    z_ptrs = Z + b * stride_zb + offs_d[:, None] * stride_zd + offs_t[None, :] * stride_zl
+    out_ptrs = OUT + (b * Dch + offs_d[:, None]) * L + offs_t[None, :]
+    bc_rows = (b * groups + group[:, None, None]) * L_PAD * BN + offs_n[None, :, None] * T + offs_t[None, None, :]
+    b_ptrs, c_ptrs = BP + bc_rows, CP + bc_rows  # [BD, BN, T]
     n_saved = tl.cdiv(L, SAVE_EVERY)
-    prev_run = tl.broadcast_to(tl.maximum(offs_g - 1, 0)[None, :], [BD, G])
-    h = tl.zeros([BD, BN], tl.float32)  # the state entering the chunk, kept in registers
-    for c in range(0, tl.cdiv(L, BL)):
-        run_start = c * BL + offs_g * SEQ  # [G]
-        steps = (run_start[:, None] + tl.arange(0, SEQ)[None, :]).to(tl.int64)  # [G, SEQ]
-        l_ok = steps < L
-        tile = d_ok[:, None, None] & l_ok[None, :, :]
-        row = offs_d[:, None, None]
-        raw = tl.load(DELTA + b * stride_db + row * stride_dd + steps[None] * stride_dl, mask=tile,
-                      other=0.0).to(tl.float32)  # read delta once
-        if HAS_BIAS:
-            raw += tl.load(BIAS + offs_d, mask=d_ok, other=0.0)[:, None, None]
-        dl = raw
-        if SOFTPLUS:
-            dl = _softplus(raw)
-        dl = tl.where(l_ok[None], dl, 0.0)  # steps past L: the map (1, 0) leaves h unchanged
-        u = tl.load(U + b * stride_ub + row * stride_ud + steps[None] * stride_ul, mask=tile,
-                    other=0.0).to(tl.float32)  # read u once
-        dlu = dl * u
-        y = tl.zeros([BD, G, SEQ], tl.float32)
-        # state n's A, B_t, C_t are loaded one iteration ahead, so their latency hides behind the scan
-        a_nxt = tl.load(A + offs_d * N, mask=d_ok, other=0.0)  # [BD]
-        b_nxt = tl.load(b_row + steps * stride_bl, mask=l_ok, other=0.0)  # [G, SEQ]
-        c_nxt = tl.load(c_row + steps * stride_cl, mask=l_ok, other=0.0)
-        for n in range(0, N):
-            a2 = a_nxt * 1.4426950408889634  # A log2(e), for exp2
-            bn, cn = b_nxt.to(tl.float32), c_nxt.to(tl.float32)
-            nxt = (n + 1) % N  # after the last state: a harmless reload of state 0
-            a_nxt = tl.load(A + offs_d * N + nxt, mask=d_ok, other=0.0)
-            b_nxt = tl.load(b_row + nxt * stride_bn + steps * stride_bl, mask=l_ok, other=0.0)
-            c_nxt = tl.load(c_row + nxt * stride_cn + steps * stride_cl, mask=l_ok, other=0.0)
-            h0 = tl.sum(tl.where(offs_n[None, :] == n, h, 0.0), axis=1)  # this state's column  [BD]
-            decay = tl.exp2(dl * a2[:, None, None])  # exp(delta_t A_n)
-            # level 1, inside each run: (a, b) of the steps from the run's start to t
-            run_a, run_b = tl.associative_scan((decay, dlu * bn[None]), 2, _affine_combine)
-            # level 2, across runs: the state after each run, then the state entering it
-            tot_a, tot_b = tl.associative_scan((_last(run_a, BD, G, SEQ), _last(run_b, BD, G, SEQ)), 1,
-                                               _affine_combine)
-            h_after = tot_a * h0[:, None] + tot_b  # [BD, G]
-            h_in = tl.where(offs_g[None, :] == 0, h0[:, None], tl.gather(h_after, prev_run, 1))
-            y += cn[None] * (run_a * h_in[:, :, None] + run_b)  # C_t[n] h_t[n]
-            if SAVE:  # the state entering every SAVE_EVERY steps, for the backward: [B, n_saved, D, N]
-                tl.store(H_START + ((b * n_saved + run_start // SAVE_EVERY)[None, :] * Dch + offs_d[:, None]) * N + n,
-                         h_in, mask=d_ok[:, None] & ((run_start % SAVE_EVERY == 0) & (run_start < L))[None, :])
-            h_end = tl.sum(tl.where(offs_g[None, :] == G - 1, h_after, 0.0), axis=1)
-            h = tl.where(offs_n[None, :] == n, h_end[:, None], h)
-        if HAS_D:
-            y += tl.load(DSKIP + offs_d, mask=d_ok, other=0.0)[:, None, None] * u
-        if HAS_Z:  # the gate: y * silu(z) (read z once)
-            z = tl.load(Z + b * stride_zb + row * stride_zd + steps[None] * stride_zl, mask=tile,
-                        other=0.0).to(tl.float32)
-            y = y * z * tl.sigmoid(z)
-        tl.store(OUT + (b * Dch + row) * L + steps[None], y.to(OUT.dtype.element_ty), mask=tile)  # write y once
+    d_mask = tl.broadcast_to(d_ok[:, None], [BD, T])  # constant along T: the loads stay vectors
+    h = tl.zeros([BD, BN], tl.float32)
+    n_full = L // T
+    # delta, u and z of chunk c + 1 are loaded before chunk c is computed, so their trip to memory
+    # overlaps the arithmetic (B and C come from L2: a few megabytes shared by all channels)
+    first = d_mask & (offs_t < L)[None, :]
+    raw, u = _load(dl_ptrs, first, True), _load(u_ptrs, first, True)
+    z = _load(z_ptrs, first, True) if HAS_Z else raw
+    # num_stages=1: no shared-memory pipeline for these loads (2-6 stages made the kernel 3-7x slower)
+    for c in tl.range(0, n_full, num_stages=1):
+        if SAVE:  # the state entering every SAVE_EVERY steps, for the backward: [B, n_saved, D, N]
+            if (c * T) % SAVE_EVERY == 0:
+                tl.store(H_START + ((b * n_saved + (c * T) // SAVE_EVERY) * Dch + offs_d[:, None]) * N
+                         + offs_n[None, :], h, mask=state_mask)
+        bm, cm = tl.load(b_ptrs + c * T * BN), tl.load(c_ptrs + c * T * BN)
+        nxt = (c + 1) * T  # chunk c + 1's delta, u, z: loaded now, first used in the next iteration
+        ahead = d_mask & (nxt + offs_t < L)[None, :]
+        raw_n, u_n = _load(dl_ptrs + nxt * stride_dl, ahead, True), _load(u_ptrs + nxt * stride_ul, ahead, True)
+        z_n = _load(z_ptrs + nxt * stride_zl, ahead, True) if HAS_Z else raw_n
+        h = _fwd_chunk(h, raw, u, z, bm, cm, out_ptrs + c * T, a2, bias, dskip, d_mask,
+                       HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BD, BN, T, not EVEN_D, FAST_LOG)
+        raw, u, z = raw_n, u_n, z_n
+    if n_full * T < L:  # the last, partial chunk (its delta, u and z already loaded, masked)
+        t0 = n_full * T
+        if SAVE:
+            if t0 % SAVE_EVERY == 0:
+                tl.store(H_START + ((b * n_saved + t0 // SAVE_EVERY) * Dch + offs_d[:, None]) * N
+                         + offs_n[None, :], h, mask=state_mask)
+        tail = d_mask & (t0 + offs_t < L)[None, :]
+        h = _fwd_chunk(h, raw, u, z, tl.load(b_ptrs + t0 * BN), tl.load(c_ptrs + t0 * BN), out_ptrs + t0, a2, bias,
+                       dskip, tail, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BD, BN, T, True, FAST_LOG)
     tl.store(H_LAST + (b * Dch + offs_d[:, None]) * N + offs_n[None, :], h, mask=state_mask)
 
 
@@ -195,7 +224,8 @@ def _scan_bwd(U, DELTA, A, BM, CM, DSKIP, Z, BIAS, DOUT, H_START, DH_LAST,
               stride_bb, stride_bg, stride_bn, stride_bl, stride_cb, stride_cg, stride_cn, stride_cl,
               Dch, N, L, per_group, n_groups,
               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-              HAS_DH_LAST: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr):
+              HAS_DH_LAST: tl.constexpr, FAST_LOG: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+              BL: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     offs_d = (pid_d * BD + tl.arange(0, BD)).to(tl.int64)
@@ -219,10 +249,10 @@ def _scan_bwd(U, DELTA, A, BM, CM, DSKIP, Z, BIAS, DOUT, H_START, DH_LAST,
         l_ok = steps < L
         dl_mask = d_ok[:, None] & l_ok[None, :]
         dl, raw = _step_sizes(DELTA, BIAS, b, offs_d, steps, d_ok, L, stride_db, stride_dd, stride_dl,
-                              HAS_BIAS, SOFTPLUS)
+                              HAS_BIAS, SOFTPLUS, FAST_LOG)
         # delta one step ahead: exp(delta_{t+1} A) carries g_{t+1} back to g_t (1 past the end)
         dl_next, _ = _step_sizes(DELTA, BIAS, b, offs_d, steps + 1, d_ok, L, stride_db, stride_dd, stride_dl,
-                                 HAS_BIAS, SOFTPLUS)
+                                 HAS_BIAS, SOFTPLUS, FAST_LOG)
         u, a, bm, cm = _load_chunk(U, A, BM, CM, b, offs_d, offs_n, steps, Dch, N, L, group,
                                    stride_ub, stride_ud, stride_ul, stride_bb, stride_bg, stride_bn, stride_bl,
                                    stride_cb, stride_cg, stride_cn, stride_cl)
@@ -285,20 +315,36 @@ def _blocks(n_state: int, per_group: int) -> tuple[int, int, int]:
     return bd, bn, bl
 
 
-# The forward's tiles: BD channels by BL steps, runs of SEQ steps per thread, so one warp scans 256
-# steps of one channel and the scan never leaves the warp. Chosen by a sweep on the H200 (B8 D2048
-# L4096 N16, 2026-11-29): one-warp programs won, as many as fit on each SM hide each other's latency.
-FWD_CONFIG = {"BD": 1, "BL": 256, "SEQ": 8, "num_warps": 1}
+# The forward's tiles: BD channels by T steps by all states. T = 4 float32 steps of B or C are one
+# 16-byte load, so the steps of a (channel, state) pair land in one thread; with BD = 8 a warp holds
+# 8 channels by 4 groups of states (4 states a thread). Chosen by sweeps on the H200 (B8 D2048 L4096
+# N16, 2026-11-29; BD 4-32, T 2-4, B and C loaded one chunk ahead or not): see chapter 4.
+FWD_CONFIG = {"BD": 8, "T": 4, "num_warps": 1, "fast_log": True}
 
 
-def _fwd_blocks(per_group: int, save_every: int) -> tuple[int, int, int, int]:
-    bd, bl, seq, warps = FWD_CONFIG["BD"], FWD_CONFIG["BL"], FWD_CONFIG["SEQ"], FWD_CONFIG["num_warps"]
-    if is_interpreter():  # small tiles: the interpreter's cost grows with the tile, not the work
-        bd, bl, seq = 2, 32, 4
-    bl = max(bl, save_every)  # the saved states sit at multiples of the backward's chunk (and of SEQ)
-    while per_group % bd:  # one group per program: B and C are read as one row per state
-        bd //= 2
-    return bd, bl, seq, warps
+def _fast_log() -> bool:
+    # softplus's logarithm by the GPU's lg2.approx (forward and backward alike); the interpreter has no PTX
+    return FWD_CONFIG["fast_log"] and not is_interpreter()
+
+
+def _fwd_blocks(n_pad: int) -> tuple[int, int, int]:
+    if is_interpreter():  # few, large steps: the interpreter's cost grows with the number of steps
+        return 4, 8, 1
+    # more states, fewer channels: a warp's tile stays at 8 x 16 (channel, state) pairs, so large N does
+    # not spill registers (N = 16 is the tuned case)
+    return max(1, min(FWD_CONFIG["BD"], 128 // n_pad)), FWD_CONFIG["T"], FWD_CONFIG["num_warps"]
+
+
+def _chunk_major(t4: torch.Tensor, n_pad: int, l_pad: int, steps: int) -> torch.Tensor:
+    # B or C [batch, G, N, L] as contiguous float32 [batch, G, l_pad / steps, n_pad, steps], zeros past N
+    # and L: a few megabytes, converted once here instead of once per channel inside the kernel
+    bsz, groups, n, length = t4.shape
+    out = torch.zeros((bsz, groups, l_pad // steps, n_pad, steps), dtype=torch.float32, device=t4.device)
+    full = length // steps * steps
+    out[:, :, :full // steps, :n] = t4[..., :full].unflatten(-1, (-1, steps)).transpose(2, 3)
+    if full < length:
+        out[:, :, full // steps, :n, :length - full] = t4[..., full:]
+    return out
 
 
 def _bc_view(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int], int]:
@@ -315,19 +361,21 @@ def _strides3(t):
 def _forward(u, delta, A, B4, C4, D, z, bias, softplus: bool, save: bool):
     Bsz, Dch, L = u.shape
     N = A.shape[1]
-    per_group = Dch // B4.shape[1]
-    save_every = _blocks(N, per_group)[2]  # the backward's chunk length
-    bd, bl, seq, warps = _fwd_blocks(per_group, save_every)
+    groups = B4.shape[1]
+    save_every = _blocks(N, Dch // groups)[2]  # the backward's chunk length, a multiple of T
+    bn = max(2, triton.next_power_of_2(N))
+    bd, steps, warps = _fwd_blocks(bn)
+    l_pad = triton.cdiv(L, steps) * steps
+    bp, cp = _chunk_major(B4, bn, l_pad, steps), _chunk_major(C4, bn, l_pad, steps)
     out = empty((Bsz, Dch, L), dtype=u.dtype, device=u.device)
     n_saved = triton.cdiv(L, save_every)
     h_start = torch.empty((Bsz, n_saved, Dch, N), dtype=torch.float32, device=u.device) if save else out
     h_last = empty((Bsz, Dch, N), dtype=torch.float32, device=u.device)
     _scan_fwd[(Bsz, triton.cdiv(Dch, bd))](
-        u, delta, A, B4, C4, D if D is not None else A, z if z is not None else u, bias if bias is not None else A,
-        out, h_start, h_last, *u.stride(), *delta.stride(), *_strides3(z), *B4.stride(), *C4.stride(),
-        Dch, N, L, per_group, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
-        SOFTPLUS=softplus, SAVE=save, SAVE_EVERY=save_every, BD=bd, BN=max(2, triton.next_power_of_2(N)), BL=bl,
-        SEQ=seq, num_warps=warps)
+        u, delta, A, bp, cp, D if D is not None else A, z if z is not None else u, bias if bias is not None else A,
+        out, h_start, h_last, *u.stride(), *delta.stride(), *_strides3(z), Dch, N, L, l_pad, Dch // groups, groups,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus, SAVE=save,
+        SAVE_EVERY=save_every, EVEN_D=Dch % bd == 0, FAST_LOG=_fast_log(), BD=bd, BN=bn, T=steps, num_warps=warps)
     return out, h_last, (h_start if save else None)
 
 
@@ -349,7 +397,8 @@ def _backward(u, delta, A, B4, C4, D, z, bias, softplus: bool, h_start, dout, dh
         du, ddelta, dz if dz is not None else du, da_part, dd_part if dd_part is not None else du, db, dc,
         *u.stride(), *delta.stride(), *_strides3(z), *B4.stride(), *C4.stride(),
         Dch, N, L, Dch // groups, groups, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
-        SOFTPLUS=softplus, HAS_DH_LAST=dh_last is not None, BD=bd, BN=bn, BL=bl, num_warps=4)
+        SOFTPLUS=softplus, HAS_DH_LAST=dh_last is not None, FAST_LOG=_fast_log(), BD=bd, BN=bn, BL=bl,
+        num_warps=4)
     return du, ddelta, dz, da_part.sum(0), (dd_part.sum(0) if dd_part is not None else None), db, dc
 
 
