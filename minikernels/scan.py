@@ -186,34 +186,35 @@ def _scan_fwd(U, DELTA, A, BP, CP, DSKIP, Z, BIAS, OUT, H_START, H_LAST,
     d_mask = tl.broadcast_to(d_ok[:, None], [BD, T])  # constant along T: the loads stay vectors
     h = tl.zeros([BD, BN], tl.float32)
     n_full = L // T
-    # delta, u and z of chunk c + 1 are loaded before chunk c is computed, so their trip to memory
-    # overlaps the arithmetic (B and C come from L2: a few megabytes shared by all channels)
+    # delta, u, z and B of chunk c + 1 are loaded before chunk c is computed, so their trip to memory
+    # (B's to L2: a few megabytes shared by all channels) overlaps the arithmetic
     first = d_mask & (offs_t < L)[None, :]
     raw, u = _load(dl_ptrs, first, True), _load(u_ptrs, first, True)
     z = _load(z_ptrs, first, True) if HAS_Z else raw
+    bm = tl.load(b_ptrs)  # B is loaded a chunk ahead too (L_PAD leaves one chunk to spare); C, used last, is not
     # num_stages=1: no shared-memory pipeline for these loads (2-6 stages made the kernel 3-7x slower)
     for c in tl.range(0, n_full, num_stages=1):
         if SAVE:  # the state entering every SAVE_EVERY steps, for the backward: [B, n_saved, D, N]
             if (c * T) % SAVE_EVERY == 0:
                 tl.store(H_START + ((b * n_saved + (c * T) // SAVE_EVERY) * Dch + offs_d[:, None]) * N
                          + offs_n[None, :], h, mask=state_mask)
-        bm, cm = tl.load(b_ptrs + c * T * BN), tl.load(c_ptrs + c * T * BN)
+        cm, bm_n = tl.load(c_ptrs + c * T * BN), tl.load(b_ptrs + (c + 1) * T * BN)
         nxt = (c + 1) * T  # chunk c + 1's delta, u, z: loaded now, first used in the next iteration
         ahead = d_mask & (nxt + offs_t < L)[None, :]
         raw_n, u_n = _load(dl_ptrs + nxt * stride_dl, ahead, True), _load(u_ptrs + nxt * stride_ul, ahead, True)
         z_n = _load(z_ptrs + nxt * stride_zl, ahead, True) if HAS_Z else raw_n
         h = _fwd_chunk(h, raw, u, z, bm, cm, out_ptrs + c * T, a2, bias, dskip, d_mask,
                        HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BD, BN, T, not EVEN_D, FAST_LOG)
-        raw, u, z = raw_n, u_n, z_n
-    if n_full * T < L:  # the last, partial chunk (its delta, u and z already loaded, masked)
+        raw, u, z, bm = raw_n, u_n, z_n, bm_n
+    if n_full * T < L:  # the last, partial chunk (its delta, u, z and B already loaded, masked or padded)
         t0 = n_full * T
         if SAVE:
             if t0 % SAVE_EVERY == 0:
                 tl.store(H_START + ((b * n_saved + t0 // SAVE_EVERY) * Dch + offs_d[:, None]) * N
                          + offs_n[None, :], h, mask=state_mask)
         tail = d_mask & (t0 + offs_t < L)[None, :]
-        h = _fwd_chunk(h, raw, u, z, tl.load(b_ptrs + t0 * BN), tl.load(c_ptrs + t0 * BN), out_ptrs + t0, a2, bias,
-                       dskip, tail, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BD, BN, T, True, FAST_LOG)
+        h = _fwd_chunk(h, raw, u, z, bm, tl.load(c_ptrs + t0 * BN), out_ptrs + t0, a2, bias, dskip, tail,
+                       HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BD, BN, T, True, FAST_LOG)
     tl.store(H_LAST + (b * Dch + offs_d[:, None]) * N + offs_n[None, :], h, mask=state_mask)
 
 
@@ -316,9 +317,10 @@ def _blocks(n_state: int, per_group: int) -> tuple[int, int, int]:
 
 
 # The forward's tiles: BD channels by T steps by all states. T = 4 float32 steps of B or C are one
-# 16-byte load, so the steps of a (channel, state) pair land in one thread; with BD = 8 a warp holds
-# 8 channels by 4 groups of states (4 states a thread). Chosen by sweeps on the H200 (B8 D2048 L4096
-# N16, 2026-11-29; BD 4-32, T 2-4, B and C loaded one chunk ahead or not): see chapter 4.
+# 16-byte load, so the steps of a (channel, state) pair land in one thread; with BD = 8 Triton 3.6
+# spreads a warp over 8 channels by 4 groups of states (4 states a thread). Chosen by sweeps on the
+# H200 (B8 D2048 L4096 N16, 2026-11-29; BD 4-32, T 2-4, B and C loaded a chunk ahead or not; the fast
+# log 1.5% faster than libdevice's): see chapter 4.
 FWD_CONFIG = {"BD": 8, "T": 4, "num_warps": 1, "fast_log": True}
 
 
@@ -365,7 +367,7 @@ def _forward(u, delta, A, B4, C4, D, z, bias, softplus: bool, save: bool):
     save_every = _blocks(N, Dch // groups)[2]  # the backward's chunk length, a multiple of T
     bn = max(2, triton.next_power_of_2(N))
     bd, steps, warps = _fwd_blocks(bn)
-    l_pad = triton.cdiv(L, steps) * steps
+    l_pad = (L // steps + 1) * steps  # a chunk to spare: the kernel reads B one chunk ahead
     bp, cp = _chunk_major(B4, bn, l_pad, steps), _chunk_major(C4, bn, l_pad, steps)
     out = empty((Bsz, Dch, L), dtype=u.dtype, device=u.device)
     n_saved = triton.cdiv(L, save_every)

@@ -58,7 +58,8 @@ def test_plain_scan_without_extras(softplus):
 
 @pytest.mark.parametrize("groups,d", [(1, 8), (2, 8), (2, 6), (4, 12)])
 def test_grouped_b_and_c(groups, d):
-    """Channel d reads group d // (D/G); with D/G = 3 the channel blocks shrink so none straddles two groups."""
+    """Channel d reads group d // (D/G); with D/G = 3 the backward's channel blocks shrink so that none
+    straddles two groups (the forward looks up each channel's group)."""
     check(make(d=d, groups=groups, seed=2))
 
 
