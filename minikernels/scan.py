@@ -47,8 +47,9 @@ def _affine_combine(a1, b1, a2, b2):
 
 @triton.jit
 def _log2(x, FAST: tl.constexpr):
-    # FAST: the GPU's approximate log2, one special-function instruction (relative error about 2^-22),
-    # instead of libdevice's polynomial of some twenty instructions; the interpreter runs tl.log2
+    # FAST: the GPU's approximate log2, one special-function instruction (absolute error about 2^-22),
+    # instead of libdevice's polynomial of some twenty instructions; the interpreter runs tl.log2.
+    # softplus takes log(1 + y) only for y >= 1e-4, where rounding 1 + y to float32 costs as much
     if FAST:
         return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
                                          pack=1)
@@ -113,11 +114,9 @@ def _last_step(x, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr):
 
 
 @triton.jit
-def _load(ptrs, mask, MASKED: tl.constexpr):
-    # unmasked where every address is known valid: no zeroing of the registers, full-width vector loads
-    if MASKED:
-        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    return tl.load(ptrs).to(tl.float32)
+def _load(ptrs, mask):
+    # a [BD, T] tile of delta, u or z as float32; the mask is constant along T, so the load stays a vector
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -158,7 +157,7 @@ def _scan_fwd(U, DELTA, A, BP, CP, DSKIP, Z, BIAS, OUT, H_START, H_LAST,
               Dch, N, L, L_PAD, per_group, groups,
               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
               SAVE: tl.constexpr, SAVE_EVERY: tl.constexpr, EVEN_D: tl.constexpr, FAST_LOG: tl.constexpr,
-              BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr):
+              WIDE: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr):
     # One program: BD channels of one batch and all BN states, walking the whole sequence T steps at a
     # time with the state in registers. A chunk is a [BD, BN, T] tile whose T steps lie inside one
     # thread (they are one 16-byte load of B or C), so the scan is a chain of multiply-adds in each
@@ -189,8 +188,8 @@ def _scan_fwd(U, DELTA, A, BP, CP, DSKIP, Z, BIAS, OUT, H_START, H_LAST,
     # delta, u, z and B of chunk c + 1 are loaded before chunk c is computed, so their trip to memory
     # (B's to L2: a few megabytes shared by all channels) overlaps the arithmetic
     first = d_mask & (offs_t < L)[None, :]
-    raw, u = _load(dl_ptrs, first, True), _load(u_ptrs, first, True)
-    z = _load(z_ptrs, first, True) if HAS_Z else raw
+    raw, u = _load(dl_ptrs, first), _load(u_ptrs, first)
+    z = _load(z_ptrs, first) if HAS_Z else raw
     bm = tl.load(b_ptrs)  # B is loaded a chunk ahead too (L_PAD leaves one chunk to spare); C, used last, is not
     # num_stages=1: no shared-memory pipeline for these loads (2-6 stages made the kernel 3-7x slower)
     for c in tl.range(0, n_full, num_stages=1):
@@ -198,16 +197,21 @@ def _scan_fwd(U, DELTA, A, BP, CP, DSKIP, Z, BIAS, OUT, H_START, H_LAST,
             if (c * T) % SAVE_EVERY == 0:
                 tl.store(H_START + ((b * n_saved + (c * T) // SAVE_EVERY) * Dch + offs_d[:, None]) * N
                          + offs_n[None, :], h, mask=state_mask)
-        cm, bm_n = tl.load(c_ptrs + c * T * BN), tl.load(b_ptrs + (c + 1) * T * BN)
-        nxt = (c + 1) * T  # chunk c + 1's delta, u, z: loaded now, first used in the next iteration
+        step = c * T
+        if WIDE:  # a stride along L times L passes 2^31: 64-bit offsets (some more instructions)
+            step = step.to(tl.int64)
+        nxt = step + T  # chunk c + 1's delta, u, z and B: loaded now, first used in the next iteration
+        cm, bm_n = tl.load(c_ptrs + step * BN), tl.load(b_ptrs + nxt * BN)
         ahead = d_mask & (nxt + offs_t < L)[None, :]
-        raw_n, u_n = _load(dl_ptrs + nxt * stride_dl, ahead, True), _load(u_ptrs + nxt * stride_ul, ahead, True)
-        z_n = _load(z_ptrs + nxt * stride_zl, ahead, True) if HAS_Z else raw_n
-        h = _fwd_chunk(h, raw, u, z, bm, cm, out_ptrs + c * T, a2, bias, dskip, d_mask,
+        raw_n, u_n = _load(dl_ptrs + nxt * stride_dl, ahead), _load(u_ptrs + nxt * stride_ul, ahead)
+        z_n = _load(z_ptrs + nxt * stride_zl, ahead) if HAS_Z else raw_n
+        h = _fwd_chunk(h, raw, u, z, bm, cm, out_ptrs + step, a2, bias, dskip, d_mask,
                        HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BD, BN, T, not EVEN_D, FAST_LOG)
         raw, u, z, bm = raw_n, u_n, z_n, bm_n
     if n_full * T < L:  # the last, partial chunk (its delta, u, z and B already loaded, masked or padded)
         t0 = n_full * T
+        if WIDE:
+            t0 = t0.to(tl.int64)
         if SAVE:
             if t0 % SAVE_EVERY == 0:
                 tl.store(H_START + ((b * n_saved + t0 // SAVE_EVERY) * Dch + offs_d[:, None]) * N
@@ -320,7 +324,7 @@ def _blocks(n_state: int, per_group: int) -> tuple[int, int, int]:
 # 16-byte load, so the steps of a (channel, state) pair land in one thread; with BD = 8 Triton 3.6
 # spreads a warp over 8 channels by 4 groups of states (4 states a thread). Chosen by sweeps on the
 # H200 (B8 D2048 L4096 N16, 2026-11-29; BD 4-32, T 2-4, B and C loaded a chunk ahead or not; the fast
-# log 1.5% faster than libdevice's): see chapter 4.
+# log about 1.3% faster than libdevice's): see chapter 4.
 FWD_CONFIG = {"BD": 8, "T": 4, "num_warps": 1, "fast_log": True}
 
 
@@ -332,9 +336,17 @@ def _fast_log() -> bool:
 def _fwd_blocks(n_pad: int) -> tuple[int, int, int]:
     if is_interpreter():  # few, large steps: the interpreter's cost grows with the number of steps
         return 4, 8, 1
-    # more states, fewer channels: a warp's tile stays at 8 x 16 (channel, state) pairs, so large N does
-    # not spill registers (N = 16 is the tuned case)
+    # more states, fewer channels: a warp holds at most 128 (channel, state) pairs (one channel of 256
+    # states at N = 256), so large N does not spill registers (N = 16 is the tuned case; N = 64 and 256
+    # compile without spills)
     return max(1, min(FWD_CONFIG["BD"], 128 // n_pad)), FWD_CONFIG["T"], FWD_CONFIG["num_warps"]
+
+
+def _wide_offsets(length: int, bc_len: int, *tensors) -> bool:
+    # whether the forward's offsets along L (step * stride for u, delta, z; step * BN within a batch's
+    # B and C, at most bc_len) can pass 2^31 and must be computed in 64 bits
+    longest = max([t.stride(-1) * length for t in tensors if t is not None] + [bc_len])
+    return longest >= 2**31
 
 
 def _chunk_major(t4: torch.Tensor, n_pad: int, l_pad: int, steps: int) -> torch.Tensor:
@@ -364,20 +376,22 @@ def _forward(u, delta, A, B4, C4, D, z, bias, softplus: bool, save: bool):
     Bsz, Dch, L = u.shape
     N = A.shape[1]
     groups = B4.shape[1]
-    save_every = _blocks(N, Dch // groups)[2]  # the backward's chunk length, a multiple of T
+    save_every = _blocks(N, Dch // groups)[2]  # the backward's chunk length
     bn = max(2, triton.next_power_of_2(N))
     bd, steps, warps = _fwd_blocks(bn)
+    assert save_every % steps == 0, "the saved states must sit at chunk starts"
     l_pad = (L // steps + 1) * steps  # a chunk to spare: the kernel reads B one chunk ahead
     bp, cp = _chunk_major(B4, bn, l_pad, steps), _chunk_major(C4, bn, l_pad, steps)
     out = empty((Bsz, Dch, L), dtype=u.dtype, device=u.device)
     n_saved = triton.cdiv(L, save_every)
-    h_start = torch.empty((Bsz, n_saved, Dch, N), dtype=torch.float32, device=u.device) if save else out
+    h_start = empty((Bsz, n_saved, Dch, N), dtype=torch.float32, device=u.device) if save else out
     h_last = empty((Bsz, Dch, N), dtype=torch.float32, device=u.device)
     _scan_fwd[(Bsz, triton.cdiv(Dch, bd))](
         u, delta, A, bp, cp, D if D is not None else A, z if z is not None else u, bias if bias is not None else A,
         out, h_start, h_last, *u.stride(), *delta.stride(), *_strides3(z), Dch, N, L, l_pad, Dch // groups, groups,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus, SAVE=save,
-        SAVE_EVERY=save_every, EVEN_D=Dch % bd == 0, FAST_LOG=_fast_log(), BD=bd, BN=bn, T=steps, num_warps=warps)
+        SAVE_EVERY=save_every, EVEN_D=Dch % bd == 0, FAST_LOG=_fast_log(),
+        WIDE=_wide_offsets(L, l_pad * bn, u, delta, z), BD=bd, BN=bn, T=steps, num_warps=warps)
     return out, h_last, (h_start if save else None)
 
 

@@ -80,6 +80,19 @@ def test_non_contiguous_inputs():
     check(args)
 
 
+def test_wide_offsets(monkeypatch):
+    """Offsets along L are 64-bit when a stride times L reaches 2^31 (a sequence-first layout, say): the
+    predicate, and the forward's 64-bit path giving the same results."""
+    from minikernels import scan
+
+    seq_first = torch.empty(20, 2, 3).permute(1, 2, 0)  # [B, D, L] view of [L, B, D] memory: stride 6 along L
+    assert not scan._wide_offsets(20, 1000, seq_first, None)
+    assert scan._wide_offsets(2**30, 1000, seq_first, None)  # 6 * 2^30 >= 2^31
+    assert scan._wide_offsets(20, 2**31, seq_first)  # B and C's own offsets
+    monkeypatch.setattr(scan, "_wide_offsets", lambda *args: True)
+    check(make(seed=11))
+
+
 def test_last_state_alone_gets_gradients():
     args = make(seed=4, extras=False)
     ins = {k: (v.detach().requires_grad_() if v is not None else None) for k, v in args.items()}
