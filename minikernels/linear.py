@@ -26,8 +26,11 @@ the gradient of the state leaving it):
                                dK_c = (dO V^T * M)^T Q + exp(b_C - b) V dS_c^T
 
 With per-step value weights w (how mk.ssd passes its step sizes), the values are w_t v_t: the
-forward folds w into the factor exp(b_C - b) of _la_states and into the columns of Q K^T * M in
-_la_out; the backward builds w * V once and runs the kernels above on it.
+forward folds w into the factor exp(b_C - b) of the state update and into the columns of
+Q K^T * M; the backward builds w * V once and runs the kernels above on it. The weighted forward
+(when Dk <= 128) does not store the chunks' states at all: _la_fused walks the chunks once with the
+state in registers and writes O_c as it goes, the sequence cut into segments whose starting states
+come from a walk that stores nothing but each segment's end (_la_states) and _la_carry.
 
 The states cost B*H*(N/C)*Dk*Dv values of memory (written once, read once), and buy parallelism over
 chunks: the sequential passes do one small product per chunk, the rest runs on every chunk at once.
@@ -259,11 +262,12 @@ def _la_states(K, V, G, W, S_IN, HS, S_OUT, LOG_DECAY,
 
 
 @triton.jit
-def _la_carry(SEG_END, LOG_DECAY, S0, CARRY, S_OUT, DKDV, N_SEG,
+def _la_carry(SEG_END, LOG_DECAY, S0, CARRY, S_OUT, DKDV, N_SEG, N_CARRY,
               HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr, BLOCK: tl.constexpr):
-    # Between the two segmented passes: the state each segment starts from, from the state each
-    # segment reaches on its own from zeros (SEG_END) and its summed log-decay:
+    # Between the segmented passes: the state each segment starts from, from the state each of the
+    # first N_SEG segments reaches on its own from zeros (SEG_END) and its summed log-decay:
     #     carry_0 = S0,  carry_{g+1} = exp(log_decay_g) carry_g + seg_end_g
+    # for N_CARRY segments (N_SEG, or N_SEG + 1 when the last segment's own end was not computed);
     # sequential over the few segments, elementwise over the state
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     bh = tl.program_id(1)
@@ -273,11 +277,12 @@ def _la_carry(SEG_END, LOG_DECAY, S0, CARRY, S_OUT, DKDV, N_SEG,
     else:
         carry = tl.zeros([BLOCK], tl.float32)
     for seg in range(0, N_SEG):
-        at = (bh.to(tl.int64) * N_SEG + seg) * DKDV + offs
-        tl.store(CARRY + at, carry, mask=ok)
+        tl.store(CARRY + (bh.to(tl.int64) * N_CARRY + seg) * DKDV + offs, carry, mask=ok)
         if HAS_DECAY:
             carry = carry * tl.exp(tl.load(LOG_DECAY + bh * N_SEG + seg))
-        carry += tl.load(SEG_END + at, mask=ok, other=0.0)
+        carry += tl.load(SEG_END + (bh.to(tl.int64) * N_SEG + seg) * DKDV + offs, mask=ok, other=0.0)
+    if N_CARRY > N_SEG:
+        tl.store(CARRY + (bh.to(tl.int64) * N_CARRY + N_SEG) * DKDV + offs, carry, mask=ok)
     if STORE_FINAL:
         tl.store(S_OUT + bh.to(tl.int64) * DKDV + offs, carry, mask=ok)
 
@@ -331,6 +336,70 @@ def _la_out(Q, K, V, G, W, HS, O,
     o_base = O + b_idx.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(o_base + rows[:, None] * stride_on + offs_v[None, :] * stride_od, o.to(O.dtype.element_ty),
              mask=row_ok[:, None] & v_ok[None, :])  # write C*BV
+
+
+@triton.jit
+def _la_fused(Q, K, V, G, W, S_IN, O, S_OUT,
+              stride_qb, stride_qh, stride_qn, stride_qd,
+              stride_kb, stride_kh, stride_kn, stride_kd,
+              stride_vb, stride_vh, stride_vn, stride_vd,
+              stride_gb, stride_gh, stride_gn,
+              stride_wb, stride_wh, stride_wn,
+              stride_ob, stride_oh, stride_on, stride_od,
+              H, N, DK, DV, NT, SEG_CHUNKS,
+              HAS_DECAY: tl.constexpr, HAS_W: tl.constexpr, HAS_S_IN: tl.constexpr, STORE_FINAL: tl.constexpr,
+              C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
+    # The forward in one walk (the weighted forward, mk.ssd's): one program per [Dk, BV] block of
+    # one (batch, head)'s state walks its segment's chunks in order from S_IN (the state the
+    # segment starts from, or zeros), keeps the state in registers and writes each chunk's outputs
+    # as it goes:  O_c = exp(b) Q S + (Q K^T * M * w) V,  then  S = exp(b_C) S + (K * exp(b_C - b) w)^T V.
+    # Nothing of size [chunks, Dk, Dv] goes through memory; the whole of Dk is one tile (BK >= DK).
+    iv = tl.program_id(0)
+    n_seg = tl.cdiv(NT, SEG_CHUNKS)
+    bh, seg = tl.program_id(1) // n_seg, tl.program_id(1) % n_seg
+    b_idx, h = bh // H, bh % H
+    offs_c = tl.arange(0, C)
+    offs_k = tl.arange(0, BK)
+    offs_v = iv * BV + tl.arange(0, BV)
+    k_ok, v_ok = offs_k < DK, offs_v < DV
+    tile_ok = k_ok[:, None] & v_ok[None, :]
+    q_base = Q + b_idx.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b_idx.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b_idx.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    o_base = O + b_idx.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    g_base = b_idx.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+    w_base = W + b_idx.to(tl.int64) * stride_wb + h.to(tl.int64) * stride_wh
+    tile = offs_k[:, None] * DV + offs_v[None, :]  # states are [.., DK, DV], contiguous
+    if HAS_S_IN:  # S_IN: [B*H, n_seg, DK, DV]
+        S = tl.load(S_IN + (bh.to(tl.int64) * n_seg + seg) * DK * DV + tile, mask=tile_ok, other=0.0)
+    else:
+        S = tl.zeros([BK, BV], tl.float32)
+    for c in range(seg * SEG_CHUNKS, tl.minimum(seg * SEG_CHUNKS + SEG_CHUNKS, NT)):
+        rows = (c * C + offs_c).to(tl.int64)  # 64-bit: rows * stride can pass 2^31 for long sequences
+        row_ok = rows < N
+        q = tl.load(q_base + rows[:, None] * stride_qn + offs_k[None, :] * stride_qd,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # read C*DK
+        k = tl.load(k_base + rows[:, None] * stride_kn + offs_k[None, :] * stride_kd,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # read C*DK
+        v = tl.load(v_base + rows[:, None] * stride_vn + offs_v[None, :] * stride_vd,
+                    mask=row_ok[:, None] & v_ok[None, :], other=0.0)  # read C*BV
+        b, b_last = _chunk_cumsum(G, g_base, stride_gn, rows, row_ok, C, HAS_DECAY)
+        a = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * _decay_mask(b, C, False)
+        weight = tl.exp(b_last - b)  # how much of step s reaches the chunk's end
+        if HAS_W:
+            w = tl.load(w_base + rows * stride_wn, mask=row_ok, other=0.0)  # read C
+            a = a * w[None, :]
+            weight *= w
+        # the state entering the chunk, before this chunk's update (a 16-bit copy for the product,
+        # as the two-pass forward stores it)
+        o = tl.dot(q, S.to(q.dtype), input_precision=DOT_PREC) * tl.exp(b)[:, None]
+        o += tl.dot(a.to(v.dtype), v, input_precision=DOT_PREC)
+        tl.store(o_base + rows[:, None] * stride_on + offs_v[None, :] * stride_od, o.to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & v_ok[None, :])  # write C*BV
+        kt = (tl.trans(k) * weight[None, :]).to(k.dtype)
+        S = S * tl.exp(b_last) + tl.dot(kt, v, input_precision=DOT_PREC)
+    if STORE_FINAL and seg == n_seg - 1:  # the last segment ends where the sequence does
+        tl.store(S_OUT + bh.to(tl.int64) * DK * DV + tile, S, mask=tile_ok)
 
 
 @triton.jit
@@ -529,7 +598,16 @@ def _launch_opts(dtype, num_warps: int = 4, num_stages: int = 2, maxnreg: int | 
 FWD_TILES = {"states": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3, "maxnreg": 128},
              "out": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 3},
              "out_decay": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 2},
-             "out_weighted": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 3}}
+             "out_weighted": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 3},
+             "fused": {"BV": 64, "num_warps": 4, "num_stages": 2}}
+# The weighted forward (mk.ssd's) walks the chunks once with the state in registers (_la_fused)
+# when the whole of Dk fits one tile. Measured on the H200 (2026-11-29, SSD H32 P64 S128, bf16, CUDA
+# graphs): 177 us at B4 L4k and 195 at B1 L16k, against 211 and 273-275 for the two passes
+# (_la_states and _la_out) in the same process. In the sweeps, 3 stages or 8 warps were slower
+# (232 us or more at B4), and so was a cap of 168 registers (216-270 us; it spills). Only the
+# weighted forward was measured, so only it takes this path. (Triton 3.6 computed wrong outputs for
+# bf16 at BV = 32 with num_stages = 1; with 2 stages, BV = 16, 32 and 64 were right.)
+FUSED_MAX_DK = 128
 
 
 def _per_step_args(g, q):
@@ -548,40 +626,66 @@ def _chunk_states(k, v, g, s0, chunk: int, want_final: bool, w=None):
     B, H, N, DK = k.shape
     DV = v.shape[-1]
     nt = triton.cdiv(N, chunk)
-    cfg = FWD_TILES["states"]
-    bk, bv = _block(DK, cfg["BK"]), _block(DV, cfg["BV"])
-    sms = 1 if is_interpreter() else torch.cuda.get_device_properties(k.device).multi_processor_count
-    n_seg = _segments(triton.cdiv(DK, bk) * triton.cdiv(DV, bv) * B * H, nt, sms)
+    bk, bv = _block(DK, FWD_TILES["states"]["BK"]), _block(DV, FWD_TILES["states"]["BV"])
+    n_seg = _segments(triton.cdiv(DK, bk) * triton.cdiv(DV, bv) * B * H, nt, _sm_count(k))
     # Too short to cut into segments, and still too few programs: split the state finer
-    while n_seg == 1 and triton.cdiv(DK, bk) * triton.cdiv(DV, bv) * B * H < sms and max(bk, bv) > 32:
+    while n_seg == 1 and triton.cdiv(DK, bk) * triton.cdiv(DV, bv) * B * H < _sm_count(k) and max(bk, bv) > 32:
         bk, bv = (bk // 2, bv) if bk >= bv else (bk, bv // 2)
     seg_chunks = triton.cdiv(nt, n_seg)  # nt >= 1: linear_attention returns before any kernel when N == 0
     n_seg = triton.cdiv(nt, seg_chunks)  # as the kernel counts them
     hs = empty((B * H, nt, DK, DV), dtype=k.dtype, device=k.device)
-    s_end = empty((B, H, DK, DV), dtype=torch.float32, device=k.device) if want_final else hs
     gt, gs, has_decay = _per_step_args(g, k)
     wt, ws, has_w = _per_step_args(w, k)
     grid = (triton.cdiv(DK, bk), triton.cdiv(DV, bv), B * H * n_seg)
     args = (*k.stride(), *v.stride(), *gs, *ws, H, N, DK, DV, nt, seg_chunks)
-    opts = dict(HAS_DECAY=has_decay, HAS_W=has_w, C=chunk, BK=bk, BV=bv, **_launch_opts(k.dtype, cfg["num_warps"],
-                                                                          cfg["num_stages"], cfg["maxnreg"]))
+    opts = _states_opts(k, has_decay, has_w, chunk, bk, bv)
     if n_seg == 1:
+        s_end = empty((B, H, DK, DV), dtype=torch.float32, device=k.device) if want_final else hs
         _la_states[grid](k, v, gt, wt, s0 if s0 is not None else hs, hs, s_end, hs, *args, HAS_S_IN=s0 is not None,
                          STORE_STATES=True, STORE_FINAL=want_final, STORE_DECAY=False, **opts)
         return hs, (s_end if want_final else None)
-    # 1. each segment's own end state, from zeros, in parallel; 2. the state each segment starts
-    # from, sequential over the segments; 3. each segment again from that state, writing HS
-    seg_end, carry = (empty((B * H, n_seg, DK, DV), dtype=torch.float32, device=k.device) for _ in range(2))
-    log_decay = empty((B * H, n_seg), dtype=torch.float32, device=k.device)
-    _la_states[grid](k, v, gt, wt, hs, hs, seg_end, log_decay, *args, HAS_S_IN=False, STORE_STATES=False,
-                     STORE_FINAL=True, STORE_DECAY=has_decay, **opts)
-    block = 1024
-    _la_carry[(triton.cdiv(DK * DV, block), B * H)](
-        seg_end, log_decay, s0 if s0 is not None else seg_end, carry, s_end, DK * DV, n_seg,
-        HAS_DECAY=has_decay, HAS_S0=s0 is not None, STORE_FINAL=want_final, BLOCK=block)
+    # 1.-2. the state each segment starts from; 3. each segment again from it, writing HS
+    carry, s_end = _segment_starts(k, v, g, s0, w, chunk, seg_chunks, n_seg, bk, bv, want_final)
     _la_states[grid](k, v, gt, wt, carry, hs, hs, hs, *args, HAS_S_IN=True, STORE_STATES=True, STORE_FINAL=False,
                      STORE_DECAY=False, **opts)
-    return hs, (s_end if want_final else None)
+    return hs, s_end
+
+
+def _sm_count(t: torch.Tensor) -> int:
+    return 1 if is_interpreter() else torch.cuda.get_device_properties(t.device).multi_processor_count
+
+
+def _states_opts(k, has_decay: bool, has_w: bool, chunk: int, bk: int, bv: int) -> dict:
+    cfg = FWD_TILES["states"]
+    return dict(HAS_DECAY=has_decay, HAS_W=has_w, C=chunk, BK=bk, BV=bv,
+                **_launch_opts(k.dtype, cfg["num_warps"], cfg["num_stages"], cfg["maxnreg"]))
+
+
+def _segment_starts(k, v, g, s0, w, chunk: int, seg_chunks: int, n_seg: int, bk: int, bv: int, want_final: bool):
+    """The state each of n_seg segments of seg_chunks chunks starts from, [B*H, n_seg, Dk, Dv] float32,
+    and, with want_final, the final state (else None): 1. each segment's own end state, from zeros, in
+    parallel (_la_states, storing no chunk states; without want_final, the last segment's is not
+    needed); 2. a sequential pass over the segments:
+    carry_{g+1} = exp(log-decay of segment g) carry_g + end_g, from carry_0 = s0 (_la_carry)."""
+    B, H, N, DK = k.shape
+    DV = v.shape[-1]
+    gt, gs, has_decay = _per_step_args(g, k)
+    wt, ws, has_w = _per_step_args(w, k)
+    n_ends = n_seg if want_final else n_seg - 1
+    seg_end = empty((B * H, n_ends, DK, DV), dtype=torch.float32, device=k.device)
+    carry = empty((B * H, n_seg, DK, DV), dtype=torch.float32, device=k.device)
+    s_end = empty((B, H, DK, DV), dtype=torch.float32, device=k.device) if want_final else carry
+    log_decay = empty((B * H, n_ends), dtype=torch.float32, device=k.device)
+    # the kernel walks n_ends * seg_chunks chunks: the segments before the last, or all of them
+    _la_states[(triton.cdiv(DK, bk), triton.cdiv(DV, bv), B * H * n_ends)](
+        k, v, gt, wt, seg_end, seg_end, seg_end, log_decay, *k.stride(), *v.stride(), *gs, *ws,
+        H, N, DK, DV, min(triton.cdiv(N, chunk), n_ends * seg_chunks), seg_chunks, HAS_S_IN=False,
+        STORE_STATES=False, STORE_FINAL=True, STORE_DECAY=has_decay, **_states_opts(k, has_decay, has_w, chunk, bk, bv))
+    block = 1024
+    _la_carry[(triton.cdiv(DK * DV, block), B * H)](
+        seg_end, log_decay, s0 if s0 is not None else seg_end, carry, s_end, DK * DV, n_ends, n_seg,
+        HAS_DECAY=has_decay, HAS_S0=s0 is not None, STORE_FINAL=want_final, BLOCK=block)
+    return carry, (s_end if want_final else None)
 
 
 def _segments(programs: int, n_chunks: int, sms: int) -> int:
@@ -599,9 +703,53 @@ def _segments(programs: int, n_chunks: int, sms: int) -> int:
     return n_seg
 
 
+def _fused_segments(programs: int, n_chunks: int, sms: int) -> int:
+    # How many segments the one-walk forward cuts the sequence into: its programs hold the whole
+    # state and its products (255 registers a thread on the H200), so 2 of them fit an SM; segments
+    # of at least 16 chunks are added until the programs fill the SMs once. Sweeps on the H200 (SSD,
+    # H32 P64 S128, 2026-11-29, the whole forward, with every segment's end computed): 2 segments at
+    # B4 L4k (194 us; 1 segment: 264, 4: 203), 8 at B1 L16k (194 us; 4: 292, 16: 206).
+    if is_interpreter():  # the CPU tests: segments whenever there are two of at least 2 chunks
+        return 2 if n_chunks >= 4 else 1
+    n_seg = 1
+    while programs * n_seg * 2 <= 2 * sms and n_chunks // (n_seg * 2) >= 16:
+        n_seg *= 2
+    return n_seg
+
+
+def _fused_forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype, w=None):
+    """The forward without the chunks' states in memory (_la_fused), for Dk <= FUSED_MAX_DK: the
+    sequence is cut into segments (_fused_segments); the state each starts from comes from
+    _segment_starts, and each is then walked once, outputs written on the way."""
+    B, H, N, DK = q.shape
+    DV = v.shape[-1]
+    nt = triton.cdiv(N, chunk)
+    cfg = FWD_TILES["fused"]
+    bv = _block(DV, cfg["BV"])
+    n_seg = _fused_segments(triton.cdiv(DV, bv) * B * H, nt, _sm_count(q))
+    seg_chunks = triton.cdiv(nt, n_seg)
+    n_seg = triton.cdiv(nt, seg_chunks)  # as the kernel counts them
+    o = empty((B, H, N, DV), dtype=out_dtype, device=q.device)
+    s_in = s0
+    if n_seg > 1:  # (the last segment's walk writes the final state)
+        s_in, _ = _segment_starts(k, v, g, s0, w, chunk, seg_chunks, n_seg, _block(DK, FWD_TILES["states"]["BK"]),
+                                  _block(DV, FWD_TILES["states"]["BV"]), want_final=False)
+    s_end = empty((B, H, DK, DV), dtype=torch.float32, device=q.device)
+    gt, gs, has_decay = _per_step_args(g, q)
+    wt, ws, has_w = _per_step_args(w, q)
+    _la_fused[(triton.cdiv(DV, bv), B * H * n_seg)](
+        q, k, v, gt, wt, s_in if s_in is not None else o, o, s_end,
+        *q.stride(), *k.stride(), *v.stride(), *gs, *ws, *o.stride(), H, N, DK, DV, nt, seg_chunks,
+        HAS_DECAY=has_decay, HAS_W=has_w, HAS_S_IN=s_in is not None, STORE_FINAL=True,
+        C=chunk, BK=_block(DK, FUSED_MAX_DK), BV=bv, **_launch_opts(q.dtype, cfg["num_warps"], cfg["num_stages"]))
+    return o, s_end
+
+
 def _forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype, w=None):
     B, H, N, DK = q.shape
     DV = v.shape[-1]
+    if w is not None and DK <= FUSED_MAX_DK:
+        return _fused_forward(q, k, v, g, s0, chunk, out_dtype, w=w)
     hs, s_end = _chunk_states(k, v, g, s0, chunk, want_final=True, w=w)
     o = empty((B, H, N, DV), dtype=out_dtype, device=q.device)
     cfg = FWD_TILES["out_weighted" if w is not None else "out_decay" if g is not None else "out"]

@@ -82,6 +82,32 @@ def test_continuing_from_the_returned_state_equals_one_pass():
     assert_close(s2, s_whole, torch.float32)
 
 
+
+@pytest.mark.parametrize("n_seg", [1, 2, 3, 8])
+def test_one_walk_forward_cut_into_segments(monkeypatch, n_seg):
+    """The forward walks the chunks once with the state in registers (_la_fused), in segments that
+    start from the states _segment_starts chains: any number of segments, a last one shorter than
+    the rest, and Dv = 80 (two value blocks, the second half empty) give the outputs and final
+    state of the two-pass forward (chunk states through memory), and match the recurrence."""
+    from minikernels import linear
+
+    x, dt, A, B, C, D, s0 = make(b=1, h=2, g=1, n=7 * 16 + 5, p=80, s=24, seed=8)
+    monkeypatch.setattr(linear, "FUSED_MAX_DK", 0)  # every Dk too wide: the two passes
+    want_y, want_s = mk.ssd(x, dt, A, B, C, chunk_size=16, D=D, initial_state=s0, return_final_state=True)
+    monkeypatch.undo()
+    monkeypatch.setattr(linear, "_fused_segments", lambda programs, n_chunks, sms: n_seg)
+    with poisoned():
+        y, state = mk.ssd(x, dt, A, B, C, chunk_size=16, D=D, initial_state=s0, return_final_state=True)
+    torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, want_s, rtol=1e-5, atol=1e-5)
+    check(x, dt, A, B, C, D, s0)
+
+
+def test_state_wider_than_one_tile():
+    """S = 160 > 128: the forward takes the two passes (the one walk holds all of S in one tile)."""
+    check(*make(b=1, h=2, g=1, n=40, p=16, s=160, seed=10))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_long_sequence(dtype):
