@@ -8,11 +8,11 @@ is causal linear attention with a decay (chapter 3): queries C, keys dt * B, val
 dt * A (or, moving dt to the other factor of dt_t B_t x_t^T, keys B and values dt * x). So ``ssd``
 runs ``mk.linear_attention``'s chunked Triton kernels (forward and backward) on those inputs, with
 dt handed to them as weights on the values: the forward kernels fold dt into the per-step factors
-they compute anyway, so dt * x is never written out. For S <= 128 the forward walks the chunks
-once with the state in registers (``linear._la_fused``) instead of storing every chunk's state
-and reading it back. ``quadratic_form``
-is the other side of the duality: the same outputs as masked attention, (C B^T * L) (dt x), with the
-1-semiseparable mask L[t, s] = exp(dt_{s+1} A + ... + dt_t A) for s <= t.
+they compute anyway, so dt * x is never written out. For S <= 128 (tiles that fit in shared
+memory) the forward walks the chunks once with the state in registers (``linear._la_fused``)
+instead of storing every chunk's state and reading it back. ``quadratic_form`` is the other side
+of the duality: the same outputs as masked attention, (C B^T * L) (dt x), with the 1-semiseparable
+mask L[t, s] = exp(dt_{s+1} A + ... + dt_t A) for s <= t.
 """
 
 from __future__ import annotations

@@ -28,9 +28,10 @@ the gradient of the state leaving it):
 With per-step value weights w (how mk.ssd passes its step sizes), the values are w_t v_t: the
 forward folds w into the factor exp(b_C - b) of the state update and into the columns of
 Q K^T * M; the backward builds w * V once and runs the kernels above on it. The weighted forward
-(when Dk <= 128) does not store the chunks' states at all: _la_fused walks the chunks once with the
-state in registers and writes O_c as it goes, the sequence cut into segments whose starting states
-come from a walk that stores nothing but each segment's end (_la_states) and _la_carry.
+(when Dk <= 128 and its tiles fit in shared memory) does not store the chunks' states at all:
+_la_fused walks the chunks once with the state in registers and writes O_c as it goes, the
+sequence cut into segments whose starting states come from a walk that stores nothing but each
+segment's end (_la_states) and _la_carry.
 
 The states cost B*H*(N/C)*Dk*Dv values of memory (written once, read once), and buy parallelism over
 chunks: the sequential passes do one small product per chunk, the rest runs on every chunk at once.
@@ -44,6 +45,7 @@ whole sequence instead, the rounding errors of q.dq - k.dk pile up with its leng
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -717,6 +719,25 @@ def _fused_segments(programs: int, n_chunks: int, sms: int) -> int:
     return n_seg
 
 
+@functools.cache
+def _max_shared_memory(device_index: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+
+
+def _fused_fits(q, v, chunk: int) -> bool:
+    # The walk's shared memory: num_stages copies of a chunk's Q and K ([C, Dk]) and V ([C, BV])
+    # tiles, and the state's copy for the product. This estimate is above what Triton 3.6 allocates
+    # (sm_90: bf16, C 64, Dk 128: 98 KB against 83 KB; float32, C 128, Dk 64: 213 KB against 181
+    # KB). float32 with chunks of 128 and Dk = 128 needs 296 KB, more than the H200's 227 KB a
+    # program: those take the two passes.
+    if is_interpreter():
+        return True
+    cfg = FWD_TILES["fused"]
+    bk, bv, size = _block(q.shape[-1], FUSED_MAX_DK), _block(v.shape[-1], cfg["BV"]), q.element_size()
+    need = cfg["num_stages"] * chunk * (2 * bk + bv) * size + bk * bv * size
+    return need <= _max_shared_memory(q.device.index if q.device.index is not None else torch.cuda.current_device())
+
+
 def _fused_forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype, w=None):
     """The forward without the chunks' states in memory (_la_fused), for Dk <= FUSED_MAX_DK: the
     sequence is cut into segments (_fused_segments); the state each starts from comes from
@@ -748,7 +769,7 @@ def _fused_forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype, w=None):
 def _forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype, w=None):
     B, H, N, DK = q.shape
     DV = v.shape[-1]
-    if w is not None and DK <= FUSED_MAX_DK:
+    if w is not None and DK <= FUSED_MAX_DK and _fused_fits(q, v, chunk):
         return _fused_forward(q, k, v, g, s0, chunk, out_dtype, w=w)
     hs, s_end = _chunk_states(k, v, g, s0, chunk, want_final=True, w=w)
     o = empty((B, H, N, DV), dtype=out_dtype, device=q.device)

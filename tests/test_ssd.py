@@ -84,22 +84,26 @@ def test_continuing_from_the_returned_state_equals_one_pass():
 
 
 @pytest.mark.parametrize("n_seg", [1, 2, 3, 8])
-def test_one_walk_forward_cut_into_segments(monkeypatch, n_seg):
+@pytest.mark.parametrize("state", [True, False])
+def test_one_walk_forward_cut_into_segments(monkeypatch, n_seg, state):
     """The forward walks the chunks once with the state in registers (_la_fused), in segments that
     start from the states _segment_starts chains: any number of segments, a last one shorter than
-    the rest, and Dv = 80 (two value blocks, the second half empty) give the outputs and final
-    state of the two-pass forward (chunk states through memory), and match the recurrence."""
+    the rest, with or without an initial state, and Dv = 80 (two value blocks of 64, the second
+    three-quarters empty) give the outputs and final state of the two-pass forward (chunk states
+    through memory), and match the recurrence."""
     from minikernels import linear
 
-    x, dt, A, B, C, D, s0 = make(b=1, h=2, g=1, n=7 * 16 + 5, p=80, s=24, seed=8)
+    x, dt, A, B, C, D, s0 = make(b=1, h=2, g=1, n=7 * 16 + 5, p=80, s=24, seed=8, state=state)
     monkeypatch.setattr(linear, "FUSED_MAX_DK", 0)  # every Dk too wide: the two passes
     want_y, want_s = mk.ssd(x, dt, A, B, C, chunk_size=16, D=D, initial_state=s0, return_final_state=True)
     monkeypatch.undo()
-    monkeypatch.setattr(linear, "_fused_segments", lambda programs, n_chunks, sms: n_seg)
+    walks = []
+    monkeypatch.setattr(linear, "_fused_segments", lambda programs, n_chunks, sms: walks.append(n_chunks) or n_seg)
     with poisoned():
-        y, state = mk.ssd(x, dt, A, B, C, chunk_size=16, D=D, initial_state=s0, return_final_state=True)
+        y, state_out = mk.ssd(x, dt, A, B, C, chunk_size=16, D=D, initial_state=s0, return_final_state=True)
+    assert walks == [8]  # the one walk ran, over 8 chunks
     torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(state, want_s, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state_out, want_s, rtol=1e-5, atol=1e-5)
     check(x, dt, A, B, C, D, s0)
 
 
@@ -115,6 +119,21 @@ def test_gpu_long_sequence(dtype):
     every exponent <= 0, so nothing overflows or underflows into NaN."""
     x, dt, A, B, C, D, s0 = make(b=1, h=4, g=1, n=4096, p=64, s=64, dtype=dtype, seed=7)
     check(x, dt, A, B, C, D, s0, chunk=64)
+
+
+@pytest.mark.gpu
+def test_gpu_float32_chunks_of_128():
+    """float32 tiles of 128 steps x S = 128 do not fit the one walk's shared memory (about 296 KB
+    against 227 KB on the H200): the forward must take the two passes instead of failing to launch."""
+    check(*make(b=1, h=2, g=1, n=300, p=64, s=128, seed=11), chunk=128)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("p", [16, 32])
+def test_gpu_narrow_values(p):
+    """bf16 with value blocks of 16 and 32 columns (Triton 3.6 miscompiled the one walk at 32 columns
+    with a single pipeline stage; the kernel uses 2)."""
+    check(*make(b=1, h=4, g=1, n=1000, p=p, s=128, dtype=torch.bfloat16, seed=12), chunk=64)
 
 
 def test_bad_inputs():
