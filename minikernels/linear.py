@@ -719,8 +719,14 @@ def _fused_segments(programs: int, n_chunks: int, sms: int) -> int:
     return n_seg
 
 
+def _max_shared_memory(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _max_shared_memory_of(index)
+
+
 @functools.cache
-def _max_shared_memory(device_index: int) -> int:
+def _max_shared_memory_of(device_index: int) -> int:
+    # the most shared memory one program may opt in to (227 KB on the H200)
     return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
@@ -735,7 +741,7 @@ def _fused_fits(q, v, chunk: int) -> bool:
     cfg = FWD_TILES["fused"]
     bk, bv, size = _block(q.shape[-1], FUSED_MAX_DK), _block(v.shape[-1], cfg["BV"]), q.element_size()
     need = cfg["num_stages"] * chunk * (2 * bk + bv) * size + bk * bv * size
-    return need <= _max_shared_memory(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    return need <= _max_shared_memory(q.device)
 
 
 def _fused_forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype, w=None):

@@ -107,6 +107,21 @@ def test_one_walk_forward_cut_into_segments(monkeypatch, n_seg, state):
     check(x, dt, A, B, C, D, s0)
 
 
+def test_one_walk_only_where_its_tiles_fit(monkeypatch):
+    """On a GPU the one walk is taken only when its shared memory fits a program (227 KB on the
+    H200): float32 tiles of 128 steps by S = 128 (about 296 KB in Triton 3.6) take the two passes."""
+    from minikernels import linear
+
+    monkeypatch.setattr(linear, "is_interpreter", lambda: False)
+    monkeypatch.setattr(linear, "_max_shared_memory", lambda device: 232448)
+
+    def fits(dtype, chunk, s, p=64):
+        return linear._fused_fits(torch.empty(1, 1, 1, s, dtype=dtype), torch.empty(1, 1, 1, p, dtype=dtype), chunk)
+
+    assert fits(torch.bfloat16, 64, 128) and fits(torch.bfloat16, 128, 128) and fits(torch.float32, 64, 128)
+    assert not fits(torch.float32, 128, 128)
+
+
 def test_state_wider_than_one_tile():
     """S = 160 > 128: the forward takes the two passes (the one walk holds all of S in one tile)."""
     check(*make(b=1, h=2, g=1, n=40, p=16, s=160, seed=10))
