@@ -629,9 +629,10 @@ def _chunk_states(k, v, g, s0, chunk: int, want_final: bool, w=None):
     DV = v.shape[-1]
     nt = triton.cdiv(N, chunk)
     bk, bv = _block(DK, FWD_TILES["states"]["BK"]), _block(DV, FWD_TILES["states"]["BV"])
-    n_seg = _segments(triton.cdiv(DK, bk) * triton.cdiv(DV, bv) * B * H, nt, _sm_count(k))
+    sms = _sm_count(k)
+    n_seg = _segments(triton.cdiv(DK, bk) * triton.cdiv(DV, bv) * B * H, nt, sms)
     # Too short to cut into segments, and still too few programs: split the state finer
-    while n_seg == 1 and triton.cdiv(DK, bk) * triton.cdiv(DV, bv) * B * H < _sm_count(k) and max(bk, bv) > 32:
+    while n_seg == 1 and triton.cdiv(DK, bk) * triton.cdiv(DV, bv) * B * H < sms and max(bk, bv) > 32:
         bk, bv = (bk // 2, bv) if bk >= bv else (bk, bv // 2)
     seg_chunks = triton.cdiv(nt, n_seg)  # nt >= 1: linear_attention returns before any kernel when N == 0
     n_seg = triton.cdiv(nt, seg_chunks)  # as the kernel counts them

@@ -122,9 +122,14 @@ def test_one_walk_only_where_its_tiles_fit(monkeypatch):
     assert not fits(torch.float32, 128, 128)
 
 
-def test_state_wider_than_one_tile():
+def test_state_wider_than_one_tile(monkeypatch):
     """S = 160 > 128: the forward takes the two passes (the one walk holds all of S in one tile)."""
+    from minikernels import linear
+
+    walks = []
+    monkeypatch.setattr(linear, "_fused_segments", lambda programs, n_chunks, sms: walks.append(n_chunks) or 1)
     check(*make(b=1, h=2, g=1, n=40, p=16, s=160, seed=10))
+    assert walks == []
 
 
 @pytest.mark.gpu
