@@ -7,8 +7,9 @@ A scalar-decay state space model, one state [S, P] per (batch, head):
 is causal linear attention with a decay (chapter 3): queries C, keys dt * B, values x, log-decay
 dt * A (or, moving dt to the other factor of dt_t B_t x_t^T, keys B and values dt * x). So ``ssd``
 runs ``mk.linear_attention``'s chunked Triton kernels (forward and backward) on those inputs, with
-dt handed to them as weights on the values: the forward kernels fold dt into the per-step factors
-they compute anyway, so dt * x is never written out. For S <= 128 (tiles that fit in shared
+dt handed to them as weights on the values: the kernels fold dt into the per-step factors they
+compute anyway, so dt * x is never written out; and each group's B and C are read by all its heads
+(the backward sums their gradients over the heads in registers). For S <= 128 (tiles that fit in shared
 memory) the forward walks the chunks once with the state in registers (``linear._la_fused``)
 instead of storing every chunk's state and reading it back. ``quadratic_form`` is the other side
 of the duality: the same outputs as masked attention, (C B^T * L) (dt x), with the 1-semiseparable
@@ -87,11 +88,10 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
     per = heads // groups
     # The same dictionary as as_linear_attention, arranged so nothing of size [B, H, N, S] is built:
     # dt_t B_t x_t^T = B_t (dt_t x_t)^T puts dt on the values, so the keys are B itself; and the heads
-    # of one group become the "heads" of a (batch, group) pair, where B and C are views with a zero
-    # head stride (the kernels read a group's B and C for each of its heads; autograd's expand sums
-    # their gradients over the group).
-    # dt itself goes to the kernels as the values' weights: the forward folds it into factors it
-    # computes anyway, instead of a pass over x to build dt * x.
+    # of one group become the "heads" of a (batch, group) pair, whose B and C have one head that all
+    # of them read (the backward sums the group's gradients of B and C in registers).
+    # dt itself goes to the kernels as the values' weights: they fold it into factors they compute
+    # anyway, instead of a pass over x to build dt * x.
     check_chunk_size(chunk_size)
     if s > MAX_FEATURE_DIM:
         raise ValueError(f"state size S = {s} exceeds {MAX_FEATURE_DIM}")
@@ -100,8 +100,7 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
         state = initial_state.float() if initial_state is not None else x.new_zeros(b, heads, s, p).float()
     else:
         work = torch.promote_types(x.dtype, torch.float32)
-        q = C.reshape(b * groups, 1, n, s).expand(-1, per, -1, -1)
-        k = B.reshape(b * groups, 1, n, s).expand(-1, per, -1, -1)
+        q, k = C.reshape(b * groups, 1, n, s), B.reshape(b * groups, 1, n, s)
         weights = dt.to(work).reshape(b * groups, per, n)
         log_decay = weights * A.to(work).reshape(groups, per, 1).repeat(b, 1, 1)
         s0 = initial_state.reshape(b * groups, per, s, p) if initial_state is not None else None

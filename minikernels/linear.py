@@ -21,13 +21,17 @@ the gradient of the state leaving it):
                                (in segments chained by _la_carry when it has few programs)
     _la_out     (parallel):    O_c  = (Q K^T * M) V + exp(b) Q S_c
     _la_dstates (sequential, in reverse):  dS_{c-1} = exp(b_C) dS_c + (Q * exp(b))^T dO, dS_c stored
+                               (in segments chained by _la_carry when it has few programs)
     _la_dv      (parallel):    dV_c = (Q K^T * M)^T dO + exp(b_C - b) K dS_c
-    _la_dqdk    (parallel):    dQ_c = (dO V^T * M) K + exp(b) dO S_c^T
-                               dK_c = (dO V^T * M)^T Q + exp(b_C - b) V dS_c^T
+    _la_dqdk    (parallel, two launches):  dQ_c = (dO V^T * M) K + exp(b) dO S_c^T
+                                           dK_c = (dO V^T * M)^T Q + exp(b_C - b) V dS_c^T
 
 With per-step value weights w (how mk.ssd passes its step sizes), the values are w_t v_t: the
 forward folds w into the factor exp(b_C - b) of the state update and into the columns of
-Q K^T * M; the backward builds w * V once and runs the kernels above on it. The weighted forward
+Q K^T * M; the backward weights V's rows as it loads them, and _la_dv turns the gradient of w_t v_t
+into those of v_t and w_t. Q and K may have one head that every head reads (mk.ssd's C and B):
+_la_dv and _la_dqdk then take several heads a program, load its Q and K once, and _la_dqdk sums
+their gradients over the heads. The weighted forward
 (when Dk <= 128 and its tiles fit in shared memory) does not store the chunks' states at all:
 _la_fused walks the chunks once with the state in registers and writes O_c as it goes, the
 sequence cut into segments whose starting states come from a walk that stores nothing but each
@@ -405,16 +409,23 @@ def _la_fused(Q, K, V, G, W, S_IN, O, S_OUT,
 
 
 @triton.jit
-def _la_dstates(Q, DO, G, DS_END, DHS, DS0,
+def _la_dstates(Q, DO, G, S_IN, DHS, S_OUT, LOG_DECAY,
                 stride_qb, stride_qh, stride_qn, stride_qd,
                 stride_dob, stride_doh, stride_don, stride_dod,
                 stride_gb, stride_gh, stride_gn,
-                H, N, DK, DV, NT,
-                HAS_DECAY: tl.constexpr, HAS_DS_END: tl.constexpr,
+                H, N, DK, DV, NT, SEG_CHUNKS,
+                HAS_DECAY: tl.constexpr, HAS_S_IN: tl.constexpr, STORE_STATES: tl.constexpr,
+                STORE_FINAL: tl.constexpr, STORE_DECAY: tl.constexpr,
                 C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
     # The backward's sequential pass, chunks in reverse: dS, the gradient of the state at the end of
-    # chunk c, goes to DHS[bh, c]; dS <- exp(b_C) dS + (Q * exp(b))^T dO. What is left is dS0.
-    ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # chunk c, goes to DHS[bh, c] (if STORE_STATES); dS <- exp(b_C) dS + (Q * exp(b))^T dO. What is
+    # left at the segment's first chunk goes to S_OUT (if STORE_FINAL), its summed log-decay to
+    # LOG_DECAY (if STORE_DECAY). As in _la_states, the sequence may be cut into segments of
+    # SEG_CHUNKS chunks, one program each; they are numbered from the sequence's end (index
+    # n_seg - 1 - seg into S_IN, S_OUT and LOG_DECAY), so that _la_carry chains them in reverse.
+    ik, iv = tl.program_id(0), tl.program_id(1)
+    n_seg = tl.cdiv(NT, SEG_CHUNKS)
+    bh, seg = tl.program_id(2) // n_seg, tl.program_id(2) % n_seg
     b_idx, h = bh // H, bh % H
     offs_c = tl.arange(0, C)
     offs_k = ik * BK + tl.arange(0, BK)
@@ -425,13 +436,18 @@ def _la_dstates(Q, DO, G, DS_END, DHS, DS0,
     g_base = b_idx.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
     tile = offs_k[:, None] * DV + offs_v[None, :]
     dhs_base = DHS + bh.to(tl.int64) * NT * DK * DV
-    if HAS_DS_END:  # the gradient of the returned final state
-        dS = tl.load(DS_END + bh.to(tl.int64) * DK * DV + tile, mask=tile_ok, other=0.0).to(tl.float32)
+    seg_state = (bh.to(tl.int64) * n_seg + n_seg - 1 - seg) * DK * DV  # S_IN, S_OUT: [B*H, n_seg, DK, DV]
+    if HAS_S_IN:  # the gradient of the state at the segment's end
+        dS = tl.load(S_IN + seg_state + tile, mask=tile_ok, other=0.0).to(tl.float32)
     else:
         dS = tl.zeros([BK, BV], tl.float32)
-    for i in range(0, NT):
-        c = NT - 1 - i
-        tl.store(dhs_base + c * DK * DV + tile, dS.to(DHS.dtype.element_ty), mask=tile_ok)  # write BK*BV
+    first = seg * SEG_CHUNKS
+    last = tl.minimum(first + SEG_CHUNKS, NT)
+    log_decay = 0.0
+    for i in range(0, last - first):
+        c = last - 1 - i
+        if STORE_STATES:
+            tl.store(dhs_base + c * DK * DV + tile, dS.to(DHS.dtype.element_ty), mask=tile_ok)  # write BK*BV
         rows = (c * C + offs_c).to(tl.int64)
         row_ok = rows < N
         q = tl.load(q_base + rows[:, None] * stride_qn + offs_k[None, :] * stride_qd,
@@ -441,122 +457,177 @@ def _la_dstates(Q, DO, G, DS_END, DHS, DS0,
         b, b_last = _chunk_cumsum(G, g_base, stride_gn, rows, row_ok, C, HAS_DECAY)
         q_in = (q * tl.exp(b)[:, None]).to(q.dtype)  # q decayed back to the chunk's start
         dS = dS * tl.exp(b_last) + tl.dot(tl.trans(q_in), do, input_precision=DOT_PREC)
-    tl.store(DS0 + bh.to(tl.int64) * DK * DV + tile, dS, mask=tile_ok)
+        log_decay += b_last
+    if STORE_FINAL:
+        tl.store(S_OUT + seg_state + tile, dS, mask=tile_ok)
+    if STORE_DECAY:
+        if (ik == 0) & (iv == 0):  # one program per segment writes its decay
+            tl.store(LOG_DECAY + bh * n_seg + n_seg - 1 - seg, log_decay)
 
 
 @triton.jit
-def _la_dv(Q, K, G, DO, DHS, DVO,
+def _la_dv(Q, K, G, W, V, DO, DHS, DVO, DW_PART,
            stride_qb, stride_qh, stride_qn, stride_qd,
            stride_kb, stride_kh, stride_kn, stride_kd,
            stride_gb, stride_gh, stride_gn,
-           stride_dob, stride_doh, stride_don, stride_dod,
+           stride_wb, stride_wh, stride_wn,
            stride_vb, stride_vh, stride_vn, stride_vd,
-           H, N, DK, DV, NT,
-           HAS_DECAY: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-           DOT_PREC: tl.constexpr):
+           stride_dob, stride_doh, stride_don, stride_dod,
+           stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+           H, H_QK, N, DK, DV, NT, HEADS,
+           HAS_DECAY: tl.constexpr, HAS_W: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+           NK: tl.constexpr, DOT_PREC: tl.constexpr):
     # dV_c = (Q K^T * M)^T dO + (K * exp(b_C - b)) dS_c, every chunk at once. A^T = K Q^T is its own
     # product rather than tl.trans of Q K^T: a transposed dot result feeding a dot is what Triton
     # 3.4-3.7.0 miscompiles on Hopper (fla-org/flash-linear-attention#640).
-    ic, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b_idx, h = bh // H, bh % H
+    # As in _la_dqdk, a program takes HEADS heads that read one Q and K: K Q^T is computed once for
+    # them (only the decay mask differs between heads), and Dk is covered in NK unrolled blocks so
+    # that the loop over heads is the innermost one, which Triton pipelines.
+    # With HAS_W the kernels saw the values w_t v_t: the gradient of v_t is then w_t dV_t, and w_t's
+    # is v_t . dV_t, summed here over this program's block of Dv (DW_PART[iv, bh, t]).
+    ic, iv, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    per = H // H_QK
+    splits = per // HEADS
+    b_idx, hq, split = pid // (H_QK * splits), pid // splits % H_QK, pid % splits
     offs_c = tl.arange(0, C)
     offs_v = iv * BV + tl.arange(0, BV)
     v_ok = offs_v < DV
     rows = (ic * C + offs_c).to(tl.int64)
     row_ok = rows < N
-    q_base = Q + b_idx.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b_idx.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    dhs_base = DHS + (bh.to(tl.int64) * NT + ic) * DK * DV
-    b, b_last = _chunk_cumsum(G, b_idx.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh, stride_gn,
-                              rows, row_ok, C, HAS_DECAY)
-    at = tl.zeros([C, C], tl.float32)
-    dv = tl.zeros([C, BV], tl.float32)
-    for k0 in range(0, DK, BK):
-        offs_k = k0 + tl.arange(0, BK)
+    tile_ok = row_ok[:, None] & v_ok[None, :]
+    q_base = Q + b_idx.to(tl.int64) * stride_qb + hq.to(tl.int64) * stride_qh
+    k_base = K + b_idx.to(tl.int64) * stride_kb + hq.to(tl.int64) * stride_kh
+    kq = tl.zeros([C, C], tl.float32)
+    for ik in tl.static_range(NK):
+        offs_k = ik * BK + tl.arange(0, BK)
         k_ok = offs_k < DK
         q = tl.load(q_base + rows[:, None] * stride_qn + offs_k[None, :] * stride_qd,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # read C*BK
         k = tl.load(k_base + rows[:, None] * stride_kn + offs_k[None, :] * stride_kd,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # read C*BK
-        ds = tl.load(dhs_base + offs_k[:, None] * DV + offs_v[None, :],
-                     mask=k_ok[:, None] & v_ok[None, :], other=0.0)  # read BK*BV
-        at += tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # A^T[s, t] = k_s . q_t
-        dv += tl.dot(k, ds, input_precision=DOT_PREC)
-    do = tl.load(DO + b_idx.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                 + rows[:, None] * stride_don + offs_v[None, :] * stride_dod,
-                 mask=row_ok[:, None] & v_ok[None, :], other=0.0)  # read C*BV
-    at = at * _decay_mask(b, C, True)
-    dv = dv * tl.exp(b_last - b)[:, None] + tl.dot(at.to(do.dtype), do, input_precision=DOT_PREC)
-    tl.store(DVO + b_idx.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-             + rows[:, None] * stride_vn + offs_v[None, :] * stride_vd, dv.to(DVO.dtype.element_ty),
-             mask=row_ok[:, None] & v_ok[None, :])  # write C*BV
+        kq += tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # A^T[s, t] = k_s . q_t, before the mask
+    for j in range(0, HEADS):
+        h = hq * per + split * HEADS + j
+        bh = b_idx * H + h
+        dhs_base = DHS + (bh.to(tl.int64) * NT + ic) * DK * DV
+        b, b_last = _chunk_cumsum(G, b_idx.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh, stride_gn,
+                                  rows, row_ok, C, HAS_DECAY)
+        dv = tl.zeros([C, BV], tl.float32)
+        for ik in tl.static_range(NK):
+            offs_k = ik * BK + tl.arange(0, BK)
+            k_ok = offs_k < DK
+            k = tl.load(k_base + rows[:, None] * stride_kn + offs_k[None, :] * stride_kd,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # read C*BK (cached: the same each head)
+            ds = tl.load(dhs_base + offs_k[:, None] * DV + offs_v[None, :],
+                         mask=k_ok[:, None] & v_ok[None, :], other=0.0)  # read BK*BV
+            dv += tl.dot(k, ds, input_precision=DOT_PREC)
+        do = tl.load(DO + b_idx.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                     + rows[:, None] * stride_don + offs_v[None, :] * stride_dod, mask=tile_ok, other=0.0)  # C*BV
+        at = kq * _decay_mask(b, C, True)
+        dv = dv * tl.exp(b_last - b)[:, None] + tl.dot(at.to(do.dtype), do, input_precision=DOT_PREC)
+        if HAS_W:
+            v = tl.load(V + b_idx.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + rows[:, None] * stride_vn
+                        + offs_v[None, :] * stride_vd, mask=tile_ok, other=0.0).to(tl.float32)  # read C*BV
+            tl.store(DW_PART + (iv * tl.num_programs(2) * HEADS + bh).to(tl.int64) * N + rows, tl.sum(v * dv, 1),
+                     mask=row_ok)  # write C
+            dv *= tl.load(W + b_idx.to(tl.int64) * stride_wb + h.to(tl.int64) * stride_wh + rows * stride_wn,
+                          mask=row_ok, other=0.0)[:, None]  # read C
+        tl.store(DVO + b_idx.to(tl.int64) * stride_dvb + h.to(tl.int64) * stride_dvh + rows[:, None] * stride_dvn
+                 + offs_v[None, :] * stride_dvd, dv.to(DVO.dtype.element_ty), mask=tile_ok)  # write C*BV
 
 
 @triton.jit
-def _la_dqdk(Q, K, V, G, DO, HS, DHS, DQ, DKO, DG_PART,
+def _la_dqdk(Q, K, V, G, W, DO, HS, DHS, DQK, DG_PART,
              stride_qb, stride_qh, stride_qn, stride_qd,
              stride_kb, stride_kh, stride_kn, stride_kd,
              stride_vb, stride_vh, stride_vn, stride_vd,
              stride_gb, stride_gh, stride_gn,
+             stride_wb, stride_wh, stride_wn,
              stride_dob, stride_doh, stride_don, stride_dod,
-             H, N, DK, DV, NT,
-             HAS_DECAY: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-             DOT_PREC: tl.constexpr):
-    # dQ_c = (dO V^T * M) K + exp(b) dO S_c^T and dK_c = (dO V^T * M)^T Q + exp(b_C - b) V dS_c^T, every
-    # chunk at once (dA^T = V dO^T is its own product, see _la_dv). Then the decay's gradient, inside
-    # the chunk only (b is chunk-local): dL/db_t = q_t . dq_t - k_t . dk_t, plus <dS_c, S_end of c> for
-    # b_C, summed from t to the chunk's end. Summing over chunk-local terms keeps the error of a long
-    # sequence from piling up, as a global sum of q.dq - k.dk would.
-    ic, ik, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b_idx, h = bh // H, bh % H
+             H, H_QK, N, DK, DV, NT, HEADS,
+             FOR_Q: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_W: tl.constexpr, C: tl.constexpr,
+             BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, DOT_PREC: tl.constexpr):
+    # FOR_Q: dQ_c = (dO V^T * M) K + exp(b) dO S_c^T; else dK_c = (V dO^T * M^T) Q + exp(b_C - b) V dS_c^T;
+    # every chunk at once (dA^T = V dO^T is its own product, see _la_dv). Two launches, one for each:
+    # together their products and tiles do not fit one program's registers.
+    # Then the decay's gradient, inside the chunk only (b is chunk-local): dL/db_t = q_t . dq_t -
+    # k_t . dk_t, plus <dS_c, S_end of c> for b_C, summed from t to the chunk's end (each launch its
+    # own terms). Summing over chunk-local terms keeps the error of a long sequence from piling up,
+    # as a global sum of q.dq - k.dk would.
+    # Q and K have H_QK heads (H, or 1 that all H heads read, as mk.ssd's C and B): a program takes
+    # HEADS consecutive heads that read one Q and K, loads its Q and K block once and sums their
+    # gradients in registers; DQK is [B * H_QK * (H / H_QK / HEADS), N, DK], one sum per group of
+    # HEADS. Dv is covered in NV blocks, unrolled, so that the loop over heads is the innermost one,
+    # which Triton pipelines: the next head's tiles load while this one's products run.
+    # With HAS_W, V's rows are weighted by w as the kernels saw them.
+    ic, ik, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    per = H // H_QK
+    splits = per // HEADS
+    b_idx, hq, split = pid // (H_QK * splits), pid // splits % H_QK, pid % splits
     offs_c = tl.arange(0, C)
     offs_k = ik * BK + tl.arange(0, BK)
     k_ok = offs_k < DK
     rows = (ic * C + offs_c).to(tl.int64)
     row_ok = rows < N
-    q_off = b_idx.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None] * stride_qn
-    k_off = b_idx.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + rows[:, None] * stride_kn
-    v_base = V + b_idx.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    do_base = DO + b_idx.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-    state_base = (bh.to(tl.int64) * NT + ic) * DK * DV
-    b, b_last = _chunk_cumsum(G, b_idx.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh, stride_gn,
-                              rows, row_ok, C, HAS_DECAY)
-    q = tl.load(Q + q_off + offs_k[None, :] * stride_qd, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-    k = tl.load(K + k_off + offs_k[None, :] * stride_kd, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-    da = tl.zeros([C, C], tl.float32)
-    dat = tl.zeros([C, C], tl.float32)
-    dq = tl.zeros([C, BK], tl.float32)
-    dk = tl.zeros([C, BK], tl.float32)
-    state_dot = tl.zeros([BK], tl.float32)  # <S_c, dS_c>, one entry per row of this Dk block
-    for v0 in range(0, DV, BV):  # products over Dv, a block at a time
-        offs_v = v0 + tl.arange(0, BV)
-        v_ok = offs_v < DV
-        v = tl.load(v_base + rows[:, None] * stride_vn + offs_v[None, :] * stride_vd,
-                    mask=row_ok[:, None] & v_ok[None, :], other=0.0)  # read C*BV
-        do = tl.load(do_base + rows[:, None] * stride_don + offs_v[None, :] * stride_dod,
-                     mask=row_ok[:, None] & v_ok[None, :], other=0.0)  # read C*BV
-        tile = state_base + offs_k[:, None] * DV + offs_v[None, :]
-        s = tl.load(HS + tile, mask=k_ok[:, None] & v_ok[None, :], other=0.0)  # read BK*BV
-        ds = tl.load(DHS + tile, mask=k_ok[:, None] & v_ok[None, :], other=0.0)  # read BK*BV
-        da += tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # dA[t, s] = do_t . v_s
-        dat += tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # dA^T
-        dq += tl.dot(do, tl.trans(s), input_precision=DOT_PREC)
-        dk += tl.dot(v, tl.trans(ds), input_precision=DOT_PREC)
-        state_dot += tl.sum(s.to(tl.float32) * ds.to(tl.float32), 1)
-    dq = dq * tl.exp(b)[:, None] + tl.dot((da * _decay_mask(b, C, False)).to(k.dtype), k, input_precision=DOT_PREC)
-    dk_state = dk * tl.exp(b_last - b)[:, None]  # the part of dk that flows through S_end
-    dk = dk_state + tl.dot((dat * _decay_mask(b, C, True)).to(q.dtype), q, input_precision=DOT_PREC)
-    grad_off = (bh.to(tl.int64) * N + rows[:, None]) * DK + offs_k[None, :]  # dQ, dK: contiguous
-    tl.store(DQ + grad_off, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])  # write C*BK
-    tl.store(DKO + grad_off, dk.to(DKO.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])  # write C*BK
-    if HAS_DECAY:
-        qf, kf = q.to(tl.float32), k.to(tl.float32)
-        d_b = tl.sum(qf * dq, 1) - tl.sum(kf * dk, 1)
-        # <dS_c, S_end> = exp(b_C) <dS_c, S_c> + sum_s k_s . dk_state_s, the whole of it at b_C
-        end_term = tl.exp(b_last) * tl.sum(state_dot, 0) + tl.sum(tl.sum(kf * dk_state, 1), 0)
-        d_b += tl.where(offs_c == C - 1, end_term, 0.0)
-        dg = tl.sum(d_b, 0) - tl.cumsum(d_b, 0) + d_b  # summed from t to the chunk's end
-        tl.store(DG_PART + (ik * tl.num_programs(2) + bh).to(tl.int64) * N + rows, dg, mask=row_ok)
+    qk_ok = row_ok[:, None] & k_ok[None, :]
+    q = tl.load(Q + b_idx.to(tl.int64) * stride_qb + hq.to(tl.int64) * stride_qh + rows[:, None] * stride_qn
+                + offs_k[None, :] * stride_qd, mask=qk_ok, other=0.0)  # read C*BK
+    k = tl.load(K + b_idx.to(tl.int64) * stride_kb + hq.to(tl.int64) * stride_kh + rows[:, None] * stride_kn
+                + offs_k[None, :] * stride_kd, mask=qk_ok, other=0.0)  # read C*BK
+    grad_sum = tl.zeros([C, BK], tl.float32)
+    for j in range(0, HEADS):
+        h = hq * per + split * HEADS + j
+        bh = b_idx * H + h
+        v_base = V + b_idx.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+        do_base = DO + b_idx.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        state_base = (bh.to(tl.int64) * NT + ic) * DK * DV
+        b, b_last = _chunk_cumsum(G, b_idx.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh, stride_gn,
+                                  rows, row_ok, C, HAS_DECAY)
+        if HAS_W:
+            w = tl.load(W + b_idx.to(tl.int64) * stride_wb + h.to(tl.int64) * stride_wh + rows * stride_wn,
+                        mask=row_ok, other=0.0)  # read C
+        a = tl.zeros([C, C], tl.float32)  # dA (FOR_Q) or dA^T
+        grad = tl.zeros([C, BK], tl.float32)
+        state_dot = tl.zeros([BK], tl.float32)  # <S_c, dS_c>, one entry per row of this Dk block
+        for iv in tl.static_range(NV):  # products over Dv, a block at a time
+            offs_v = iv * BV + tl.arange(0, BV)
+            tile_ok = row_ok[:, None] & (offs_v < DV)[None, :]
+            state_ok = k_ok[:, None] & (offs_v < DV)[None, :]
+            v = tl.load(v_base + rows[:, None] * stride_vn + offs_v[None, :] * stride_vd, mask=tile_ok,
+                        other=0.0)  # read C*BV
+            if HAS_W:
+                v = (v.to(tl.float32) * w[:, None]).to(v.dtype)
+            do = tl.load(do_base + rows[:, None] * stride_don + offs_v[None, :] * stride_dod, mask=tile_ok,
+                         other=0.0)  # read C*BV
+            tile = state_base + offs_k[:, None] * DV + offs_v[None, :]
+            if FOR_Q:
+                s = tl.load(HS + tile, mask=state_ok, other=0.0)  # read BK*BV
+                a += tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # dA[t, s] = do_t . v_s
+                grad += tl.dot(do, tl.trans(s), input_precision=DOT_PREC)
+            else:
+                ds = tl.load(DHS + tile, mask=state_ok, other=0.0)  # read BK*BV
+                a += tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # dA^T
+                grad += tl.dot(v, tl.trans(ds), input_precision=DOT_PREC)
+                if HAS_DECAY:
+                    s = tl.load(HS + tile, mask=state_ok, other=0.0)  # read BK*BV
+                    state_dot += tl.sum(s.to(tl.float32) * ds.to(tl.float32), 1)
+        if FOR_Q:
+            grad = grad * tl.exp(b)[:, None] + tl.dot((a * _decay_mask(b, C, False)).to(k.dtype), k,
+                                                      input_precision=DOT_PREC)
+            d_b = tl.sum(q.to(tl.float32) * grad, 1)
+        else:
+            grad_state = grad * tl.exp(b_last - b)[:, None]  # the part of dk that flows through S_end
+            grad = grad_state + tl.dot((a * _decay_mask(b, C, True)).to(q.dtype), q, input_precision=DOT_PREC)
+            # <dS_c, S_end> = exp(b_C) <dS_c, S_c> + sum_s k_s . dk_state_s, the whole of it at b_C
+            kf = k.to(tl.float32)
+            end_term = tl.exp(b_last) * tl.sum(state_dot, 0) + tl.sum(tl.sum(kf * grad_state, 1), 0)
+            d_b = tl.where(offs_c == C - 1, end_term, 0.0) - tl.sum(kf * grad, 1)
+        grad_sum += grad
+        if HAS_DECAY:
+            dg = tl.sum(d_b, 0) - tl.cumsum(d_b, 0) + d_b  # summed from t to the chunk's end
+            tl.store(DG_PART + (ik * tl.num_programs(2) * HEADS + bh).to(tl.int64) * N + rows, dg, mask=row_ok)
+    tl.store(DQK + (pid.to(tl.int64) * N + rows[:, None]) * DK + offs_k[None, :], grad_sum.to(DQK.dtype.element_ty),
+             mask=qk_ok)  # write C*BK
 
 
 # --------------------------------------------------------------------------------------------------
@@ -792,90 +863,111 @@ def _forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype, w=None):
     return o, s_end
 
 
-def _backward(q, k, v, g, s0, do, ds_end, chunk: int):
+# The backward's tiles; "dv_heads" and "dqdk_heads": how many heads a program of _la_dv or _la_dqdk
+# takes when Q and K are shared by several (mk.ssd's groups): the largest divisor of the group's
+# heads up to this. Chosen by sweeps on the H200 (2026-12-03, SSD H32 P64 S128 bf16, B4 L4k and B1
+# L16k, forward+backward as CUDA-graph replays): _la_dqdk with 4 warps instead of 8 took 1.10 ms
+# instead of 1.58 at B4 (1.40 instead of 1.87 at B1); 32 heads a program instead of 8 and Dk
+# blocks of 128 instead of 64, 1.01 ms (1.19); 3 stages were slower. _la_dstates with 4 warps:
+# 1.27 ms instead of 1.30 at B1.
+BWD_TILES = {"dstates": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
+             "dv": {"BK": 64, "BV": 128, "num_warps": 8, "num_warps_small": 4, "num_stages": 2},
+             "dqdk": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 2},
+             "dv_heads": 32, "dqdk_heads": 32}
+
+
+def _heads_per_program(per: int, most: int) -> int:
+    return max(d for d in range(1, min(per, most) + 1) if per % d == 0)
+
+
+def _state_grads(q, do, g, ds_end, chunk: int, dtype: torch.dtype):
+    """The gradient of the state leaving each chunk, [B*H, NT, Dk, Dv] in dtype, and of the initial
+    state (float32): the reverse walk of _la_dstates, in segments when its programs are fewer than
+    the SMs (as _chunk_states does: each segment's own part from zeros, chained in reverse by
+    _la_carry from ds_end, then each segment walked again from its carry)."""
     B, H, N, DK = q.shape
-    DV = v.shape[-1]
+    DV = do.shape[-1]
     nt = triton.cdiv(N, chunk)
-    hs, _ = _chunk_states(k, v, g, s0, chunk, want_final=False)  # recomputed: cheaper than kept
+    cfg = BWD_TILES["dstates"]
+    bk, bv = _block(DK, cfg["BK"]), _block(DV, cfg["BV"])
+    grid_state = (triton.cdiv(DK, bk), triton.cdiv(DV, bv))
+    seg_chunks = triton.cdiv(nt, _segments(grid_state[0] * grid_state[1] * B * H, nt, _sm_count(q)))
+    n_seg = triton.cdiv(nt, seg_chunks)
     gt, gs, has_decay = _per_step_args(g, q)
-    dhs = empty(hs.shape, dtype=hs.dtype, device=q.device)
+    dhs = empty((B * H, nt, DK, DV), dtype=dtype, device=q.device)
     ds0 = empty((B, H, DK, DV), dtype=torch.float32, device=q.device)
-    bk, bv = _block(DK, 64), _block(DV, 64)
-    _la_dstates[(triton.cdiv(DK, bk), triton.cdiv(DV, bv), B * H)](
-        q, do, gt, ds_end if ds_end is not None else ds0, dhs, ds0,
-        *q.stride(), *do.stride(), *gs, H, N, DK, DV, nt,
-        HAS_DECAY=has_decay, HAS_DS_END=ds_end is not None, C=chunk, BK=bk, BV=bv, **_launch_opts(q.dtype, 8))
+    args = (*q.stride(), *do.stride(), *gs, H, N, DK, DV, nt, seg_chunks)
+    opts = dict(HAS_DECAY=has_decay, C=chunk, BK=bk, BV=bv, **_launch_opts(q.dtype, cfg["num_warps"], cfg["num_stages"]))
+    s_in = ds_end
+    if n_seg > 1:
+        seg_part = empty((B * H, n_seg, DK, DV), dtype=torch.float32, device=q.device)
+        log_decay = empty((B * H, n_seg), dtype=torch.float32, device=q.device)
+        _la_dstates[(*grid_state, B * H * n_seg)](q, do, gt, seg_part, dhs, seg_part, log_decay, *args, HAS_S_IN=False,
+                                                 STORE_STATES=False, STORE_FINAL=True, STORE_DECAY=has_decay, **opts)
+        s_in = empty((B * H, n_seg, DK, DV), dtype=torch.float32, device=q.device)
+        block = 1024
+        _la_carry[(triton.cdiv(DK * DV, block), B * H)](
+            seg_part, log_decay, ds_end if ds_end is not None else seg_part, s_in, ds0, DK * DV, n_seg, n_seg,
+            HAS_DECAY=has_decay, HAS_S0=ds_end is not None, STORE_FINAL=True, BLOCK=block)
+    _la_dstates[(*grid_state, B * H * n_seg)](
+        q, do, gt, s_in if s_in is not None else ds0, dhs, ds0, ds0, *args, HAS_S_IN=s_in is not None,
+        STORE_STATES=True, STORE_FINAL=n_seg == 1, STORE_DECAY=False, **opts)
+    return dhs, ds0
+
+
+def _backward(q, k, v, g, s0, do, ds_end, chunk: int, w=None):
+    """Gradients of q, k, v, the log-decay g, s0 and the value weights w. q and k have H heads, as v
+    does, or one that all H heads read (mk.ssd's C and B): their gradients then come summed over
+    the heads, in that shape."""
+    B, H, N, DV = v.shape
+    DK = q.shape[-1]
+    h_qk = q.shape[1]
+    qe, ke = q.expand(B, H, N, DK), k.expand(B, H, N, DK)  # views: each head reads its own (or the one)
+    nt = triton.cdiv(N, chunk)
+    hs, _ = _chunk_states(ke, v, g, s0, chunk, want_final=False, w=w)  # recomputed: cheaper than kept
+    gt, gs, has_decay = _per_step_args(g, q)
+    wt, ws, has_w = _per_step_args(w, q)
+    dhs, ds0 = _state_grads(qe, do, g, ds_end, chunk, hs.dtype)
     dv = empty(v.shape, dtype=v.dtype, device=q.device)  # contiguous
-    bk, bv = _block(DK, 64), _block(DV, 128)
-    _la_dv[(nt, triton.cdiv(DV, bv), B * H)](
-        q, k, gt, do, dhs, dv, *q.stride(), *k.stride(), *gs, *do.stride(), *dv.stride(), H, N, DK, DV, nt,
-        HAS_DECAY=has_decay, C=chunk, BK=bk, BV=bv, **_launch_opts(q.dtype, 8 if bv * chunk >= 8192 else 4))
-    dq, dk = (empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(2))  # contiguous
-    bk, bv = _block(DK, 64), _block(DV, 64)
+    cfg = BWD_TILES["dv"]
+    bk, bv = _block(DK, cfg["BK"]), _block(DV, cfg["BV"])
+    nv = triton.cdiv(DV, bv)
+    heads = _heads_per_program(H // h_qk, BWD_TILES["dv_heads"])
+    splits = H // h_qk // heads
+    dw_part = empty((nv, B * H, N), dtype=torch.float32, device=q.device) if has_w else ds0
+    _la_dv[(nt, nv, B * h_qk * splits)](
+        q, k, gt, wt, v, do, dhs, dv, dw_part, *q.stride(), *k.stride(), *gs, *ws, *v.stride(), *do.stride(),
+        *dv.stride(), H, h_qk, N, DK, DV, nt, heads, HAS_DECAY=has_decay, HAS_W=has_w, C=chunk, BK=bk, BV=bv,
+        NK=triton.cdiv(DK, bk),
+        **_launch_opts(q.dtype, cfg["num_warps"] if bv * chunk >= 8192 else cfg["num_warps_small"], cfg["num_stages"]))
+    cfg = BWD_TILES["dqdk"]
+    bk, bv = _block(DK, cfg["BK"]), _block(DV, cfg["BV"])
     nk = triton.cdiv(DK, bk)
-    dg_part = empty((nk, B * H, N), dtype=torch.float32, device=q.device) if has_decay else ds0
-    _la_dqdk[(nt, nk, B * H)](
-        q, k, v, gt, do, hs, dhs, dq, dk, dg_part,
-        *q.stride(), *k.stride(), *v.stride(), *gs, *do.stride(), H, N, DK, DV, nt,
-        HAS_DECAY=has_decay, C=chunk, BK=bk, BV=bv, **_launch_opts(q.dtype, 8 if bk * chunk >= 4096 else 4))
-    dg = dg_part.sum(0).view(B, H, N) if has_decay else None
-    return dq, dk, dv, dg, ds0
-
-
-@triton.jit
-def _weight_rows_fwd(X, W, V, R, P, BR: tl.constexpr, BP: tl.constexpr):
-    # v[r, :] = w[r] x[r, :] for BR rows: read x and w once, write v once (float32 inside)
-    rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
-    cols = tl.arange(0, BP)
-    ok = (rows < R)[:, None] & (cols < P)[None, :]
-    x = tl.load(X + rows[:, None] * P + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    w = tl.load(W + rows, mask=rows < R, other=0.0)
-    tl.store(V + rows[:, None] * P + cols[None, :], (x * w[:, None]).to(V.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _weight_rows_bwd(X, W, DV, DX, DW, R, P, BR: tl.constexpr, BP: tl.constexpr):
-    # dx = w dv, dw = sum_p x dv: read x, w and dv once, write dx and dw once
-    rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
-    cols = tl.arange(0, BP)
-    ok = (rows < R)[:, None] & (cols < P)[None, :]
-    tile = rows[:, None] * P + cols[None, :]
-    x = tl.load(X + tile, mask=ok, other=0.0).to(tl.float32)
-    dv = tl.load(DV + tile, mask=ok, other=0.0).to(tl.float32)
-    w = tl.load(W + rows, mask=rows < R, other=0.0)
-    tl.store(DX + tile, (dv * w[:, None]).to(DX.dtype.element_ty), mask=ok)
-    tl.store(DW + rows, tl.sum(x * dv, axis=1), mask=rows < R)
-
-
-def _row_blocks(p: int) -> tuple[int, int]:
-    bp = triton.next_power_of_2(p)
-    return max(1, 4096 // bp), bp  # about 4k elements per program
-
-
-def _weight_rows(x, w):
-    """w[..., None] * x in one pass (x [B, H, N, P] in its dtype, w float32 [B, H, N])."""
-    x2, w1 = x.reshape(-1, x.shape[-1]).contiguous(), w.reshape(-1).contiguous()
-    v = empty(x2.shape, dtype=x.dtype, device=x.device)
-    br, bp = _row_blocks(x2.shape[1])
-    _weight_rows_fwd[(triton.cdiv(x2.shape[0], br),)](x2, w1, v, x2.shape[0], x2.shape[1], BR=br, BP=bp)
-    return v.view(x.shape)
-
-
-def _weight_rows_grad(x, w, dv):
-    """The gradients of x and w (float32) through v = w[..., None] * x, given dv."""
-    x2, w1 = x.reshape(-1, x.shape[-1]).contiguous(), w.reshape(-1).contiguous()
-    dv2 = dv.reshape(x2.shape).contiguous()
-    dx, dw = empty(x2.shape, dtype=x2.dtype, device=x2.device), empty(w1.shape, dtype=torch.float32,
-                                                                      device=x2.device)
-    br, bp = _row_blocks(x2.shape[1])
-    _weight_rows_bwd[(triton.cdiv(x2.shape[0], br),)](x2, w1, dv2, dx, dw, x2.shape[0], x2.shape[1], BR=br, BP=bp)
-    return dx.view(x.shape), dw.view(w.shape)
+    heads = _heads_per_program(H // h_qk, BWD_TILES["dqdk_heads"])
+    splits = H // h_qk // heads
+    # one program's sum over its heads; several programs' sums (splits > 1) are added below in float32
+    part_dtype = q.dtype if splits == 1 else torch.float32
+    dg_part = empty((2, nk, B * H, N), dtype=torch.float32, device=q.device) if has_decay else ds0
+    grads = []
+    for side, for_q in enumerate((True, False)):
+        grad = empty((B, h_qk, splits, N, DK), dtype=part_dtype, device=q.device)
+        _la_dqdk[(nt, nk, B * h_qk * splits)](
+            q, k, v, gt, wt, do, hs, dhs, grad, dg_part[side] if has_decay else ds0,
+            *q.stride(), *k.stride(), *v.stride(), *gs, *ws, *do.stride(), H, h_qk, N, DK, DV, nt, heads,
+            FOR_Q=for_q, HAS_DECAY=has_decay, HAS_W=has_w, C=chunk, BK=bk, BV=bv, NV=triton.cdiv(DV, bv),
+            **_launch_opts(q.dtype, cfg["num_warps"] if bk * chunk >= 4096 else 4, cfg["num_stages"]))
+        grads.append(grad.sum(2).to(q.dtype) if splits > 1 else grad.view(B, h_qk, N, DK))
+    dq, dk = grads
+    dg = dg_part.sum((0, 1)).view(B, H, N) if has_decay else None
+    dw = dw_part.sum(0).view(B, H, N) if has_w else None
+    return dq, dk, dv, dg, ds0, dw
 
 
 class _LinearAttention(torch.autograd.Function):
     # w: optional float32 value weights [B, H, N] (the values become w_t v_t). mk.ssd passes dt here:
-    # the forward kernels fold it into factors they compute anyway, instead of a pass over x; the
-    # backward builds w v once and runs the unweighted kernels on it.
+    # the kernels fold it into factors they compute anyway, instead of a pass over x.
+    # q and k: [B, H, N, Dk] as v, or [B, 1, N, Dk] read by all H heads (mk.ssd's C and B, a group
+    # at a time); their gradients then come summed over the heads by the kernel.
     @staticmethod
     def forward(ctx, q, k, v, g, s0, chunk, out_dtype, w=None):
         ctx.set_materialize_grads(False)  # an unused output (often the state) gets no zero gradient
@@ -885,8 +977,10 @@ class _LinearAttention(torch.autograd.Function):
         gw = g.float() if g is not None else None
         ww = w.float().contiguous() if w is not None else None
         s0w = s0.float().contiguous() if s0 is not None else None
+        heads = (*v.shape[:2], *q.shape[2:])
         with on_device_of(q):
-            o, s_end = _forward(qw, kw, vw, gw, s0w, chunk, out_dtype if work == dtype else torch.float32, w=ww)
+            o, s_end = _forward(qw.expand(heads), kw.expand(heads), vw, gw, s0w, chunk,
+                                out_dtype if work == dtype else torch.float32, w=ww)
         ctx.save_for_backward(qw, kw, vw, gw, s0w, ww)
         ctx.chunk, ctx.dtype, ctx.has_s0 = chunk, dtype, s0 is not None
         ctx.s0_dtype = s0.dtype if s0 is not None else None
@@ -896,17 +990,13 @@ class _LinearAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, ds_end):
         qw, kw, vw, gw, s0w, ww = ctx.saved_tensors
-        do = do.to(qw.dtype) if do is not None else torch.zeros_like(qw[..., :1]).expand(*vw.shape)
+        do = do.to(qw.dtype) if do is not None else vw.new_zeros(()).expand(*vw.shape)
         ds_end = ds_end.float().contiguous() if ds_end is not None else None
-        dw = None
         with on_device_of(qw):
-            v_eff = _weight_rows(vw, ww) if ww is not None else vw
-            dq, dk, dv, dg, ds0 = _backward(qw, kw, v_eff, gw, s0w, do, ds_end, ctx.chunk)
-            if ww is not None:
-                dv, dw = _weight_rows_grad(vw, ww, dv)
-                dw = dw.to(ctx.w_dtype)
+            dq, dk, dv, dg, ds0, dw = _backward(qw, kw, vw, gw, s0w, do, ds_end, ctx.chunk, w=ww)
         return (dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), dg,
-                ds0.to(ctx.s0_dtype) if ctx.has_s0 else None, None, None, dw)
+                ds0.to(ctx.s0_dtype) if ctx.has_s0 else None, None, None,
+                dw.to(ctx.w_dtype) if dw is not None else None)
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor | None = None,
