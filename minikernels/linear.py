@@ -897,7 +897,8 @@ def _state_grads(q, do, g, ds_end, chunk: int, dtype: torch.dtype):
     dhs = empty((B * H, nt, DK, DV), dtype=dtype, device=q.device)
     ds0 = empty((B, H, DK, DV), dtype=torch.float32, device=q.device)
     args = (*q.stride(), *do.stride(), *gs, H, N, DK, DV, nt, seg_chunks)
-    opts = dict(HAS_DECAY=has_decay, C=chunk, BK=bk, BV=bv, **_launch_opts(q.dtype, cfg["num_warps"], cfg["num_stages"]))
+    opts = dict(HAS_DECAY=has_decay, C=chunk, BK=bk, BV=bv,
+                **_launch_opts(q.dtype, cfg["num_warps"], cfg["num_stages"]))
     s_in = ds_end
     if n_seg > 1:
         seg_part = empty((B * H, n_seg, DK, DV), dtype=torch.float32, device=q.device)
