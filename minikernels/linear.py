@@ -30,8 +30,8 @@ With per-step value weights w (how mk.ssd passes its step sizes), the values are
 forward folds w into the factor exp(b_C - b) of the state update and into the columns of
 Q K^T * M; the backward weights V's rows as it loads them, and _la_dv turns the gradient of w_t v_t
 into those of v_t and w_t. Q and K may have one head that every head reads (mk.ssd's C and B):
-_la_dv and _la_dqdk then take several heads a program, load its Q and K once, and _la_dqdk sums
-their gradients over the heads. The weighted forward
+_la_dqdk then takes several heads a program, loads its Q and K once, and sums their gradients
+over the heads. The weighted forward
 (when Dk <= 128 and its tiles fit in shared memory) does not store the chunks' states at all:
 _la_fused walks the chunks once with the state in registers and writes O_c as it goes, the
 sequence cut into segments whose starting states come from a walk that stores nothing but each
@@ -474,66 +474,53 @@ def _la_dv(Q, K, G, W, V, DO, DHS, DVO, DW_PART,
            stride_vb, stride_vh, stride_vn, stride_vd,
            stride_dob, stride_doh, stride_don, stride_dod,
            stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-           H, H_QK, N, DK, DV, NT, HEADS,
+           H, N, DK, DV, NT,
            HAS_DECAY: tl.constexpr, HAS_W: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-           NK: tl.constexpr, DOT_PREC: tl.constexpr):
+           DOT_PREC: tl.constexpr):
     # dV_c = (Q K^T * M)^T dO + (K * exp(b_C - b)) dS_c, every chunk at once. A^T = K Q^T is its own
     # product rather than tl.trans of Q K^T: a transposed dot result feeding a dot is what Triton
     # 3.4-3.7.0 miscompiles on Hopper (fla-org/flash-linear-attention#640).
-    # As in _la_dqdk, a program takes HEADS heads that read one Q and K: K Q^T is computed once for
-    # them (only the decay mask differs between heads), and Dk is covered in NK unrolled blocks so
-    # that the loop over heads is the innermost one, which Triton pipelines.
     # With HAS_W the kernels saw the values w_t v_t: the gradient of v_t is then w_t dV_t, and w_t's
     # is v_t . dV_t, summed here over this program's block of Dv (DW_PART[iv, bh, t]).
-    ic, iv, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    per = H // H_QK
-    splits = per // HEADS
-    b_idx, hq, split = pid // (H_QK * splits), pid // splits % H_QK, pid % splits
+    ic, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b_idx, h = bh // H, bh % H
     offs_c = tl.arange(0, C)
     offs_v = iv * BV + tl.arange(0, BV)
     v_ok = offs_v < DV
     rows = (ic * C + offs_c).to(tl.int64)
     row_ok = rows < N
     tile_ok = row_ok[:, None] & v_ok[None, :]
-    q_base = Q + b_idx.to(tl.int64) * stride_qb + hq.to(tl.int64) * stride_qh
-    k_base = K + b_idx.to(tl.int64) * stride_kb + hq.to(tl.int64) * stride_kh
-    kq = tl.zeros([C, C], tl.float32)
-    for ik in tl.static_range(NK):
-        offs_k = ik * BK + tl.arange(0, BK)
+    q_base = Q + b_idx.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b_idx.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    dhs_base = DHS + (bh.to(tl.int64) * NT + ic) * DK * DV
+    b, b_last = _chunk_cumsum(G, b_idx.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh, stride_gn,
+                              rows, row_ok, C, HAS_DECAY)
+    at = tl.zeros([C, C], tl.float32)
+    dv = tl.zeros([C, BV], tl.float32)
+    for k0 in range(0, DK, BK):
+        offs_k = k0 + tl.arange(0, BK)
         k_ok = offs_k < DK
         q = tl.load(q_base + rows[:, None] * stride_qn + offs_k[None, :] * stride_qd,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # read C*BK
         k = tl.load(k_base + rows[:, None] * stride_kn + offs_k[None, :] * stride_kd,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # read C*BK
-        kq += tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # A^T[s, t] = k_s . q_t, before the mask
-    for j in range(0, HEADS):
-        h = hq * per + split * HEADS + j
-        bh = b_idx * H + h
-        dhs_base = DHS + (bh.to(tl.int64) * NT + ic) * DK * DV
-        b, b_last = _chunk_cumsum(G, b_idx.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh, stride_gn,
-                                  rows, row_ok, C, HAS_DECAY)
-        dv = tl.zeros([C, BV], tl.float32)
-        for ik in tl.static_range(NK):
-            offs_k = ik * BK + tl.arange(0, BK)
-            k_ok = offs_k < DK
-            k = tl.load(k_base + rows[:, None] * stride_kn + offs_k[None, :] * stride_kd,
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # read C*BK (cached: the same each head)
-            ds = tl.load(dhs_base + offs_k[:, None] * DV + offs_v[None, :],
-                         mask=k_ok[:, None] & v_ok[None, :], other=0.0)  # read BK*BV
-            dv += tl.dot(k, ds, input_precision=DOT_PREC)
-        do = tl.load(DO + b_idx.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                     + rows[:, None] * stride_don + offs_v[None, :] * stride_dod, mask=tile_ok, other=0.0)  # C*BV
-        at = kq * _decay_mask(b, C, True)
-        dv = dv * tl.exp(b_last - b)[:, None] + tl.dot(at.to(do.dtype), do, input_precision=DOT_PREC)
-        if HAS_W:
-            v = tl.load(V + b_idx.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + rows[:, None] * stride_vn
-                        + offs_v[None, :] * stride_vd, mask=tile_ok, other=0.0).to(tl.float32)  # read C*BV
-            tl.store(DW_PART + (iv * tl.num_programs(2) * HEADS + bh).to(tl.int64) * N + rows, tl.sum(v * dv, 1),
-                     mask=row_ok)  # write C
-            dv *= tl.load(W + b_idx.to(tl.int64) * stride_wb + h.to(tl.int64) * stride_wh + rows * stride_wn,
-                          mask=row_ok, other=0.0)[:, None]  # read C
-        tl.store(DVO + b_idx.to(tl.int64) * stride_dvb + h.to(tl.int64) * stride_dvh + rows[:, None] * stride_dvn
-                 + offs_v[None, :] * stride_dvd, dv.to(DVO.dtype.element_ty), mask=tile_ok)  # write C*BV
+        ds = tl.load(dhs_base + offs_k[:, None] * DV + offs_v[None, :],
+                     mask=k_ok[:, None] & v_ok[None, :], other=0.0)  # read BK*BV
+        at += tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # A^T[s, t] = k_s . q_t
+        dv += tl.dot(k, ds, input_precision=DOT_PREC)
+    do = tl.load(DO + b_idx.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                 + rows[:, None] * stride_don + offs_v[None, :] * stride_dod, mask=tile_ok, other=0.0)  # read C*BV
+    at = at * _decay_mask(b, C, True)
+    dv = dv * tl.exp(b_last - b)[:, None] + tl.dot(at.to(do.dtype), do, input_precision=DOT_PREC)
+    if HAS_W:
+        v = tl.load(V + b_idx.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + rows[:, None] * stride_vn
+                    + offs_v[None, :] * stride_vd, mask=tile_ok, other=0.0).to(tl.float32)  # read C*BV
+        tl.store(DW_PART + (iv * tl.num_programs(2) + bh).to(tl.int64) * N + rows, tl.sum(v * dv, 1),
+                 mask=row_ok)  # write C
+        dv *= tl.load(W + b_idx.to(tl.int64) * stride_wb + h.to(tl.int64) * stride_wh + rows * stride_wn,
+                      mask=row_ok, other=0.0)[:, None]  # read C
+    tl.store(DVO + b_idx.to(tl.int64) * stride_dvb + h.to(tl.int64) * stride_dvh + rows[:, None] * stride_dvn
+             + offs_v[None, :] * stride_dvd, dv.to(DVO.dtype.element_ty), mask=tile_ok)  # write C*BV
 
 
 @triton.jit
@@ -863,17 +850,16 @@ def _forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype, w=None):
     return o, s_end
 
 
-# The backward's tiles; "dv_heads" and "dqdk_heads": how many heads a program of _la_dv or _la_dqdk
-# takes when Q and K are shared by several (mk.ssd's groups): the largest divisor of the group's
-# heads up to this. Chosen by sweeps on the H200 (2026-12-03, SSD H32 P64 S128 bf16, B4 L4k and B1
-# L16k, forward+backward as CUDA-graph replays): _la_dqdk with 4 warps instead of 8 took 1.10 ms
-# instead of 1.58 at B4 (1.40 instead of 1.87 at B1); 32 heads a program instead of 8 and Dk
-# blocks of 128 instead of 64, 1.01 ms (1.19); 3 stages were slower. _la_dstates with 4 warps:
-# 1.27 ms instead of 1.30 at B1.
+# The backward's tiles; "dqdk_heads": how many heads a program of _la_dqdk takes when Q and K are
+# shared by several (mk.ssd's groups): the largest divisor of the group's heads up to this. Chosen
+# by sweeps on the H200 (2026-12-03, SSD H32 P64 S128 bf16, B4 L4k and B1 L16k, forward+backward as
+# CUDA-graph replays): _la_dqdk with 4 warps instead of 8 took 1.10 ms instead of 1.58 at B4 (1.40
+# instead of 1.87 at B1); 32 heads a program instead of 8 and Dk blocks of 128 instead of 64, 1.01
+# ms (1.19); 3 stages were slower. _la_dstates with 4 warps: 1.27 ms instead of 1.30 at B1.
 BWD_TILES = {"dstates": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
-             "dv": {"BK": 64, "BV": 128, "num_warps": 8, "num_warps_small": 4, "num_stages": 2},
+             "dv": {"BK": 64, "BV": 128, "num_warps": 8, "num_stages": 2},
              "dqdk": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 2},
-             "dv_heads": 32, "dqdk_heads": 32}
+             "dqdk_heads": 32}
 
 
 def _heads_per_program(per: int, most: int) -> int:
@@ -933,14 +919,11 @@ def _backward(q, k, v, g, s0, do, ds_end, chunk: int, w=None):
     cfg = BWD_TILES["dv"]
     bk, bv = _block(DK, cfg["BK"]), _block(DV, cfg["BV"])
     nv = triton.cdiv(DV, bv)
-    heads = _heads_per_program(H // h_qk, BWD_TILES["dv_heads"])
-    splits = H // h_qk // heads
     dw_part = empty((nv, B * H, N), dtype=torch.float32, device=q.device) if has_w else ds0
-    _la_dv[(nt, nv, B * h_qk * splits)](
-        q, k, gt, wt, v, do, dhs, dv, dw_part, *q.stride(), *k.stride(), *gs, *ws, *v.stride(), *do.stride(),
-        *dv.stride(), H, h_qk, N, DK, DV, nt, heads, HAS_DECAY=has_decay, HAS_W=has_w, C=chunk, BK=bk, BV=bv,
-        NK=triton.cdiv(DK, bk),
-        **_launch_opts(q.dtype, cfg["num_warps"] if bv * chunk >= 8192 else cfg["num_warps_small"], cfg["num_stages"]))
+    _la_dv[(nt, nv, B * H)](
+        qe, ke, gt, wt, v, do, dhs, dv, dw_part, *qe.stride(), *ke.stride(), *gs, *ws, *v.stride(), *do.stride(),
+        *dv.stride(), H, N, DK, DV, nt, HAS_DECAY=has_decay, HAS_W=has_w, C=chunk, BK=bk, BV=bv,
+        **_launch_opts(q.dtype, cfg["num_warps"] if bv * chunk >= 8192 else 4, cfg["num_stages"]))
     cfg = BWD_TILES["dqdk"]
     bk, bv = _block(DK, cfg["BK"]), _block(DV, cfg["BV"])
     nk = triton.cdiv(DK, bk)

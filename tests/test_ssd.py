@@ -59,20 +59,18 @@ def test_groups_equal_heads_and_a_single_group():
 
 
 @pytest.mark.parametrize("most", [1, 2, 4, 8])
-def test_backward_takes_a_groups_heads_in_pieces(monkeypatch, most):
-    # _la_dv and _la_dqdk take the heads of a group that share B and C a piece at a time (and sum the
-    # gradients of B and C over them): all 6 heads in one program (most = 8), or pieces of 1, 2 or 3
-    # heads, whose sums _backward adds afterwards
+def test_backward_sums_a_groups_heads_in_pieces(monkeypatch, most):
+    # _la_dqdk sums the gradients of B and C over the heads of a group that share them: all 6 heads
+    # in one program (most = 8), or pieces of 1, 2 or 3 heads, whose sums _backward adds afterwards
     from minikernels import linear
 
     real, taken = linear._heads_per_program, []
-    monkeypatch.setitem(linear.BWD_TILES, "dv_heads", most)
     monkeypatch.setitem(linear.BWD_TILES, "dqdk_heads", most)
     monkeypatch.setattr(linear, "_heads_per_program", lambda per, m: taken.append(real(per, m)) or taken[-1])
     check(*make(h=6, g=1, seed=7 + most))
-    assert taken == [{1: 1, 2: 2, 4: 3, 8: 6}[most]] * 2
+    assert taken == [{1: 1, 2: 2, 4: 3, 8: 6}[most]]
     check(*make(h=6, g=2, seed=17 + most), chunk=32)  # 3 heads a group: pieces of 1 or 3
-    assert taken[2:] == [1 if most < 3 else 3] * 2
+    assert taken[1] == (1 if most < 3 else 3)
 
 
 def test_quadratic_form_is_the_same_model():
