@@ -524,6 +524,37 @@ def _la_dv(Q, K, G, W, V, DO, DHS, DVO, DW_PART,
 
 
 @triton.jit
+def _dqdk_v_block(iv, v_base, do_base, HS, DHS, state_base, rows, row_ok, offs_k, k_ok, w, a, grad, state_dot,
+                  stride_vn, stride_vd, stride_don, stride_dod, DV,
+                  FOR_Q: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_W: tl.constexpr, BV: tl.constexpr,
+                  DOT_PREC: tl.constexpr):
+    # _la_dqdk's products over Dv block iv: dA (or dA^T), the state term of the gradient and, for dK
+    # with a decay, <S_c, dS_c> per row of the Dk block
+    offs_v = iv * BV + tl.arange(0, BV)
+    tile_ok = row_ok[:, None] & (offs_v < DV)[None, :]
+    state_ok = k_ok[:, None] & (offs_v < DV)[None, :]
+    v = tl.load(v_base + rows[:, None] * stride_vn + offs_v[None, :] * stride_vd, mask=tile_ok,
+                other=0.0)  # read C*BV
+    if HAS_W:
+        v = (v.to(tl.float32) * w[:, None]).to(v.dtype)
+    do = tl.load(do_base + rows[:, None] * stride_don + offs_v[None, :] * stride_dod, mask=tile_ok,
+                 other=0.0)  # read C*BV
+    tile = state_base + offs_k[:, None] * DV + offs_v[None, :]
+    if FOR_Q:
+        s = tl.load(HS + tile, mask=state_ok, other=0.0)  # read BK*BV
+        a += tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # dA[t, s] = do_t . v_s
+        grad += tl.dot(do, tl.trans(s), input_precision=DOT_PREC)
+    else:
+        ds = tl.load(DHS + tile, mask=state_ok, other=0.0)  # read BK*BV
+        a += tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # dA^T
+        grad += tl.dot(v, tl.trans(ds), input_precision=DOT_PREC)
+        if HAS_DECAY:
+            s = tl.load(HS + tile, mask=state_ok, other=0.0)  # read BK*BV
+            state_dot += tl.sum(s.to(tl.float32) * ds.to(tl.float32), 1)
+    return a, grad, state_dot
+
+
+@triton.jit
 def _la_dqdk(Q, K, V, G, W, DO, HS, DHS, DQK, DG_PART,
              stride_qb, stride_qh, stride_qn, stride_qd,
              stride_kb, stride_kh, stride_kn, stride_kd,
@@ -533,7 +564,8 @@ def _la_dqdk(Q, K, V, G, W, DO, HS, DHS, DQK, DG_PART,
              stride_dob, stride_doh, stride_don, stride_dod,
              H, H_QK, N, DK, DV, NT, HEADS,
              FOR_Q: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_W: tl.constexpr, C: tl.constexpr,
-             BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, DOT_PREC: tl.constexpr):
+             BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, UNROLL_V: tl.constexpr,
+             DOT_PREC: tl.constexpr):
     # FOR_Q: dQ_c = (dO V^T * M) K + exp(b) dO S_c^T; else dK_c = (V dO^T * M^T) Q + exp(b_C - b) V dS_c^T;
     # every chunk at once (dA^T = V dO^T is its own product, see _la_dv). Two launches, one for each:
     # together their products and tiles do not fit one program's registers.
@@ -544,8 +576,10 @@ def _la_dqdk(Q, K, V, G, W, DO, HS, DHS, DQK, DG_PART,
     # Q and K have H_QK heads (H, or 1 that all H heads read, as mk.ssd's C and B): a program takes
     # HEADS consecutive heads that read one Q and K, loads its Q and K block once and sums their
     # gradients in registers; DQK is [B * H_QK * (H / H_QK / HEADS), N, DK], one sum per group of
-    # HEADS. Dv is covered in NV blocks, unrolled, so that the loop over heads is the innermost one,
-    # which Triton pipelines: the next head's tiles load while this one's products run.
+    # HEADS. Dv is covered in NV blocks. With UNROLL_V (few, 16-bit) they are unrolled, so that the loop
+    # over heads is the innermost one, which Triton pipelines: the next head's tiles load while this
+    # one's products run. Unrolled, each block gets its own buffers in shared memory; with many blocks
+    # (a wide Dv) that would not fit, so they take a loop.
     # With HAS_W, V's rows are weighted by w as the kernels saw them.
     ic, ik, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     per = H // H_QK
@@ -570,34 +604,23 @@ def _la_dqdk(Q, K, V, G, W, DO, HS, DHS, DQK, DG_PART,
         state_base = (bh.to(tl.int64) * NT + ic) * DK * DV
         b, b_last = _chunk_cumsum(G, b_idx.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh, stride_gn,
                                   rows, row_ok, C, HAS_DECAY)
+        w = 1.0  # unused without weights
         if HAS_W:
             w = tl.load(W + b_idx.to(tl.int64) * stride_wb + h.to(tl.int64) * stride_wh + rows * stride_wn,
                         mask=row_ok, other=0.0)  # read C
         a = tl.zeros([C, C], tl.float32)  # dA (FOR_Q) or dA^T
         grad = tl.zeros([C, BK], tl.float32)
         state_dot = tl.zeros([BK], tl.float32)  # <S_c, dS_c>, one entry per row of this Dk block
-        for iv in tl.static_range(NV):  # products over Dv, a block at a time
-            offs_v = iv * BV + tl.arange(0, BV)
-            tile_ok = row_ok[:, None] & (offs_v < DV)[None, :]
-            state_ok = k_ok[:, None] & (offs_v < DV)[None, :]
-            v = tl.load(v_base + rows[:, None] * stride_vn + offs_v[None, :] * stride_vd, mask=tile_ok,
-                        other=0.0)  # read C*BV
-            if HAS_W:
-                v = (v.to(tl.float32) * w[:, None]).to(v.dtype)
-            do = tl.load(do_base + rows[:, None] * stride_don + offs_v[None, :] * stride_dod, mask=tile_ok,
-                         other=0.0)  # read C*BV
-            tile = state_base + offs_k[:, None] * DV + offs_v[None, :]
-            if FOR_Q:
-                s = tl.load(HS + tile, mask=state_ok, other=0.0)  # read BK*BV
-                a += tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # dA[t, s] = do_t . v_s
-                grad += tl.dot(do, tl.trans(s), input_precision=DOT_PREC)
-            else:
-                ds = tl.load(DHS + tile, mask=state_ok, other=0.0)  # read BK*BV
-                a += tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # dA^T
-                grad += tl.dot(v, tl.trans(ds), input_precision=DOT_PREC)
-                if HAS_DECAY:
-                    s = tl.load(HS + tile, mask=state_ok, other=0.0)  # read BK*BV
-                    state_dot += tl.sum(s.to(tl.float32) * ds.to(tl.float32), 1)
+        if UNROLL_V:  # few Dv blocks (mk.ssd's one): unrolled, the loop over heads stays the innermost
+            for iv in tl.static_range(NV):
+                a, grad, state_dot = _dqdk_v_block(
+                    iv, v_base, do_base, HS, DHS, state_base, rows, row_ok, offs_k, k_ok, w, a, grad, state_dot,
+                    stride_vn, stride_vd, stride_don, stride_dod, DV, FOR_Q, HAS_DECAY, HAS_W, BV, DOT_PREC)
+        else:  # many: a loop, whose tiles, unlike an unrolled one's, do not grow with NV
+            for iv in range(0, NV):
+                a, grad, state_dot = _dqdk_v_block(
+                    iv, v_base, do_base, HS, DHS, state_base, rows, row_ok, offs_k, k_ok, w, a, grad, state_dot,
+                    stride_vn, stride_vd, stride_don, stride_dod, DV, FOR_Q, HAS_DECAY, HAS_W, BV, DOT_PREC)
         if FOR_Q:
             grad = grad * tl.exp(b)[:, None] + tl.dot((a * _decay_mask(b, C, False)).to(k.dtype), k,
                                                       input_precision=DOT_PREC)
@@ -862,6 +885,35 @@ BWD_TILES = {"dstates": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
              "dqdk_heads": 32}
 
 
+# _la_dqdk unrolls its loop over Dv blocks up to this many (mk.ssd has 1, linear attention with
+# Dv = 128 has 2), for 16-bit inputs: an unrolled loop's tiles take shared memory for every block.
+# Compiled with Triton 3.6 for sm_90, Dk blocks of 128, 2 Dv blocks, chunks of 64: bf16 99 KB
+# unrolled, 41 KB in a loop; float32 263 KB and 197 KB (a program may have 227 KB on the H200). At
+# chunks of 128, float32 needs 295 KB even in a loop: _launch_fitting then halves the Dk block.
+DQDK_UNROLL_V = 2
+
+# The block sizes _launch_fitting settled on, by launch configuration.
+_FITTED_BLOCKS: dict = {}
+
+
+def _launch_fitting(key, block: int, launch):
+    """launch(block), with the block halved (down to 16) while the compiled kernel asks for more
+    shared memory than one program may have on this GPU: float32 tiles (twice the bytes of the
+    16-bit ones the tiles were chosen for) or long chunks. Triton raises OutOfResources before the
+    kernel runs. The block that fitted is remembered under key, so later calls start from it."""
+    block = min(block, _FITTED_BLOCKS.get(key, block))
+    while True:
+        try:
+            out = launch(block)
+        except triton.runtime.errors.OutOfResources:
+            if block <= 16:
+                raise
+            block //= 2
+            continue
+        _FITTED_BLOCKS[key] = block
+        return out
+
+
 def _heads_per_program(per: int, most: int) -> int:
     return max(d for d in range(1, min(per, most) + 1) if per % d == 0)
 
@@ -925,24 +977,32 @@ def _backward(q, k, v, g, s0, do, ds_end, chunk: int, w=None):
         *dv.stride(), H, N, DK, DV, nt, HAS_DECAY=has_decay, HAS_W=has_w, C=chunk, BK=bk, BV=bv,
         **_launch_opts(q.dtype, cfg["num_warps"] if bv * chunk >= 8192 else 4, cfg["num_stages"]))
     cfg = BWD_TILES["dqdk"]
-    bk, bv = _block(DK, cfg["BK"]), _block(DV, cfg["BV"])
-    nk = triton.cdiv(DK, bk)
+    bv = _block(DV, cfg["BV"])
+    nv = triton.cdiv(DV, bv)
     heads = _heads_per_program(H // h_qk, BWD_TILES["dqdk_heads"])
     splits = H // h_qk // heads
     # one program's sum over its heads; several programs' sums (splits > 1) are added below in float32
     part_dtype = q.dtype if splits == 1 else torch.float32
-    dg_part = empty((2, nk, B * H, N), dtype=torch.float32, device=q.device) if has_decay else ds0
-    grads = []
-    for side, for_q in enumerate((True, False)):
-        grad = empty((B, h_qk, splits, N, DK), dtype=part_dtype, device=q.device)
-        _la_dqdk[(nt, nk, B * h_qk * splits)](
-            q, k, v, gt, wt, do, hs, dhs, grad, dg_part[side] if has_decay else ds0,
-            *q.stride(), *k.stride(), *v.stride(), *gs, *ws, *do.stride(), H, h_qk, N, DK, DV, nt, heads,
-            FOR_Q=for_q, HAS_DECAY=has_decay, HAS_W=has_w, C=chunk, BK=bk, BV=bv, NV=triton.cdiv(DV, bv),
-            **_launch_opts(q.dtype, cfg["num_warps"] if bk * chunk >= 4096 else 4, cfg["num_stages"]))
+    unroll_v = nv <= DQDK_UNROLL_V and q.element_size() == 2
+    grads, dgs = [], []
+    for for_q in (True, False):
+        def launch(bk, for_q=for_q):
+            nk = triton.cdiv(DK, bk)
+            grad = empty((B, h_qk, splits, N, DK), dtype=part_dtype, device=q.device)
+            dg_part = empty((nk, B * H, N), dtype=torch.float32, device=q.device) if has_decay else ds0
+            _la_dqdk[(nt, nk, B * h_qk * splits)](
+                q, k, v, gt, wt, do, hs, dhs, grad, dg_part,
+                *q.stride(), *k.stride(), *v.stride(), *gs, *ws, *do.stride(), H, h_qk, N, DK, DV, nt, heads,
+                FOR_Q=for_q, HAS_DECAY=has_decay, HAS_W=has_w, C=chunk, BK=bk, BV=bv, NV=nv,
+                UNROLL_V=unroll_v, **_launch_opts(q.dtype, cfg["num_warps"], cfg["num_stages"]))
+            return grad, dg_part
+        key = ("dqdk", q.device, q.dtype, chunk, bv, nv, for_q, has_decay, has_w)
+        grad, dg_part = _launch_fitting(key, _block(DK, cfg["BK"]), launch)
         grads.append(grad.sum(2).to(q.dtype) if splits > 1 else grad.view(B, h_qk, N, DK))
+        if has_decay:
+            dgs.append(dg_part.sum(0))
     dq, dk = grads
-    dg = dg_part.sum((0, 1)).view(B, H, N) if has_decay else None
+    dg = (dgs[0] + dgs[1]).view(B, H, N) if has_decay else None
     dw = dw_part.sum(0).view(B, H, N) if has_w else None
     return dq, dk, dv, dg, ds0, dw
 

@@ -90,6 +90,43 @@ def test_state_blocks_split_over_several_programs():
     check(*make(1, 1, 33, 160, 96, torch.float32, seed=3, state=True))
 
 
+@pytest.mark.parametrize("unroll", [0, 8])
+def test_value_blocks_of_the_query_key_gradients_in_a_loop_or_unrolled(monkeypatch, unroll):
+    """_la_dqdk covers Dv in blocks of 64: for 16-bit inputs unrolled when they are few, in a loop
+    when they are many (unrolled, each block takes shared memory of its own). Dv = 200, 4 blocks,
+    both ways (float16: the unrolled form is not used for float32)."""
+    from minikernels import linear
+
+    monkeypatch.setattr(linear, "DQDK_UNROLL_V", unroll)
+    check(*make(1, 2, 37, 24, 200, torch.float16, seed=21, state=True))
+
+
+def test_launch_fitting_halves_the_block_until_the_kernel_fits():
+    """On a GPU, float32 tiles of the backward can ask for more shared memory than a program may
+    have; Triton then raises OutOfResources before the kernel runs. The launch halves the Dk block
+    until one fits (not below 16), and starts from that block next time."""
+    from triton.runtime.errors import OutOfResources
+
+    from minikernels import linear
+
+    tried = []
+
+    def launch(block, fits=32):
+        tried.append(block)
+        if block > fits:
+            raise OutOfResources(block * 4096, fits * 4096, "shared memory")
+        return f"ran with {block}"
+
+    key = ("a test", object())
+    assert linear._launch_fitting(key, 128, launch) == "ran with 32" and tried == [128, 64, 32]
+    tried.clear()
+    assert linear._launch_fitting(key, 128, launch) == "ran with 32" and tried == [32]
+    tried.clear()
+    with pytest.raises(OutOfResources):
+        linear._launch_fitting(("another test", object()), 128, lambda block: launch(block, fits=8))
+    assert tried == [128, 64, 32, 16]
+
+
 @pytest.mark.parametrize("n_seg", [1, 2, 3, 8])
 @pytest.mark.parametrize("decay,state", [(False, False), (True, True)])
 def test_state_pass_cut_into_segments(monkeypatch, n_seg, decay, state):
@@ -202,6 +239,21 @@ def test_gpu_gated_backward_at_model_size(dtype, chunk):
     backward on triton 3.6 for a compiler bug; this checks ours on the GPU)."""
     q, k, v, g, s0 = make(1, 2, 2048, 128, 128, dtype, seed=11, strength=0.1, state=True)
     check(q, k, v, g, s0, chunk=chunk)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk", [64, 128])
+def test_gpu_float32_backward_at_model_size(chunk):
+    """float32 with Dk = 128: _la_dqdk's tiles, chosen for 16-bit inputs, would need 263 KB of shared
+    memory at chunks of 64 and 394 KB at 128 (Triton 3.6, sm_90), more than the H200's 227 KB; the
+    launch falls back to narrower Dk blocks."""
+    check(*make(1, 2, 1000, 128, 128, torch.float32, seed=22, strength=0.1, state=True), chunk=chunk)
+
+
+@pytest.mark.gpu
+def test_gpu_wide_values():
+    """Dv = 512, 8 blocks of 64, which _la_dqdk loops over (unrolled, they would not fit)."""
+    check(*make(1, 2, 500, 64, 512, torch.bfloat16, seed=23, strength=0.1, state=True), chunk=64)
 
 
 def test_normalize_in_float16_over_a_long_sequence():
