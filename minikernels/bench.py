@@ -8,8 +8,9 @@ sets that no call finds its inputs in L2, so launch overhead and a warm cache fl
 linear-attention and SSD forward+backward passes (autograd included) are captured too: they are
 strings of short kernels, and timed with plain ``do_bench`` they measured the host (mamba_ssm's
 SSD fwd+bwd at B4 L4k: 4.1-4.3 ms with ``do_bench`` against 1.36 ms as graph replays on the H200,
-2026-12-03). The attention backward passes (long kernels) are timed with plain ``do_bench``, as is
-anything that fails to be captured. Each row's ``timing`` field says which was used.
+2026-12-03). These pass one buffer set: their inputs (67 MB of values alone at the shapes timed)
+do not fit the L2 anyway. The attention backward passes (long kernels) are timed with plain
+``do_bench``, as is anything that fails to be captured. Each row's ``timing`` field says which was used.
 
 Memory-bound ops are reported in GB/s of bytes that must move (each input read once, each output
 written once) and as a fraction of the copy bandwidth measured in the same run.
@@ -203,7 +204,7 @@ def _time_attention(impl, fn, direction, q, k, v, do, ours_o, ours_lse, causal, 
     call()  # compile and warm up outside the timed region
     if direction == "fwd":
         return time_rotating([call])
-    return _do_bench(call), "do_bench"  # autograd cannot be graph-captured; these launches are long anyway
+    return _do_bench(call), "do_bench"  # long kernels: the host's launch time is a small part of them
 
 
 def bench_flash(ceilings: dict, quick: bool = False, with_flex: bool = True) -> list[dict]:

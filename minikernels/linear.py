@@ -238,7 +238,8 @@ def _la_states(K, V, G, W, S_IN, HS, S_OUT, LOG_DECAY,
     log_decay = 0.0
     for c in range(seg * SEG_CHUNKS, tl.minimum(seg * SEG_CHUNKS + SEG_CHUNKS, NT)):
         if STORE_STATES:
-            tl.store(hs_base + c * DK * DV + tile, S.to(HS.dtype.element_ty), mask=tile_ok)  # write BK*BV
+            state_at = tl.cast(c, tl.int64) * DK * DV  # 64-bit: NT * Dk * Dv can pass 2^31
+            tl.store(hs_base + state_at + tile, S.to(HS.dtype.element_ty), mask=tile_ok)  # write BK*BV
         rows = (c * C + offs_c).to(tl.int64)  # 64-bit: rows * stride can pass 2^31 for long sequences
         row_ok = rows < N
         v = tl.load(v_base + rows[:, None] * stride_vn + offs_v[None, :] * stride_vd,
@@ -447,7 +448,8 @@ def _la_dstates(Q, DO, G, S_IN, DHS, S_OUT, LOG_DECAY,
     for i in range(0, last - first):
         c = last - 1 - i
         if STORE_STATES:
-            tl.store(dhs_base + c * DK * DV + tile, dS.to(DHS.dtype.element_ty), mask=tile_ok)  # write BK*BV
+            state_at = tl.cast(c, tl.int64) * DK * DV  # 64-bit: NT * Dk * Dv can pass 2^31
+            tl.store(dhs_base + state_at + tile, dS.to(DHS.dtype.element_ty), mask=tile_ok)  # write BK*BV
         rows = (c * C + offs_c).to(tl.int64)
         row_ok = rows < N
         q = tl.load(q_base + rows[:, None] * stride_qn + offs_k[None, :] * stride_qd,
@@ -892,7 +894,7 @@ BWD_TILES = {"dstates": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
 # chunks of 128, float32 needs 295 KB even in a loop: _launch_fitting then halves the Dk block.
 DQDK_UNROLL_V = 2
 
-# The block sizes _launch_fitting settled on, by launch configuration.
+# The block sizes _launch_fitting had to halve to, by launch configuration and first block.
 _FITTED_BLOCKS: dict = {}
 
 
@@ -900,8 +902,9 @@ def _launch_fitting(key, block: int, launch):
     """launch(block), with the block halved (down to 16) while the compiled kernel asks for more
     shared memory than one program may have on this GPU: float32 tiles (twice the bytes of the
     16-bit ones the tiles were chosen for) or long chunks. Triton raises OutOfResources before the
-    kernel runs. The block that fitted is remembered under key, so later calls start from it."""
-    block = min(block, _FITTED_BLOCKS.get(key, block))
+    kernel runs. A halved block is remembered under (key, block), so later calls start from it."""
+    start = block
+    block = _FITTED_BLOCKS.get((key, start), start)
     while True:
         try:
             out = launch(block)
@@ -910,7 +913,8 @@ def _launch_fitting(key, block: int, launch):
                 raise
             block //= 2
             continue
-        _FITTED_BLOCKS[key] = block
+        if block < start:
+            _FITTED_BLOCKS[(key, start)] = block
         return out
 
 
@@ -996,7 +1000,7 @@ def _backward(q, k, v, g, s0, do, ds_end, chunk: int, w=None):
                 FOR_Q=for_q, HAS_DECAY=has_decay, HAS_W=has_w, C=chunk, BK=bk, BV=bv, NV=nv,
                 UNROLL_V=unroll_v, **_launch_opts(q.dtype, cfg["num_warps"], cfg["num_stages"]))
             return grad, dg_part
-        key = ("dqdk", q.device, q.dtype, chunk, bv, nv, for_q, has_decay, has_w)
+        key = ("dqdk", q.device, q.dtype, chunk, bv, nv, unroll_v, heads == 1, for_q, has_decay, has_w)
         grad, dg_part = _launch_fitting(key, _block(DK, cfg["BK"]), launch)
         grads.append(grad.sum(2).to(q.dtype) if splits > 1 else grad.view(B, h_qk, N, DK))
         if has_decay:

@@ -121,6 +121,10 @@ def test_launch_fitting_halves_the_block_until_the_kernel_fits():
     assert linear._launch_fitting(key, 128, launch) == "ran with 32" and tried == [128, 64, 32]
     tried.clear()
     assert linear._launch_fitting(key, 128, launch) == "ran with 32" and tried == [32]
+    tried.clear()  # a smaller first block (a narrower Dk) is not raised to the remembered one, nor
+    assert linear._launch_fitting(key, 16, launch) == "ran with 16" and tried == [16]
+    tried.clear()  # does a block that fitted at once change what a larger first block starts from
+    assert linear._launch_fitting(key, 128, launch) == "ran with 32" and tried == [32]
     tried.clear()
     with pytest.raises(OutOfResources):
         linear._launch_fitting(("another test", object()), 128, lambda block: launch(block, fits=8))
@@ -244,10 +248,17 @@ def test_gpu_gated_backward_at_model_size(dtype, chunk):
 @pytest.mark.gpu
 @pytest.mark.parametrize("chunk", [64, 128])
 def test_gpu_float32_backward_at_model_size(chunk):
-    """float32 with Dk = 128: _la_dqdk's tiles, chosen for 16-bit inputs, would need 263 KB of shared
-    memory at chunks of 64 and 394 KB at 128 (Triton 3.6, sm_90), more than the H200's 227 KB; the
-    launch falls back to narrower Dk blocks."""
+    """float32 with Dk = Dv = 128. Compiled by Triton 3.6 for sm_90, _la_dqdk with its Dv blocks
+    unrolled, as for 16-bit inputs, would need 263 KB of shared memory at chunks of 64 (a program may
+    have 227 KB on the H200); float32 takes them in a loop, 197 KB. At chunks of 128 even the loop
+    needs 295 KB: the launch halves the Dk block."""
+    from minikernels import linear
+
     check(*make(1, 2, 1000, 128, 128, torch.float32, seed=22, strength=0.1, state=True), chunk=chunk)
+    halved = [block for (key, start), block in linear._FITTED_BLOCKS.items()
+              if key[0] == "dqdk" and key[2] == torch.float32 and key[3] == chunk]
+    if chunk == 128:
+        assert halved and max(halved) < 128
 
 
 @pytest.mark.gpu
