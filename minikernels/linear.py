@@ -1004,7 +1004,7 @@ def _backward(q, k, v, g, s0, do, ds_end, chunk: int, w=None):
         grad, dg_part = _launch_fitting(key, _block(DK, cfg["BK"]), launch)
         grads.append(grad.sum(2).to(q.dtype) if splits > 1 else grad.view(B, h_qk, N, DK))
         if has_decay:
-            dgs.append(dg_part.sum(0))
+            dgs.append(dg_part[0] if len(dg_part) == 1 else dg_part.sum(0))  # over the Dk blocks
     dq, dk = grads
     dg = (dgs[0] + dgs[1]).view(B, H, N) if has_decay else None
     dw = dw_part.sum(0).view(B, H, N) if has_w else None
