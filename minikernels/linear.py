@@ -888,10 +888,10 @@ BWD_TILES = {"dstates": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
 
 
 # _la_dqdk unrolls its loop over Dv blocks up to this many (mk.ssd has 1, linear attention with
-# Dv = 128 has 2), for 16-bit inputs: an unrolled loop's tiles take shared memory for every block.
-# Compiled with Triton 3.6 for sm_90, Dk blocks of 128, 2 Dv blocks, chunks of 64: bf16 99 KB
-# unrolled, 41 KB in a loop; float32 263 KB and 197 KB (a program may have 227 KB on the H200). At
-# chunks of 128, float32 needs 295 KB even in a loop: _launch_fitting then halves the Dk block.
+# Dv = 128 has 2), for 16-bit inputs: an unrolled loop's tiles take shared memory for every block,
+# and float32 tiles hold twice the bytes. Triton 3.6 on the H200 (measured 2026-12-03; a program may
+# have 227 KB): bf16, chunks of 64, Dk blocks of 128, 2 Dv blocks unrolled, 48 KB (80 KB at chunks of
+# 128); float32 in a loop, 128 KB (160 KB at chunks of 128).
 DQDK_UNROLL_V = 2
 
 # The block sizes _launch_fitting had to halve to, by launch configuration and first block.
@@ -900,9 +900,10 @@ _FITTED_BLOCKS: dict = {}
 
 def _launch_fitting(key, block: int, launch):
     """launch(block), with the block halved (down to 16) while the compiled kernel asks for more
-    shared memory than one program may have on this GPU: float32 tiles (twice the bytes of the
-    16-bit ones the tiles were chosen for) or long chunks. Triton raises OutOfResources before the
-    kernel runs. A halved block is remembered under (key, block), so later calls start from it."""
+    shared memory than one program may have on this GPU. Nothing needs it on the H200 (float32 at
+    chunks of 128 takes 160 KB of its 227 KB); a GPU with about 100 KB a program (sm_86, sm_89) would,
+    for float32. Triton raises OutOfResources before the kernel runs. A halved block is remembered
+    under (key, block), so later calls start from it."""
     start = block
     block = _FITTED_BLOCKS.get((key, start), start)
     while True:

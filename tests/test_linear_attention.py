@@ -248,17 +248,9 @@ def test_gpu_gated_backward_at_model_size(dtype, chunk):
 @pytest.mark.gpu
 @pytest.mark.parametrize("chunk", [64, 128])
 def test_gpu_float32_backward_at_model_size(chunk):
-    """float32 with Dk = Dv = 128. Compiled by Triton 3.6 for sm_90, _la_dqdk with its Dv blocks
-    unrolled, as for 16-bit inputs, would need 263 KB of shared memory at chunks of 64 (a program may
-    have 227 KB on the H200); float32 takes them in a loop, 197 KB. At chunks of 128 even the loop
-    needs 295 KB: the launch halves the Dk block."""
-    from minikernels import linear
-
+    """float32 with Dk = Dv = 128: _la_dqdk takes its Dv blocks in a loop (128 KB of shared memory at
+    chunks of 64, 160 KB at 128 on the H200, Triton 3.6)."""
     check(*make(1, 2, 1000, 128, 128, torch.float32, seed=22, strength=0.1, state=True), chunk=chunk)
-    halved = [block for (key, start), block in linear._FITTED_BLOCKS.items()
-              if key[0] == "dqdk" and key[2] == torch.float32 and key[3] == chunk]
-    if chunk == 128:
-        assert halved and max(halved) < 128
 
 
 @pytest.mark.gpu
