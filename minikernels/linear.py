@@ -889,9 +889,14 @@ BWD_TILES = {"dstates": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
 
 # _la_dqdk unrolls its loop over Dv blocks up to this many (mk.ssd has 1, linear attention with
 # Dv = 128 has 2), for 16-bit inputs: an unrolled loop's tiles take shared memory for every block,
-# and float32 tiles hold twice the bytes. Triton 3.6 on the H200 (measured 2026-12-03; a program may
-# have 227 KB): bf16, chunks of 64, Dk blocks of 128, 2 Dv blocks unrolled, 48 KB (80 KB at chunks of
-# 128); float32 in a loop, 128 KB (160 KB at chunks of 128).
+# and float32 tiles hold twice the bytes. Shared memory with Triton 3.6 on sm_90 (a program may have
+# 227 KB on the H200), Dk blocks of 128: linear attention (one head a program, HEADS = 1, which
+# Triton compiles as a constant: no loop over heads), measured on the H200 on 2026-12-03: bf16, 2 Dv
+# blocks unrolled, 48 KB at chunks of 64 and 80 KB at 128; float32 in a loop, 128 KB and 160 KB.
+# mk.ssd (HEADS > 1: the loop over heads is pipelined, the next head's tiles loaded into buffers of
+# their own), compiled for sm_90 without a GPU (the same compile gives exactly the H200's numbers for
+# the cases above): bf16, 1 Dv block, 65 KB at chunks of 64; float32 197 KB at 64 and 296 KB at
+# 128, which does not fit: _launch_fitting halves the Dk block.
 DQDK_UNROLL_V = 2
 
 # The block sizes _launch_fitting had to halve to, by launch configuration and first block.
@@ -900,10 +905,9 @@ _FITTED_BLOCKS: dict = {}
 
 def _launch_fitting(key, block: int, launch):
     """launch(block), with the block halved (down to 16) while the compiled kernel asks for more
-    shared memory than one program may have on this GPU. Nothing needs it on the H200 (float32 at
-    chunks of 128 takes 160 KB of its 227 KB); a GPU with about 100 KB a program (sm_86, sm_89) would,
-    for float32. Triton raises OutOfResources before the kernel runs. A halved block is remembered
-    under (key, block), so later calls start from it."""
+    shared memory than one program may have on this GPU (on the H200, mk.ssd's float32 backward at
+    chunks of 128; see DQDK_UNROLL_V). Triton raises OutOfResources before the kernel runs. A halved
+    block is remembered under (key, block), so later calls start from it."""
     start = block
     block = _FITTED_BLOCKS.get((key, start), start)
     while True:

@@ -159,8 +159,15 @@ def test_gpu_long_sequence(dtype):
 @pytest.mark.gpu
 def test_gpu_float32_chunks_of_128():
     """float32 tiles of 128 steps x S = 128 do not fit the one walk's shared memory (about 296 KB
-    against 227 KB on the H200): the forward must take the two passes instead of failing to launch."""
+    against 227 KB on the H200): the forward must take the two passes instead of failing to launch.
+    The backward's _la_dqdk, looping over the 2 heads that read one B and C, would need 296 KB too:
+    it must run with a narrower Dk block."""
+    from minikernels import linear
+
     check(*make(b=1, h=2, g=1, n=300, p=64, s=128, seed=11), chunk=128)
+    halved = [block for (key, start), block in linear._FITTED_BLOCKS.items()
+              if key[0] == "dqdk" and key[2] == torch.float32 and key[3] == 128 and not key[7]]
+    assert halved and max(halved) < 128
 
 
 @pytest.mark.gpu
