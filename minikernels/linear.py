@@ -580,8 +580,8 @@ def _la_dqdk(Q, K, V, G, W, DO, HS, DHS, DQK, DG_PART,
     # gradients in registers; DQK is [B * H_QK * (H / H_QK / HEADS), N, DK], one sum per group of
     # HEADS. Dv is covered in NV blocks. With UNROLL_V (few, 16-bit) they are unrolled, so that the loop
     # over heads is the innermost one, which Triton pipelines: the next head's tiles load while this
-    # one's products run. Unrolled, each block gets its own buffers in shared memory; with many blocks
-    # (a wide Dv) that would not fit, so they take a loop.
+    # one's products run. Unrolled inside that pipelined loop, each block's tiles get buffers of their
+    # own in shared memory; many blocks (a wide Dv) would not fit, so they take a loop.
     # With HAS_W, V's rows are weighted by w as the kernels saw them.
     ic, ik, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     per = H // H_QK
@@ -896,7 +896,10 @@ BWD_TILES = {"dstates": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
 # mk.ssd (HEADS > 1: the loop over heads is pipelined, the next head's tiles loaded into buffers of
 # their own), compiled for sm_90 without a GPU (the same compile gives exactly the H200's numbers for
 # the cases above): bf16, 1 Dv block, 65 KB at chunks of 64; float32 197 KB at 64 and 296 KB at
-# 128, which does not fit: _launch_fitting halves the Dk block.
+# 128, which does not fit: _launch_fitting halves the Dk block. Unrolled blocks grow the shared
+# memory only inside the loop over heads: bf16, 8 Dv blocks (Dv = 512), chunks of 64, the dK launch
+# with HEADS > 1 takes 337 KB unrolled against 56 KB in a loop; the dQ launch with HEADS = 1, 48 KB
+# unrolled and 80 KB in a loop (the loop is taken there too: not measured for speed).
 DQDK_UNROLL_V = 2
 
 # The block sizes _launch_fitting had to halve to, by launch configuration and first block.

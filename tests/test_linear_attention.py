@@ -93,8 +93,8 @@ def test_state_blocks_split_over_several_programs():
 @pytest.mark.parametrize("unroll", [0, 8])
 def test_value_blocks_of_the_query_key_gradients_in_a_loop_or_unrolled(monkeypatch, unroll):
     """_la_dqdk covers Dv in blocks of 64: for 16-bit inputs unrolled when they are few, in a loop
-    when they are many (unrolled, each block takes shared memory of its own). Dv = 200, 4 blocks,
-    both ways (float16: the unrolled form is not used for float32)."""
+    when they are many (unrolled inside a loop over heads, each block takes shared memory of its
+    own). Dv = 200, 4 blocks, both ways (float16: the unrolled form is not used for float32)."""
     from minikernels import linear
 
     monkeypatch.setattr(linear, "DQDK_UNROLL_V", unroll)
@@ -255,7 +255,7 @@ def test_gpu_float32_backward_at_model_size(chunk):
 
 @pytest.mark.gpu
 def test_gpu_wide_values():
-    """Dv = 512, 8 blocks of 64, which _la_dqdk loops over (unrolled, they would not fit)."""
+    """Dv = 512, 8 blocks of 64, which _la_dqdk takes in a loop."""
     check(*make(1, 2, 500, 64, 512, torch.bfloat16, seed=23, strength=0.1, state=True), chunk=64)
 
 
