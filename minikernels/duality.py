@@ -77,7 +77,9 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
     x ``[B, H, N, P]``; dt ``[B, H, N]`` (already positive); A ``[H]`` (negative for a decaying state);
     B, C ``[B, G, N, S]`` with G dividing H (head h uses group h // (H/G)); D ``[H]`` or None;
     initial and final states ``[B, H, S, P]`` (float32). Forward and backward run the chunked linear
-    attention kernels (``chunk_size`` in {16, 32, 64, 128}); gradients reach every input.
+    attention kernels (``chunk_size`` in {16, 32, 64, 128}); gradients reach every input. For the
+    backward the forward keeps the state each chunk starts from (B*H*ceil(N/chunk_size)*S*P values in
+    x's dtype: S/chunk_size times the size of x) when a gradient is needed.
     Returns ``y`` (x's dtype) or, with ``return_final_state=True``, ``(y, final_state)``.
     """
     check_ssd_inputs(x, dt, A, B, C, D, initial_state)

@@ -32,14 +32,17 @@ Q K^T * M; the backward weights V's rows as it loads them, and _la_dv turns the 
 into those of v_t and w_t. Q and K may have one head that every head reads (mk.ssd's C and B):
 _la_dqdk then takes several heads a program, loads its Q and K once, and sums their gradients
 over the heads. The weighted forward
-(when Dk <= 128 and its tiles fit in shared memory) does not store the chunks' states at all:
-_la_fused walks the chunks once with the state in registers and writes O_c as it goes, the
-sequence cut into segments whose starting states come from a walk that stores nothing but each
-segment's end (_la_states) and _la_carry.
+(when Dk <= 128 and its tiles fit in shared memory) needs no stored states: _la_fused walks the
+chunks once with the state in registers and writes O_c as it goes, the sequence cut into segments
+whose starting states come from a walk that stores nothing but each segment's end (_la_states) and
+_la_carry. Its backward does the same in reverse: _la_dfused walks the chunks from the last with dS
+in registers and writes dV_c as it goes (_la_dstates and _la_dv in one pass), in segments chained
+the same way (_la_dstates storing only each segment's part, then _la_carry).
 
-The states cost B*H*(N/C)*Dk*Dv values of memory (written once, read once), and buy parallelism over
-chunks: the sequential passes do one small product per chunk, the rest runs on every chunk at once.
-The backward recomputes the states rather than keeping them from the forward.
+The states cost B*H*(N/C)*Dk*Dv values of memory, and buy parallelism over chunks: the sequential
+passes do one small product per chunk, the rest runs on every chunk at once. When a gradient will
+be needed, the forward keeps them for the backward (the one walk then writes them too), rather than
+the backward walking the sequence again to recompute them.
 
 The decay's gradient comes from the same identity inside each chunk: o depends on b through
 q~ = e^b q and k~ = e^-b k, and on b_C through S_{c+1}, so dL/db_t = q_t . dq_t - k_t . dk_t plus
@@ -346,7 +349,7 @@ def _la_out(Q, K, V, G, W, HS, O,
 
 
 @triton.jit
-def _la_fused(Q, K, V, G, W, S_IN, O, S_OUT,
+def _la_fused(Q, K, V, G, W, S_IN, O, S_OUT, HS,
               stride_qb, stride_qh, stride_qn, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
@@ -355,12 +358,15 @@ def _la_fused(Q, K, V, G, W, S_IN, O, S_OUT,
               stride_ob, stride_oh, stride_on, stride_od,
               H, N, DK, DV, NT, SEG_CHUNKS,
               HAS_DECAY: tl.constexpr, HAS_W: tl.constexpr, HAS_S_IN: tl.constexpr, STORE_FINAL: tl.constexpr,
-              C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
+              STORE_STATES: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+              DOT_PREC: tl.constexpr):
     # The forward in one walk (the weighted forward, mk.ssd's): one program per [Dk, BV] block of
     # one (batch, head)'s state walks its segment's chunks in order from S_IN (the state the
     # segment starts from, or zeros), keeps the state in registers and writes each chunk's outputs
     # as it goes:  O_c = exp(b) Q S + (Q K^T * M * w) V,  then  S = exp(b_C) S + (K * exp(b_C - b) w)^T V.
-    # Nothing of size [chunks, Dk, Dv] goes through memory; the whole of Dk is one tile (BK >= DK).
+    # Nothing of size [chunks, Dk, Dv] goes through memory, unless a backward will need the states
+    # (STORE_STATES: the 16-bit copy each chunk's product uses goes to HS, as _la_states writes it,
+    # so that the backward need not walk the sequence again); the whole of Dk is one tile (BK >= DK).
     iv = tl.program_id(0)
     n_seg = tl.cdiv(NT, SEG_CHUNKS)
     bh, seg = tl.program_id(1) // n_seg, tl.program_id(1) % n_seg
@@ -399,7 +405,10 @@ def _la_fused(Q, K, V, G, W, S_IN, O, S_OUT,
             weight *= w
         # the state entering the chunk, before this chunk's update (a 16-bit copy for the product,
         # as the two-pass forward stores it)
-        o = tl.dot(q, S.to(q.dtype), input_precision=DOT_PREC) * tl.exp(b)[:, None]
+        s_in = S.to(q.dtype)
+        if STORE_STATES:
+            tl.store(HS + (bh.to(tl.int64) * NT + c) * DK * DV + tile, s_in, mask=tile_ok)  # write DK*BV
+        o = tl.dot(q, s_in, input_precision=DOT_PREC) * tl.exp(b)[:, None]
         o += tl.dot(a.to(v.dtype), v, input_precision=DOT_PREC)
         tl.store(o_base + rows[:, None] * stride_on + offs_v[None, :] * stride_od, o.to(O.dtype.element_ty),
                  mask=row_ok[:, None] & v_ok[None, :])  # write C*BV
@@ -526,34 +535,117 @@ def _la_dv(Q, K, G, W, V, DO, DHS, DVO, DW_PART,
 
 
 @triton.jit
-def _dqdk_v_block(iv, v_base, do_base, HS, DHS, state_base, rows, row_ok, offs_k, k_ok, w, a, grad, state_dot,
-                  stride_vn, stride_vd, stride_don, stride_dod, DV,
+def _la_dfused(Q, K, G, W, V, DO, S_IN, DHS, DVO, DW_PART, S_OUT,
+               stride_qb, stride_qh, stride_qn, stride_qd,
+               stride_kb, stride_kh, stride_kn, stride_kd,
+               stride_gb, stride_gh, stride_gn,
+               stride_wb, stride_wh, stride_wn,
+               stride_vb, stride_vh, stride_vn, stride_vd,
+               stride_dob, stride_doh, stride_don, stride_dod,
+               stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+               H, N, DK, DV, NT, SEG_CHUNKS,
+               HAS_DECAY: tl.constexpr, HAS_W: tl.constexpr, HAS_S_IN: tl.constexpr, STORE_FINAL: tl.constexpr,
+               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
+    # _la_dstates and _la_dv in one reverse walk (the weighted backward, mk.ssd's), as _la_fused is
+    # the forward's: one program per [Dk, BV] block of one (batch, head)'s state gradient walks its
+    # segment's chunks from the last, from S_IN (the gradient of the state at the segment's end;
+    # segments numbered from the sequence's end, as in _la_dstates) or zeros, with dS in registers.
+    # At each chunk it writes dS for _la_dqdk, as _la_dstates does (the 16-bit copy), and uses that
+    # copy at once for the chunk's dV, as _la_dv would after reading it back:
+    #     dV_c = (Q K^T * M)^T dO + (K * exp(b_C - b)) dS,   then   dS = exp(b_C) dS + (Q * exp(b))^T dO.
+    # The whole of Dk is one tile (BK >= DK): dV needs every row of dS.
+    iv = tl.program_id(0)
+    n_seg = tl.cdiv(NT, SEG_CHUNKS)
+    bh, seg = tl.program_id(1) // n_seg, tl.program_id(1) % n_seg
+    b_idx, h = bh // H, bh % H
+    offs_c = tl.arange(0, C)
+    offs_k = tl.arange(0, BK)
+    offs_v = iv * BV + tl.arange(0, BV)
+    k_ok, v_ok = offs_k < DK, offs_v < DV
+    tile_ok = k_ok[:, None] & v_ok[None, :]
+    q_base = Q + b_idx.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b_idx.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    do_base = DO + b_idx.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    dv_base = DVO + b_idx.to(tl.int64) * stride_dvb + h.to(tl.int64) * stride_dvh
+    g_base = b_idx.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+    tile = offs_k[:, None] * DV + offs_v[None, :]  # states are [.., DK, DV], contiguous
+    seg_state = (bh.to(tl.int64) * n_seg + n_seg - 1 - seg) * DK * DV  # S_IN, S_OUT: [B*H, n_seg, DK, DV]
+    if HAS_S_IN:
+        dS = tl.load(S_IN + seg_state + tile, mask=tile_ok, other=0.0).to(tl.float32)
+    else:
+        dS = tl.zeros([BK, BV], tl.float32)
+    first = seg * SEG_CHUNKS
+    last = tl.minimum(first + SEG_CHUNKS, NT)
+    for i in range(0, last - first):
+        c = last - 1 - i
+        ds = dS.to(DHS.dtype.element_ty)
+        tl.store(DHS + (bh.to(tl.int64) * NT + c) * DK * DV + tile, ds, mask=tile_ok)  # write DK*BV
+        rows = (c * C + offs_c).to(tl.int64)
+        row_ok = rows < N
+        row_tile_ok = row_ok[:, None] & v_ok[None, :]
+        q = tl.load(q_base + rows[:, None] * stride_qn + offs_k[None, :] * stride_qd,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # read C*DK
+        k = tl.load(k_base + rows[:, None] * stride_kn + offs_k[None, :] * stride_kd,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # read C*DK
+        do = tl.load(do_base + rows[:, None] * stride_don + offs_v[None, :] * stride_dod,
+                     mask=row_tile_ok, other=0.0)  # read C*BV
+        b, b_last = _chunk_cumsum(G, g_base, stride_gn, rows, row_ok, C, HAS_DECAY)
+        # A^T = K Q^T as its own product, not a transposed Q K^T (see _la_dv)
+        at = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * _decay_mask(b, C, True)
+        dv = tl.dot(k, ds, input_precision=DOT_PREC) * tl.exp(b_last - b)[:, None]
+        dv += tl.dot(at.to(do.dtype), do, input_precision=DOT_PREC)
+        if HAS_W:
+            v = tl.load(V + b_idx.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + rows[:, None] * stride_vn
+                        + offs_v[None, :] * stride_vd, mask=row_tile_ok, other=0.0).to(tl.float32)  # read C*BV
+            tl.store(DW_PART + (iv * (tl.num_programs(1) // n_seg) + bh).to(tl.int64) * N + rows,
+                     tl.sum(v * dv, 1), mask=row_ok)  # write C
+            dv *= tl.load(W + b_idx.to(tl.int64) * stride_wb + h.to(tl.int64) * stride_wh + rows * stride_wn,
+                          mask=row_ok, other=0.0)[:, None]  # read C
+        tl.store(dv_base + rows[:, None] * stride_dvn + offs_v[None, :] * stride_dvd, dv.to(DVO.dtype.element_ty),
+                 mask=row_tile_ok)  # write C*BV
+        q_in = (q * tl.exp(b)[:, None]).to(q.dtype)  # q decayed back to the chunk's start
+        dS = dS * tl.exp(b_last) + tl.dot(tl.trans(q_in), do, input_precision=DOT_PREC)
+    if STORE_FINAL and seg == 0:  # the segment at the sequence's start: the initial state's gradient
+        tl.store(S_OUT + bh.to(tl.int64) * DK * DV + tile, dS, mask=tile_ok)
+
+
+@triton.jit
+def _dqdk_v_block(iv, v_base, do_base, HS, DHS, state_base, rows, row_ok, offs_k, k_ok, q_or_k, w, row_scale,
+                  a, grad, row_dot, state_dot, stride_vn, stride_vd, stride_don, stride_dod, DV,
                   FOR_Q: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_W: tl.constexpr, BV: tl.constexpr,
                   DOT_PREC: tl.constexpr):
-    # _la_dqdk's products over Dv block iv: dA (or dA^T), the state term of the gradient and, for dK
+    # _la_dqdk's products over Dv block iv: dA (or dA^T); the state term of the gradient, added
+    # straight into the sum over heads (its per-row decay factor row_scale folded into dO's, or
+    # V's, rows first); its dot with the rows of Q (or K), for the decay's gradient; and, for dK
     # with a decay, <S_c, dS_c> per row of the Dk block
     offs_v = iv * BV + tl.arange(0, BV)
     tile_ok = row_ok[:, None] & (offs_v < DV)[None, :]
     state_ok = k_ok[:, None] & (offs_v < DV)[None, :]
     v = tl.load(v_base + rows[:, None] * stride_vn + offs_v[None, :] * stride_vd, mask=tile_ok,
-                other=0.0)  # read C*BV
+                other=0.0).to(tl.float32)  # read C*BV
     if HAS_W:
-        v = (v.to(tl.float32) * w[:, None]).to(v.dtype)
+        v = v * w[:, None]
     do = tl.load(do_base + rows[:, None] * stride_don + offs_v[None, :] * stride_dod, mask=tile_ok,
                  other=0.0)  # read C*BV
     tile = state_base + offs_k[:, None] * DV + offs_v[None, :]
     if FOR_Q:
         s = tl.load(HS + tile, mask=state_ok, other=0.0)  # read BK*BV
-        a += tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # dA[t, s] = do_t . v_s
-        grad += tl.dot(do, tl.trans(s), input_precision=DOT_PREC)
+        a += tl.dot(do, tl.trans(v.to(do.dtype)), input_precision=DOT_PREC)  # dA[t, s] = do_t . v_s
+        do_in = (do.to(tl.float32) * row_scale[:, None]).to(do.dtype)  # dO_t exp(b_t)
+        grad = tl.dot(do_in, tl.trans(s), grad, input_precision=DOT_PREC)
+        # q_t . (dO_t S^T) = dO_t . (q_t S), without the [C, BK] term itself
+        row_dot += tl.sum(do.to(tl.float32) * tl.dot(q_or_k, s, input_precision=DOT_PREC), 1)
     else:
         ds = tl.load(DHS + tile, mask=state_ok, other=0.0)  # read BK*BV
-        a += tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # dA^T
-        grad += tl.dot(v, tl.trans(ds), input_precision=DOT_PREC)
+        a += tl.dot(v.to(do.dtype), tl.trans(do), input_precision=DOT_PREC)  # dA^T
+        v_out = (v * row_scale[:, None]).to(do.dtype)  # v_s exp(b_C - b_s): what of step s reaches S_end
+        grad = tl.dot(v_out, tl.trans(ds), grad, input_precision=DOT_PREC)
+        # k_s . (v_out_s dS^T) = v_out_s . (k_s dS)
+        row_dot += tl.sum(v_out.to(tl.float32) * tl.dot(q_or_k, ds, input_precision=DOT_PREC), 1)
         if HAS_DECAY:
             s = tl.load(HS + tile, mask=state_ok, other=0.0)  # read BK*BV
             state_dot += tl.sum(s.to(tl.float32) * ds.to(tl.float32), 1)
-    return a, grad, state_dot
+    return a, grad, row_dot, state_dot
 
 
 @triton.jit
@@ -578,11 +670,15 @@ def _la_dqdk(Q, K, V, G, W, DO, HS, DHS, DQK, DG_PART,
     # Q and K have H_QK heads (H, or 1 that all H heads read, as mk.ssd's C and B): a program takes
     # HEADS consecutive heads that read one Q and K, loads its Q and K block once and sums their
     # gradients in registers; DQK is [B * H_QK * (H / H_QK / HEADS), N, DK], one sum per group of
-    # HEADS. Dv is covered in NV blocks. With UNROLL_V (few, 16-bit) they are unrolled, so that the loop
-    # over heads is the innermost one, which Triton pipelines: the next head's tiles load while this
-    # one's products run. Unrolled inside that pipelined loop, each block's tiles get buffers of their
-    # own in shared memory; many blocks (a wide Dv) would not fit, so they take a loop.
-    # With HAS_W, V's rows are weighted by w as the kernels saw them.
+    # HEADS. No head's own [C, BK] gradient is formed: both products go straight into the sum (the
+    # accumulator of tl.dot), and q_t . dq_t comes from [C, C] and [C, BV] tiles instead, through
+    # q_t . (a_ts k_s) = a_ts (q_t . k_s) with Q K^T computed once for all the heads, and
+    # q_t . (dO_t S^T) = dO_t . (q_t S) (and the same with K for dK). That leaves one [C, BK] float32
+    # tile in registers, not three. Dv is covered in NV blocks. With UNROLL_V (few, 16-bit) they are
+    # unrolled, so that the loop over heads is the innermost one, which Triton pipelines: the next
+    # head's tiles load while this one's products run. Unrolled inside that pipelined loop, each
+    # block's tiles get buffers of their own in shared memory; many blocks (a wide Dv) would not fit,
+    # so they take a loop. With HAS_W, V's rows are weighted by w as the kernels saw them.
     ic, ik, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     per = H // H_QK
     splits = per // HEADS
@@ -597,6 +693,12 @@ def _la_dqdk(Q, K, V, G, W, DO, HS, DHS, DQK, DG_PART,
                 + offs_k[None, :] * stride_qd, mask=qk_ok, other=0.0)  # read C*BK
     k = tl.load(K + b_idx.to(tl.int64) * stride_kb + hq.to(tl.int64) * stride_kh + rows[:, None] * stride_kn
                 + offs_k[None, :] * stride_kd, mask=qk_ok, other=0.0)  # read C*BK
+    if FOR_Q:
+        own, other = q, k
+        pair = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # q_t . k_s at [t, s], this Dk block's part
+    else:
+        own, other = k, q
+        pair = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # k_s . q_t at [s, t]
     grad_sum = tl.zeros([C, BK], tl.float32)
     for j in range(0, HEADS):
         h = hq * per + split * HEADS + j
@@ -610,31 +712,29 @@ def _la_dqdk(Q, K, V, G, W, DO, HS, DHS, DQK, DG_PART,
         if HAS_W:
             w = tl.load(W + b_idx.to(tl.int64) * stride_wb + h.to(tl.int64) * stride_wh + rows * stride_wn,
                         mask=row_ok, other=0.0)  # read C
+        row_scale = tl.exp(b) if FOR_Q else tl.exp(b_last - b)
         a = tl.zeros([C, C], tl.float32)  # dA (FOR_Q) or dA^T
-        grad = tl.zeros([C, BK], tl.float32)
+        row_dot = tl.zeros([C], tl.float32)  # q_t . (state term of dq_t), or k_s . (state term of dk_s)
         state_dot = tl.zeros([BK], tl.float32)  # <S_c, dS_c>, one entry per row of this Dk block
         if UNROLL_V:  # few Dv blocks (mk.ssd's one): unrolled, the loop over heads stays the innermost
             for iv in tl.static_range(NV):
-                a, grad, state_dot = _dqdk_v_block(
-                    iv, v_base, do_base, HS, DHS, state_base, rows, row_ok, offs_k, k_ok, w, a, grad, state_dot,
-                    stride_vn, stride_vd, stride_don, stride_dod, DV, FOR_Q, HAS_DECAY, HAS_W, BV, DOT_PREC)
+                a, grad_sum, row_dot, state_dot = _dqdk_v_block(
+                    iv, v_base, do_base, HS, DHS, state_base, rows, row_ok, offs_k, k_ok, own, w, row_scale,
+                    a, grad_sum, row_dot, state_dot, stride_vn, stride_vd, stride_don, stride_dod, DV,
+                    FOR_Q, HAS_DECAY, HAS_W, BV, DOT_PREC)
         else:  # many: a loop, whose tiles, unlike an unrolled one's, do not grow with NV
             for iv in range(0, NV):
-                a, grad, state_dot = _dqdk_v_block(
-                    iv, v_base, do_base, HS, DHS, state_base, rows, row_ok, offs_k, k_ok, w, a, grad, state_dot,
-                    stride_vn, stride_vd, stride_don, stride_dod, DV, FOR_Q, HAS_DECAY, HAS_W, BV, DOT_PREC)
-        if FOR_Q:
-            grad = grad * tl.exp(b)[:, None] + tl.dot((a * _decay_mask(b, C, False)).to(k.dtype), k,
-                                                      input_precision=DOT_PREC)
-            d_b = tl.sum(q.to(tl.float32) * grad, 1)
-        else:
-            grad_state = grad * tl.exp(b_last - b)[:, None]  # the part of dk that flows through S_end
-            grad = grad_state + tl.dot((a * _decay_mask(b, C, True)).to(q.dtype), q, input_precision=DOT_PREC)
-            # <dS_c, S_end> = exp(b_C) <dS_c, S_c> + sum_s k_s . dk_state_s, the whole of it at b_C
-            kf = k.to(tl.float32)
-            end_term = tl.exp(b_last) * tl.sum(state_dot, 0) + tl.sum(tl.sum(kf * grad_state, 1), 0)
-            d_b = tl.where(offs_c == C - 1, end_term, 0.0) - tl.sum(kf * grad, 1)
-        grad_sum += grad
+                a, grad_sum, row_dot, state_dot = _dqdk_v_block(
+                    iv, v_base, do_base, HS, DHS, state_base, rows, row_ok, offs_k, k_ok, own, w, row_scale,
+                    a, grad_sum, row_dot, state_dot, stride_vn, stride_vd, stride_don, stride_dod, DV,
+                    FOR_Q, HAS_DECAY, HAS_W, BV, DOT_PREC)
+        a = a * _decay_mask(b, C, not FOR_Q)
+        grad_sum = tl.dot(a.to(other.dtype), other, grad_sum, input_precision=DOT_PREC)
+        if FOR_Q:  # q_t . dq_t
+            d_b = row_scale * row_dot + tl.sum(a * pair, 1)
+        else:  # <dS_c, S_end of c> = exp(b_C) <dS_c, S_c> + sum_s k_s . dk_state_s, the whole of it at b_C
+            end_term = tl.exp(b_last) * tl.sum(state_dot, 0) + tl.sum(row_dot, 0)
+            d_b = tl.where(offs_c == C - 1, end_term, 0.0) - row_dot - tl.sum(a * pair, 1)  # ... - k_s . dk_s
         if HAS_DECAY:
             dg = tl.sum(d_b, 0) - tl.cumsum(d_b, 0) + d_b  # summed from t to the chunk's end
             tl.store(DG_PART + (ik * tl.num_programs(2) * HEADS + bh).to(tl.int64) * N + rows, dg, mask=row_ok)
@@ -814,24 +914,25 @@ def _max_shared_memory_of(device_index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
-def _fused_fits(q, v, chunk: int) -> bool:
-    # The walk's shared memory: num_stages copies of a chunk's Q and K ([C, Dk]) and V ([C, BV])
-    # tiles, and the state's copy for the product. This estimate is above what Triton 3.6 allocates
+def _fused_fits(q, v, chunk: int, cfg: dict, value_tiles: int = 1) -> bool:
+    # The walk's shared memory (cfg: its tiles, FWD_TILES["fused"] or BWD_TILES["dfused"]): num_stages
+    # copies of a chunk's Q and K ([C, Dk]) and value_tiles [C, BV] tiles (V; dO and V backwards),
+    # and the state's copy for the product. This estimate is above what Triton 3.6 allocates
     # (sm_90: bf16, C 64, Dk 128: 98 KB against 83 KB; float32, C 128, Dk 64: 213 KB against 181
     # KB). float32 with chunks of 128 and Dk = 128 needs 296 KB, more than the H200's 227 KB a
     # program: those take the two passes.
     if is_interpreter():
         return True
-    cfg = FWD_TILES["fused"]
     bk, bv, size = _block(q.shape[-1], FUSED_MAX_DK), _block(v.shape[-1], cfg["BV"]), q.element_size()
-    need = cfg["num_stages"] * chunk * (2 * bk + bv) * size + bk * bv * size
+    need = cfg["num_stages"] * chunk * (2 * bk + value_tiles * bv) * size + bk * bv * size
     return need <= _max_shared_memory(q.device)
 
 
-def _fused_forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype, w=None):
+def _fused_forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype, w=None, keep_states: bool = False):
     """The forward without the chunks' states in memory (_la_fused), for Dk <= FUSED_MAX_DK: the
     sequence is cut into segments (_fused_segments); the state each starts from comes from
-    _segment_starts, and each is then walked once, outputs written on the way."""
+    _segment_starts, and each is then walked once, outputs written on the way. With keep_states,
+    the walk also writes the state each chunk starts from, for the backward (else None)."""
     B, H, N, DK = q.shape
     DV = v.shape[-1]
     nt = triton.cdiv(N, chunk)
@@ -846,21 +947,23 @@ def _fused_forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype, w=None):
         s_in, _ = _segment_starts(k, v, g, s0, w, chunk, seg_chunks, n_seg, _block(DK, FWD_TILES["states"]["BK"]),
                                   _block(DV, FWD_TILES["states"]["BV"]), want_final=False)
     s_end = empty((B, H, DK, DV), dtype=torch.float32, device=q.device)
+    hs = empty((B * H, nt, DK, DV), dtype=q.dtype, device=q.device) if keep_states else None
     gt, gs, has_decay = _per_step_args(g, q)
     wt, ws, has_w = _per_step_args(w, q)
     _la_fused[(triton.cdiv(DV, bv), B * H * n_seg)](
-        q, k, v, gt, wt, s_in if s_in is not None else o, o, s_end,
+        q, k, v, gt, wt, s_in if s_in is not None else o, o, s_end, hs if keep_states else o,
         *q.stride(), *k.stride(), *v.stride(), *gs, *ws, *o.stride(), H, N, DK, DV, nt, seg_chunks,
-        HAS_DECAY=has_decay, HAS_W=has_w, HAS_S_IN=s_in is not None, STORE_FINAL=True,
+        HAS_DECAY=has_decay, HAS_W=has_w, HAS_S_IN=s_in is not None, STORE_FINAL=True, STORE_STATES=keep_states,
         C=chunk, BK=_block(DK, FUSED_MAX_DK), BV=bv, **_launch_opts(q.dtype, cfg["num_warps"], cfg["num_stages"]))
-    return o, s_end
+    return o, s_end, hs
 
 
-def _forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype, w=None):
+def _forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype, w=None, keep_states: bool = False):
+    """(outputs, final state, the state each chunk starts from if keep_states else None)."""
     B, H, N, DK = q.shape
     DV = v.shape[-1]
-    if w is not None and DK <= FUSED_MAX_DK and _fused_fits(q, v, chunk):
-        return _fused_forward(q, k, v, g, s0, chunk, out_dtype, w=w)
+    if w is not None and DK <= FUSED_MAX_DK and _fused_fits(q, v, chunk, FWD_TILES["fused"]):
+        return _fused_forward(q, k, v, g, s0, chunk, out_dtype, w=w, keep_states=keep_states)
     hs, s_end = _chunk_states(k, v, g, s0, chunk, want_final=True, w=w)
     o = empty((B, H, N, DV), dtype=out_dtype, device=q.device)
     cfg = FWD_TILES["out_weighted" if w is not None else "out_decay" if g is not None else "out"]
@@ -872,7 +975,7 @@ def _forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype, w=None):
         q, k, v, gt, wt, hs, o, *q.stride(), *k.stride(), *v.stride(), *gs, *ws, *o.stride(), H, N, DK, DV,
         hs.shape[1], HAS_DECAY=has_decay, HAS_W=has_w, C=chunk, BK=bk, BV=bv,
         **_launch_opts(q.dtype, warps, cfg["num_stages"]))
-    return o, s_end
+    return o, s_end, (hs if keep_states else None)
 
 
 # The backward's tiles; "dqdk_heads": how many heads a program of _la_dqdk takes when Q and K are
@@ -881,7 +984,13 @@ def _forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype, w=None):
 # CUDA-graph replays): _la_dqdk with 4 warps instead of 8 took 1.10 ms instead of 1.58 at B4 (1.40
 # instead of 1.87 at B1); 32 heads a program instead of 8 and Dk blocks of 128 instead of 64, 1.01
 # ms (1.19); 3 stages were slower. _la_dstates with 4 warps: 1.27 ms instead of 1.30 at B1.
+# Measured again on 2026-12-03 (session 4, with the forward's states kept and _la_dqdk adding each
+# head's products straight into the sum, 0.907 / 0.999 ms): _la_dqdk with 8 warps 1.302 / 1.386, 3
+# stages 1.115 / 1.203, 16 heads a program 0.947 / 1.034, Dk blocks of 64 0.994 / 1.093.
+# "dfused": the one reverse walk (_la_dfused), mk.ssd's shapes, 0.968 / 0.980 ms; 8 warps 1.139 /
+# 1.143, 3 stages 1.092 / 1.097, Dv blocks of 32 0.975 / 1.064.
 BWD_TILES = {"dstates": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
+             "dfused": {"BV": 64, "num_warps": 4, "num_stages": 2},
              "dv": {"BK": 64, "BV": 128, "num_warps": 8, "num_stages": 2},
              "dqdk": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 2},
              "dqdk_heads": 32}
@@ -930,6 +1039,39 @@ def _heads_per_program(per: int, most: int) -> int:
     return max(d for d in range(1, min(per, most) + 1) if per % d == 0)
 
 
+def _reverse_segment_starts(q, do, g, ds_end, chunk: int, seg_chunks: int, n_seg: int):
+    """For the reverse walk in n_seg segments: the gradient of the state at each segment's end,
+    [B*H, n_seg, Dk, Dv] float32 (numbered from the sequence's end), and of the initial state: each
+    segment's own part from zeros, in parallel (_la_dstates), then chained in reverse from ds_end
+    (_la_carry), as _segment_starts does forwards."""
+    B, H, N, DK = q.shape
+    DV = do.shape[-1]
+    cfg = BWD_TILES["dstates"]
+    bk, bv = _block(DK, cfg["BK"]), _block(DV, cfg["BV"])
+    gt, gs, has_decay = _per_step_args(g, q)
+    seg_part = empty((B * H, n_seg, DK, DV), dtype=torch.float32, device=q.device)
+    log_decay = empty((B * H, n_seg), dtype=torch.float32, device=q.device)
+    _la_dstates[(triton.cdiv(DK, bk), triton.cdiv(DV, bv), B * H * n_seg)](
+        q, do, gt, seg_part, seg_part, seg_part, log_decay, *q.stride(), *do.stride(), *gs, H, N, DK, DV,
+        triton.cdiv(N, chunk), seg_chunks, HAS_DECAY=has_decay, HAS_S_IN=False, STORE_STATES=False, STORE_FINAL=True,
+        STORE_DECAY=has_decay, C=chunk, BK=bk, BV=bv, **_launch_opts(q.dtype, cfg["num_warps"], cfg["num_stages"]))
+    s_in = empty((B * H, n_seg, DK, DV), dtype=torch.float32, device=q.device)
+    ds0 = empty((B, H, DK, DV), dtype=torch.float32, device=q.device)
+    block = 1024
+    _la_carry[(triton.cdiv(DK * DV, block), B * H)](
+        seg_part, log_decay, ds_end if ds_end is not None else seg_part, s_in, ds0, DK * DV, n_seg, n_seg,
+        HAS_DECAY=has_decay, HAS_S0=ds_end is not None, STORE_FINAL=True, BLOCK=block)
+    return s_in, ds0
+
+
+def _state_grad_segments(q, dv: int, chunk: int) -> int:
+    # how many segments _state_grads' reverse walk takes (_segments, for its programs)
+    B, H, N, DK = q.shape
+    cfg = BWD_TILES["dstates"]
+    programs = triton.cdiv(DK, _block(DK, cfg["BK"])) * triton.cdiv(dv, _block(dv, cfg["BV"])) * B * H
+    return _segments(programs, triton.cdiv(N, chunk), _sm_count(q))
+
+
 def _state_grads(q, do, g, ds_end, chunk: int, dtype: torch.dtype):
     """The gradient of the state leaving each chunk, [B*H, NT, Dk, Dv] in dtype, and of the initial
     state (float32): the reverse walk of _la_dstates, in segments when its programs are fewer than
@@ -941,53 +1083,79 @@ def _state_grads(q, do, g, ds_end, chunk: int, dtype: torch.dtype):
     cfg = BWD_TILES["dstates"]
     bk, bv = _block(DK, cfg["BK"]), _block(DV, cfg["BV"])
     grid_state = (triton.cdiv(DK, bk), triton.cdiv(DV, bv))
-    seg_chunks = triton.cdiv(nt, _segments(grid_state[0] * grid_state[1] * B * H, nt, _sm_count(q)))
+    seg_chunks = triton.cdiv(nt, _state_grad_segments(q, DV, chunk))
     n_seg = triton.cdiv(nt, seg_chunks)
     gt, gs, has_decay = _per_step_args(g, q)
     dhs = empty((B * H, nt, DK, DV), dtype=dtype, device=q.device)
-    ds0 = empty((B, H, DK, DV), dtype=torch.float32, device=q.device)
-    args = (*q.stride(), *do.stride(), *gs, H, N, DK, DV, nt, seg_chunks)
-    opts = dict(HAS_DECAY=has_decay, C=chunk, BK=bk, BV=bv,
-                **_launch_opts(q.dtype, cfg["num_warps"], cfg["num_stages"]))
     s_in = ds_end
     if n_seg > 1:
-        seg_part = empty((B * H, n_seg, DK, DV), dtype=torch.float32, device=q.device)
-        log_decay = empty((B * H, n_seg), dtype=torch.float32, device=q.device)
-        _la_dstates[(*grid_state, B * H * n_seg)](q, do, gt, seg_part, dhs, seg_part, log_decay, *args, HAS_S_IN=False,
-                                                 STORE_STATES=False, STORE_FINAL=True, STORE_DECAY=has_decay, **opts)
-        s_in = empty((B * H, n_seg, DK, DV), dtype=torch.float32, device=q.device)
-        block = 1024
-        _la_carry[(triton.cdiv(DK * DV, block), B * H)](
-            seg_part, log_decay, ds_end if ds_end is not None else seg_part, s_in, ds0, DK * DV, n_seg, n_seg,
-            HAS_DECAY=has_decay, HAS_S0=ds_end is not None, STORE_FINAL=True, BLOCK=block)
+        s_in, ds0 = _reverse_segment_starts(q, do, g, ds_end, chunk, seg_chunks, n_seg)
+    else:
+        ds0 = empty((B, H, DK, DV), dtype=torch.float32, device=q.device)
     _la_dstates[(*grid_state, B * H * n_seg)](
-        q, do, gt, s_in if s_in is not None else ds0, dhs, ds0, ds0, *args, HAS_S_IN=s_in is not None,
-        STORE_STATES=True, STORE_FINAL=n_seg == 1, STORE_DECAY=False, **opts)
+        q, do, gt, s_in if s_in is not None else ds0, dhs, ds0, ds0, *q.stride(), *do.stride(), *gs, H, N, DK, DV,
+        nt, seg_chunks, HAS_DECAY=has_decay, HAS_S_IN=s_in is not None, STORE_STATES=True, STORE_FINAL=n_seg == 1,
+        STORE_DECAY=False, C=chunk, BK=bk, BV=bv, **_launch_opts(q.dtype, cfg["num_warps"], cfg["num_stages"]))
     return dhs, ds0
 
 
-def _backward(q, k, v, g, s0, do, ds_end, chunk: int, w=None):
+def _fused_state_and_value_grads(q, k, v, g, w, do, ds_end, chunk: int, dtype: torch.dtype):
+    """_state_grads and the values' gradients in one reverse walk (_la_dfused), for Dk <= FUSED_MAX_DK
+    and value weights w: (dhs, ds0, dv, the partial sums of w's gradient [Dv blocks, B*H, N]). The
+    sequence is cut into segments as the one-walk forward's (_fused_segments)."""
+    B, H, N, DK = q.shape
+    DV = v.shape[-1]
+    nt = triton.cdiv(N, chunk)
+    cfg = BWD_TILES["dfused"]
+    bv = _block(DV, cfg["BV"])
+    nv = triton.cdiv(DV, bv)
+    n_seg = _fused_segments(nv * B * H, nt, _sm_count(q))
+    seg_chunks = triton.cdiv(nt, n_seg)
+    n_seg = triton.cdiv(nt, seg_chunks)  # as the kernel counts them
+    if n_seg > 1:
+        s_in, ds0 = _reverse_segment_starts(q, do, g, ds_end, chunk, seg_chunks, n_seg)
+    else:
+        s_in, ds0 = ds_end, empty((B, H, DK, DV), dtype=torch.float32, device=q.device)
+    dhs = empty((B * H, nt, DK, DV), dtype=dtype, device=q.device)
+    dv = empty(v.shape, dtype=v.dtype, device=q.device)  # contiguous
+    dw_part = empty((nv, B * H, N), dtype=torch.float32, device=q.device)
+    gt, gs, has_decay = _per_step_args(g, q)
+    _la_dfused[(nv, B * H * n_seg)](
+        q, k, gt, w, v, do, s_in if s_in is not None else ds0, dhs, dv, dw_part, ds0,
+        *q.stride(), *k.stride(), *gs, *w.stride(), *v.stride(), *do.stride(), *dv.stride(), H, N, DK, DV, nt,
+        seg_chunks, HAS_DECAY=has_decay, HAS_W=True, HAS_S_IN=s_in is not None, STORE_FINAL=n_seg == 1,
+        C=chunk, BK=_block(DK, FUSED_MAX_DK), BV=bv, **_launch_opts(q.dtype, cfg["num_warps"], cfg["num_stages"]))
+    return dhs, ds0, dv, dw_part
+
+
+def _backward(q, k, v, g, do, ds_end, chunk: int, hs, w=None):
     """Gradients of q, k, v, the log-decay g, s0 and the value weights w. q and k have H heads, as v
     does, or one that all H heads read (mk.ssd's C and B): their gradients then come summed over
-    the heads, in that shape."""
+    the heads, in that shape. hs: the state each chunk starts from, as the forward kept it."""
     B, H, N, DV = v.shape
     DK = q.shape[-1]
     h_qk = q.shape[1]
     qe, ke = q.expand(B, H, N, DK), k.expand(B, H, N, DK)  # views: each head reads its own (or the one)
     nt = triton.cdiv(N, chunk)
-    hs, _ = _chunk_states(ke, v, g, s0, chunk, want_final=False, w=w)  # recomputed: cheaper than kept
     gt, gs, has_decay = _per_step_args(g, q)
     wt, ws, has_w = _per_step_args(w, q)
-    dhs, ds0 = _state_grads(qe, do, g, ds_end, chunk, hs.dtype)
-    dv = empty(v.shape, dtype=v.dtype, device=q.device)  # contiguous
-    cfg = BWD_TILES["dv"]
-    bk, bv = _block(DK, cfg["BK"]), _block(DV, cfg["BV"])
-    nv = triton.cdiv(DV, bv)
-    dw_part = empty((nv, B * H, N), dtype=torch.float32, device=q.device) if has_w else ds0
-    _la_dv[(nt, nv, B * H)](
-        qe, ke, gt, wt, v, do, dhs, dv, dw_part, *qe.stride(), *ke.stride(), *gs, *ws, *v.stride(), *do.stride(),
-        *dv.stride(), H, N, DK, DV, nt, HAS_DECAY=has_decay, HAS_W=has_w, C=chunk, BK=bk, BV=bv,
-        **_launch_opts(q.dtype, cfg["num_warps"] if bv * chunk >= 8192 else 4, cfg["num_stages"]))
+    # The one reverse walk where _state_grads would walk in segments anyway (few programs, as at
+    # SSD's B1 L16k: 0.980 ms forward+backward against 1.008), not where it walks once (B4 L4k:
+    # 0.968 against 0.915); see BWD_TILES.
+    if (has_w and DK <= FUSED_MAX_DK and _fused_fits(q, v, chunk, BWD_TILES["dfused"], value_tiles=2)
+            and _state_grad_segments(qe, DV, chunk) > 1):
+        dhs, ds0, dv, dw_part = _fused_state_and_value_grads(qe, ke, v, g, w, do, ds_end, chunk, hs.dtype)
+    else:
+        dhs, ds0 = _state_grads(qe, do, g, ds_end, chunk, hs.dtype)
+        dv = empty(v.shape, dtype=v.dtype, device=q.device)  # contiguous
+        cfg = BWD_TILES["dv"]
+        bk, bv = _block(DK, cfg["BK"]), _block(DV, cfg["BV"])
+        nv = triton.cdiv(DV, bv)
+        dw_part = empty((nv, B * H, N), dtype=torch.float32, device=q.device) if has_w else ds0
+        _la_dv[(nt, nv, B * H)](
+            qe, ke, gt, wt, v, do, dhs, dv, dw_part, *qe.stride(), *ke.stride(), *gs, *ws, *v.stride(),
+            *do.stride(), *dv.stride(), H, N, DK, DV, nt, HAS_DECAY=has_decay, HAS_W=has_w, C=chunk, BK=bk, BV=bv,
+            **_launch_opts(q.dtype, cfg["num_warps"] if bv * chunk >= 8192 else 4, cfg["num_stages"]))
     cfg = BWD_TILES["dqdk"]
     bv = _block(DV, cfg["BV"])
     nv = triton.cdiv(DV, bv)
@@ -1034,10 +1202,13 @@ class _LinearAttention(torch.autograd.Function):
         ww = w.float().contiguous() if w is not None else None
         s0w = s0.float().contiguous() if s0 is not None else None
         heads = (*v.shape[:2], *q.shape[2:])
+        # The states each chunk starts from are kept for the backward when it will run (else it would
+        # walk the sequence again): B*H*(N/C)*Dk*Dv values, the size of the values times Dk/C.
+        keep = any(ctx.needs_input_grad)
         with on_device_of(q):
-            o, s_end = _forward(qw.expand(heads), kw.expand(heads), vw, gw, s0w, chunk,
-                                out_dtype if work == dtype else torch.float32, w=ww)
-        ctx.save_for_backward(qw, kw, vw, gw, s0w, ww)
+            o, s_end, hs = _forward(qw.expand(heads), kw.expand(heads), vw, gw, s0w, chunk,
+                                    out_dtype if work == dtype else torch.float32, w=ww, keep_states=keep)
+        ctx.save_for_backward(qw, kw, vw, gw, ww, hs)
         ctx.chunk, ctx.dtype, ctx.has_s0 = chunk, dtype, s0 is not None
         ctx.s0_dtype = s0.dtype if s0 is not None else None
         ctx.w_dtype = w.dtype if w is not None else None
@@ -1045,11 +1216,11 @@ class _LinearAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, ds_end):
-        qw, kw, vw, gw, s0w, ww = ctx.saved_tensors
+        qw, kw, vw, gw, ww, hs = ctx.saved_tensors
         do = do.to(qw.dtype) if do is not None else vw.new_zeros(()).expand(*vw.shape)
         ds_end = ds_end.float().contiguous() if ds_end is not None else None
         with on_device_of(qw):
-            dq, dk, dv, dg, ds0, dw = _backward(qw, kw, vw, gw, s0w, do, ds_end, ctx.chunk, w=ww)
+            dq, dk, dv, dg, ds0, dw = _backward(qw, kw, vw, gw, do, ds_end, ctx.chunk, hs, w=ww)
         return (dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), dg,
                 ds0.to(ctx.s0_dtype) if ctx.has_s0 else None, None, None,
                 dw.to(ctx.w_dtype) if dw is not None else None)
@@ -1070,7 +1241,9 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: t
     be combined with states. ``initial_state`` / the returned final state: ``[B, H, Dk', Dv]`` float32
     (Dk' = the feature size), so a long sequence can be processed in pieces. ``chunk_size`` in
     {16, 32, 64, 128}; N need not be a multiple of it. Gradients flow to q, k, v, decay and
-    initial_state. Returns ``out`` or, with ``return_state=True``, ``(out, final_state)``.
+    initial_state; when one is needed, the forward keeps the state each chunk starts from for the
+    backward: B*H*ceil(N/chunk_size)*Dk'*Dv values in the inputs' dtype (Dk'/chunk_size times the size
+    of v). Returns ``out`` or, with ``return_state=True``, ``(out, final_state)``.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=4, shape_hint="[B, H, N, D]")

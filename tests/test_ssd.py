@@ -122,16 +122,55 @@ def test_one_walk_forward_cut_into_segments(monkeypatch, n_seg, state):
     check(x, dt, A, B, C, D, s0)
 
 
-def test_one_walk_only_where_its_tiles_fit(monkeypatch):
-    """On a GPU the one walk is taken only when its shared memory fits a program (227 KB on the
-    H200): float32 tiles of 128 steps by S = 128 (about 296 KB in Triton 3.6) take the two passes."""
+@pytest.mark.parametrize("n_seg", [1, 2, 3, 8])
+@pytest.mark.parametrize("state", [True, False])
+def test_one_walk_backward_cut_into_segments(monkeypatch, n_seg, state):
+    """The backward walks the chunks once in reverse with the state's gradient in registers
+    (_la_dfused: the state gradients and dx in one pass), in segments that start from the gradients
+    _reverse_segment_starts chains: any number of segments, a short one, with or without an initial
+    state, Dv = 80 (two value blocks), a gradient flowing into the final state: every gradient equals
+    that of the separate passes (_la_dstates, then _la_dv) and matches the recurrence."""
+    from minikernels import linear
+
+    x, dt, A, B, C, D, s0 = make(b=1, h=2, g=1, n=7 * 16 + 5, p=80, s=24, seed=12, state=state)
+    ins = [t.detach().requires_grad_() if t is not None else None for t in (x, dt, A, B, C, D, s0)]
+    leaves = [t for t in ins if t is not None]
+    gen = torch.Generator().manual_seed(3)
+    dy = torch.randn(x.shape, generator=gen).to(x.device)
+    ds = torch.randn(1, 2, 24, 80, generator=gen).to(x.device)
+
+    def grads():
+        y, state_out = mk.ssd(*ins[:5], chunk_size=16, D=ins[5], initial_state=ins[6], return_final_state=True)
+        return torch.autograd.grad((y * dy).sum() + (state_out * ds).sum(), leaves)
+
+    monkeypatch.setattr(linear, "FUSED_MAX_DK", 0)  # every Dk too wide: the separate passes
+    want = grads()
+    monkeypatch.undo()
+    walks = []
+    monkeypatch.setattr(linear, "_fused_segments", lambda programs, n_chunks, sms: walks.append(n_chunks) or n_seg)
+    with poisoned():
+        got = grads()
+    assert walks == [8, 8]  # the forward's walk and the backward's, over 8 chunks each
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    check(x, dt, A, B, C, D, s0)
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_one_walk_only_where_its_tiles_fit(monkeypatch, direction):
+    """On a GPU the one walk (forward: _la_fused; backward: _la_dfused) is taken only when its shared
+    memory fits a program (227 KB on the H200): float32 tiles of 128 steps by S = 128 (about 296 KB
+    in Triton 3.6, either way) take the separate passes."""
     from minikernels import linear
 
     monkeypatch.setattr(linear, "is_interpreter", lambda: False)
     monkeypatch.setattr(linear, "_max_shared_memory", lambda device: 232448)
+    cfg, value_tiles = ((linear.FWD_TILES["fused"], 1) if direction == "forward"
+                        else (linear.BWD_TILES["dfused"], 2))
 
     def fits(dtype, chunk, s, p=64):
-        return linear._fused_fits(torch.empty(1, 1, 1, s, dtype=dtype), torch.empty(1, 1, 1, p, dtype=dtype), chunk)
+        q, v = torch.empty(1, 1, 1, s, dtype=dtype), torch.empty(1, 1, 1, p, dtype=dtype)
+        return linear._fused_fits(q, v, chunk, cfg, value_tiles)
 
     assert fits(torch.bfloat16, 64, 128) and fits(torch.bfloat16, 128, 128) and fits(torch.float32, 64, 128)
     assert not fits(torch.float32, 128, 128)
