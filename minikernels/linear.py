@@ -544,7 +544,7 @@ def _la_dfused(Q, K, G, W, V, DO, S_IN, DHS, DVO, DW_PART, S_OUT,
                stride_dob, stride_doh, stride_don, stride_dod,
                stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                H, N, DK, DV, NT, SEG_CHUNKS,
-               HAS_DECAY: tl.constexpr, HAS_W: tl.constexpr, HAS_S_IN: tl.constexpr, STORE_FINAL: tl.constexpr,
+               HAS_DECAY: tl.constexpr, HAS_S_IN: tl.constexpr, STORE_FINAL: tl.constexpr,
                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
     # _la_dstates and _la_dv in one reverse walk (the weighted backward, mk.ssd's), as _la_fused is
     # the forward's: one program per [Dk, BV] block of one (batch, head)'s state gradient walks its
@@ -553,7 +553,9 @@ def _la_dfused(Q, K, G, W, V, DO, S_IN, DHS, DVO, DW_PART, S_OUT,
     # At each chunk it writes dS for _la_dqdk, as _la_dstates does (the 16-bit copy), and uses that
     # copy at once for the chunk's dV, as _la_dv would after reading it back:
     #     dV_c = (Q K^T * M)^T dO + (K * exp(b_C - b)) dS,   then   dS = exp(b_C) dS + (Q * exp(b))^T dO.
-    # The whole of Dk is one tile (BK >= DK): dV needs every row of dS.
+    # The whole of Dk is one tile (BK >= DK): dV needs every row of dS. The values' weights W are
+    # always there (the one walk serves mk.ssd only): dV_c is of w_t v_t, so dv_t = w_t dV_t and
+    # dw_t = v_t . dV_t, summed over this program's block of Dv (DW_PART[iv, bh, t]).
     iv = tl.program_id(0)
     n_seg = tl.cdiv(NT, SEG_CHUNKS)
     bh, seg = tl.program_id(1) // n_seg, tl.program_id(1) % n_seg
@@ -594,13 +596,12 @@ def _la_dfused(Q, K, G, W, V, DO, S_IN, DHS, DVO, DW_PART, S_OUT,
         at = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * _decay_mask(b, C, True)
         dv = tl.dot(k, ds, input_precision=DOT_PREC) * tl.exp(b_last - b)[:, None]
         dv += tl.dot(at.to(do.dtype), do, input_precision=DOT_PREC)
-        if HAS_W:
-            v = tl.load(V + b_idx.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + rows[:, None] * stride_vn
-                        + offs_v[None, :] * stride_vd, mask=row_tile_ok, other=0.0).to(tl.float32)  # read C*BV
-            tl.store(DW_PART + (iv * (tl.num_programs(1) // n_seg) + bh).to(tl.int64) * N + rows,
-                     tl.sum(v * dv, 1), mask=row_ok)  # write C
-            dv *= tl.load(W + b_idx.to(tl.int64) * stride_wb + h.to(tl.int64) * stride_wh + rows * stride_wn,
-                          mask=row_ok, other=0.0)[:, None]  # read C
+        v = tl.load(V + b_idx.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + rows[:, None] * stride_vn
+                    + offs_v[None, :] * stride_vd, mask=row_tile_ok, other=0.0).to(tl.float32)  # read C*BV
+        tl.store(DW_PART + (iv * (tl.num_programs(1) // n_seg) + bh).to(tl.int64) * N + rows,
+                 tl.sum(v * dv, 1), mask=row_ok)  # write C
+        dv *= tl.load(W + b_idx.to(tl.int64) * stride_wb + h.to(tl.int64) * stride_wh + rows * stride_wn,
+                      mask=row_ok, other=0.0)[:, None]  # read C
         tl.store(dv_base + rows[:, None] * stride_dvn + offs_v[None, :] * stride_dvd, dv.to(DVO.dtype.element_ty),
                  mask=row_tile_ok)  # write C*BV
         q_in = (q * tl.exp(b)[:, None]).to(q.dtype)  # q decayed back to the chunk's start
@@ -1123,7 +1124,7 @@ def _fused_state_and_value_grads(q, k, v, g, w, do, ds_end, chunk: int, dtype: t
     _la_dfused[(nv, B * H * n_seg)](
         q, k, gt, w, v, do, s_in if s_in is not None else ds0, dhs, dv, dw_part, ds0,
         *q.stride(), *k.stride(), *gs, *w.stride(), *v.stride(), *do.stride(), *dv.stride(), H, N, DK, DV, nt,
-        seg_chunks, HAS_DECAY=has_decay, HAS_W=True, HAS_S_IN=s_in is not None, STORE_FINAL=n_seg == 1,
+        seg_chunks, HAS_DECAY=has_decay, HAS_S_IN=s_in is not None, STORE_FINAL=n_seg == 1,
         C=chunk, BK=_block(DK, FUSED_MAX_DK), BV=bv, **_launch_opts(q.dtype, cfg["num_warps"], cfg["num_stages"]))
     return dhs, ds0, dv, dw_part
 
