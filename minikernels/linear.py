@@ -35,9 +35,10 @@ over the heads. The weighted forward
 (when Dk <= 128 and its tiles fit in shared memory) needs no stored states: _la_fused walks the
 chunks once with the state in registers and writes O_c as it goes, the sequence cut into segments
 whose starting states come from a walk that stores nothing but each segment's end (_la_states) and
-_la_carry. Its backward does the same in reverse: _la_dfused walks the chunks from the last with dS
-in registers and writes dV_c as it goes (_la_dstates and _la_dv in one pass), in segments chained
-the same way (_la_dstates storing only each segment's part, then _la_carry).
+_la_carry. Its backward can do the same in reverse: _la_dfused walks the chunks from the last with
+dS in registers and writes dV_c as it goes (_la_dstates and _la_dv in one pass), in segments chained
+the same way (_la_dstates storing only each segment's part, then _la_carry); it is taken where the
+separate reverse pass would be cut into segments too (few programs), and measured slower elsewhere.
 
 The states cost B*H*(N/C)*Dk*Dv values of memory, and buy parallelism over chunks: the sequential
 passes do one small product per chunk, the rest runs on every chunk at once. When a gradient will
@@ -1244,7 +1245,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: t
     {16, 32, 64, 128}; N need not be a multiple of it. Gradients flow to q, k, v, decay and
     initial_state; when one is needed, the forward keeps the state each chunk starts from for the
     backward: B*H*ceil(N/chunk_size)*Dk'*Dv values in the inputs' dtype (Dk'/chunk_size times the size
-    of v). Returns ``out`` or, with ``return_state=True``, ``(out, final_state)``.
+    of v; float32 for bfloat16 inputs under the CPU interpreter, which computes them in float32).
+    Returns ``out`` or, with ``return_state=True``, ``(out, final_state)``.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=4, shape_hint="[B, H, N, D]")
