@@ -70,6 +70,28 @@ def as_linear_attention(x, dt, A, B, C):
     return q, k, x, dt.to(work) * A.to(work)[None, :, None]
 
 
+class _StepWeights(torch.autograd.Function):
+    """dt [B, H, N] and A [H] -> the values' weights dt and the log-decay dt * A, both [B, H, N] in
+    float32 at least. The backward folds both gradients into dt's and A's at once:
+    dL/ddt = dw + dg A and dL/dA = the sum over batch and steps of dg dt."""
+
+    @staticmethod
+    def forward(ctx, dt, A):
+        work = torch.promote_types(dt.dtype, torch.float32)
+        dt_w, a_w = dt.to(work), A.to(work)
+        ctx.save_for_backward(dt_w, a_w)
+        ctx.dtypes = dt.dtype, A.dtype
+        return dt_w, dt_w * a_w[None, :, None]
+
+    @staticmethod
+    def backward(ctx, d_weights, d_log_decay):
+        # (both gradients always come: the linear-attention backward returns one for each)
+        dt_w, a_w = ctx.saved_tensors
+        d_dt = torch.addcmul(d_weights, d_log_decay, a_w[None, :, None])
+        d_a = (d_log_decay * dt_w).sum((0, 2)).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return d_dt.to(ctx.dtypes[0]), d_a
+
+
 def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int = 64,
         D: torch.Tensor | None = None, initial_state: torch.Tensor | None = None, return_final_state: bool = False):
     """Mamba-2's SSD: h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T, y_t = C_t^T h_t + D x_t.
@@ -101,10 +123,8 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
         y = x.new_zeros(x.shape)
         state = initial_state.float() if initial_state is not None else x.new_zeros(b, heads, s, p).float()
     else:
-        work = torch.promote_types(x.dtype, torch.float32)
         q, k = C.reshape(b * groups, 1, n, s), B.reshape(b * groups, 1, n, s)
-        weights = dt.to(work).reshape(b * groups, per, n)
-        log_decay = weights * A.to(work).reshape(groups, per, 1).repeat(b, 1, 1)
+        weights, log_decay = (t.reshape(b * groups, per, n) for t in _StepWeights.apply(dt, A))
         s0 = initial_state.reshape(b * groups, per, s, p) if initial_state is not None else None
         y, state = _LinearAttention.apply(q, k, x.reshape(b * groups, per, n, p), log_decay, s0, chunk_size,
                                           x.dtype, weights)

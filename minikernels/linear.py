@@ -771,6 +771,11 @@ def _launch_opts(dtype, num_warps: int = 4, num_stages: int = 2, maxnreg: int | 
     return {**opts, **dot_options(dtype)}
 
 
+def _tile_opts(dtype, cfg: dict, num_warps: int | None = None) -> dict:
+    # the launch options of one of FWD_TILES' or BWD_TILES' entries (a register cap where it names one)
+    return _launch_opts(dtype, num_warps or cfg["num_warps"], cfg["num_stages"], cfg.get("maxnreg"))
+
+
 # The forward's tiles: the largest Dk and Dv blocks of each pass, its warps and its pipeline depth
 # (the backward recomputes the states with the same tiles). Chosen by sweeps on the H200 (B4 H16
 # D128, T 4k to 64k, with and without decay, do_bench and CUDA graphs; 2026-11-29): a 3-deep pipeline
@@ -845,8 +850,7 @@ def _sm_count(t: torch.Tensor) -> int:
 
 def _states_opts(k, has_decay: bool, has_w: bool, chunk: int, bk: int, bv: int) -> dict:
     cfg = FWD_TILES["states"]
-    return dict(HAS_DECAY=has_decay, HAS_W=has_w, C=chunk, BK=bk, BV=bv,
-                **_launch_opts(k.dtype, cfg["num_warps"], cfg["num_stages"], cfg["maxnreg"]))
+    return dict(HAS_DECAY=has_decay, HAS_W=has_w, C=chunk, BK=bk, BV=bv, **_tile_opts(k.dtype, cfg))
 
 
 def _segment_starts(k, v, g, s0, w, chunk: int, seg_chunks: int, n_seg: int, bk: int, bv: int, want_final: bool):
@@ -956,7 +960,7 @@ def _fused_forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype, w=None, k
         q, k, v, gt, wt, s_in if s_in is not None else o, o, s_end, hs if keep_states else o,
         *q.stride(), *k.stride(), *v.stride(), *gs, *ws, *o.stride(), H, N, DK, DV, nt, seg_chunks,
         HAS_DECAY=has_decay, HAS_W=has_w, HAS_S_IN=s_in is not None, STORE_FINAL=True, STORE_STATES=keep_states,
-        C=chunk, BK=_block(DK, FUSED_MAX_DK), BV=bv, **_launch_opts(q.dtype, cfg["num_warps"], cfg["num_stages"]))
+        C=chunk, BK=_block(DK, FUSED_MAX_DK), BV=bv, **_tile_opts(q.dtype, cfg))
     return o, s_end, hs
 
 
@@ -976,7 +980,7 @@ def _forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype, w=None, keep_st
     _la_out[(triton.cdiv(N, chunk), triton.cdiv(DV, bv), B * H)](
         q, k, v, gt, wt, hs, o, *q.stride(), *k.stride(), *v.stride(), *gs, *ws, *o.stride(), H, N, DK, DV,
         hs.shape[1], HAS_DECAY=has_decay, HAS_W=has_w, C=chunk, BK=bk, BV=bv,
-        **_launch_opts(q.dtype, warps, cfg["num_stages"]))
+        **_tile_opts(q.dtype, cfg, num_warps=warps))
     return o, s_end, (hs if keep_states else None)
 
 
@@ -991,9 +995,26 @@ def _forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype, w=None, keep_st
 # stages 1.115 / 1.203, 16 heads a program 0.947 / 1.034, Dk blocks of 64 0.994 / 1.093.
 # "dfused": the one reverse walk (_la_dfused), mk.ssd's shapes, 0.968 / 0.980 ms; 8 warps 1.139 /
 # 1.143, 3 stages 1.092 / 1.097, Dv blocks of 32 0.975 / 1.064.
+# Tried in session 5 (2026-12-03, against 0.908 / 0.971 ms in the same process), both slower:
+# one launch for dQ and dK, reading V, dO, S_c and dS_c once, with the heads' dA * M summed in
+# registers and multiplied by K and by Q once after the loop (5 products a head instead of 7):
+# 0.952 / 1.017 at best (Dk blocks of 128, 8 warps; 4 warps 1.263 / 1.310; Dk blocks of 64, 1.025 to
+# 1.346); and the heads' dA * M summed in each of the two launches: 0.993 / 1.061. Fewer products,
+# but more float32 tiles live across the loop over heads, and more spills (Triton's n_spills 96 to
+# 372, against 42 and 90 now).
+# Session 5 (2026-12-03, SSD, same process; 0.896 / 0.965 ms before): capping _la_dv at 128
+# registers a thread with value weights took b4 to 0.875 (b1 takes the one walk: 0.965); the reverse
+# pass that computes each segment's own part (_reverse_segment_starts, b1) with 3 stages and the cap
+# took b1 to 0.924 (the cap alone 0.930, 3 stages alone 0.956), as the forward's state pass likes.
+# For the full walk of _la_dstates (b4) neither helped (0.898 to 0.920 for the cap, 3 stages, Dk
+# blocks of 32 or 128, Dv blocks of 32); Dk blocks of 128 in _la_dv, 0.936; 1 or 3 stages there,
+# 0.902 / 0.889; the one walk capped at 232, 0.897 / 0.970. Linear attention's backward (no value
+# weights) was not measured with the caps: it keeps "dv"; "dsegments" serves both.
 BWD_TILES = {"dstates": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
+             "dsegments": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3, "maxnreg": 128},
              "dfused": {"BV": 64, "num_warps": 4, "num_stages": 2},
              "dv": {"BK": 64, "BV": 128, "num_warps": 8, "num_stages": 2},
+             "dv_weighted": {"BK": 64, "BV": 128, "num_warps": 8, "num_stages": 2, "maxnreg": 128},
              "dqdk": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 2},
              "dqdk_heads": 32}
 
@@ -1048,7 +1069,7 @@ def _reverse_segment_starts(q, do, g, ds_end, chunk: int, seg_chunks: int, n_seg
     (_la_carry), as _segment_starts does forwards."""
     B, H, N, DK = q.shape
     DV = do.shape[-1]
-    cfg = BWD_TILES["dstates"]
+    cfg = BWD_TILES["dsegments"]
     bk, bv = _block(DK, cfg["BK"]), _block(DV, cfg["BV"])
     gt, gs, has_decay = _per_step_args(g, q)
     seg_part = empty((B * H, n_seg, DK, DV), dtype=torch.float32, device=q.device)
@@ -1056,7 +1077,7 @@ def _reverse_segment_starts(q, do, g, ds_end, chunk: int, seg_chunks: int, n_seg
     _la_dstates[(triton.cdiv(DK, bk), triton.cdiv(DV, bv), B * H * n_seg)](
         q, do, gt, seg_part, seg_part, seg_part, log_decay, *q.stride(), *do.stride(), *gs, H, N, DK, DV,
         triton.cdiv(N, chunk), seg_chunks, HAS_DECAY=has_decay, HAS_S_IN=False, STORE_STATES=False, STORE_FINAL=True,
-        STORE_DECAY=has_decay, C=chunk, BK=bk, BV=bv, **_launch_opts(q.dtype, cfg["num_warps"], cfg["num_stages"]))
+        STORE_DECAY=has_decay, C=chunk, BK=bk, BV=bv, **_tile_opts(q.dtype, cfg))
     s_in = empty((B * H, n_seg, DK, DV), dtype=torch.float32, device=q.device)
     ds0 = empty((B, H, DK, DV), dtype=torch.float32, device=q.device)
     block = 1024
@@ -1097,7 +1118,7 @@ def _state_grads(q, do, g, ds_end, chunk: int, dtype: torch.dtype):
     _la_dstates[(*grid_state, B * H * n_seg)](
         q, do, gt, s_in if s_in is not None else ds0, dhs, ds0, ds0, *q.stride(), *do.stride(), *gs, H, N, DK, DV,
         nt, seg_chunks, HAS_DECAY=has_decay, HAS_S_IN=s_in is not None, STORE_STATES=True, STORE_FINAL=n_seg == 1,
-        STORE_DECAY=False, C=chunk, BK=bk, BV=bv, **_launch_opts(q.dtype, cfg["num_warps"], cfg["num_stages"]))
+        STORE_DECAY=False, C=chunk, BK=bk, BV=bv, **_tile_opts(q.dtype, cfg))
     return dhs, ds0
 
 
@@ -1126,7 +1147,7 @@ def _fused_state_and_value_grads(q, k, v, g, w, do, ds_end, chunk: int, dtype: t
         q, k, gt, w, v, do, s_in if s_in is not None else ds0, dhs, dv, dw_part, ds0,
         *q.stride(), *k.stride(), *gs, *w.stride(), *v.stride(), *do.stride(), *dv.stride(), H, N, DK, DV, nt,
         seg_chunks, HAS_DECAY=has_decay, HAS_S_IN=s_in is not None, STORE_FINAL=n_seg == 1,
-        C=chunk, BK=_block(DK, FUSED_MAX_DK), BV=bv, **_launch_opts(q.dtype, cfg["num_warps"], cfg["num_stages"]))
+        C=chunk, BK=_block(DK, FUSED_MAX_DK), BV=bv, **_tile_opts(q.dtype, cfg))
     return dhs, ds0, dv, dw_part
 
 
@@ -1150,14 +1171,14 @@ def _backward(q, k, v, g, do, ds_end, chunk: int, hs, w=None):
     else:
         dhs, ds0 = _state_grads(qe, do, g, ds_end, chunk, hs.dtype)
         dv = empty(v.shape, dtype=v.dtype, device=q.device)  # contiguous
-        cfg = BWD_TILES["dv"]
+        cfg = BWD_TILES["dv_weighted" if has_w else "dv"]
         bk, bv = _block(DK, cfg["BK"]), _block(DV, cfg["BV"])
         nv = triton.cdiv(DV, bv)
         dw_part = empty((nv, B * H, N), dtype=torch.float32, device=q.device) if has_w else ds0
         _la_dv[(nt, nv, B * H)](
             qe, ke, gt, wt, v, do, dhs, dv, dw_part, *qe.stride(), *ke.stride(), *gs, *ws, *v.stride(),
             *do.stride(), *dv.stride(), H, N, DK, DV, nt, HAS_DECAY=has_decay, HAS_W=has_w, C=chunk, BK=bk, BV=bv,
-            **_launch_opts(q.dtype, cfg["num_warps"] if bv * chunk >= 8192 else 4, cfg["num_stages"]))
+            **_tile_opts(q.dtype, cfg, num_warps=cfg["num_warps"] if bv * chunk >= 8192 else 4))
     cfg = BWD_TILES["dqdk"]
     bv = _block(DV, cfg["BV"])
     nv = triton.cdiv(DV, bv)
@@ -1176,7 +1197,7 @@ def _backward(q, k, v, g, do, ds_end, chunk: int, hs, w=None):
                 q, k, v, gt, wt, do, hs, dhs, grad, dg_part,
                 *q.stride(), *k.stride(), *v.stride(), *gs, *ws, *do.stride(), H, h_qk, N, DK, DV, nt, heads,
                 FOR_Q=for_q, HAS_DECAY=has_decay, HAS_W=has_w, C=chunk, BK=bk, BV=bv, NV=nv,
-                UNROLL_V=unroll_v, **_launch_opts(q.dtype, cfg["num_warps"], cfg["num_stages"]))
+                UNROLL_V=unroll_v, **_tile_opts(q.dtype, cfg))
             return grad, dg_part
         key = ("dqdk", q.device, q.dtype, chunk, bv, nv, unroll_v, heads == 1, for_q, has_decay, has_w)
         grad, dg_part = _launch_fitting(key, _block(DK, cfg["BK"]), launch)
@@ -1185,7 +1206,7 @@ def _backward(q, k, v, g, do, ds_end, chunk: int, hs, w=None):
             dgs.append(dg_part[0] if len(dg_part) == 1 else dg_part.sum(0))  # over the Dk blocks
     dq, dk = grads
     dg = (dgs[0] + dgs[1]).view(B, H, N) if has_decay else None
-    dw = dw_part.sum(0).view(B, H, N) if has_w else None
+    dw = (dw_part[0] if len(dw_part) == 1 else dw_part.sum(0)).view(B, H, N) if has_w else None  # over Dv blocks
     return dq, dk, dv, dg, ds0, dw
 
 
