@@ -995,17 +995,18 @@ def _forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype, w=None, keep_st
 # stages 1.115 / 1.203, 16 heads a program 0.947 / 1.034, Dk blocks of 64 0.994 / 1.093.
 # "dfused": the one reverse walk (_la_dfused), mk.ssd's shapes, 0.968 / 0.980 ms; 8 warps 1.139 /
 # 1.143, 3 stages 1.092 / 1.097, Dv blocks of 32 0.975 / 1.064.
-# Tried in session 5 (2026-12-03, against 0.908 / 0.971 ms in the same process), both slower:
+# Tried later that day (against 0.908 / 0.971 ms in the same process), both slower:
 # one launch for dQ and dK, reading V, dO, S_c and dS_c once, with the heads' dA * M summed in
 # registers and multiplied by K and by Q once after the loop (5 products a head instead of 7):
 # 0.952 / 1.017 at best (Dk blocks of 128, 8 warps; 4 warps 1.263 / 1.310; Dk blocks of 64, 1.025 to
 # 1.346); and the heads' dA * M summed in each of the two launches: 0.993 / 1.061. Fewer products,
 # but more float32 tiles live across the loop over heads, and more spills (Triton's n_spills 96 to
 # 372, against 42 and 90 now).
-# Session 5 (2026-12-03, SSD, same process; 0.896 / 0.965 ms before): capping _la_dv at 128
-# registers a thread with value weights took b4 to 0.875 (b1 takes the one walk: 0.965); the reverse
-# pass that computes each segment's own part (_reverse_segment_starts, b1) with 3 stages and the cap
-# took b1 to 0.924 (the cap alone 0.930, 3 stages alone 0.956), as the forward's state pass likes.
+# Then (2026-12-03, SSD, one process; 0.896 / 0.965 ms before, with ssd's _StepWeights): capping
+# _la_dv at 128 registers a thread with value weights took b4 to 0.875 (b1 takes the one walk:
+# 0.965); the reverse pass that computes each segment's own part (_reverse_segment_starts, b1) with
+# 3 stages and the cap took b1 to 0.924 (the cap alone 0.930, 3 stages alone 0.956), as the
+# forward's state pass likes.
 # For the full walk of _la_dstates (b4) neither helped (0.898 to 0.920 for the cap, 3 stages, Dk
 # blocks of 32 or 128, Dv blocks of 32); Dk blocks of 128 in _la_dv, 0.936; 1 or 3 stages there,
 # 0.902 / 0.889; the one walk capped at 232, 0.897 / 0.970. Linear attention's backward (no value
