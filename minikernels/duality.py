@@ -9,11 +9,12 @@ dt * A (or, moving dt to the other factor of dt_t B_t x_t^T, keys B and values d
 runs ``mk.linear_attention``'s chunked Triton kernels (forward and backward) on those inputs, with
 dt handed to them as weights on the values: the kernels fold dt into the per-step factors they
 compute anyway, so dt * x is never written out; and each group's B and C are read by all its heads
-(the backward sums their gradients over the heads in registers). For S <= 128 (tiles that fit in shared
-memory) the forward walks the chunks once with the state in registers (``linear._la_fused``)
-instead of storing every chunk's state and reading it back. ``quadratic_form`` is the other side
-of the duality: the same outputs as masked attention, (C B^T * L) (dt x), with the 1-semiseparable
-mask L[t, s] = exp(dt_{s+1} A + ... + dt_t A) for s <= t.
+(the backward sums their gradients over the heads in registers). The weights and the log-decay come
+from one autograd node (``_StepWeights``), whose backward folds both gradients into dt's and A's.
+For S <= 128 (tiles that fit in shared memory) the forward walks the chunks once with the state in
+registers (``linear._la_fused``) instead of storing every chunk's state and reading it back.
+``quadratic_form`` is the other side of the duality: the same outputs as masked attention,
+(C B^T * L) (dt x), with the 1-semiseparable mask L[t, s] = exp(dt_{s+1} A + ... + dt_t A) for s <= t.
 """
 
 from __future__ import annotations
