@@ -9,8 +9,9 @@ dt * A (or, moving dt to the other factor of dt_t B_t x_t^T, keys B and values d
 runs ``mk.linear_attention``'s chunked Triton kernels (forward and backward) on those inputs, with
 dt handed to them as weights on the values: the kernels fold dt into the per-step factors they
 compute anyway, so dt * x is never written out; and each group's B and C are read by all its heads
-(the backward sums their gradients over the heads in registers). The weights and the log-decay come
-from one autograd node (``_StepWeights``), whose backward folds both gradients into dt's and A's.
+(the backward sums their gradients over the heads in registers). A goes to them as a rate: the
+log-decay is the weights times it, and the backward folds the log-decay's gradient into dt's and
+A's (dL/ddt_t += dL/dg_t A, dL/dA = sum_t dL/dg_t dt_t) in one small kernel (``linear._la_rate_grads``).
 For S <= 128 (tiles that fit in shared memory) the forward walks the chunks once with the state in
 registers (``linear._la_fused``) instead of storing every chunk's state and reading it back.
 ``quadratic_form`` is the other side of the duality: the same outputs as masked attention,
@@ -71,28 +72,6 @@ def as_linear_attention(x, dt, A, B, C):
     return q, k, x, dt.to(work) * A.to(work)[None, :, None]
 
 
-class _StepWeights(torch.autograd.Function):
-    """dt [B, H, N] and A [H] -> the values' weights dt and the log-decay dt * A, both [B, H, N] in
-    float32 at least. The backward folds both gradients into dt's and A's at once:
-    dL/ddt = dw + dg A and dL/dA = the sum over batch and steps of dg dt."""
-
-    @staticmethod
-    def forward(ctx, dt, A):
-        work = torch.promote_types(dt.dtype, torch.float32)
-        dt_w, a_w = dt.to(work), A.to(work)
-        ctx.save_for_backward(dt_w, a_w)
-        ctx.dtypes = dt.dtype, A.dtype
-        return dt_w, dt_w * a_w[None, :, None]
-
-    @staticmethod
-    def backward(ctx, d_weights, d_log_decay):
-        # (both gradients always come: the linear-attention backward returns one for each)
-        dt_w, a_w = ctx.saved_tensors
-        d_dt = torch.addcmul(d_weights, d_log_decay, a_w[None, :, None])
-        d_a = (d_log_decay * dt_w).sum((0, 2)).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
-        return d_dt.to(ctx.dtypes[0]), d_a
-
-
 def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int = 64,
         D: torch.Tensor | None = None, initial_state: torch.Tensor | None = None, return_final_state: bool = False):
     """Mamba-2's SSD: h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T, y_t = C_t^T h_t + D x_t.
@@ -125,10 +104,10 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
         state = initial_state.float() if initial_state is not None else x.new_zeros(b, heads, s, p).float()
     else:
         q, k = C.reshape(b * groups, 1, n, s), B.reshape(b * groups, 1, n, s)
-        weights, log_decay = (t.reshape(b * groups, per, n) for t in _StepWeights.apply(dt, A))
         s0 = initial_state.reshape(b * groups, per, s, p) if initial_state is not None else None
-        y, state = _LinearAttention.apply(q, k, x.reshape(b * groups, per, n, p), log_decay, s0, chunk_size,
-                                          x.dtype, weights)
+        # the log-decay dt * A is built from the weights and the rate A (a row of heads per group)
+        y, state = _LinearAttention.apply(q, k, x.reshape(b * groups, per, n, p), None, s0, chunk_size, x.dtype,
+                                          dt.reshape(b * groups, per, n), A.reshape(groups, per))
         y, state = y.reshape(b, heads, n, p), state.reshape(b, heads, s, p)
     if D is not None:
         y = (y.float() + D.float()[None, :, None, None] * x.float()).to(x.dtype)

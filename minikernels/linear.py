@@ -29,11 +29,12 @@ the gradient of the state leaving it):
 With per-step value weights w (how mk.ssd passes its step sizes), the values are w_t v_t: the
 forward folds w into the factor exp(b_C - b) of the state update and into the columns of
 Q K^T * M; the backward weights V's rows as it loads them, and _la_dv turns the gradient of w_t v_t
-into those of v_t and w_t. Q and K may have one head that every head reads (mk.ssd's C and B):
-_la_dqdk then takes several heads a program, loads its Q and K once, and sums their gradients
-over the heads. The weighted forward
-(when Dk <= 128 and its tiles fit in shared memory) needs no stored states: _la_fused walks the
-chunks once with the state in registers and writes O_c as it goes, the sequence cut into segments
+into those of v_t and w_t. With a rate a_h besides (mk.ssd's A), the log-decay is g_t = w_t a_h,
+and _la_rate_grads folds g's gradient into w's and a's. Q and K may have one head that every head
+reads (mk.ssd's C and B): _la_dqdk then takes several heads a program, loads its Q and K once, and
+sums their gradients over the heads. The weighted forward (when Dk <= 128 and its tiles fit in
+shared memory) needs no stored states: _la_fused walks the chunks once with the state in registers
+and writes O_c as it goes, the sequence cut into segments
 whose starting states come from a walk that stores nothing but each segment's end (_la_states) and
 _la_carry. Its backward can do the same in reverse: _la_dfused walks the chunks from the last with
 dS in registers and writes dV_c as it goes (_la_dstates and _la_dv in one pass), in segments chained
@@ -651,7 +652,7 @@ def _dqdk_v_block(iv, v_base, do_base, HS, DHS, state_base, rows, row_ok, offs_k
 
 
 @triton.jit
-def _la_dqdk(Q, K, V, G, W, DO, HS, DHS, DQK, DG_PART,
+def _la_dqdk(Q, K, V, G, W, DO, HS, DHS, DQK, DG_PART, DG_Q,
              stride_qb, stride_qh, stride_qn, stride_qd,
              stride_kb, stride_kh, stride_kn, stride_kd,
              stride_vb, stride_vh, stride_vn, stride_vd,
@@ -659,8 +660,8 @@ def _la_dqdk(Q, K, V, G, W, DO, HS, DHS, DQK, DG_PART,
              stride_wb, stride_wh, stride_wn,
              stride_dob, stride_doh, stride_don, stride_dod,
              H, H_QK, N, DK, DV, NT, HEADS,
-             FOR_Q: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_W: tl.constexpr, C: tl.constexpr,
-             BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, UNROLL_V: tl.constexpr,
+             FOR_Q: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_W: tl.constexpr, ADD_DG_Q: tl.constexpr,
+             C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, UNROLL_V: tl.constexpr,
              DOT_PREC: tl.constexpr):
     # FOR_Q: dQ_c = (dO V^T * M) K + exp(b) dO S_c^T; else dK_c = (V dO^T * M^T) Q + exp(b_C - b) V dS_c^T;
     # every chunk at once (dA^T = V dO^T is its own product, see _la_dv). Two launches, one for each:
@@ -681,6 +682,8 @@ def _la_dqdk(Q, K, V, G, W, DO, HS, DHS, DQK, DG_PART,
     # head's tiles load while this one's products run. Unrolled inside that pipelined loop, each
     # block's tiles get buffers of their own in shared memory; many blocks (a wide Dv) would not fit,
     # so they take a loop. With HAS_W, V's rows are weighted by w as the kernels saw them.
+    # The dK launch (ADD_DG_Q) adds the dQ launch's part of the decay's gradient, DG_Q (summed over
+    # its Dk blocks), in its first Dk block, so that no separate pass adds the two.
     ic, ik, pid = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     per = H // H_QK
     splits = per // HEADS
@@ -739,9 +742,31 @@ def _la_dqdk(Q, K, V, G, W, DO, HS, DHS, DQK, DG_PART,
             d_b = tl.where(offs_c == C - 1, end_term, 0.0) - row_dot - tl.sum(a * pair, 1)  # ... - k_s . dk_s
         if HAS_DECAY:
             dg = tl.sum(d_b, 0) - tl.cumsum(d_b, 0) + d_b  # summed from t to the chunk's end
-            tl.store(DG_PART + (ik * tl.num_programs(2) * HEADS + bh).to(tl.int64) * N + rows, dg, mask=row_ok)
+            if ADD_DG_Q:
+                if ik == 0:
+                    dg += tl.load(DG_Q + bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)  # read C
+            tl.store(DG_PART + (ik * tl.num_programs(2) * HEADS + bh).to(tl.int64) * N + rows, dg,
+                     mask=row_ok)  # write C
     tl.store(DQK + (pid.to(tl.int64) * N + rows[:, None]) * DK + offs_k[None, :], grad_sum.to(DQK.dtype.element_ty),
              mask=qk_ok)  # write C*BK
+
+
+
+@triton.jit
+def _la_rate_grads(DG, W, RATE, DW, DRATE_PART, H, N, RATE_ROWS, BLOCK: tl.constexpr):
+    # With a rate (the log-decay g_t = w_t a_h, a_h = RATE[b % RATE_ROWS, h]; mk.ssd's dt A): g's
+    # gradient folded into w's, dL/dw_t += dL/dg_t a_h (in place), and into a's, each block's sum of
+    # dL/dg_t w_t (summed over blocks and batches by the host). One pass over the [B*H, N] rows instead
+    # of PyTorch's three. (Done in _la_dqdk's epilogue instead, it made that kernel spill more: slower.)
+    bh, blk = tl.program_id(0), tl.program_id(1)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    at = bh.to(tl.int64) * N + offs
+    dg = tl.load(DG + at, mask=ok, other=0.0)  # read BLOCK
+    w = tl.load(W + at, mask=ok, other=0.0)  # read BLOCK
+    rate = tl.load(RATE + (bh // H % RATE_ROWS) * H + bh % H)
+    tl.store(DW + at, tl.load(DW + at, mask=ok, other=0.0) + dg * rate, mask=ok)  # read, write BLOCK
+    tl.store(DRATE_PART + bh.to(tl.int64) * tl.num_programs(1) + blk, tl.sum(dg * w, 0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1011,6 +1036,14 @@ def _forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype, w=None, keep_st
 # blocks of 32 or 128, Dv blocks of 32); Dk blocks of 128 in _la_dv, 0.936; 1 or 3 stages there,
 # 0.902 / 0.889; the one walk capped at 232, 0.897 / 0.970. Linear attention's backward (no value
 # weights) was not measured with the caps: it keeps "dv"; "dsegments" serves both.
+# Later (2026-12-03, one process, ms b4 / b1): the dK launch adding the dQ launch's dg, and
+# _la_rate_grads folding SSD's rate into w's and a's gradients (2 small PyTorch kernels a step left
+# instead of 5, ~9 us instead of ~19), 0.858 / 0.910 against 0.882 / 0.933; _la_dqdk itself took
+# 404 us a step instead of 418 (Triton's spills for the dK launch: 328 bytes instead of 360); the
+# added dg alone, with PyTorch folding the rate, 0.862 / 0.914. Folding the rate in the dK launch's
+# epilogue instead was slower: writing dL/da's partial sums, 0.912 / 0.965 against 0.873 / 0.926 in
+# that process (432 bytes of spills); writing dL/dg * w or dL/dg, 0.871 / 0.921 and 0.874 / 0.924
+# against 0.872 / 0.923: _la_dqdk 8 to 54 us a step slower, more than the small kernels saved.
 BWD_TILES = {"dstates": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
              "dsegments": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3, "maxnreg": 128},
              "dfused": {"BV": 64, "num_warps": 4, "num_stages": 2},
@@ -1152,8 +1185,10 @@ def _fused_state_and_value_grads(q, k, v, g, w, do, ds_end, chunk: int, dtype: t
     return dhs, ds0, dv, dw_part
 
 
-def _backward(q, k, v, g, do, ds_end, chunk: int, hs, w=None):
-    """Gradients of q, k, v, the log-decay g, s0 and the value weights w. q and k have H heads, as v
+def _backward(q, k, v, g, do, ds_end, chunk: int, hs, w=None, rate=None):
+    """Gradients of q, k, v, the log-decay g, s0, the value weights w and the rate (None where absent).
+    With a rate a [R, H] (mk.ssd's A), g is w_t a_h (a read at row b % R): the gradient of g is folded
+    into those of w and a, and the one of g returned is None. q and k have H heads, as v
     does, or one that all H heads read (mk.ssd's C and B): their gradients then come summed over
     the heads, in that shape. hs: the state each chunk starts from, as the forward kept it."""
     B, H, N, DV = v.shape
@@ -1180,6 +1215,7 @@ def _backward(q, k, v, g, do, ds_end, chunk: int, hs, w=None):
             qe, ke, gt, wt, v, do, dhs, dv, dw_part, *qe.stride(), *ke.stride(), *gs, *ws, *v.stride(),
             *do.stride(), *dv.stride(), H, N, DK, DV, nt, HAS_DECAY=has_decay, HAS_W=has_w, C=chunk, BK=bk, BV=bv,
             **_tile_opts(q.dtype, cfg, num_warps=cfg["num_warps"] if bv * chunk >= 8192 else 4))
+    dw = (dw_part[0] if len(dw_part) == 1 else dw_part.sum(0)) if has_w else None  # over Dv blocks, [B*H, N]
     cfg = BWD_TILES["dqdk"]
     bv = _block(DV, cfg["BV"])
     nv = triton.cdiv(DV, bv)
@@ -1188,42 +1224,59 @@ def _backward(q, k, v, g, do, ds_end, chunk: int, hs, w=None):
     # one program's sum over its heads; several programs' sums (splits > 1) are added below in float32
     part_dtype = q.dtype if splits == 1 else torch.float32
     unroll_v = nv <= DQDK_UNROLL_V and q.element_size() == 2
-    grads, dgs = [], []
+    grads, dg = [], None
     for for_q in (True, False):
-        def launch(bk, for_q=for_q):
+        def launch(bk, for_q=for_q, dg_q=dg):  # dg_q: the dQ launch's dg, which the dK launch adds in
             nk = triton.cdiv(DK, bk)
             grad = empty((B, h_qk, splits, N, DK), dtype=part_dtype, device=q.device)
             dg_part = empty((nk, B * H, N), dtype=torch.float32, device=q.device) if has_decay else ds0
             _la_dqdk[(nt, nk, B * h_qk * splits)](
-                q, k, v, gt, wt, do, hs, dhs, grad, dg_part,
+                q, k, v, gt, wt, do, hs, dhs, grad, dg_part, dg_q if dg_q is not None else ds0,
                 *q.stride(), *k.stride(), *v.stride(), *gs, *ws, *do.stride(), H, h_qk, N, DK, DV, nt, heads,
-                FOR_Q=for_q, HAS_DECAY=has_decay, HAS_W=has_w, C=chunk, BK=bk, BV=bv, NV=nv,
-                UNROLL_V=unroll_v, **_tile_opts(q.dtype, cfg))
+                FOR_Q=for_q, HAS_DECAY=has_decay, HAS_W=has_w, ADD_DG_Q=has_decay and not for_q, C=chunk, BK=bk,
+                BV=bv, NV=nv, UNROLL_V=unroll_v, **_tile_opts(q.dtype, cfg))
             return grad, dg_part
         key = ("dqdk", q.device, q.dtype, chunk, bv, nv, unroll_v, heads == 1, for_q, has_decay, has_w)
         grad, dg_part = _launch_fitting(key, _block(DK, cfg["BK"]), launch)
         grads.append(grad.sum(2).to(q.dtype) if splits > 1 else grad.view(B, h_qk, N, DK))
-        if has_decay:
-            dgs.append(dg_part[0] if len(dg_part) == 1 else dg_part.sum(0))  # over the Dk blocks
+        if has_decay:  # the dQ launch's part, then the whole (the dK launch adds the first in)
+            dg = dg_part[0] if len(dg_part) == 1 else dg_part.sum(0)  # over the Dk blocks, [B*H, N]
     dq, dk = grads
-    dg = (dgs[0] + dgs[1]).view(B, H, N) if has_decay else None
-    dw = (dw_part[0] if len(dw_part) == 1 else dw_part.sum(0)).view(B, H, N) if has_w else None  # over Dv blocks
-    return dq, dk, dv, dg, ds0, dw
+    drate = None
+    if rate is not None:  # g_t = w_t a_h: dL/dw_t += dL/dg_t a_h, dL/da_h = sum_t dL/dg_t w_t
+        block = 1024
+        drate_part = empty((B * H, triton.cdiv(N, block)), dtype=torch.float32, device=q.device)
+        _la_rate_grads[drate_part.shape](dg, w, rate, dw, drate_part, H, N, rate.shape[0], BLOCK=block)
+        dg, drate = None, drate_part.view(-1, rate.numel(), drate_part.shape[1]).sum((0, 2)).view(rate.shape)
+    dg = dg.view(B, H, N) if dg is not None else None
+    dw = dw.view(B, H, N) if has_w else None
+    return dq, dk, dv, dg, ds0, dw, drate
 
 
 class _LinearAttention(torch.autograd.Function):
-    # w: optional float32 value weights [B, H, N] (the values become w_t v_t). mk.ssd passes dt here:
-    # the kernels fold it into factors they compute anyway, instead of a pass over x.
+    # w: optional value weights [B, H, N] (the values become w_t v_t). mk.ssd passes dt here: the
+    # kernels fold it into factors they compute anyway, instead of a pass over x.
+    # rate: optional [R, H] (R dividing B; mk.ssd's A, R its groups), with w and without g: the
+    # log-decay is then g_t = w_t rate[b % R, h], and the backward returns the gradients of w and the
+    # rate with g's folded in (_la_rate_grads), instead of one for g.
     # q and k: [B, H, N, Dk] as v, or [B, 1, N, Dk] read by all H heads (mk.ssd's C and B, a group
     # at a time); their gradients then come summed over the heads by the kernel.
     @staticmethod
-    def forward(ctx, q, k, v, g, s0, chunk, out_dtype, w=None):
+    def forward(ctx, q, k, v, g, s0, chunk, out_dtype, w=None, rate=None):
         ctx.set_materialize_grads(False)  # an unused output (often the state) gets no zero gradient
         dtype = q.dtype
         work = _compute_dtype(dtype)
         qw, kw, vw = (t.to(work) for t in (q, k, v))
-        gw = g.float() if g is not None else None
         ww = w.float().contiguous() if w is not None else None
+        ratew = rate.float().contiguous() if rate is not None else None
+        if rate is not None:
+            if g is not None or w is None:
+                raise ValueError("a rate makes the log-decay w * rate: it needs w and no g")
+            r, h = ratew.shape
+            b, n = ww.shape[0], ww.shape[-1]
+            gw = (ww.view(b // r, r, h, n) * ratew[None, :, :, None]).view(ww.shape)
+        else:
+            gw = g.float() if g is not None else None
         s0w = s0.float().contiguous() if s0 is not None else None
         heads = (*v.shape[:2], *q.shape[2:])
         # The states each chunk starts from are kept for the backward when it will run (else it would
@@ -1232,22 +1285,24 @@ class _LinearAttention(torch.autograd.Function):
         with on_device_of(q):
             o, s_end, hs = _forward(qw.expand(heads), kw.expand(heads), vw, gw, s0w, chunk,
                                     out_dtype if work == dtype else torch.float32, w=ww, keep_states=keep)
-        ctx.save_for_backward(qw, kw, vw, gw, ww, hs)
+        ctx.save_for_backward(qw, kw, vw, gw, ww, ratew, hs)
         ctx.chunk, ctx.dtype, ctx.has_s0 = chunk, dtype, s0 is not None
         ctx.s0_dtype = s0.dtype if s0 is not None else None
         ctx.w_dtype = w.dtype if w is not None else None
+        ctx.rate_dtype = rate.dtype if rate is not None else None
         return o.to(out_dtype), s_end
 
     @staticmethod
     def backward(ctx, do, ds_end):
-        qw, kw, vw, gw, ww, hs = ctx.saved_tensors
+        qw, kw, vw, gw, ww, ratew, hs = ctx.saved_tensors
         do = do.to(qw.dtype) if do is not None else vw.new_zeros(()).expand(*vw.shape)
         ds_end = ds_end.float().contiguous() if ds_end is not None else None
         with on_device_of(qw):
-            dq, dk, dv, dg, ds0, dw = _backward(qw, kw, vw, gw, do, ds_end, ctx.chunk, hs, w=ww)
+            dq, dk, dv, dg, ds0, dw, drate = _backward(qw, kw, vw, gw, do, ds_end, ctx.chunk, hs, w=ww, rate=ratew)
         return (dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), dg,
                 ds0.to(ctx.s0_dtype) if ctx.has_s0 else None, None, None,
-                dw.to(ctx.w_dtype) if dw is not None else None)
+                dw.to(ctx.w_dtype) if dw is not None else None,
+                drate.to(ctx.rate_dtype) if drate is not None else None)
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor | None = None,

@@ -189,6 +189,12 @@ def test_state_wider_than_one_tile(monkeypatch):
     assert walks == []
 
 
+def test_values_wider_than_one_tile():
+    """P = 160: the values' gradient comes in two Dv blocks, and so does the part of dt's that they
+    give, summed before A's rate of decay is folded into dt's and A's gradients."""
+    check(*make(b=3, h=2, g=1, n=40, p=160, s=16, seed=13))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_long_sequence(dtype):
