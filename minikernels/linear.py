@@ -751,7 +751,6 @@ def _la_dqdk(Q, K, V, G, W, DO, HS, DHS, DQK, DG_PART, DG_Q,
              mask=qk_ok)  # write C*BK
 
 
-
 @triton.jit
 def _la_rate_grads(DG, W, RATE, DW, DRATE_PART, H, N, RATE_ROWS, BLOCK: tl.constexpr):
     # With a rate (the log-decay g_t = w_t a_h, a_h = RATE[b % RATE_ROWS, h]; mk.ssd's dt A): g's
@@ -1037,13 +1036,15 @@ def _forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype, w=None, keep_st
 # 0.902 / 0.889; the one walk capped at 232, 0.897 / 0.970. Linear attention's backward (no value
 # weights) was not measured with the caps: it keeps "dv"; "dsegments" serves both.
 # Later (2026-12-03, one process, ms b4 / b1): the dK launch adding the dQ launch's dg, and
-# _la_rate_grads folding SSD's rate into w's and a's gradients (2 small PyTorch kernels a step left
-# instead of 5, ~9 us instead of ~19), 0.858 / 0.910 against 0.882 / 0.933; _la_dqdk itself took
-# 404 us a step instead of 418 (Triton's spills for the dK launch: 328 bytes instead of 360); the
-# added dg alone, with PyTorch folding the rate, 0.862 / 0.914. Folding the rate in the dK launch's
-# epilogue instead was slower: writing dL/da's partial sums, 0.912 / 0.965 against 0.873 / 0.926 in
-# that process (432 bytes of spills); writing dL/dg * w or dL/dg, 0.871 / 0.921 and 0.874 / 0.924
-# against 0.872 / 0.923: _la_dqdk 8 to 54 us a step slower, more than the small kernels saved.
+# _la_rate_grads folding SSD's rate into w's and a's gradients (it and 2 small PyTorch kernels a
+# step instead of 5 of those, 9 us instead of 19 at b4), 0.858 / 0.910 against 0.882 / 0.933;
+# _la_dqdk itself took 404 us a step instead of 418 (Triton's spills for the dK launch: 328 bytes
+# instead of 360); the added dg alone, with PyTorch folding the rate, 0.862 / 0.914. Linear
+# attention with a decay (B4 H16 D128 bf16, T 4k / 16k) with the added dg: 0.924 / 3.527 ms against
+# 0.924 / 3.522, unchanged. Folding the rate in the dK launch's epilogue instead was slower: writing
+# dL/da's partial sums, 0.912 / 0.965 against 0.873 / 0.926 in that process (432 bytes of spills);
+# writing dL/dg * w or dL/dg, 0.871 / 0.921 and 0.874 / 0.924 against 0.872 / 0.923: _la_dqdk 8 to
+# 54 us a step slower, more than the small kernels saved.
 BWD_TILES = {"dstates": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
              "dsegments": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3, "maxnreg": 128},
              "dfused": {"BV": 64, "num_warps": 4, "num_stages": 2},
