@@ -10,11 +10,12 @@ affine map h -> a h + b, and composing affine maps is associative:
     (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2)
 
 so the recurrence is a parallel scan (``tl.associative_scan``). The forward: one program (one warp)
-owns BD channels of one batch and all N states, and walks the whole sequence T steps at a time with
-the state in registers; a chunk is a [BD, N, T] tile whose T steps lie inside one thread, so the scan
-is a chain of multiply-adds in each thread and only the sum over states for y crosses threads. B and
-C are converted once, on the host, to float32 in chunk-major order (_chunk_major). The backward
-([BD, N, BL] tiles) walks the chunks in reverse; with g_t = dL/dh_t it scans
+owns BD channels of one batch and all N states, and walks the whole sequence two chunks of T steps at
+a time (one at N = 64 and 128) with the state in registers; a chunk is a [BD, N, T] tile whose T
+steps lie inside one thread, so the scan is a chain of multiply-adds in each thread and only the sum
+over states for y crosses threads. B and C are laid out once, on the host, in chunk-major order
+(_chunk_major; bf16 stays bf16, two steps per 32-bit word, other dtypes become float32). The
+backward ([BD, N, BL] tiles) walks the chunks in reverse; with g_t = dL/dh_t it scans
 
     g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}
 
@@ -115,40 +116,96 @@ def _last_step(x, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr):
 
 @triton.jit
 def _load(ptrs, mask):
-    # a [BD, T] tile of delta, u or z as float32; the mask is constant along T, so the load stays a vector
+    # a [BD, W] tile of delta, u or z as float32; the mask is constant along W, so the load stays a vector
     return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _fwd_chunk(h, raw, u, z, bm, cm, out_ptrs, a2, bias, dskip, mask,
-               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-               BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr, MASKED: tl.constexpr, FAST_LOG: tl.constexpr):
-    # T steps of BD channels and all BN states: h [BD, BN] enters, the state after the chunk leaves.
-    # raw delta, u, z [BD, T]: one owner per element, so softplus and the gate run once per channel
-    # and step, not once per state; B, C [BD, BN, T] float32 (each channel sees its group's rows).
+def _fwd_prep(raw, u, z, bias, dskip, mask, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+              SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr):
+    # what depends on (channel, step) alone, on a [BD, W] tile with one owner per element (so once per
+    # channel and step, not once per state): delta_t, delta_t u_t, the skip D u_t and the gate silu(z_t).
+    # Steps past L get delta 0: the map (1, 0) leaves h unchanged.
     if HAS_BIAS:
         raw += bias[:, None]
     dl = raw
     if SOFTPLUS:
         dl = _softplus(raw, FAST_LOG)
-    if MASKED:  # steps past L: the map (1, 0) leaves h unchanged
-        dl = tl.where(mask, dl, 0.0)
+    dl = tl.where(mask, dl, 0.0)
+    skip = dskip[:, None] * u if HAS_D else dl
+    gate = z * tl.sigmoid(z) if HAS_Z else dl
+    return dl, dl * u, skip, gate
+
+
+@triton.jit
+def _unpack(x, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr, PACKED: tl.constexpr):
+    # B or C [BD, BN, T] as float32. PACKED: x holds two bf16 steps per 32-bit word ([BD, BN, T / 2]); a
+    # bf16 is the top half of a float32, so each unpacks with one shift or one mask (the compiler's
+    # conversion spends two instructions on every other element)
+    if PACKED:
+        lo = (x << 16).to(tl.float32, bitcast=True)
+        hi = (x & -65536).to(tl.float32, bitcast=True)
+        out = tl.reshape(tl.join(lo, hi), [BD, BN, T])
+    else:
+        out = x.to(tl.float32)
+    return out
+
+
+@triton.jit
+def _fwd_chunk(h, dl, dlu, bm, cm, a2, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr, PACKED: tl.constexpr):
+    # T steps of BD channels and all BN states: h [BD, BN] enters; returns the state after the chunk and
+    # y_t = C_t . h_t [BD, T]. dl, dlu [BD, T]; B, C [BD, BN, T] (each channel sees its group's rows).
     decay = tl.exp2(dl[:, None, :] * a2[:, :, None])  # exp(delta_t A)
-    push = (dl * u)[:, None, :] * bm  # delta_t B_t u_t
+    push = dlu[:, None, :] * _unpack(bm, BD, BN, T, PACKED)  # delta_t B_t u_t
     # fold the entering state into the first step; then h_t = decay_t h_{t-1} + push_t is a scan whose
     # steps lie in one thread: a chain of multiply-adds, nothing crosses threads
     push = tl.where(tl.arange(0, T)[None, None, :] == 0, push + decay * h[:, :, None], push)
     _, hs = tl.associative_scan((decay, push), 2, _affine_combine)
-    y = tl.sum(cm * hs, axis=1)  # C_t . h_t  [BD, T]: the only sum across threads
+    y = tl.sum(_unpack(cm, BD, BN, T, PACKED) * hs, axis=1)  # the only sum across threads
+    return _last_step(hs, BD, BN, T), y
+
+
+@triton.jit
+def _halves(x, BD: tl.constexpr, W: tl.constexpr):
+    # [BD, W] -> its first and its last W / 2 steps
+    return tl.split(tl.permute(tl.reshape(x, [BD, 2, W // 2]), (0, 2, 1)))
+
+
+@triton.jit
+def _fwd_pair(h, dl, dlu, skip, gate, bm_a, bm_b, cm_a, cm_b, a2, out_ptrs, mask, HAS_D: tl.constexpr,
+              HAS_Z: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr, MASKED: tl.constexpr,
+              PACKED: tl.constexpr, PAIRED: tl.constexpr):
+    # PAIRED: two chunks (W = 2T steps), so delta, u, z and y move as [BD, W] tiles, twice as many bytes
+    # of each channel's row per memory request as one chunk's (the requests, not the bytes, were the
+    # limit); else one chunk (W = T; B and C's _b halves unused)
+    if PAIRED:
+        dl_a, dl_b = _halves(dl, BD, 2 * T)
+        dlu_a, dlu_b = _halves(dlu, BD, 2 * T)
+        h, y_a = _fwd_chunk(h, dl_a, dlu_a, bm_a, cm_a, a2, BD, BN, T, PACKED)
+        h, y_b = _fwd_chunk(h, dl_b, dlu_b, bm_b, cm_b, a2, BD, BN, T, PACKED)
+        y = tl.reshape(tl.permute(tl.join(y_a, y_b), (0, 2, 1)), [BD, 2 * T])
+    else:
+        h, y = _fwd_chunk(h, dl, dlu, bm_a, cm_a, a2, BD, BN, T, PACKED)
     if HAS_D:
-        y += dskip[:, None] * u
+        y += skip
     if HAS_Z:  # the gate: y * silu(z)
-        y = y * z * tl.sigmoid(z)
+        y = y * gate
     if MASKED:
         tl.store(out_ptrs, y.to(out_ptrs.dtype.element_ty), mask=mask)
     else:
         tl.store(out_ptrs, y.to(out_ptrs.dtype.element_ty))  # write y once
-    return _last_step(hs, BD, BN, T)
+    return h
+
+
+@triton.jit
+def _load_pair(ptrs, step, T: tl.constexpr, BN: tl.constexpr, E: tl.constexpr, PAIRED: tl.constexpr):
+    # B or C of the chunk starting at step, and of the one after it when PAIRED (else the first again)
+    first = tl.load(ptrs + step * BN // E)
+    if PAIRED:
+        second = tl.load(ptrs + (step + T) * BN // E)
+    else:
+        second = first
+    return first, second
 
 
 @triton.jit
@@ -157,68 +214,94 @@ def _scan_fwd(U, DELTA, A, BP, CP, DSKIP, Z, BIAS, OUT, H_START, H_LAST,
               Dch, N, L, L_PAD, per_group, groups,
               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
               SAVE: tl.constexpr, SAVE_EVERY: tl.constexpr, EVEN_D: tl.constexpr, FAST_LOG: tl.constexpr,
-              WIDE: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr):
-    # One program: BD channels of one batch and all BN states, walking the whole sequence T steps at a
-    # time with the state in registers. A chunk is a [BD, BN, T] tile whose T steps lie inside one
-    # thread (they are one 16-byte load of B or C), so the scan is a chain of multiply-adds in each
-    # thread and the sum over states for y is the only talk between threads. B and C arrive as float32,
-    # chunk-major and padded ([batch, groups, L_PAD / T, BN, T], zeros past N and L; _chunk_major): read
-    # without masks, a chunk's addresses a constant apart.
-    b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
+              WIDE: tl.constexpr, PACKED: tl.constexpr, B_AHEAD: tl.constexpr, PAIRED: tl.constexpr,
+              BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr):
+    # One program: BD channels of one batch and all BN states, walking the whole sequence two chunks of
+    # T steps (W = 2T; PAIRED) or one (W = T) at a time with the state in registers. A chunk is a
+    # [BD, BN, T] tile whose T steps lie inside one thread (one vector load of B or C), so the scan is a
+    # chain of multiply-adds in each thread and the sum over states for y is the only talk between
+    # threads. B and C arrive chunk-major and padded ([batch, groups, L_PAD / T, BN, T], zeros past N
+    # and L; _chunk_major), as bf16 pairs in 32-bit words (PACKED) or float32: read without masks, a
+    # chunk's addresses a constant apart. Consecutive programs take consecutive channel blocks of one
+    # batch (the batch is the grid's second axis), so the programs on an SM read the same B and C at
+    # about the same time.
+    b = tl.program_id(1).to(tl.int64)
+    pid_d = tl.program_id(0)
     offs_d = (pid_d * BD + tl.arange(0, BD)).to(tl.int64)  # 64-bit offsets: D * L can pass 2^31
     offs_n = tl.arange(0, BN)
-    offs_t = tl.arange(0, T)
+    W: tl.constexpr = 2 * T if PAIRED else T
+    offs_w = tl.arange(0, W)
     d_ok = offs_d < Dch
     state_mask = d_ok[:, None] & (offs_n < N)[None, :]  # [BD, BN]
     group = tl.minimum(offs_d, Dch - 1) // per_group  # channel d reads group d // (D / G), always in bounds
     a2 = tl.load(A + offs_d[:, None] * N + offs_n[None, :], mask=state_mask, other=0.0) * 1.4426950408889634
     bias = tl.load(BIAS + offs_d, mask=d_ok, other=0.0) if HAS_BIAS else offs_d
     dskip = tl.load(DSKIP + offs_d, mask=d_ok, other=0.0) if HAS_D else offs_d
-    u_ptrs = U + b * stride_ub + offs_d[:, None] * stride_ud + offs_t[None, :] * stride_ul  # [BD, T]
-    dl_ptrs = DELTA + b * stride_db + offs_d[:, None] * stride_dd + offs_t[None, :] * stride_dl
-    z_ptrs = Z + b * stride_zb + offs_d[:, None] * stride_zd + offs_t[None, :] * stride_zl
-    out_ptrs = OUT + (b * Dch + offs_d[:, None]) * L + offs_t[None, :]
-    bc_rows = (b * groups + group[:, None, None]) * L_PAD * BN + offs_n[None, :, None] * T + offs_t[None, None, :]
-    b_ptrs, c_ptrs = BP + bc_rows, CP + bc_rows  # [BD, BN, T]
+    u_ptrs = U + b * stride_ub + offs_d[:, None] * stride_ud + offs_w[None, :] * stride_ul  # [BD, W]
+    dl_ptrs = DELTA + b * stride_db + offs_d[:, None] * stride_dd + offs_w[None, :] * stride_dl
+    z_ptrs = Z + b * stride_zb + offs_d[:, None] * stride_zd + offs_w[None, :] * stride_zl
+    out_ptrs = OUT + (b * Dch + offs_d[:, None]) * L + offs_w[None, :]
+    E: tl.constexpr = 2 if PACKED else 1  # steps of B or C per loaded word
+    bc_rows = (((b * groups + group[:, None, None]) * L_PAD * BN + offs_n[None, :, None] * T) // E
+               + tl.arange(0, T // E)[None, None, :])
+    b_ptrs, c_ptrs = BP + bc_rows, CP + bc_rows  # [BD, BN, T / E]: chunk c at + c * T * BN / E
     n_saved = tl.cdiv(L, SAVE_EVERY)
-    d_mask = tl.broadcast_to(d_ok[:, None], [BD, T])  # constant along T: the loads stay vectors
+    d_mask = tl.broadcast_to(d_ok[:, None], [BD, W])  # constant along W: the loads stay vectors
     h = tl.zeros([BD, BN], tl.float32)
-    n_full = L // T
-    # delta, u, z and B of chunk c + 1 are loaded before chunk c is computed, so their trip to memory
-    # (B's to L2: a few megabytes shared by all channels) overlaps the arithmetic
-    first = d_mask & (offs_t < L)[None, :]
-    raw, u = _load(dl_ptrs, first), _load(u_ptrs, first)
-    z = _load(z_ptrs, first) if HAS_Z else raw
-    bm = tl.load(b_ptrs)  # B is loaded a chunk ahead too (L_PAD leaves one chunk to spare); C, used last, is not
-    # num_stages=1: no shared-memory pipeline for these loads (2-6 stages made the kernel 3-7x slower)
-    for c in tl.range(0, n_full, num_stages=1):
+    n_full = L // W
+    # ("Pair" below: the W steps of an iteration.) The elementwise part of pair p + 1 is computed while
+    # pair p is scanned (it does not depend on it), from delta, u, z loaded the iteration before: they
+    # are loaded two pairs ahead, and B one pair ahead (B_AHEAD; C, used last, is loaded with its pair),
+    # so their trips to memory overlap the work.
+    m0 = d_mask & (offs_w < L)[None, :]
+    raw, u = _load(dl_ptrs, m0), _load(u_ptrs, m0)
+    z = _load(z_ptrs, m0) if HAS_Z else raw
+    dl, dlu, skip, gate = _fwd_prep(raw, u, z, bias, dskip, m0, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, FAST_LOG)
+    m1 = d_mask & (W + offs_w < L)[None, :]
+    raw1, u1 = _load(dl_ptrs + W * stride_dl, m1), _load(u_ptrs + W * stride_ul, m1)
+    z1 = _load(z_ptrs + W * stride_zl, m1) if HAS_Z else raw1
+    bm_a, bm_b = _load_pair(b_ptrs, 0, T, BN, E, PAIRED)
+    # num_stages=1: no shared-memory pipeline for these loads (2-6 stages made an earlier version 3-7x slower)
+    for p in tl.range(0, n_full, num_stages=1):
+        step = p * W
         if SAVE:  # the state entering every SAVE_EVERY steps, for the backward: [B, n_saved, D, N]
-            if (c * T) % SAVE_EVERY == 0:
-                tl.store(H_START + ((b * n_saved + (c * T) // SAVE_EVERY) * Dch + offs_d[:, None]) * N
+            if step % SAVE_EVERY == 0:
+                tl.store(H_START + ((b * n_saved + step // SAVE_EVERY) * Dch + offs_d[:, None]) * N
                          + offs_n[None, :], h, mask=state_mask)
-        step = c * T
         if WIDE:  # a stride along L times L passes 2^31: 64-bit offsets (some more instructions)
             step = step.to(tl.int64)
-        nxt = step + T  # chunk c + 1's delta, u, z and B: loaded now, first used in the next iteration
-        cm, bm_n = tl.load(c_ptrs + step * BN), tl.load(b_ptrs + nxt * BN)
-        ahead = d_mask & (nxt + offs_t < L)[None, :]
-        raw_n, u_n = _load(dl_ptrs + nxt * stride_dl, ahead), _load(u_ptrs + nxt * stride_ul, ahead)
-        z_n = _load(z_ptrs + nxt * stride_zl, ahead) if HAS_Z else raw_n
-        h = _fwd_chunk(h, raw, u, z, bm, cm, out_ptrs + step, a2, bias, dskip, d_mask,
-                       HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BD, BN, T, not EVEN_D, FAST_LOG)
-        raw, u, z, bm = raw_n, u_n, z_n, bm_n
-    if n_full * T < L:  # the last, partial chunk (its delta, u, z and B already loaded, masked or padded)
-        t0 = n_full * T
-        if WIDE:
-            t0 = t0.to(tl.int64)
+        nxt, nxt2 = step + W, step + 2 * W
+        if B_AHEAD:
+            bm_a_n, bm_b_n = _load_pair(b_ptrs, nxt, T, BN, E, PAIRED)
+        else:
+            bm_a, bm_b = _load_pair(b_ptrs, step, T, BN, E, PAIRED)
+        cm_a, cm_b = _load_pair(c_ptrs, step, T, BN, E, PAIRED)
+        m2 = d_mask & (nxt2 + offs_w < L)[None, :]
+        raw2, u2 = _load(dl_ptrs + nxt2 * stride_dl, m2), _load(u_ptrs + nxt2 * stride_ul, m2)
+        z2 = _load(z_ptrs + nxt2 * stride_zl, m2) if HAS_Z else raw2
+        m1 = d_mask & (nxt + offs_w < L)[None, :]
+        dl1, dlu1, skip1, gate1 = _fwd_prep(raw1, u1, z1, bias, dskip, m1, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                                            FAST_LOG)
+        h = _fwd_pair(h, dl, dlu, skip, gate, bm_a, bm_b, cm_a, cm_b, a2, out_ptrs + step, d_mask, HAS_D, HAS_Z,
+                      BD, BN, T, not EVEN_D, PACKED, PAIRED)
+        dl, dlu, skip, gate = dl1, dlu1, skip1, gate1
+        raw1, u1, z1 = raw2, u2, z2
+        if B_AHEAD:
+            bm_a, bm_b = bm_a_n, bm_b_n
+    if n_full * W < L:  # the last, partial pair (its delta, u, z prepared and masked, B and C padded)
+        t0 = n_full * W
         if SAVE:
             if t0 % SAVE_EVERY == 0:
                 tl.store(H_START + ((b * n_saved + t0 // SAVE_EVERY) * Dch + offs_d[:, None]) * N
                          + offs_n[None, :], h, mask=state_mask)
-        tail = d_mask & (t0 + offs_t < L)[None, :]
-        h = _fwd_chunk(h, raw, u, z, bm, tl.load(c_ptrs + t0 * BN), out_ptrs + t0, a2, bias, dskip, tail,
-                       HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, BD, BN, T, True, FAST_LOG)
+        if WIDE:
+            t0 = t0.to(tl.int64)
+        if not B_AHEAD:
+            bm_a, bm_b = _load_pair(b_ptrs, t0, T, BN, E, PAIRED)
+        cm_a, cm_b = _load_pair(c_ptrs, t0, T, BN, E, PAIRED)
+        tail = d_mask & (t0 + offs_w < L)[None, :]
+        h = _fwd_pair(h, dl, dlu, skip, gate, bm_a, bm_b, cm_a, cm_b, a2, out_ptrs + t0, tail, HAS_D, HAS_Z,
+                      BD, BN, T, True, PACKED, PAIRED)
     tl.store(H_LAST + (b * Dch + offs_d[:, None]) * N + offs_n[None, :], h, mask=state_mask)
 
 
@@ -320,12 +403,18 @@ def _blocks(n_state: int, per_group: int) -> tuple[int, int, int]:
     return bd, bn, bl
 
 
-# The forward's tiles: BD channels by T steps by all states. T = 4 float32 steps of B or C are one
-# 16-byte load, so the steps of a (channel, state) pair land in one thread; with BD = 8 Triton 3.6
-# spreads a warp over 8 channels by 4 groups of states (4 states a thread). Chosen by sweeps on the
-# H200 (B8 D2048 L4096 N16, 2026-11-29; BD 4-32, T 2-4, B and C loaded a chunk ahead or not; the fast
-# log about 1.3% faster than libdevice's): see chapter 4.
-FWD_CONFIG = {"BD": 8, "T": 4, "num_warps": 1, "fast_log": True}
+# The forward's tiles: BD channels by T steps by all states, two chunks (2T steps) an iteration. T = 4
+# steps of B or C are one vector load, so the steps of a (channel, state) pair land in one thread; with
+# BD = 8 Triton 3.6 spreads a warp over 8 channels by 4 groups of states (4 states a thread). Chosen by
+# sweeps on the H200 (B8 D2048 L4096 N16, 2026-11-29 and 2026-12-03; BD 4-32, T 2-8, what is loaded
+# ahead, the fast log about 1.3% faster than libdevice's): see chapter 4. For N <= 32 (the tuned case),
+# bf16 B and C stay bf16 ("pack_bf16"; exact, and half the bytes of float32 to move from L1 to the
+# registers), B is loaded a pair ahead for bf16 ("b_ahead") and ptxas is capped at 128 registers
+# ("maxnreg": 16 warps an SM, all of B8 D2048's 2048 programs at once, no spills). Larger N, or other
+# dtypes, use float32 B and C loaded with their pair and no cap (no spills at N = 64 or 256 either).
+FWD_CONFIG = {"BD": 8, "T": 4, "num_warps": 1, "fast_log": True, "pack_bf16": True,
+              "b_ahead": {"bf16": True, "fp32": False}, "maxnreg": 128}
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis (the batch's here)
 
 
 def _fast_log() -> bool:
@@ -336,9 +425,8 @@ def _fast_log() -> bool:
 def _fwd_blocks(n_pad: int) -> tuple[int, int, int]:
     if is_interpreter():  # few, large steps: the interpreter's cost grows with the number of steps
         return 4, 8, 1
-    # more states, fewer channels: a warp holds at most 128 (channel, state) pairs (one channel of 256
-    # states at N = 256), so large N does not spill registers (N = 16 is the tuned case; N = 64 and 256
-    # compile without spills)
+    # more states, fewer channels: a warp holds 128 (channel, state) pairs (256 at N = 256: one channel),
+    # so large N does not spill registers (N = 16 is the tuned case; N = 64 and 256 compile without spills)
     return max(1, min(FWD_CONFIG["BD"], 128 // n_pad)), FWD_CONFIG["T"], FWD_CONFIG["num_warps"]
 
 
@@ -349,11 +437,11 @@ def _wide_offsets(length: int, bc_len: int, *tensors) -> bool:
     return longest >= 2**31
 
 
-def _chunk_major(t4: torch.Tensor, n_pad: int, l_pad: int, steps: int) -> torch.Tensor:
-    # B or C [batch, G, N, L] as contiguous float32 [batch, G, l_pad / steps, n_pad, steps], zeros past N
-    # and L: a few megabytes, converted once here instead of once per channel inside the kernel
+def _chunk_major(t4: torch.Tensor, n_pad: int, l_pad: int, steps: int, dtype: torch.dtype) -> torch.Tensor:
+    # B or C [batch, G, N, L] as contiguous [batch, G, l_pad / steps, n_pad, steps] in dtype, zeros past N
+    # and L: a few megabytes, laid out once here instead of gathered by every channel inside the kernel
     bsz, groups, n, length = t4.shape
-    out = torch.zeros((bsz, groups, l_pad // steps, n_pad, steps), dtype=torch.float32, device=t4.device)
+    out = torch.zeros((bsz, groups, l_pad // steps, n_pad, steps), dtype=dtype, device=t4.device)
     full = length // steps * steps
     out[:, :, :full // steps, :n] = t4[..., :full].unflatten(-1, (-1, steps)).transpose(2, 3)
     if full < length:
@@ -379,19 +467,34 @@ def _forward(u, delta, A, B4, C4, D, z, bias, softplus: bool, save: bool):
     save_every = _blocks(N, Dch // groups)[2]  # the backward's chunk length
     bn = max(2, triton.next_power_of_2(N))
     bd, steps, warps = _fwd_blocks(bn)
-    assert save_every % steps == 0, "the saved states must sit at chunk starts"
-    l_pad = (L // steps + 1) * steps  # a chunk to spare: the kernel reads B one chunk ahead
-    bp, cp = _chunk_major(B4, bn, l_pad, steps), _chunk_major(C4, bn, l_pad, steps)
+    assert save_every % (2 * steps) == 0, "the saved states must sit at the starts of pairs of chunks"
+    l_pad = (L // (2 * steps) + 1) * 2 * steps  # a pair of chunks to spare: B is read a pair ahead
+    small = bn <= 32  # 4 (channel, state) pairs a thread in 128 registers
+    # two chunks an iteration, or one: on the H200 pairs were 1.25-1.76x faster than the one-chunk kernel
+    # before them at N = 16, 32 and 256, but one chunk was faster at N = 64 and 128 (chapter 4)
+    paired = bn <= 32 or bn >= 256
+    packed = small and FWD_CONFIG["pack_bf16"] and B4.dtype == C4.dtype == torch.bfloat16
+    storage = "bf16" if packed else "fp32"
+    bp, cp = (_chunk_major(t, bn, l_pad, steps, torch.bfloat16 if packed else torch.float32) for t in (B4, C4))
+    if packed:  # two bf16 steps per 32-bit word (steps is even)
+        bp, cp = bp.view(torch.int32), cp.view(torch.int32)
     out = empty((Bsz, Dch, L), dtype=u.dtype, device=u.device)
     n_saved = triton.cdiv(L, save_every)
     h_start = empty((Bsz, n_saved, Dch, N), dtype=torch.float32, device=u.device) if save else out
     h_last = empty((Bsz, Dch, N), dtype=torch.float32, device=u.device)
-    _scan_fwd[(Bsz, triton.cdiv(Dch, bd))](
-        u, delta, A, bp, cp, D if D is not None else A, z if z is not None else u, bias if bias is not None else A,
-        out, h_start, h_last, *u.stride(), *delta.stride(), *_strides3(z), Dch, N, L, l_pad, Dch // groups, groups,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus, SAVE=save,
-        SAVE_EVERY=save_every, EVEN_D=Dch % bd == 0, FAST_LOG=_fast_log(),
-        WIDE=_wide_offsets(L, l_pad * bn, u, delta, z), BD=bd, BN=bn, T=steps, num_warps=warps)
+    cap = FWD_CONFIG["maxnreg"] if small and not is_interpreter() else None  # the interpreter takes no cap
+    extra = {"maxnreg": cap} if cap else {}
+    for lo in range(0, Bsz, MAX_GRID_Y):  # batches in slices the grid can hold (the slices are views)
+        hi = min(Bsz, lo + MAX_GRID_Y)
+        z_lo, h_lo = (z[lo:hi] if z is not None else u[lo:hi]), (h_start[lo:hi] if save else out)
+        _scan_fwd[(triton.cdiv(Dch, bd), hi - lo)](
+            u[lo:hi], delta[lo:hi], A, bp[lo:hi], cp[lo:hi], D if D is not None else A, z_lo,
+            bias if bias is not None else A, out[lo:hi], h_lo, h_last[lo:hi], *u.stride(), *delta.stride(),
+            *_strides3(z), Dch, N, L, l_pad, Dch // groups, groups,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus, SAVE=save,
+            SAVE_EVERY=save_every, EVEN_D=Dch % bd == 0, FAST_LOG=_fast_log(),
+            WIDE=_wide_offsets(L, l_pad * bn, u, delta, z), PACKED=packed, B_AHEAD=FWD_CONFIG["b_ahead"][storage],
+            PAIRED=paired, BD=bd, BN=bn, T=steps, num_warps=warps, **extra)
     return out, h_last, (h_start if save else None)
 
 

@@ -93,6 +93,32 @@ def test_wide_offsets(monkeypatch):
     check(make(seed=11))
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_bf16_b_and_c(monkeypatch, packed):
+    """bf16 B and C reach the forward as they are, two steps per 32-bit word unpacked by a shift or a
+    mask ("pack_bf16"), or converted to float32 first: each against the reference (bf16 inputs run on
+    the CPU too: the scan has no tl.dot), and the two against each other."""
+    from minikernels import scan
+
+    args = make(l=45, seed=13, dtype=torch.bfloat16)
+    monkeypatch.setitem(scan.FWD_CONFIG, "pack_bf16", packed)
+    check(args)
+    out, last = mk.selective_scan(**args, delta_softplus=True, return_last_state=True)
+    monkeypatch.setitem(scan.FWD_CONFIG, "pack_bf16", not packed)
+    other, other_last = mk.selective_scan(**args, delta_softplus=True, return_last_state=True)
+    assert_close(out, other, torch.float32, name="out")
+    assert_close(last, other_last, torch.float32, name="last state")
+
+
+def test_batches_beyond_one_launch(monkeypatch):
+    """The batch is the forward grid's second axis, which CUDA caps at 65535: larger batches go in
+    slices, one launch each (here a slice of one)."""
+    from minikernels import scan
+
+    monkeypatch.setattr(scan, "MAX_GRID_Y", 1)
+    check(make(b=3, seed=12))
+
+
 def test_last_state_alone_gets_gradients():
     args = make(seed=4, extras=False)
     ins = {k: (v.detach().requires_grad_() if v is not None else None) for k, v in args.items()}
