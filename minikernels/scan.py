@@ -11,10 +11,10 @@ affine map h -> a h + b, and composing affine maps is associative:
 
 so the recurrence is a parallel scan (``tl.associative_scan``). The forward: one program (one warp)
 owns BD channels of one batch and all N states, and walks the whole sequence two chunks of T steps at
-a time (one at N = 64 and 128) with the state in registers; a chunk is a [BD, N, T] tile whose T
+a time (one for N from 33 to 128) with the state in registers; a chunk is a [BD, N, T] tile whose T
 steps lie inside one thread, so the scan is a chain of multiply-adds in each thread and only the sum
 over states for y crosses threads. B and C are laid out once, on the host, in chunk-major order
-(_chunk_major; bf16 stays bf16, two steps per 32-bit word, other dtypes become float32). The
+(_chunk_major; bf16 stays bf16 up to N = 32, two steps per 32-bit word, else float32). The
 backward ([BD, N, BL] tiles) walks the chunks in reverse; with g_t = dL/dh_t it scans
 
     g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}
@@ -409,9 +409,10 @@ def _blocks(n_state: int, per_group: int) -> tuple[int, int, int]:
 # sweeps on the H200 (B8 D2048 L4096 N16, 2026-11-29 and 2026-12-03; BD 4-32, T 2-8, what is loaded
 # ahead, the fast log about 1.3% faster than libdevice's): see chapter 4. For N <= 32 (the tuned case),
 # bf16 B and C stay bf16 ("pack_bf16"; exact, and half the bytes of float32 to move from L1 to the
-# registers), B is loaded a pair ahead for bf16 ("b_ahead") and ptxas is capped at 128 registers
-# ("maxnreg": 16 warps an SM, all of B8 D2048's 2048 programs at once, no spills). Larger N, or other
-# dtypes, use float32 B and C loaded with their pair and no cap (no spills at N = 64 or 256 either).
+# registers), B is loaded a pair ahead for bf16 ("b_ahead") and ptxas is capped at 128 registers for
+# every dtype ("maxnreg": 16 warps an SM, all of B8 D2048's 2048 programs at once, no spills). Other
+# dtypes use float32 B and C, loaded with their pair. Larger N: float32 B and C, loaded with their
+# chunk or pair, and no cap (no spills at N = 64 or 256 either).
 FWD_CONFIG = {"BD": 8, "T": 4, "num_warps": 1, "fast_log": True, "pack_bf16": True,
               "b_ahead": {"bf16": True, "fp32": False}, "maxnreg": 128}
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis (the batch's here)
@@ -425,7 +426,7 @@ def _fast_log() -> bool:
 def _fwd_blocks(n_pad: int) -> tuple[int, int, int]:
     if is_interpreter():  # few, large steps: the interpreter's cost grows with the number of steps
         return 4, 8, 1
-    # more states, fewer channels: a warp holds 128 (channel, state) pairs (256 at N = 256: one channel),
+    # more states, fewer channels: a warp holds at most 128 (channel, state) pairs (256 at N = 256: one channel),
     # so large N does not spill registers (N = 16 is the tuned case; N = 64 and 256 compile without spills)
     return max(1, min(FWD_CONFIG["BD"], 128 // n_pad)), FWD_CONFIG["T"], FWD_CONFIG["num_warps"]
 
@@ -471,7 +472,8 @@ def _forward(u, delta, A, B4, C4, D, z, bias, softplus: bool, save: bool):
     l_pad = (L // (2 * steps) + 1) * 2 * steps  # a pair of chunks to spare: B is read a pair ahead
     small = bn <= 32  # 4 (channel, state) pairs a thread in 128 registers
     # two chunks an iteration, or one: on the H200 pairs were 1.25-1.76x faster than the one-chunk kernel
-    # before them at N = 16, 32 and 256, but one chunk was faster at N = 64 and 128 (chapter 4)
+    # before them at N = 16, 32 and 256, but one chunk was faster at N = 64 and 128 (chapter 4; at N = 128
+    # still 1.23x slower than that kernel: not fixed)
     paired = bn <= 32 or bn >= 256
     packed = small and FWD_CONFIG["pack_bf16"] and B4.dtype == C4.dtype == torch.bfloat16
     storage = "bf16" if packed else "fp32"
