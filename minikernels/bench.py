@@ -589,7 +589,9 @@ def bench_ssd(ceilings: dict, quick: bool = False) -> list[dict]:
 def bench_selective_scan(ceilings: dict, quick: bool = False) -> list[dict]:
     """mk.selective_scan forward, B8 D2048 L4096 N16, bf16 u, delta, z, B, C (fp32 A, D, delta_bias),
     against its bandwidth roofline (the bytes of u, delta, B, C, z and y at the measured copy speed)
-    and the PyTorch reference loop."""
+    and the PyTorch reference loop; and our forward+backward (autograd, every gradient), in GB/s of
+    the bytes both passes must move (the forward's, then u, delta, z, B, C and dy read and du, ddelta,
+    dz, dB, dC written). The reference loop's backward is not timed: an autograd graph of L steps."""
     from . import reference
     from .scan import selective_scan
 
@@ -619,6 +621,19 @@ def bench_selective_scan(ceilings: dict, quick: bool = False) -> list[dict]:
         gbps = n_bytes / (ms * 1e-3) / 1e9
         rows.append({"impl": impl, "pass": "fwd", "shape": f"B{b} D{d} L{length} N{n}", "dtype": "bfloat16",
                      "ms": ms, "GBps": gbps, "frac_of_copy": gbps / ceilings["copy_GBps"], "timing": "do_bench"})
+        _progress(rows[-1])
+    train_bytes = 2 * (11 * b * d * length + 6 * b * n * length)
+    try:
+        ms, method = _time_fwd_bwd(lambda *t: selective_scan(*t[:5], D=t[5], z=t[6], delta_bias=t[7],
+                                                             delta_softplus=True),
+                                   [u, delta, A, B, C, D, z, bias], torch.randn_like(u), "fwd+bwd")
+    except Exception as exc:
+        print(f"  minikernels fwd+bwd: failed ({type(exc).__name__}: {str(exc)[:160]})")
+    else:
+        gbps = train_bytes / (ms * 1e-3) / 1e9
+        rows.append({"impl": "minikernels", "pass": "fwd+bwd", "shape": f"B{b} D{d} L{length} N{n}",
+                     "dtype": "bfloat16", "ms": ms, "GBps": gbps, "frac_of_copy": gbps / ceilings["copy_GBps"],
+                     "timing": method})
         _progress(rows[-1])
     return rows
 

@@ -111,12 +111,23 @@ def test_bf16_b_and_c(monkeypatch, packed):
 
 
 def test_batches_beyond_one_launch(monkeypatch):
-    """The batch is the forward grid's second axis, which CUDA caps at 65535: larger batches go in
+    """The batch is both kernels' grid's second axis, which CUDA caps at 65535: larger batches go in
     slices, one launch each (here a slice of one)."""
     from minikernels import scan
 
     monkeypatch.setattr(scan, "MAX_GRID_Y", 1)
     check(make(b=3, seed=12))
+
+
+@pytest.mark.parametrize("bd,steps", [(8, 4), (2, 2), (1, 8)])
+def test_backward_tiles(monkeypatch, bd, steps):
+    """The backward with other tiles than the interpreter's own (4 channels, chunks of 8 steps): the
+    GPU's (8 channels, 4 steps), and chunks of 2 and 8, each with its own in-register time reversal;
+    segments of 16 steps here, so 2 to 8 chunks each, and L = 45 ends inside a chunk."""
+    from minikernels import scan
+
+    monkeypatch.setattr(scan, "_bwd_blocks", lambda n_pad, per_group: (bd, steps, 1))
+    check(make(l=45, seed=14))
 
 
 def test_last_state_alone_gets_gradients():
