@@ -375,9 +375,9 @@ def _scan_bwd(U, DELTA, A, BP, CP, DSKIP, Z, BIAS, DOUT, H_START, DH_LAST, SCRAT
     # a first pass over the segment recomputes the states entering its chunks (stored in this program's
     # SCRATCH rows: K [BD, BN] tiles, kilobytes that stay in the caches), then the chunks are walked
     # last to first, each rebuilding its states from the one entering it (each exp(delta_t A) is taken
-    # three times: in pass 1, and in pass 2 for step t and, one step later, for g). B and C come
-    # chunk-major as in the forward; their gradients, sums over channels, are added atomically into
-    # chunk-major float32 DBP, DCP.
+    # three times, twice in a segment's last chunk: in pass 1, for step t, and for g at step t - 1).
+    # B and C come chunk-major as in the forward; their gradients, sums over channels, are added
+    # atomically into chunk-major float32 DBP, DCP.
     b = tl.program_id(1).to(tl.int64)
     pid_d = tl.program_id(0)
     K: tl.constexpr = SAVE_EVERY // T
@@ -503,10 +503,12 @@ def _fwd_blocks(n_pad: int) -> tuple[int, int, int]:
 # The backward's tiles: [BD, BN, T] with the layout of the forward's (one warp, T steps by 4 states a
 # thread); the sequence in segments of SAVE_EVERY steps (the forward saves the state entering each),
 # each walked in SAVE_EVERY / T chunks. Measured on the H200 (2026-12-03, B8 D2048 L4096 N16 bf16,
-# backward alone): 4.24 ms against 11.6 for the kernel before it (time-parallel [16, N, 32] tiles,
-# four warps). A 128-register cap (16 warps an SM; some spills) was 1.35x faster than none for N up
-# to 128, and 1.5x slower at N = 256; T = 2 or 8, more channels and warps a program were slower; the
-# atomic sums of dB and dC cost nothing measurable.
+# backward alone): 4.24-4.27 ms against 11.6 for the kernel before it (time-parallel [16, N, 32]
+# tiles, four warps). A 128-register cap (16 warps an SM; some spills) was 1.14-1.51x faster than
+# none at N = 16, 64 and 128, and 1.5x slower at N = 256; T = 2 or 8, more channels and warps a
+# program were slower; the atomic sums of dB and dC cost nothing measurable. Besides the saved
+# states, the backward takes SAVE_EVERY / T states per (batch, channel) of scratch (512 bytes at
+# N = 16; the saved states are 8 KB at L = 4096).
 BWD_CONFIG = {"BD": 8, "T": 4, "num_warps": 1, "save_every": 32, "maxnreg": 128}
 
 
@@ -602,6 +604,7 @@ def _backward(u, delta, A, B4, C4, D, z, bias, softplus: bool, h_start, dout, dh
     bn = max(2, triton.next_power_of_2(N))
     bd, steps, warps = _bwd_blocks(bn, Dch // groups)
     save_every = _save_every()
+    assert save_every % steps == 0, "a segment must be a whole number of the backward's chunks"
     n_saved = triton.cdiv(L, save_every)
     l_pad = n_saved * save_every  # whole segments: the last one's steps past L are read (zeros), never stored
     bp, cp = (_chunk_major(t, bn, l_pad, steps, torch.float32) for t in (B4, C4))
@@ -707,7 +710,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     delta + delta_bias, passed through softplus when ``delta_softplus``. Returns ``out`` in u's dtype, or
     ``(out, last_state)`` with the float32 state ``[B, D, N]`` after the last step. The scan runs in
     Triton with delta_bias, softplus, D and the z gate fused in (forward and backward, float32 inside);
-    every input gets a gradient.
+    every input gets a gradient. The gradients of B and C are sums over channels added atomically in
+    float32, so they can differ in the last bits from run to run.
     """
     check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     if not isinstance(delta_softplus, bool):

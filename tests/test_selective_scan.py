@@ -119,15 +119,32 @@ def test_batches_beyond_one_launch(monkeypatch):
     check(make(b=3, seed=12))
 
 
-@pytest.mark.parametrize("bd,steps", [(8, 4), (2, 2), (1, 8)])
-def test_backward_tiles(monkeypatch, bd, steps):
-    """The backward with other tiles than the interpreter's own (4 channels, chunks of 8 steps): the
-    GPU's (8 channels, 4 steps), and chunks of 2 and 8, each with its own in-register time reversal;
-    segments of 16 steps here, so 2 to 8 chunks each, and L = 45 ends inside a chunk."""
+@pytest.mark.parametrize("bd,steps,every,groups,d", [(8, 4, 32, None, 8), (8, 4, 32, 2, 16), (2, 2, 16, None, 8),
+                                                    (1, 8, 16, 2, 8)])
+def test_backward_tiles(monkeypatch, bd, steps, every, groups, d):
+    """The backward with other tiles than the interpreter's own (4 channels, chunks of 8 steps, segments
+    of 16): the GPU's (8 channels, chunks of 4, segments of 32: 8 chunks a segment), with one group and
+    with two groups of 8 channels (two channel blocks), and chunks of 2 and 8, each with its own
+    in-register time reversal. L = 45 ends inside a chunk."""
     from minikernels import scan
 
-    monkeypatch.setattr(scan, "_bwd_blocks", lambda n_pad, per_group: (bd, steps, 1))
-    check(make(l=45, seed=14))
+    monkeypatch.setattr(scan, "_bwd_blocks", lambda n_pad, per_group: (min(bd, per_group), steps, 1))
+    monkeypatch.setattr(scan, "_save_every", lambda: every)
+    check(make(d=d, l=45, groups=groups, seed=14))
+
+
+def test_gradients_without_the_last_state():
+    """Only the output is used: the backward starts from a zero state gradient (no dh_last)."""
+    args = make(seed=15)
+    ins = {k: v.detach().requires_grad_() for k, v in args.items()}
+    out = mk.selective_scan(**ins, delta_softplus=True)
+    ref_ins = {k: v.detach().double().requires_grad_() for k, v in args.items()}
+    ref = mk.reference.selective_scan(**ref_ins, delta_softplus=True)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(out.device)
+    got = torch.autograd.grad((out.double() * dout).sum(), list(ins.values()))
+    want = torch.autograd.grad((ref * dout).sum(), list(ref_ins.values()))
+    for name, a, b in zip(ins, got, want):
+        assert_close(a, b, torch.float32, name=f"d{name}")
 
 
 def test_last_state_alone_gets_gradients():
@@ -162,6 +179,20 @@ def test_bad_inputs():
 def test_gpu_model_size(dtype):
     """Mamba-1's layer at a real size: D = 256 channels, N = 16, L = 2048, grouped B and C."""
     check(make(b=1, d=256, l=2048, n=16, groups=2, dtype=dtype, seed=5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("warps", [1, 4])
+def test_gpu_backward_programs(monkeypatch, warps):
+    """Many backward programs at once on the GPU, where the interpreter's one-at-a-time programs and
+    no-op barriers cannot tell: 3 sequences in launches of 2 (each program's scratch rows are its own),
+    16 channel blocks in 2 groups, and 4 warps a program (the scratch rows read by other threads than
+    those that wrote them, across the barrier)."""
+    from minikernels import scan
+
+    monkeypatch.setattr(scan, "MAX_GRID_Y", 2)
+    monkeypatch.setitem(scan.BWD_CONFIG, "num_warps", warps)
+    check(make(b=3, d=128, l=300, n=16, groups=2, seed=16))
 
 
 @pytest.mark.gpu
