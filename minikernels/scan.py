@@ -481,7 +481,7 @@ def _scan_bwd(U, DELTA, A, BP, CP, DSKIP, Z, BIAS, DOUT, H_START, DH_LAST, SCRAT
 # registers), B is loaded a pair ahead for bf16 ("b_ahead") and ptxas is capped at 128 registers for
 # every dtype ("maxnreg": 16 warps an SM, all of B8 D2048's 2048 programs at once, no spills). Other
 # dtypes use float32 B and C, loaded with their pair. Larger N: float32 B and C, loaded with their
-# chunk or pair, and no cap (no spills at N = 64 or 256 either).
+# chunk or pair (a chunk ahead at N = 65..128, _forward), and no cap (no spills at N = 64 or 256 either).
 FWD_CONFIG = {"BD": 8, "T": 4, "num_warps": 1, "fast_log": True, "pack_bf16": True,
               "b_ahead": {"bf16": True, "fp32": False}, "maxnreg": 128}
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis (the batch's here)
@@ -505,10 +505,11 @@ def _fwd_blocks(n_pad: int) -> tuple[int, int, int]:
 # each walked in SAVE_EVERY / T chunks. Measured on the H200 (2026-12-03, B8 D2048 L4096 N16 bf16,
 # backward alone): 4.24-4.27 ms against 11.6 for the kernel before it (time-parallel [16, N, 32]
 # tiles, four warps). A 128-register cap (16 warps an SM; some spills) was 1.14-1.51x faster than
-# none at N = 16, 64 and 128, and 1.5x slower at N = 256; T = 2 or 8, more channels and warps a
-# program were slower; the atomic sums of dB and dC cost nothing measurable. Besides the saved
-# states, the backward takes SAVE_EVERY / T states per (batch, channel) of scratch (512 bytes at
-# N = 16; the saved states are 8 KB at L = 4096).
+# none at N = 16, 64 and 128, and 1.5x slower at N = 256 (caps of 136 and 144, 14 warps an SM, were
+# 1.3x slower than 128); T = 2 or 8, more channels and warps a program were slower; bf16 B and C kept
+# packed as in the forward gained nothing; the atomic sums of dB and dC cost nothing measurable.
+# Besides the saved states, the backward takes SAVE_EVERY / T states per (batch, channel) of scratch
+# (512 bytes at N = 16; the saved states are 8 KB at L = 4096).
 BWD_CONFIG = {"BD": 8, "T": 4, "num_warps": 1, "save_every": 32, "maxnreg": 128}
 
 
@@ -570,10 +571,13 @@ def _forward(u, delta, A, B4, C4, D, z, bias, softplus: bool, save: bool):
     small = bn <= 32  # 4 (channel, state) pairs a thread in 128 registers
     # two chunks an iteration, or one: on the H200 pairs were 1.25-1.76x faster than the one-chunk kernel
     # before them at N = 16, 32 and 256, but one chunk was faster at N = 64 and 128 (chapter 4; at N = 128
-    # still 1.23x slower than that kernel: not fixed)
+    # with float32 inputs still 1.4x slower than that kernel: not fixed)
     paired = bn <= 32 or bn >= 256
     packed = small and FWD_CONFIG["pack_bf16"] and B4.dtype == C4.dtype == torch.bfloat16
     storage = "bf16" if packed else "fp32"
+    # B a pair ahead for packed bf16; a chunk ahead at N = 65..128 too (B1 D2048 N128 on the H200: 1.36
+    # -> 1.09 ms for bf16 inputs, 1.80 -> 1.60 for float32; at N = 48 and 64 it was 5-6% slower)
+    b_ahead = FWD_CONFIG["b_ahead"][storage] or bn == 128
     bp, cp = (_chunk_major(t, bn, l_pad, steps, torch.bfloat16 if packed else torch.float32) for t in (B4, C4))
     if packed:  # two bf16 steps per 32-bit word (steps is even)
         bp, cp = bp.view(torch.int32), cp.view(torch.int32)
@@ -592,7 +596,7 @@ def _forward(u, delta, A, B4, C4, D, z, bias, softplus: bool, save: bool):
             *_strides3(z), Dch, N, L, l_pad, Dch // groups, groups,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus, SAVE=save,
             SAVE_EVERY=save_every, EVEN_D=Dch % bd == 0, FAST_LOG=_fast_log(),
-            WIDE=_wide_offsets(L, l_pad * bn, u, delta, z), PACKED=packed, B_AHEAD=FWD_CONFIG["b_ahead"][storage],
+            WIDE=_wide_offsets(L, l_pad * bn, u, delta, z), PACKED=packed, B_AHEAD=b_ahead,
             PAIRED=paired, BD=bd, BN=bn, T=steps, num_warps=warps, **extra)
     return out, h_last, (h_start if save else None)
 

@@ -68,7 +68,7 @@ def test_lengths(l):
     check(make(l=l, seed=l))
 
 
-@pytest.mark.parametrize("n", [1, 3, 16, 64, 256])
+@pytest.mark.parametrize("n", [1, 3, 16, 64, 100, 256])
 def test_state_sizes(n):
     check(make(b=1, d=4, l=20, n=n, seed=n))
 
