@@ -15,10 +15,11 @@ a time (one for N from 33 to 128) with the state in registers; a chunk is a [BD,
 steps lie inside one thread, so the scan is a chain of multiply-adds in each thread and only the sum
 over states for y crosses threads. B and C are laid out once, on the host, in chunk-major order
 (_chunk_major; bf16 stays bf16 up to N = 32, two steps per 32-bit word, else float32). The
-backward has the same tiles and walks the sequence in reverse, a segment of 32 steps at a time (the
-forward saved the state entering each): a first pass recomputes the states entering the segment's
-chunks, then the chunks are taken last to first; in each, h is rebuilt from the state entering it and,
-with g_t = dL/dh_t, the same scan runs backwards in time (its steps reversed in registers):
+backward has the same tiles and walks the sequence in reverse, a segment of 32 steps at a time on
+the GPU (16 in the interpreter; the forward saved the state entering each): a first pass recomputes
+the states entering the segment's chunks, then the chunks are taken last to first; in each, h is
+rebuilt from the state entering it and, with g_t = dL/dh_t, the same scan runs backwards in time (its
+steps reversed in registers):
 
     g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}
 
