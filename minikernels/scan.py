@@ -273,20 +273,6 @@ def _scan_fwd(U, DELTA, A, BP, CP, DSKIP, Z, BIAS, OUT, H_START, H_LAST,
     tl.store(H_LAST + (b * Dch + offs_d[:, None]) * N + offs_n[None, :], h, mask=state_mask)
 
 
-@triton.jit
-def _first_step(x, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr):
-    # x[:, :, 0] of a [BD, BN, T] tile (T a power of two up to 16): halving like _last_step, keeping the evens
-    if T >= 2:
-        x = tl.split(tl.reshape(x, [BD, BN, T // 2, 2]))[0]
-    if T >= 4:
-        x = tl.split(tl.reshape(x, [BD, BN, T // 4, 2]))[0]
-    if T >= 8:
-        x = tl.split(tl.reshape(x, [BD, BN, T // 8, 2]))[0]
-    if T >= 16:
-        x = tl.split(tl.reshape(x, [BD, BN, T // 16, 2]))[0]
-    return tl.reshape(x, [BD, BN])
-
-
 # A [BD, BN, T] tile with its steps in reverse order: the reverse of the evens and odds, interleaved odds
 # first. Register renaming when the T steps lie in one thread; Triton 3.6's reverse=True scan
 # exchanged values between threads even then (220 shuffles a chunk, in the SASS).
@@ -318,6 +304,12 @@ def _reverse(x, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr):
     else:
         r = _rev8(x, BD, BN)
     return r
+
+
+@triton.jit
+def _first_step(x, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr):
+    # x[:, :, 0] of a [BD, BN, T] tile: the last step of the tile reversed (register renaming, both)
+    return _last_step(_reverse(x, BD, BN, T), BD, BN, T)
 
 
 @triton.jit
