@@ -182,7 +182,7 @@ def _scan_fwd(U, DELTA, A, BP, CP, DSKIP, Z, BIAS, OUT, H_START, H_LAST,
               Dch, N, L, L_PAD, per_group, groups,
               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
               SAVE: tl.constexpr, SAVE_EVERY: tl.constexpr, EVEN_D: tl.constexpr, FAST_LOG: tl.constexpr,
-              WIDE: tl.constexpr, PACKED: tl.constexpr, B_AHEAD: tl.constexpr, PAIRED: tl.constexpr,
+              WIDE: tl.constexpr, PACKED: tl.constexpr, PAIRED: tl.constexpr, PREP_LATE: tl.constexpr,
               BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr):
     # One program: BD channels of one batch and all BN states, walking the whole sequence two chunks of
     # T steps (W = 2T; PAIRED) or one (W = T) at a time with the state in registers. A chunk is a
@@ -217,18 +217,18 @@ def _scan_fwd(U, DELTA, A, BP, CP, DSKIP, Z, BIAS, OUT, H_START, H_LAST,
     d_mask = tl.broadcast_to(d_ok[:, None], [BD, W])  # constant along W: the loads stay vectors
     h = tl.zeros([BD, BN], tl.float32)
     n_full = L // W
-    # ("Pair" below: the W steps of an iteration.) The elementwise part of pair p + 1 is computed while
-    # pair p is scanned (it does not depend on it), from delta, u, z loaded the iteration before: they
-    # are loaded two pairs ahead, and B one pair ahead (B_AHEAD; C, used last, is loaded with its pair),
-    # so their trips to memory overlap the work.
+    # ("Pair" below: the W steps of an iteration.) delta, u, z are loaded ahead, so that their trips to
+    # memory overlap the scan: one pair ahead, and their elementwise part (_fwd_prep) computed in the
+    # iteration that scans them (PREP_LATE), or two pairs ahead, the elementwise part of pair p + 1
+    # computed while pair p is scanned (it does not depend on it). B and C are loaded with their pair.
     m0 = d_mask & (offs_w < L)[None, :]
     raw, u = _load(dl_ptrs, m0), _load(u_ptrs, m0)
     z = _load(z_ptrs, m0) if HAS_Z else raw
-    dl, dlu, skip, gate = _fwd_prep(raw, u, z, bias, dskip, m0, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, FAST_LOG)
-    m1 = d_mask & (W + offs_w < L)[None, :]
-    raw1, u1 = _load(dl_ptrs + W * stride_dl, m1), _load(u_ptrs + W * stride_ul, m1)
-    z1 = _load(z_ptrs + W * stride_zl, m1) if HAS_Z else raw1
-    bm_a, bm_b = _load_pair(b_ptrs, 0, T, BN, E, PAIRED)
+    if not PREP_LATE:
+        dl, dlu, skip, gate = _fwd_prep(raw, u, z, bias, dskip, m0, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, FAST_LOG)
+        m1 = d_mask & (W + offs_w < L)[None, :]
+        raw1, u1 = _load(dl_ptrs + W * stride_dl, m1), _load(u_ptrs + W * stride_ul, m1)
+        z1 = _load(z_ptrs + W * stride_zl, m1) if HAS_Z else raw1
     # num_stages=1: no shared-memory pipeline for these loads (2-6 stages made an earlier version 3-7x slower)
     for p in tl.range(0, n_full, num_stages=1):
         step = p * W
@@ -238,24 +238,30 @@ def _scan_fwd(U, DELTA, A, BP, CP, DSKIP, Z, BIAS, OUT, H_START, H_LAST,
                          + offs_n[None, :], h, mask=state_mask)
         if WIDE:  # a stride along L times L passes 2^31: 64-bit offsets (some more instructions)
             step = step.to(tl.int64)
-        nxt, nxt2 = step + W, step + 2 * W
-        if B_AHEAD:
-            bm_a_n, bm_b_n = _load_pair(b_ptrs, nxt, T, BN, E, PAIRED)
-        else:
-            bm_a, bm_b = _load_pair(b_ptrs, step, T, BN, E, PAIRED)
+        nxt = step + W
+        bm_a, bm_b = _load_pair(b_ptrs, step, T, BN, E, PAIRED)
         cm_a, cm_b = _load_pair(c_ptrs, step, T, BN, E, PAIRED)
-        m2 = d_mask & (nxt2 + offs_w < L)[None, :]
-        raw2, u2 = _load(dl_ptrs + nxt2 * stride_dl, m2), _load(u_ptrs + nxt2 * stride_ul, m2)
-        z2 = _load(z_ptrs + nxt2 * stride_zl, m2) if HAS_Z else raw2
-        m1 = d_mask & (nxt + offs_w < L)[None, :]
-        dl1, dlu1, skip1, gate1 = _fwd_prep(raw1, u1, z1, bias, dskip, m1, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
-                                            FAST_LOG)
-        h = _fwd_pair(h, dl, dlu, skip, gate, bm_a, bm_b, cm_a, cm_b, a2, out_ptrs + step, d_mask, HAS_D, HAS_Z,
-                      BD, BN, T, not EVEN_D, PACKED, PAIRED)
-        dl, dlu, skip, gate = dl1, dlu1, skip1, gate1
-        raw1, u1, z1 = raw2, u2, z2
-        if B_AHEAD:
-            bm_a, bm_b = bm_a_n, bm_b_n
+        if PREP_LATE:
+            m1 = d_mask & (nxt + offs_w < L)[None, :]
+            raw1, u1 = _load(dl_ptrs + nxt * stride_dl, m1), _load(u_ptrs + nxt * stride_ul, m1)
+            z1 = _load(z_ptrs + nxt * stride_zl, m1) if HAS_Z else raw1
+            dl, dlu, skip, gate = _fwd_prep(raw, u, z, bias, dskip, d_mask, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                                            FAST_LOG)  # a full pair: only the channels to mask
+            h = _fwd_pair(h, dl, dlu, skip, gate, bm_a, bm_b, cm_a, cm_b, a2, out_ptrs + step, d_mask, HAS_D,
+                          HAS_Z, BD, BN, T, not EVEN_D, PACKED, PAIRED)
+            raw, u, z = raw1, u1, z1
+        else:
+            nxt2 = step + 2 * W
+            m2 = d_mask & (nxt2 + offs_w < L)[None, :]
+            raw2, u2 = _load(dl_ptrs + nxt2 * stride_dl, m2), _load(u_ptrs + nxt2 * stride_ul, m2)
+            z2 = _load(z_ptrs + nxt2 * stride_zl, m2) if HAS_Z else raw2
+            m1 = d_mask & (nxt + offs_w < L)[None, :]
+            dl1, dlu1, skip1, gate1 = _fwd_prep(raw1, u1, z1, bias, dskip, m1, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                                                FAST_LOG)
+            h = _fwd_pair(h, dl, dlu, skip, gate, bm_a, bm_b, cm_a, cm_b, a2, out_ptrs + step, d_mask, HAS_D,
+                          HAS_Z, BD, BN, T, not EVEN_D, PACKED, PAIRED)
+            dl, dlu, skip, gate = dl1, dlu1, skip1, gate1
+            raw1, u1, z1 = raw2, u2, z2
     if n_full * W < L:  # the last, partial pair (its delta, u, z prepared and masked, B and C padded)
         t0 = n_full * W
         if SAVE:
@@ -264,10 +270,12 @@ def _scan_fwd(U, DELTA, A, BP, CP, DSKIP, Z, BIAS, OUT, H_START, H_LAST,
                          + offs_n[None, :], h, mask=state_mask)
         if WIDE:
             t0 = t0.to(tl.int64)
-        if not B_AHEAD:
-            bm_a, bm_b = _load_pair(b_ptrs, t0, T, BN, E, PAIRED)
+        bm_a, bm_b = _load_pair(b_ptrs, t0, T, BN, E, PAIRED)
         cm_a, cm_b = _load_pair(c_ptrs, t0, T, BN, E, PAIRED)
         tail = d_mask & (t0 + offs_w < L)[None, :]
+        if PREP_LATE:
+            dl, dlu, skip, gate = _fwd_prep(raw, u, z, bias, dskip, tail, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS,
+                                            FAST_LOG)
         h = _fwd_pair(h, dl, dlu, skip, gate, bm_a, bm_b, cm_a, cm_b, a2, out_ptrs + t0, tail, HAS_D, HAS_Z,
                       BD, BN, T, True, PACKED, PAIRED)
     tl.store(H_LAST + (b * Dch + offs_d[:, None]) * N + offs_n[None, :], h, mask=state_mask)
@@ -471,12 +479,10 @@ def _scan_bwd(U, DELTA, A, BP, CP, DSKIP, Z, BIAS, DOUT, H_START, DH_LAST, SCRAT
 # sweeps on the H200 (B8 D2048 L4096 N16, 2026-11-29 and 2026-12-03; BD 4-32, T 2-8, what is loaded
 # ahead, the fast log about 1.3% faster than libdevice's): see chapter 4. For N <= 32 (the tuned case),
 # bf16 B and C stay bf16 ("pack_bf16"; exact, and half the bytes of float32 to move from L1 to the
-# registers), B is loaded a pair ahead for bf16 ("b_ahead") and ptxas is capped at 128 registers for
-# every dtype ("maxnreg": 16 warps an SM, all of B8 D2048's 2048 programs at once, no spills). Other
-# dtypes use float32 B and C, loaded with their pair. Larger N: float32 B and C, loaded with their
-# chunk or pair (a chunk ahead at N = 65..128, _forward), and no cap (no spills at N = 64 or 256 either).
-FWD_CONFIG = {"BD": 8, "T": 4, "num_warps": 1, "fast_log": True, "pack_bf16": True,
-              "b_ahead": {"bf16": True, "fp32": False}, "maxnreg": 128}
+# registers) and ptxas is capped at 128 registers for every dtype ("maxnreg": 16 warps an SM, all of
+# B8 D2048's 2048 programs at once, no spills). Other dtypes, and larger N: float32 B and C, and no
+# cap (no spills at N = 64 or 256 either). The loop's order for each N: _fwd_variant.
+FWD_CONFIG = {"BD": 8, "T": 4, "num_warps": 1, "fast_log": True, "pack_bf16": True, "maxnreg": 128}
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis (the batch's here)
 
 
@@ -552,6 +558,17 @@ def _strides3(t):
     return t.stride() if t is not None else (0, 0, 0)
 
 
+def _fwd_variant(n_pad: int, packed: bool) -> tuple[bool, bool]:
+    # The forward's loop for N states padded to n_pad: (PAIRED, PREP_LATE), from a sweep of both and of
+    # loading B a pair ahead (dropped: never the fastest) on the H200, 2026-12-04, do_bench ms (chapter 4):
+    # - one chunk an iteration only at N = 33..64 (B2 D2048 N64: 1.00 ms, paired 1.03 in float32, 1.58 in bf16);
+    # - delta, u, z prepared in their own iteration at N > 64 (B1 D2048 N128: float32 0.94 against 1.67
+    #   for the order before, bf16 0.94 against 1.09; N = 256: 1.35 against 1.91 at D2048, 0.56 against
+    #   0.79 at D512) and for packed bf16 (B8 D2048 N16: 0.665 against 0.678); float32 B and C at N <= 64
+    #   keep the prepare-ahead order (N = 16: 0.709 against 0.717; N = 32 within 1%; N = 64 1.00 against 1.13).
+    return n_pad != 64, packed or n_pad >= 128
+
+
 def _forward(u, delta, A, B4, C4, D, z, bias, softplus: bool, save: bool):
     Bsz, Dch, L = u.shape
     N = A.shape[1]
@@ -560,17 +577,10 @@ def _forward(u, delta, A, B4, C4, D, z, bias, softplus: bool, save: bool):
     bn = max(2, triton.next_power_of_2(N))
     bd, steps, warps = _fwd_blocks(bn)
     assert save_every % (2 * steps) == 0, "the saved states must sit at the starts of pairs of chunks"
-    l_pad = (L // (2 * steps) + 1) * 2 * steps  # a pair of chunks to spare: B is read a pair ahead
+    l_pad = (L // (2 * steps) + 1) * 2 * steps  # room for the last, partial pair's chunks
     small = bn <= 32  # 4 (channel, state) pairs a thread in 128 registers
-    # two chunks an iteration, or one: on the H200 pairs were 1.25-1.76x faster than the one-chunk kernel
-    # before them at N = 16, 32 and 256, but one chunk was faster at N = 64 and 128 (chapter 4; at N = 128
-    # with float32 inputs still 1.4x slower than that kernel: not fixed)
-    paired = bn <= 32 or bn >= 256
     packed = small and FWD_CONFIG["pack_bf16"] and B4.dtype == C4.dtype == torch.bfloat16
-    storage = "bf16" if packed else "fp32"
-    # B a pair ahead for packed bf16; a chunk ahead at N = 65..128 too (B1 D2048 N128 on the H200: 1.36
-    # -> 1.09 ms for bf16 inputs, 1.80 -> 1.60 for float32; at N = 48 and 64 it was 5-6% slower)
-    b_ahead = FWD_CONFIG["b_ahead"][storage] or bn == 128
+    paired, prep_late = _fwd_variant(bn, packed)
     bp, cp = (_chunk_major(t, bn, l_pad, steps, torch.bfloat16 if packed else torch.float32) for t in (B4, C4))
     if packed:  # two bf16 steps per 32-bit word (steps is even)
         bp, cp = bp.view(torch.int32), cp.view(torch.int32)
@@ -589,8 +599,8 @@ def _forward(u, delta, A, B4, C4, D, z, bias, softplus: bool, save: bool):
             *_strides3(z), Dch, N, L, l_pad, Dch // groups, groups,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus, SAVE=save,
             SAVE_EVERY=save_every, EVEN_D=Dch % bd == 0, FAST_LOG=_fast_log(),
-            WIDE=_wide_offsets(L, l_pad * bn, u, delta, z), PACKED=packed, B_AHEAD=b_ahead,
-            PAIRED=paired, BD=bd, BN=bn, T=steps, num_warps=warps, **extra)
+            WIDE=_wide_offsets(L, l_pad * bn, u, delta, z), PACKED=packed, PAIRED=paired,
+            PREP_LATE=prep_late, BD=bd, BN=bn, T=steps, num_warps=warps, **extra)
     return out, h_last, (h_start if save else None)
 
 

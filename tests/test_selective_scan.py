@@ -110,6 +110,19 @@ def test_bf16_b_and_c(monkeypatch, packed):
     assert_close(last, other_last, torch.float32, name="last state")
 
 
+@pytest.mark.parametrize("paired", [False, True])
+@pytest.mark.parametrize("prep_late", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_loop_variants(monkeypatch, paired, prep_late, dtype):
+    """Each of the forward loop's orders (one chunk an iteration or two; delta, u, z prepared an
+    iteration ahead or in their own), whichever the GPU picks for a state size, at a length that ends
+    in a partial iteration; bf16 with B and C packed."""
+    from minikernels import scan
+
+    monkeypatch.setattr(scan, "_fwd_variant", lambda *_: (paired, prep_late))
+    check(make(l=45, seed=14, dtype=dtype))
+
+
 def test_batches_beyond_one_launch(monkeypatch):
     """The batch is both kernels' grid's second axis, which CUDA caps at 65535: larger batches go in
     slices, one launch each (here a slice of one)."""
