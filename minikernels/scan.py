@@ -11,7 +11,7 @@ affine map h -> a h + b, and composing affine maps is associative:
 
 so the recurrence is a parallel scan (``tl.associative_scan``). The forward: one program (one warp)
 owns BD channels of one batch and all N states, and walks the whole sequence two chunks of T steps at
-a time (one for N from 33 to 128) with the state in registers; a chunk is a [BD, N, T] tile whose T
+a time (one for N from 33 to 64) with the state in registers; a chunk is a [BD, N, T] tile whose T
 steps lie inside one thread, so the scan is a chain of multiply-adds in each thread and only the sum
 over states for y crosses threads. B and C are laid out once, on the host, in chunk-major order
 (_chunk_major; bf16 stays bf16 up to N = 32, two steps per 32-bit word, else float32). The
