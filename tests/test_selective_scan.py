@@ -113,14 +113,15 @@ def test_bf16_b_and_c(monkeypatch, packed):
 @pytest.mark.parametrize("paired", [False, True])
 @pytest.mark.parametrize("prep_late", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forward_loop_variants(monkeypatch, paired, prep_late, dtype):
+@pytest.mark.parametrize("l", [5, 45])
+def test_forward_loop_variants(monkeypatch, paired, prep_late, dtype, l):
     """Each of the forward loop's orders (one chunk an iteration or two; delta, u, z prepared an
-    iteration ahead or in their own), whichever the GPU picks for a state size, at a length that ends
-    in a partial iteration; bf16 with B and C packed."""
+    iteration ahead or in their own), whichever the GPU picks for a state size, at lengths shorter
+    than one iteration and ending in a partial one; bf16 with B and C packed."""
     from minikernels import scan
 
     monkeypatch.setattr(scan, "_fwd_variant", lambda *_: (paired, prep_late))
-    check(make(l=45, seed=14, dtype=dtype))
+    check(make(l=l, seed=14, dtype=dtype))
 
 
 def test_batches_beyond_one_launch(monkeypatch):
