@@ -314,6 +314,39 @@ def _reverse(x, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr):
     return r
 
 
+# A [BD, BN, T] tile shifted one step earlier, x[:, :, 1:], its last step a placeholder (x's last again):
+# register renaming when the T steps lie in one thread. The steps after the evens are the odds, and
+# those after the odds are the evens shifted the same way.
+@triton.jit
+def _shift2(x, BD: tl.constexpr, BN: tl.constexpr):
+    _, od = tl.split(tl.reshape(x, [BD, BN, 1, 2]))
+    return tl.reshape(tl.join(od, od), [BD, BN, 2])
+
+
+@triton.jit
+def _shift4(x, BD: tl.constexpr, BN: tl.constexpr):
+    ev, od = tl.split(tl.reshape(x, [BD, BN, 2, 2]))
+    return tl.reshape(tl.join(od, _shift2(ev, BD, BN)), [BD, BN, 4])
+
+
+@triton.jit
+def _shift8(x, BD: tl.constexpr, BN: tl.constexpr):
+    ev, od = tl.split(tl.reshape(x, [BD, BN, 4, 2]))
+    return tl.reshape(tl.join(od, _shift4(ev, BD, BN)), [BD, BN, 8])
+
+
+@triton.jit
+def _shift(x, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr):
+    tl.static_assert(T == 2 or T == 4 or T == 8, "the backward's chunks are 2, 4 or 8 steps")
+    if T == 2:
+        r = _shift2(x, BD, BN)
+    elif T == 4:
+        r = _shift4(x, BD, BN)
+    else:
+        r = _shift8(x, BD, BN)
+    return r
+
+
 @triton.jit
 def _first_step(x, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr):
     # x[:, :, 0] of a [BD, BN, T] tile: the last step of the tile reversed (register renaming, both)
@@ -333,22 +366,25 @@ def _bwd_advance(h, raw, u, bias, bm, a2, mask, HAS_BIAS: tl.constexpr, SOFTPLUS
 
 
 @triton.jit
-def _bwd_chunk(h, g_after, dl, dl_next, dlu, dy, bm, cm, a, a2, HAS_Z: tl.constexpr, BD: tl.constexpr,
-               BN: tl.constexpr, T: tl.constexpr):
+def _bwd_chunk(h, g_after, after, dl, dlu, dy, bm, cm, a, a2, HAS_Z: tl.constexpr, SHIFT: tl.constexpr,
+               BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr):
     # One chunk of the backward: h [BD, BN] is the state before it, g_after = dL/dh at the first step
-    # after it (the gradient from the rest of the sequence). dl, dlu, dy [BD, T] (dy: the gradient of
-    # y_t = C_t . h_t); dl_next [BD, T]: delta one step later; B, C [BD, BN, T]. Returns g at the
-    # chunk's first step and the chunk's gradients.
+    # after it (the gradient from the rest of the sequence). after: exp(delta A) at that step [BD, BN]
+    # (SHIFT), else delta one step later [BD, T]. dl, dlu, dy [BD, T] (dy: the gradient of
+    # y_t = C_t . h_t); B, C [BD, BN, T]. Returns g and exp(delta A) at the chunk's first step, and the
+    # chunk's gradients.
     decay = tl.exp2(dl[:, None, :] * a2[:, :, None])  # exp(delta_t A)
     push = dlu[:, None, :] * bm  # delta_t B_t u_t
     first = tl.arange(0, T)[None, None, :] == 0
     _, hs = tl.associative_scan((decay, tl.where(first, push + decay * h[:, :, None], push)), 2, _affine_combine)
     # g_t = dL/dh_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}: the same scan, backwards in time, with the
-    # decays one step later (from delta one step later, loaded again rather than shifting the tile)
-    # and g_after folded into the last step
-    decay_next = tl.exp2(dl_next[:, None, :] * a2[:, :, None])
+    # decays one step later and g_after folded into the last step
     inject = cm * dy[:, None, :]
     last = tl.arange(0, T)[None, None, :] == T - 1
+    if SHIFT:  # the tile shifted in registers, the chunk after's first decay last
+        decay_next = tl.where(last, after[:, :, None], _shift(decay, BD, BN, T))
+    else:  # taken again from delta one step later
+        decay_next = tl.exp2(after[:, None, :] * a2[:, :, None])
     inject = tl.where(last, inject + decay_next * g_after[:, :, None], inject)
     _, g = tl.associative_scan((_reverse(decay_next, BD, BN, T), _reverse(inject, BD, BN, T)), 2, _affine_combine)
     g = _reverse(g, BD, BN, T)
@@ -359,7 +395,7 @@ def _bwd_chunk(h, g_after, dl, dl_next, dlu, dy, bm, cm, a, a2, HAS_Z: tl.conste
     db = tl.sum(g * dlu[:, None, :], axis=0)  # [BN, T], summed over the block's channels (one group)
     dc = tl.sum(hs * dy[:, None, :], axis=0)
     y = tl.sum(cm * hs, axis=1) if HAS_Z else gb  # the forward's y, for the gate's gradient
-    return _first_step(g, BD, BN, T), gb, gak, da, db, dc, y
+    return _first_step(g, BD, BN, T), _first_step(decay, BD, BN, T), gb, gak, da, db, dc, y
 
 
 @triton.jit
@@ -369,14 +405,16 @@ def _scan_bwd(U, DELTA, A, BP, CP, DSKIP, Z, BIAS, DOUT, H_START, DH_LAST, SCRAT
               Dch, N, L, L_PAD, per_group, groups,
               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
               HAS_DH_LAST: tl.constexpr, SAVE_EVERY: tl.constexpr, FAST_LOG: tl.constexpr, WIDE: tl.constexpr,
-              BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr):
+              SHIFT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, T: tl.constexpr):
     # One program: BD channels (one group's) of one batch, all BN states, the sequence walked backwards a
     # segment of SAVE_EVERY steps at a time, each segment in K chunks of T steps ([BD, BN, T] tiles with
     # the T steps in one thread, as in the forward). The forward saved the state entering each segment;
     # a first pass over the segment recomputes the states entering its chunks (stored in this program's
     # SCRATCH rows: K [BD, BN] tiles, kilobytes that stay in the caches), then the chunks are walked
-    # last to first, each rebuilding its states from the one entering it (each exp(delta_t A) is taken
-    # three times, twice in a segment's last chunk: in pass 1, for step t, and for g at step t - 1).
+    # last to first, each rebuilding its states from the one entering it. Each exp(delta_t A) is taken
+    # in pass 1 and for step t in pass 2; the gradient at step t - 1 needs it too: SHIFT takes it from
+    # the chunk's tile shifted in registers (its last step's from the chunk after, walked just before),
+    # else it is taken a third time, from delta loaded again one step later (_bwd_shift).
     # B and C come chunk-major as in the forward; their gradients, sums over channels, are added
     # atomically into chunk-major float32 DBP, DCP.
     b = tl.program_id(1).to(tl.int64)
@@ -408,6 +446,9 @@ def _scan_bwd(U, DELTA, A, BP, CP, DSKIP, Z, BIAS, DOUT, H_START, DH_LAST, SCRAT
         g_after = tl.load(DH_LAST + (b * Dch + offs_d[:, None]) * N + offs_n[None, :], mask=state_mask, other=0.0)
     else:
         g_after = tl.zeros([BD, BN], tl.float32)
+    # exp(delta A) at the step after the chunk (SHIFT): 1 past the end (delta 0). From a, not tl.full: it
+    # takes a's layout, and the carried tile then stays in the chunks' (the default one was slower)
+    decay_after = a * 0.0 + 1.0
     da_acc = tl.zeros([BD, BN], tl.float32)
     dd_acc = tl.zeros([BD, T], tl.float32)
     dbias_acc = tl.zeros([BD, T], tl.float32)
@@ -437,14 +478,19 @@ def _scan_bwd(U, DELTA, A, BP, CP, DSKIP, Z, BIAS, DOUT, H_START, DH_LAST, SCRAT
             z = _load(z_ptrs + t0 * stride_zl, m) if HAS_Z else raw
             dout = _load(DOUT + row + t0, m)
             dl, dlu, skip, gate = _fwd_prep(raw, u, z, bias, dskip, m, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, FAST_LOG)
-            m_next = d_ok[:, None] & (t0 + 1 + offs_t < L)[None, :]
-            dl_next, _, _, _ = _fwd_prep(_load(dl_ptrs + (t0 + 1) * stride_dl, m_next), dl, dl, bias, dskip, m_next,
-                                         False, False, HAS_BIAS, SOFTPLUS, FAST_LOG)
             dy = dout * gate if HAS_Z else dout  # back through out = (y + D u) * silu(z)
             bm = tl.load(BP + bc + t0 * BN)
             cm = tl.load(CP + bc + t0 * BN)
-            g_after, gb, gak, da, db, dc, y = _bwd_chunk(h, g_after, dl, dl_next, dlu, dy, bm, cm, a, a2, HAS_Z,
-                                                          BD, BN, T)
+            if SHIFT:
+                after = decay_after
+            else:
+                m_next = d_ok[:, None] & (t0 + 1 + offs_t < L)[None, :]
+                after, _, _, _ = _fwd_prep(_load(dl_ptrs + (t0 + 1) * stride_dl, m_next), dl, dl, bias, dskip, m_next,
+                                           False, False, HAS_BIAS, SOFTPLUS, FAST_LOG)
+            g_after, decay_first, gb, gak, da, db, dc, y = _bwd_chunk(h, g_after, after, dl, dlu, dy, bm, cm, a, a2,
+                                                                      HAS_Z, SHIFT, BD, BN, T)
+            if SHIFT:
+                decay_after = decay_first  # the walk's next chunk is the one before this
             if HAS_Z:  # silu'(z) = s (1 + z (1 - s)), s = sigmoid(z)
                 pre = y + skip if HAS_D else y
                 sig = tl.sigmoid(z)
@@ -499,22 +545,31 @@ def _fwd_blocks(n_pad: int) -> tuple[int, int, int]:
     return max(1, min(FWD_CONFIG["BD"], 128 // n_pad)), FWD_CONFIG["T"], FWD_CONFIG["num_warps"]
 
 
-# The backward's tiles: [BD, BN, T] with the layout of the forward's (one warp, T steps by 4 states a
-# thread); the sequence in segments of SAVE_EVERY steps (the forward saves the state entering each),
-# each walked in SAVE_EVERY / T chunks. Measured on the H200 (2026-12-03, B8 D2048 L4096 N16 bf16,
-# backward alone): 4.24-4.27 ms against 11.6 for the kernel before it (time-parallel [16, N, 32]
-# tiles, four warps). A 128-register cap (16 warps an SM; some spills) was 1.14-1.51x faster than
-# none at N = 16, 64 and 128, and 1.5x slower at N = 256 (caps of 136 and 144, 14 warps an SM, were
-# 1.3x slower than 128); T = 2 or 8, more channels and warps a program were slower; bf16 B and C kept
-# packed as in the forward gained nothing; the atomic sums of dB and dC cost nothing measurable.
-# Besides the saved states, the backward takes SAVE_EVERY / T states per (batch, channel) of scratch
-# (512 bytes at N = 16; the saved states are 8 KB at L = 4096).
+# The backward's tiles: [BD, BN, T] with the layout of the forward's (one warp, T steps by 4 states a thread);
+# the sequence in segments of SAVE_EVERY steps (the forward saves the state entering each), each walked in
+# SAVE_EVERY / T chunks. Measured on the H200 (2026-12-03, B8 D2048 L4096 N16 bf16, backward alone): 4.24-4.27
+# ms against 11.6 for the kernel before it (time-parallel [16, N, 32] tiles, four warps); 4.14 with the decays
+# shifted in registers (2026-12-04, _bwd_shift). A 128-register cap (16 warps an SM; some spills) was 1.14-1.51x
+# faster than none at N = 16, 64 and 128, and 1.5x slower at N = 256 (caps of 136 and 144, 14 warps an SM, were
+# 1.3x slower than 128); T = 2 or 8, more channels and warps a program were slower; bf16 B and C kept packed as
+# in the forward gained nothing; the atomic sums of dB and dC cost nothing measurable. Besides the saved states,
+# the backward takes SAVE_EVERY / T states per (batch, channel) of scratch (512 bytes at N = 16; the saved
+# states are 8 KB at L = 4096).
 BWD_CONFIG = {"BD": 8, "T": 4, "num_warps": 1, "save_every": 32, "maxnreg": 128}
 
 
 def _save_every() -> int:
     # how often the forward saves the state for the backward (a multiple of both kernels' steps an iteration)
     return 16 if is_interpreter() else BWD_CONFIG["save_every"]
+
+
+def _bwd_shift(n_pad: int) -> bool:
+    # SHIFT in _scan_bwd: the decays one step later shifted in registers, or taken again from delta (a third
+    # exponential per step). Backward alone on the H200, 2026-12-04, bf16 with D, z, bias, softplus, old
+    # (taken again) -> shifted: B8 D2048 L4096 N16 4.25 -> 4.14 ms, B2 D2048 N64 4.37 -> 4.02; but B1 D2048
+    # N128 4.01 -> 4.61 and B1 D512 N256 3.12 -> 3.24 (one channel a program there: a chunk's steps span
+    # lanes, and the shifted tile only added spills)
+    return n_pad <= 64
 
 
 def _bwd_blocks(n_pad: int, per_group: int) -> tuple[int, int, int]:
@@ -636,7 +691,7 @@ def _backward(u, delta, A, B4, C4, D, z, bias, softplus: bool, h_start, dout, dh
             dbias_part[lo:hi] if bias is not None else A, dbp[lo:hi], dcp[lo:hi],
             *u.stride(), *delta.stride(), *_strides3(z), Dch, N, L, l_pad, Dch // groups, groups,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
-            HAS_DH_LAST=dh_last is not None, SAVE_EVERY=save_every, FAST_LOG=_fast_log(),
+            HAS_DH_LAST=dh_last is not None, SAVE_EVERY=save_every, FAST_LOG=_fast_log(), SHIFT=_bwd_shift(bn),
             WIDE=_wide_offsets(L, l_pad * bn, u, delta, z), BD=bd, BN=bn, T=steps, num_warps=warps, **extra)
     # chunk-major [B, G, l_pad / T, BN, T] back to [B, G, N, L]
     db, dc = (t.transpose(3, 2).reshape(Bsz, groups, bn, l_pad)[:, :, :N, :L] for t in (dbp, dcp))

@@ -133,15 +133,18 @@ def test_batches_beyond_one_launch(monkeypatch):
     check(make(b=3, seed=12))
 
 
+@pytest.mark.parametrize("shift", [False, True])
 @pytest.mark.parametrize("bd,steps,every,groups,d", [(8, 4, 32, None, 8), (8, 4, 32, 2, 16), (2, 2, 16, None, 8),
                                                     (1, 8, 16, 2, 8)])
-def test_backward_tiles(monkeypatch, bd, steps, every, groups, d):
+def test_backward_tiles(monkeypatch, bd, steps, every, groups, d, shift):
     """The backward with other tiles than the interpreter's own (4 channels, chunks of 8 steps, segments
     of 16): the GPU's (8 channels, chunks of 4, segments of 32: 8 chunks a segment), with one group and
     with two groups of 8 channels (two channel blocks), and chunks of 2 and 8, each with its own
-    in-register time reversal. L = 45 ends inside a chunk."""
+    in-register time reversal and shift; the decays one step later shifted in registers or taken again
+    (the GPU picks by state size). L = 45 ends inside a chunk."""
     from minikernels import scan
 
+    monkeypatch.setattr(scan, "_bwd_shift", lambda n_pad: shift)
     monkeypatch.setattr(scan, "_bwd_blocks", lambda n_pad, per_group: (min(bd, per_group), steps, 1))
     monkeypatch.setattr(scan, "_save_every", lambda: every)
     check(make(d=d, l=45, groups=groups, seed=14))
