@@ -552,9 +552,10 @@ def _fwd_blocks(n_pad: int) -> tuple[int, int, int]:
 # shifted in registers (2026-12-04, _bwd_shift). A 128-register cap (16 warps an SM; some spills) was 1.14-1.51x
 # faster than none at N = 16, 64 and 128, and 1.5x slower at N = 256 (caps of 136 and 144, 14 warps an SM, were
 # 1.3x slower than 128); T = 2 or 8, more channels and warps a program were slower; bf16 B and C kept packed as
-# in the forward gained nothing; the atomic sums of dB and dC cost nothing measurable. Besides the saved states,
-# the backward takes SAVE_EVERY / T states per (batch, channel) of scratch (512 bytes at N = 16; the saved
-# states are 8 KB at L = 4096).
+# in the forward gained nothing; the atomic sums of dB and dC cost nothing measurable; summing them over
+# channels through scratch memory instead of shuffles was 1.3-1.9x slower (2026-12-04). Besides the saved
+# states, the backward takes SAVE_EVERY / T states per (batch, channel) of scratch (512 bytes at N = 16; the
+# saved states are 8 KB at L = 4096).
 BWD_CONFIG = {"BD": 8, "T": 4, "num_warps": 1, "save_every": 32, "maxnreg": 128}
 
 
