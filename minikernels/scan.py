@@ -566,10 +566,10 @@ def _save_every() -> int:
 
 def _bwd_shift(n_pad: int) -> bool:
     # SHIFT in _scan_bwd: the decays one step later shifted in registers, or taken again from delta (a third
-    # exponential per step). Backward alone on the H200, 2026-12-04, bf16 with D, z, bias, softplus, old
-    # (taken again) -> shifted: B8 D2048 L4096 N16 4.25 -> 4.14 ms, B2 D2048 N64 4.37 -> 4.02; but B1 D2048
-    # N128 4.01 -> 4.61 and B1 D512 N256 3.12 -> 3.24 (one channel a program there: a chunk's steps span
-    # lanes, and the shifted tile only added spills)
+    # exponential per step). Backward alone on the H200, 2026-12-04, bf16 with D, z, bias, softplus, taken
+    # again -> shifted (both in one process): B8 D2048 L4096 N16 4.24 -> 4.14 ms, B2 D2048 N64 4.33 -> 4.00;
+    # but, in a run that shifted at every size, B1 D2048 N128 4.01 -> 4.61 and B1 D512 N256 3.12 -> 3.24 (one
+    # channel a program there: a chunk's steps span lanes, and the shifted tile only added spills)
     return n_pad <= 64
 
 
