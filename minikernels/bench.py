@@ -3,8 +3,9 @@
 Times our kernels and the anchors side by side, in one process, with Triton's benchmarking helpers
 (median of many repetitions), prints a table and writes JSON (date, GPU, torch and triton versions,
 the measured ceilings, one row per measurement) for the book's figures. Short, memory-bound calls
-(softmax, decode, attention forwards) are replayed from a CUDA graph, cycling through enough buffer
-sets that no call finds its inputs in L2, so launch overhead and a warm cache flatter no one. The
+(softmax, decode) are replayed from a CUDA graph, cycling through enough buffer sets that no call
+finds its inputs in L2, so launch overhead and a warm cache flatter no one. Attention forwards are
+replayed too, from one buffer set (some 200 MB of inputs at the shapes timed: more than the L2). The
 linear-attention and SSD forward+backward passes (autograd included) are captured too: they are
 strings of short kernels, and timed with plain ``do_bench`` they measured the host (mamba_ssm's
 SSD fwd+bwd at B4 L4k: 4.1-4.3 ms with ``do_bench`` against 1.36 ms as graph replays on the H200,

@@ -367,7 +367,7 @@ def _config(kernel: str, block: int, head_dim: int, elem_bytes: int) -> dict:
         # with TMA loads (1.20-1.23 ms without). The forward keeps a whole 128-row block in 8 warps and
         # streams 64-key pieces; capped at 128 registers a thread (it needs 167 uncapped, and
         # compiles to 128 without spilling), two programs share an SM, so one's loads and epilogue
-        # hide under the other's matrix work: 0.376 ms instead of 0.414 (sliding window 1024).
+        # hide under the other's matrix work: 0.376 ms instead of 0.414 (sliding window 1024, in that sweep).
         if kernel == "fwd":
             return {"SUB": min(block, 128), "STREAM": min(block, 64), "num_warps": 8, "num_stages": 2, "TMA": True,
                     "maxnreg": 128}

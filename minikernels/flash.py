@@ -5,12 +5,12 @@
 Standard attention writes S = QK^T and P = softmax(S) to device memory: Theta(N^2) bytes. Here a
 program keeps one block of BLOCK_M query rows on chip and streams K and V past it in blocks of
 BLOCK_N keys, folding each block into a running (max m, sum l, output acc) with the online-softmax
-rule of chapter 0. Per (batch, head) it reads Q, K, V once per query block and writes O and the
-logsumexp once: no N^2 term ever reaches memory.
+rule of chapter 0. Per (batch, head) it reads Q once, K and V once per query block, and writes O and
+the logsumexp once: no N^2 term ever reaches memory.
 
 The backward recomputes P block by block from the saved logsumexp (lse) instead of storing it:
 
-    P = exp(S - lse),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dQ = dS K,  dK = dS^T Q
+    P = exp(S - lse),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dQ = scale dS K,  dK = scale dS^T Q
 
 with delta_i = rowsum(dO_i * O_i) (= rowsum(P_i * dP_i), the softmax Jacobian's correction term).
 Two kernels share that work without atomics: one owns a block of keys and accumulates dK, dV over
@@ -330,9 +330,9 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
 # launch configuration
 # --------------------------------------------------------------------------------------------------
 
-# Shared memory holds the resident tile plus num_stages copies of the streamed tiles: 227 KB per SM
-# on Hopper. fp32 tiles are twice the bytes of fp16/bf16 ones, so they get smaller tiles (an H200
-# run with 16-bit settings asked for 256 KB and failed to launch).
+# Shared memory holds the resident tile plus num_stages copies of the streamed tiles: at most 227 KB
+# per block on Hopper (of the SM's 228 KB). fp32 tiles are twice the bytes of fp16/bf16 ones, so they
+# get smaller tiles (an H200 run with 16-bit settings asked for 256 KB and failed to launch).
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 
 

@@ -801,16 +801,16 @@ def _tile_opts(dtype, cfg: dict, num_warps: int | None = None) -> dict:
 
 
 # The forward's tiles: the largest Dk and Dv blocks of each pass, its warps and its pipeline depth
-# (the backward recomputes the states with the same tiles). Chosen by sweeps on the H200 (B4 H16
+# (the states it stores for the backward come from this state pass). Chosen by sweeps on the H200 (B4 H16
 # D128, T 4k to 64k, with and without decay, do_bench and CUDA graphs; 2026-11-29): a 3-deep pipeline
 # hides the state pass's loads (-21% at 16k without decay); the output pass likes 3 stages without
 # a decay (-3 to -5%) and 2 with one (-1 to -2%). With value weights (SSD: H32 P64 S128, B4 L4k and
 # B1 L16k) it likes 3 stages again: 120 us against 125 with 2 (without weights, 2 stages: 110 us).
 # The state pass is latency-bound (ncu at SSD's B4 L4k: 12 warps an SM, 42% of DRAM bandwidth, 143
 # registers a thread); capped at 128 registers it takes 88 us instead of 95 there, 132 instead of 146 at
-# B1 L16k, and the same at linear attention's B4 H16 D128 (2026-11-29; forward passes measured; the
-# backward's recomputation of the states runs this kernel with this cap too). Lower caps spill, and
-# caps on the output pass only slowed it.
+# B1 L16k, and the same at linear attention's B4 H16 D128 (2026-11-29; forward passes measured, when
+# the backward still ran this kernel again to recompute the states). Lower caps spill, and caps on the
+# output pass only slowed it.
 FWD_TILES = {"states": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3, "maxnreg": 128},
              "out": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 3},
              "out_decay": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 2},

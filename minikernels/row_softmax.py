@@ -34,14 +34,15 @@ from ._backend import on_device_of
 from ._validate import check_tensor, int32_addressable, normalize_dim
 
 # Rows longer than this (per dtype) are processed in blocks by the online (two-pass) kernels.
-# Measured on an H200 (book/data/bench/softmax.json, 4096 rows): a whole 32768-long row on chip keeps
-# one program per SM busy with arithmetic while nothing loads, so 16-bit rows of 32768 ran at 79% of
-# the copy bandwidth fused and at 83% two-pass (the second read hits L2); float32 rows, with twice the
-# bytes per element, stay memory-bound and run best fused (97%). Tests lower these to reach the
-# two-pass path at sizes the interpreter runs quickly.
+# Measured on an H200 when this was chosen (4096 rows): a whole 32768-long row on chip keeps one
+# program per SM busy with arithmetic while nothing loads, so bf16 rows of 32768 ran at 79% of the copy
+# bandwidth fused and at 83% two-pass (the second read hits L2; 81% in the recorded run,
+# book/data/bench/softmax.json); float32 rows, with twice the bytes per element, stay memory-bound and
+# run best fused (96% recorded). Tests lower these to reach the two-pass path at sizes the interpreter
+# runs quickly.
 _MAX_FUSED_COLS = {torch.float32: 32768, torch.float16: 16384, torch.bfloat16: 16384}
-# The backward has no exponentials and ran at 83-100% of the copy bandwidth fused up to 32768 columns
-# in every dtype (book/data/bench/softmax.json).
+# The backward has no exponentials and ran at 83-101% of the copy bandwidth fused up to 32768 columns,
+# bf16 and float32 (book/data/bench/softmax.json; float16 was not benchmarked).
 _MAX_FUSED_COLS_BWD = 32768
 # Block width of the two-pass kernels (16384 with 16 warps was the fastest on the H200).
 _ONLINE_BLOCK_N = 16384
