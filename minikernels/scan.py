@@ -530,9 +530,9 @@ def _scan_bwd(U, DELTA, A, BP, CP, DSKIP, Z, BIAS, DOUT, H_START, DH_LAST, SCRAT
 # larger N: float32 B and C and no cap (no spills at N = 64 or 256 either). The loop's order for each N:
 # _fwd_variant. Not kept (2026-12-04): BD = 32, one channel a thread with every state in it (8.1
 # instructions a triple, no sum across lanes), 1.31-3.1 ms: 512 warps for B8 D2048, one an SM quadrant,
-# and each load's latency shows (0.84 ms with B and C made L1 hits, timing only; this kernel 0.646
-# against 0.664 so: it is bound by issuing instructions); with Triton's shared-memory pipelining
-# (num_stages 2-4) both were slower (this one 2.6 ms).
+# and each load's latency shows (0.84 ms with B and C made L1 hits, timing only; the same made this
+# kernel only 0.646 against 0.664 ms: it is bound by issuing instructions, not by waiting for B and C);
+# with Triton's shared-memory pipelining (num_stages 2-4) both were slower (this one 2.6 ms).
 FWD_CONFIG = {"BD": 8, "T": 4, "num_warps": 1, "fast_log": True, "pack_bf16": True, "maxnreg": 128}
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis (the batch's here)
 
