@@ -1,14 +1,19 @@
-# Two commands matter: `make book` and `make test`. Both create .venv/ (inside the repo) on first use.
-# On a machine without a GPU, torch's CPU build is installed (TORCH_SPEC); on a GPU machine set
-# TORCH_SPEC=torch (or use the environment you already have: `make test PY=python3`).
+# Two commands matter: `make book` and `make test`. Both create .venv/ (inside the repo) on first use
+# and install torch (TORCH_SPEC) unless it is there already. From PyPI, torch on Linux is the CUDA build
+# (GBs); on a machine without a GPU, take the CPU build from PyTorch's own index:
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# (CI's machines have the CPU build on local disk.) Or use an environment you already have:
+# `make test PY=python3` (installs the package and its extras into that python, leaves .venv/ alone).
 
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY ?= $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 EXTRAS ?= book,test,grade,dev
-STAMP := $(VENV)/.installed
+# the marker that setup has run, kept next to the python it installed into
+STAMP := $(if $(filter $(VENV)/bin/python,$(PY)),$(VENV)/.installed,_build/.installed-$(subst /,_,$(PY)))
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 OUT ?= _build/gpu-check
@@ -19,9 +24,9 @@ OUT ?= _build/gpu-check
 setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@if [ "$(PY)" = "$(VENV)/bin/python" ] && [ ! -x "$(PY)" ]; then $(PYTHON) -m venv $(VENV); fi
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
-	@mkdir -p $(VENV) && touch $(STAMP)
+	@mkdir -p $(dir $(STAMP)) && touch $(STAMP)
 
 book: setup
 	$(PY) -c "from jupyter_book.cli.main import main; main()" build . -W -n --keep-going
