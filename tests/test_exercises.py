@@ -1,6 +1,8 @@
 """Every otter-grader exercise is proven: `otter assign` builds it (running the solution against its
 tests), the solution scores full marks, the blank student version scores 0, and the committed wrong
-submission scores exactly what its wrong_submission.json says. Grading one notebook is time-limited."""
+submissions score exactly what their JSON files say: wrong_submission (wrong answers) and, where a
+question asks for a method, wrong_method (right answers by the forbidden method). Grading one notebook
+is time-limited."""
 
 import json
 import shutil
@@ -56,10 +58,15 @@ def test_blank_student_version_scores_zero(assigned, tmp_path):
     assert scores and all(score == 0 for score, _ in scores.values()), scores
 
 
-def test_wrong_submission_scores_what_it_says(assigned, tmp_path):
+@pytest.mark.parametrize("kind", ["wrong_submission", "wrong_method"])
+def test_wrong_submission_scores_what_it_says(assigned, kind, tmp_path):
+    # wrong_submission: wrong answers; wrong_method: right answers computed the way a question forbids
+    # (a loop where it asks for none, say), which its hidden tests must catch
     exercise, _, zip_path = assigned
-    expected = json.loads((exercise / "wrong_submission.json").read_text())
-    scores = grade(zip_path, exercise / "wrong_submission.ipynb", tmp_path)
+    if not (exercise / f"{kind}.ipynb").exists():
+        pytest.skip(f"{exercise.name} has no {kind} (none of its questions asks for a method)")
+    expected = json.loads((exercise / f"{kind}.json").read_text())
+    scores = grade(zip_path, exercise / f"{kind}.ipynb", tmp_path)
     got = {q: score for q, (score, _) in scores.items()}
     assert got == {q: v for q, v in expected.items() if q != "why"}, (got, expected["why"])
     assert 0 < sum(got.values()) < sum(m for _, m in scores.values()), "a wrong submission earns partial marks"

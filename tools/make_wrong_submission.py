@@ -1,5 +1,7 @@
 """Fill the student version of each exercise with plausible wrong answers, committed as
-exercises/<name>/wrong_submission.ipynb; CI grades it and expects the scores in wrong_submission.json.
+exercises/<name>/wrong_submission.ipynb, and (where a question asks for a method) with right answers by
+the forbidden method, exercises/<name>/wrong_method.ipynb; CI grades both and expects the scores in
+their JSON files.
 
     make exercises && python tools/make_wrong_submission.py
 """
@@ -98,17 +100,59 @@ def fused_softmax_bytes(M, N, b):
     ),
 }
 
-for name, (replacements, expected, why) in WRONG.items():
-    nb = nbformat.read(f"_build/exercises/{name}/student/{name}.ipynb", 4)
-    for marker, old, new in replacements:
-        (cell,) = [c for c in nb.cells if c.cell_type == "code" and marker in c.source]
-        if old is None:  # replace the whole cell
-            cell.source = new
-        else:
-            assert old in cell.source, (name, marker)
-            cell.source = cell.source.replace(old, new, 1)
-    nbformat.write(nb, f"exercises/{name}/wrong_submission.ipynb")
-    with open(f"exercises/{name}/wrong_submission.json", "w") as f:
-        json.dump({**expected, "why": why}, f, indent=1)
-        f.write("\n")
-    print("wrote", f"exercises/{name}/wrong_submission.ipynb")
+# exercise -> the same, for right answers computed the way a question forbids: its hidden tests must
+# catch the method, so the public test passes and the hidden one fails (half the question's points)
+WRONG_METHOD = {
+    "ch02_sparse_masks": (
+        [("def sliding_window_blocks", None, '''def sliding_window_blocks(n, window, block):
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    dense = (j <= i) & (j > i - window)
+    nb = math.ceil(n / block)
+    padded = torch.zeros(nb * block, nb * block, dtype=torch.bool)
+    padded[:n, :n] = dense
+    return padded.view(nb, block, nb, block).any(3).any(1)''')],
+        {"q1": 1.0, "q2": 0.0, "q3": 0.0},
+        "q1 builds the n x n mask (right values; the million-token hidden test cannot allocate it); q2, q3 blank",
+    ),
+    "ch03_linear_attention": (
+        [("def recurrent", "        ...", '''        state = torch.exp(g[t]) * state + torch.outer(k[t], v[t])
+        out.append(q[t] @ state)'''),
+         ("def chunk_state_update", None, '''def chunk_state_update(state, k, v, g):
+    for t in range(k.shape[0]):
+        state = torch.exp(g[t]) * state + torch.outer(k[t], v[t])
+    return state''')],
+        {"q1": 2.0, "q2": 1.0},
+        "q1 right; q2 loops over the steps (right values; the hidden test counts operations at two lengths)",
+    ),
+    "ch04_state_space_models": (
+        [("def scan", None, '''def combine(first, second):
+    (a1, b1), (a2, b2) = first, second
+    return a1 * a2, a2 * b1 + b2
+
+
+def scan(a, b):
+    h, out = torch.zeros(a.shape[:-1], dtype=a.dtype), []
+    for t in range(a.shape[-1]):
+        h = a[..., t] * h + b[..., t]
+        out.append(h)
+    return torch.stack(out, dim=-1)''')],
+        {"q1": 0.0, "q2": 1.0},
+        "q2's scan walks the steps one by one (right values; the hidden test counts operations); q1 blank",
+    ),
+}
+
+for kind, table in (("wrong_submission", WRONG), ("wrong_method", WRONG_METHOD)):
+    for name, (replacements, expected, why) in table.items():
+        nb = nbformat.read(f"_build/exercises/{name}/student/{name}.ipynb", 4)
+        for marker, old, new in replacements:
+            (cell,) = [c for c in nb.cells if c.cell_type == "code" and marker in c.source]
+            if old is None:  # replace the whole cell
+                cell.source = new
+            else:
+                assert old in cell.source, (name, marker)
+                cell.source = cell.source.replace(old, new, 1)
+        nbformat.write(nb, f"exercises/{name}/{kind}.ipynb")
+        with open(f"exercises/{name}/{kind}.json", "w") as f:
+            json.dump({**expected, "why": why}, f, indent=1)
+            f.write("\n")
+        print("wrote", f"exercises/{name}/{kind}.ipynb")
