@@ -16,6 +16,10 @@ HILLIS_STEELE_ROUND = '''        a_new, b_new = combine((a[..., :-shift], b[...,
         a = torch.cat([a[..., :shift], a_new], dim=-1)
         b = torch.cat([b[..., :shift], b_new], dim=-1)'''
 
+# the body of one step of exercise 3's recurrent form (right in both submissions)
+RECURRENT_STEP = '''        state = torch.exp(g[t]) * state + torch.outer(k[t], v[t])
+        out.append(q[t] @ state)'''
+
 # exercise -> (replacements: (marker in the student cell, code that replaces its "..." body), expected, why)
 WRONG = {
     "ch00_softmax": (
@@ -78,8 +82,7 @@ def fused_softmax_bytes(M, N, b):
         "q1 right; q2 keeps key i - window (off by one); q3 adds the main diagonals of the patches",
     ),
     "ch03_linear_attention": (
-        [("def recurrent", "        ...", '''        state = torch.exp(g[t]) * state + torch.outer(k[t], v[t])
-        out.append(q[t] @ state)'''),
+        [("def recurrent", "        ...", RECURRENT_STEP),
          # forgets to decay the incoming state: right from an empty state (public test), wrong after
          ("def chunk_state_update", None, '''def chunk_state_update(state, k, v, g):
     b = g.cumsum(0)
@@ -112,11 +115,10 @@ WRONG_METHOD = {
     padded[:n, :n] = dense
     return padded.view(nb, block, nb, block).any(3).any(1)''')],
         {"q1": 1.0, "q2": 0.0, "q3": 0.0},
-        "q1 builds the n x n mask (right values; the million-token hidden test cannot allocate it); q2, q3 blank",
+        "q1 builds the n x n mask (right values; the hidden test sees an n x n tensor made); q2, q3 blank",
     ),
     "ch03_linear_attention": (
-        [("def recurrent", "        ...", '''        state = torch.exp(g[t]) * state + torch.outer(k[t], v[t])
-        out.append(q[t] @ state)'''),
+        [("def recurrent", "        ...", RECURRENT_STEP),
          ("def chunk_state_update", None, '''def chunk_state_update(state, k, v, g):
     for t in range(k.shape[0]):
         state = torch.exp(g[t]) * state + torch.outer(k[t], v[t])
