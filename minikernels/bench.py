@@ -89,27 +89,49 @@ def measure_ceilings() -> dict:
     }
 
 
-def exponentials_ms(count: int) -> float:
-    """Milliseconds this GPU takes to compute ``count`` values of 2^x with ``tl.exp2`` (the special-function
-    unit's instruction, as the scan's decays use it) and nothing else: 16 programs of 4 warps an SM, each
-    thread summing 8 independent chains so no latency shows, and no memory traffic but one store a
-    thread. A floor for any kernel that takes each of ``count`` exponentials with that instruction."""
+def exponentials_ms(count: int, polynomial: bool = False) -> float:
+    """Milliseconds this GPU takes to compute ``count`` values of 2^x and nothing else: 16 programs of
+    4 warps an SM, each thread summing 8 independent chains so no latency shows, and no memory traffic
+    but one store a thread. With ``tl.exp2`` (the special-function unit's instruction, as the scan's
+    decays use it) this is a floor for any kernel that takes each of ``count`` exponentials with that
+    instruction. ``polynomial=True`` times the alternative on the multiply-add units instead
+    (`_exp2_polynomial`, float32-accurate), the trick FlashAttention-4 uses for part of softmax's."""
     block, warps = 1024, 4
     programs = 16 * torch.cuda.get_device_properties(0).multi_processor_count
     steps = -(-count // (programs * block))
     out = torch.empty(programs * block, device="cuda")
-    ms = _do_bench(lambda: _exp2_only[(programs,)](out, steps, BLOCK=block, num_warps=warps))
+    ms = _do_bench(lambda: _exp2_only[(programs,)](out, steps, BLOCK=block, POLYNOMIAL=polynomial,
+                                                   num_warps=warps))
     return ms * count / (programs * block * steps)  # the few extra values the rounding added
 
 
 @triton.jit
-def _exp2_only(OUT, steps, BLOCK: tl.constexpr):
+def _exp2_polynomial(x):
+    # 2^x = 2^j * 2^f with j = round(x), f in [-1/2, 1/2]: 2^f by a degree-5 polynomial (1 + least
+    # squares in relative error, within 1.1e-7 of 2^f; exact at f = 0, so integers give exact powers
+    # of two), 2^j by adding j to the float's exponent bits. Every
+    # instruction runs on the multiply-add and integer units, none on the special-function unit.
+    # For x in [-126, 127]; below, 2^-126 (the decays this stands for never go there in float32).
+    x = tl.maximum(x, -126.0)
+    t = x + 12582912.0  # 1.5 * 2^23: the sum's low mantissa bits hold round(x)
+    f = x - (t - 12582912.0)
+    p = 1.0 + f * (0.6931468844413757 + f * (0.24022237956523895 + f * (
+        0.05550893023610115 + f * (0.009671698324382305 + f * 0.0013218672247603536))))
+    j = t.to(tl.int32, bitcast=True) - 0x4B400000  # the bits of 12582912.0: what is left is round(x)
+    return (p.to(tl.int32, bitcast=True) + (j << 23)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _exp2_only(OUT, steps, BLOCK: tl.constexpr, POLYNOMIAL: tl.constexpr = False):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = (offs % 1024).to(tl.float32) * -1e-3  # a different argument in every lane
     acc = tl.zeros([BLOCK], tl.float32)
     for _ in range(steps):
         x = x - 1e-6  # a new argument every step, so nothing is hoisted out of the loop
-        acc += tl.exp2(x)
+        if POLYNOMIAL:
+            acc += _exp2_polynomial(x)
+        else:
+            acc += tl.exp2(x)
     tl.store(OUT + offs, acc)  # the sums are stored: the exponentials cannot be dropped
 
 
@@ -631,9 +653,10 @@ def bench_selective_scan(ceilings: dict, quick: bool = False) -> list[dict]:
     """mk.selective_scan forward, B8 D2048 L4096 N16, bf16 u, delta, z, B, C (fp32 A, D, delta_bias),
     against its bandwidth roofline (the bytes of u, delta, B, C, z and y at the measured copy speed),
     the PyTorch reference loop, and the time its B*D*L*N exponentials alone take on this GPU
-    (exponentials_ms); and our forward+backward (autograd, every gradient), in GB/s of the bytes
-    both passes must move (the forward's, then u, delta, z, B, C and dy read and du, ddelta, dz, dB,
-    dC written). The reference loop's backward is not timed: an autograd graph of L steps."""
+    (exponentials_ms: with the special-function unit, and as a polynomial); and our forward+backward
+    (autograd, every gradient), in GB/s of the bytes both passes must move (the forward's, then u,
+    delta, z, B, C and dy read and du, ddelta, dz, dB, dC written). The reference loop's backward is
+    not timed: an autograd graph of L steps."""
     from . import reference
     from .scan import selective_scan
 
@@ -665,12 +688,14 @@ def bench_selective_scan(ceilings: dict, quick: bool = False) -> list[dict]:
                      "ms": ms, "GBps": gbps, "frac_of_copy": gbps / ceilings["copy_GBps"], "timing": "do_bench"})
         _progress(rows[-1])
     # a floor under any forward that takes each decay exp(delta_t A) with the special-function unit:
-    # one 2^x per (channel, state, step) triple and nothing else, timed on this GPU
-    ms = exponentials_ms(b * d * length * n)
-    rows.append({"impl": "exponentials alone", "pass": "fwd", "shape": f"B{b} D{d} L{length} N{n}",
-                 "dtype": "bfloat16", "ms": ms, "GBps": n_bytes / (ms * 1e-3) / 1e9,
-                 "frac_of_copy": n_bytes / (ms * 1e-3) / 1e9 / ceilings["copy_GBps"], "timing": "do_bench"})
-    _progress(rows[-1])
+    # one 2^x per (channel, state, step) triple and nothing else, timed on this GPU; and the same
+    # count as a float32-accurate polynomial on the multiply-add units, the alternative
+    for impl, polynomial in (("exponentials alone", False), ("exponentials alone, polynomial", True)):
+        ms = exponentials_ms(b * d * length * n, polynomial=polynomial)
+        rows.append({"impl": impl, "pass": "fwd", "shape": f"B{b} D{d} L{length} N{n}",
+                     "dtype": "bfloat16", "ms": ms, "GBps": n_bytes / (ms * 1e-3) / 1e9,
+                     "frac_of_copy": n_bytes / (ms * 1e-3) / 1e9 / ceilings["copy_GBps"], "timing": "do_bench"})
+        _progress(rows[-1])
     train_bytes = 2 * (11 * b * d * length + 6 * b * n * length)
     try:
         ms, method = _time_fwd_bwd(lambda *t: selective_scan(*t[:5], D=t[5], z=t[6], delta_bias=t[7],

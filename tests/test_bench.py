@@ -1,19 +1,45 @@
-"""The benchmark's own kernel: the floor it reports must come from the work it claims to do."""
+"""The benchmark's own kernels: the floors it reports must come from the work they claim to do."""
 
+import pytest
 import torch
+import triton
+import triton.language as tl
 
 import minikernels as mk
 from minikernels import bench
 
 
-def test_exp2_only_sums_the_exponentials_it_claims():
+@pytest.mark.parametrize("polynomial", [False, True], ids=["exp2", "polynomial"])
+def test_exp2_only_sums_the_exponentials_it_claims(polynomial):
     # each lane sums 2^(x0 - k 1e-6) for k = 1..steps, x0 = -(lane % 1024) 1e-3: checked against PyTorch
     programs, block, steps = 2, 1024, 5
     out = torch.full((programs * block,), float("nan"), device=mk.device())
-    bench._exp2_only[(programs,)](out, steps, BLOCK=block)
+    bench._exp2_only[(programs,)](out, steps, BLOCK=block, POLYNOMIAL=polynomial)
     x = (torch.arange(programs * block) % 1024).float() * -1e-3
     want = torch.zeros_like(x)
     for _ in range(steps):
         x = x - 1e-6
         want += torch.exp2(x)
     torch.testing.assert_close(out.cpu(), want, rtol=1e-5, atol=0)
+
+
+@triton.jit
+def _apply_polynomial(X, Y, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Y + offs, bench._exp2_polynomial(tl.load(X + offs)))
+
+
+def test_polynomial_exp2_is_float32_accurate():
+    # the polynomial stands in for tl.exp2 in the timing, so it must be as good a 2^x: relative error
+    # within a few float32 ulps over the whole range it claims, integers, halves and the ends included
+    block = 1024
+    x = torch.cat([torch.linspace(-126, 127, 64 * block - 512, dtype=torch.float64),
+                   torch.arange(-126, 128, dtype=torch.float64),
+                   torch.arange(-126, 128, dtype=torch.float64)[:-2] + 0.5])
+    x = torch.cat([x, torch.zeros(64 * block - x.numel(), dtype=torch.float64)]).float()
+    y = torch.empty_like(x, device=mk.device())
+    _apply_polynomial[(x.numel() // block,)](x.to(mk.device()), y, BLOCK=block)
+    want = torch.exp2(x.double())
+    rel = ((y.cpu().double() - want) / want).abs()
+    assert rel.max() < 5e-7, f"max relative error {rel.max():.2e} at x = {x[rel.argmax()]}"
+    assert (y.cpu()[x.round() == x] == want[x.round() == x].float()).all()  # powers of two exactly
