@@ -109,9 +109,9 @@ def exponentials_ms(count: int, polynomial: bool = False) -> float:
 def _exp2_polynomial(x):
     # 2^x = 2^j * 2^f with j = round(x), f in [-1/2, 1/2]: 2^f by a degree-5 polynomial (1 + least
     # squares in relative error, within 1.1e-7 of 2^f; exact at f = 0, so integers give exact powers
-    # of two), 2^j by adding j to the float's exponent bits. Every
-    # instruction runs on the multiply-add and integer units, none on the special-function unit.
-    # For x in [-126, 127]; below, 2^-126 (the decays this stands for never go there in float32).
+    # of two), 2^j by adding j to the float's exponent bits. Every instruction runs on the multiply-add
+    # and integer units, none on the special-function unit. For x up to 127; below -126 it returns
+    # 2^-126 where 2^x would be subnormal or 0 (as a decay, either wipes a state out).
     x = tl.maximum(x, -126.0)
     t = x + 12582912.0  # 1.5 * 2^23: the sum's low mantissa bits hold round(x)
     f = x - (t - 12582912.0)
