@@ -7,9 +7,8 @@ the measured ceilings, one row per measurement) for the book's figures. Short, m
 finds its inputs in L2, so launch overhead and a warm cache flatter no one. Attention forwards are
 replayed too, from one buffer set (some 200 MB of inputs at the shapes timed: more than the L2). The
 linear-attention and SSD forward+backward passes (autograd included) are captured too: they are
-strings of short kernels, and timed with plain ``do_bench`` they measured the host (mamba_ssm's
-SSD fwd+bwd at B4 L4k: 4.1-4.3 ms with ``do_bench`` against 1.36 ms as graph replays on the H200,
-2026-12-03). These pass one buffer set: their inputs (67 MB of values alone at the shapes timed)
+strings of short kernels, and timed with plain ``do_bench`` they would measure the host that issues
+them more than the GPU (the book's engineering notes give the numbers). These pass one buffer set: their inputs (67 MB of values alone at the shapes timed)
 do not fit the L2 anyway. The attention backward passes (long kernels) are timed with plain
 ``do_bench``, as is anything that fails to be captured. Each row's ``timing`` field says which was used.
 
@@ -410,8 +409,7 @@ def bench_sparse(ceilings: dict, quick: bool = False) -> list[dict]:
     # Stride 8 is the target's setting; stride 16 (the paper's other setting) shows how the cost scales:
     # the scoring's matrix work over the attention's is 1 / (4 * stride * density).
     # The estimate is three launches whose GPU work is shorter than the time Python takes to issue
-    # them (0.17-0.32 ms a call on the H200 machine's host, measured 2026-11-29), so a timed call
-    # measures the host as much as the GPU. Both sides of the ratio are timed as CUDA-graph replays
+    # them, so a timed call measures the host as much as the GPU. Both sides of the ratio are timed as CUDA-graph replays
     # (METHOD.md: many small launches); single-call times are printed and recorded beside them.
     for stride in (8, 16):
         estimate = lambda s=stride: masks.xattention_blocks(q, k, stride=s, threshold=0.9, block_size=bs)
@@ -457,8 +455,8 @@ def _fla_ops() -> dict:
         print(f"  fla-core not available ({type(exc).__name__}: {str(exc)[:120]}): no fla rows")
         return {}
     # fla's own guard (fla/ops/common/chunk_o.py, its issue 640) refuses the gated backward on Hopper with
-    # Triton >= 3.4 and < 3.7.1, but only after compiling and running most of it (~75 s of a cold run on
-    # the H200): the same test up front, so that attempt is skipped and said so
+    # Triton >= 3.4 and < 3.7.1, but only after compiling and running most of it (over a minute of a
+    # cold run): the same test up front, so that attempt is skipped and said so
     gated_bwd = not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1)
     return {"linear": chunk_linear_attn, "simple_gla": chunk_simple_gla, "gated_bwd": gated_bwd}
 

@@ -1,10 +1,15 @@
-"""The book builds with warnings as errors, and its pages work in a real browser: headless Chromium
-(Debian's package) opens the intro and chapter 0 from a local server, and we check the title, that
-every image loaded, and that our pages log no console errors. Screenshots go to _build/screenshots/."""
+"""The book builds with warnings as errors, and every page works in a real browser with no network.
+
+Headless Chromium (Debian's package) opens each page of the table of contents from a local server,
+with every host but the local one unresolvable, as on a reader's laptop with no connection. On each
+page: the title, every image loaded, MathJax (served by the site itself) typeset every formula with no
+TeX error, no raw TeX is left in the text, and the page logged no console error at all (a script or
+font fetched from a CDN fails offline, and fails the test). Screenshots go to _build/screenshots/."""
 
 import functools
 import http.server
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,12 +17,14 @@ import threading
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 HTML = ROOT / "_build" / "html"
 SHOTS = ROOT / "_build" / "screenshots"
 BOOK_TITLE = "Efficient Attention from First Principles"
-PAGES = {
+# Pages whose title and figure count we know; every other page of the table of contents gets the rest.
+EXPECT = {
     "book/intro.html": {"title": BOOK_TITLE, "min_images": 0},
     "notebooks/00_triton_and_the_roofline.html": {"title": "GPUs, Triton and the roofline", "min_images": 2},
     "notebooks/01_flashattention_and_io.html": {"title": "FlashAttention and the I/O complexity", "min_images": 4},
@@ -26,6 +33,30 @@ PAGES = {
                                                        "min_images": 3},
     "notebooks/04_state_space_models.html": {"title": "State-space models as dynamical systems", "min_images": 2},
 }
+
+
+def toc_pages():
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [toc["root"]]
+
+    def walk(entries):
+        for entry in entries:
+            if "file" in entry:
+                files.append(entry["file"])
+            walk(entry.get("sections", []))
+            for part in entry.get("parts", []):
+                walk(part.get("chapters", []))
+
+    for part in toc.get("parts", []):
+        walk(part.get("chapters", []))
+    return [f + ".html" for f in files]
+
+
+PAGES = toc_pages()
+
+
+def test_every_known_page_is_in_the_toc():
+    assert set(EXPECT) <= set(PAGES)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +75,16 @@ def test_book_builds_clean(built_book):
     for page in PAGES:
         assert (built_book / page).exists(), page
     assert (built_book / "index.html").exists()
+
+
+def test_site_serves_its_own_mathjax(built_book):
+    assert (built_book / "_static" / "mathjax" / "tex-mml-chtml.js").is_file()
+    assert list((built_book / "_static" / "mathjax" / "output" / "chtml" / "fonts").rglob("*.woff"))
+    for page in PAGES:
+        text = (built_book / page).read_text()
+        assert "_static/mathjax/tex-mml-chtml.js" in text, page
+        scripts = re.findall(r'<script[^>]+src="(https?://[^"]+)"', text)
+        assert not scripts, f"{page} loads scripts from the network: {scripts}"
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +115,9 @@ def browser():
     options.binary_location = chromium
     for flag in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
                  "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--window-size=1280,1600"]:
+                 "--disable-sync", "--window-size=1280,1600",
+                 # no network: every host name but the local server's fails to resolve
+                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]:
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     # An explicit driver path keeps selenium from trying to download one (there is no network).
@@ -82,15 +125,29 @@ def browser():
     os.environ["SE_OFFLINE"] = "true"
     driver = webdriver.Chrome(options=options, service=Service(executable_path=chromedriver))
     driver.set_page_load_timeout(60)
+    driver.set_script_timeout(60)
     yield driver
     driver.quit()
     if env_backup is None:
         os.environ.pop("SE_OFFLINE", None)
 
 
-@pytest.mark.parametrize("page", list(PAGES))
+# Text left in the page outside code that MathJax should have turned into mathematics.
+RAW_TEX = re.compile(r"\\\(|\\\)|\\\[|\\\]|\$\$|\\begin\{|\\(frac|sum|mathbf|mathrm|top|ell|exp|log|le|cdot)\b")
+
+# Collects what the reader sees, outside code blocks, after MathJax has typeset the page.
+VISIBLE_TEXT_JS = """
+const article = document.querySelector('article') || document.body;
+const clone = article.cloneNode(true);
+clone.querySelectorAll('pre, code, script, style, mjx-container, mjx-assistive-mml, .highlight')
+     .forEach(e => e.remove());
+return clone.innerText;
+"""
+
+
+@pytest.mark.parametrize("page", PAGES)
 def test_page_in_browser(server, browser, page):
-    expect = PAGES[page]
+    expect = EXPECT.get(page, {"title": BOOK_TITLE, "min_images": 0})
     browser.get_log("browser")  # discard messages from earlier pages
     browser.get(f"{server}/{page}")
     browser.execute_script("window.scrollTo(0, document.body.scrollHeight)")  # trigger lazy images
@@ -104,9 +161,25 @@ def test_page_in_browser(server, browser, page):
     broken = [src for src, ok in images if not ok]
     assert not broken, f"images that did not load: {broken}"
     assert len(images) >= expect["min_images"], images
-    ours = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and server in e.get("message", "")
-            or e["level"] == "SEVERE" and "source" in e and e["source"] == "javascript"]
-    assert not ours, f"console errors on {page}: {ours}"
+
+    formulas = browser.execute_script("return document.querySelectorAll('.math').length")
+    if formulas:
+        state = browser.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "if (!window.MathJax || !MathJax.startup) { done('MathJax did not load'); return; }"
+            "MathJax.startup.promise.then(() => done('ok'), e => done('MathJax failed: ' + e));")
+        assert state == "ok", f"{page}: {state}"
+        typeset = browser.execute_script("return document.querySelectorAll('mjx-container').length")
+        assert typeset >= formulas, f"{page}: {typeset} of {formulas} formulas typeset"
+        errors = browser.execute_script(
+            "return Array.from(document.querySelectorAll('mjx-merror')).map(e => e.getAttribute('data-mjx-error')"
+            " || e.textContent)")
+        assert not errors, f"{page}: TeX errors {errors}"
+    raw = RAW_TEX.findall(browser.execute_script(VISIBLE_TEXT_JS))
+    assert not raw, f"{page}: raw TeX left in the text: {raw[:10]}"
+
+    logged = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not logged, f"console errors on {page}: {logged}"
     SHOTS.mkdir(parents=True, exist_ok=True)
     browser.execute_script("window.scrollTo(0, 0)")
     assert browser.save_screenshot(str(SHOTS / (page.replace("/", "_").replace(".html", ".png"))))

@@ -1,0 +1,90 @@
+"""The recorded results in one table: ``python -m minikernels.results``.
+
+Reads the JSON that ``python -m minikernels.bench`` wrote on the GPU (``book/data/bench/<op>.json``,
+or ``--json-dir``) and prints, for each kernel and pass, our time against its strongest anchor: at
+every recorded shape, the fastest implementation that is not ours (where that differs from shape to
+shape, the table names each, most often fastest first); over the shapes, the range of the ratio
+anchor time / our time (above 1: ours is faster). The README's results table is this
+command's output, and a test keeps the two equal. Needs no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .bench import RECORDED_DIR
+
+OURS = "minikernels"
+# op -> (what the row stands for, kernel name, implementations that are studies, not anchors)
+KERNELS = {
+    "softmax": ("mk.softmax", ()),
+    "flash": ("mk.flash_attention", ()),
+    "decode": ("mk.decode_attention", ()),
+    "sparse": ("mk.block_sparse_attention", ("xattention-estimate",)),
+    "linear": ("mk.linear_attention", ("sdpa-cudnn (softmax, causal)",)),
+    "ssd": ("mk.ssd", ()),
+    "selective_scan": ("mk.selective_scan", ("exponentials alone", "exponentials alone, polynomial")),
+}
+# Fields that are measurements, not part of what was measured.
+MEASURES = {"impl", "ms", "Mtokps", "TFLOPs", "GBps", "frac_of_copy", "timing", "speedup_over_dense_causal",
+            "ideal_speedup", "fraction_of_ideal", "relative_to_sparse_attention", "flop_ratio",
+            "sparse_attention_ms", "one_call_ms", "sparse_attention_one_call_ms", "blockmask_build_ms"}
+
+
+def _case(row: dict) -> tuple:
+    return tuple(sorted((k, str(v)) for k, v in row.items() if k not in MEASURES))
+
+
+def compare(record: dict, studies: tuple = ()) -> list[dict]:
+    """Per pass: at each shape where ours and an anchor both ran, the fastest anchor there; the
+    anchors that were fastest somewhere (most often first) and the range of anchor time / ours."""
+    out = []
+    for direction in dict.fromkeys(r["pass"] for r in record["rows"]):
+        rows = [r for r in record["rows"] if r["pass"] == direction and r["impl"] not in studies]
+        ours = {_case(r): r["ms"] for r in rows if r["impl"] == OURS}
+        best = {}  # case -> (anchor, ms) of the fastest anchor there
+        for r in rows:
+            case = _case(r)
+            if r["impl"] != OURS and case in ours and (case not in best or r["ms"] < best[case][1]):
+                best[case] = (r["impl"], r["ms"])
+        if not best:
+            continue
+        wins = {}
+        for anchor, _ in best.values():
+            wins[anchor] = wins.get(anchor, 0) + 1
+        ratios = [ms / ours[case] for case, (_, ms) in best.items()]
+        out.append({"pass": direction, "anchors": sorted(wins, key=lambda a: -wins[a]), "low": min(ratios),
+                    "high": max(ratios), "shapes": len(ratios)})
+    return out
+
+
+def table(json_dir: Path = RECORDED_DIR) -> str:
+    """The markdown table of every recorded kernel against its strongest anchor."""
+    lines = ["| kernel | pass | strongest anchor | anchor time / ours | shapes | GPU, date |",
+             "|---|---|---|---|---|---|"]
+    for op, (kernel, studies) in KERNELS.items():
+        path = Path(json_dir) / f"{op}.json"
+        if not path.exists():
+            continue
+        record = json.loads(path.read_text())
+        for c in compare(record, studies):
+            ratio = f"{c['low']:.2f}x" if f"{c['low']:.2f}" == f"{c['high']:.2f}" else \
+                f"{c['low']:.2f}-{c['high']:.2f}x"
+            lines.append(f"| `{kernel}` | {c['pass']} | {' or '.join(c['anchors'])} | {ratio} | {c['shapes']} | "
+                         f"{record['gpu']}, {record['date']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minikernels.results", description=__doc__.splitlines()[0])
+    parser.add_argument("--json-dir", default=str(RECORDED_DIR), help="where the recorded <op>.json files are")
+    args = parser.parse_args(argv)
+    print(table(Path(args.json_dir)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
