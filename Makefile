@@ -48,12 +48,12 @@ test-kernels: setup
 test-notebooks: setup
 	$(PY) -m pytest -q -p no:cacheprovider $(NOTEBOOKS) $(NBVAL)
 
-# The only way committed notebook outputs change: execute every notebook in place. Widget state is not
-# saved: the site shows static renderings of the controls and loads no widget code.
+# The only way committed notebook outputs change: execute every notebook in place. Widget state is then
+# dropped: the site shows static renderings of the controls and loads no widget code.
 notebooks: setup
 	@for nb in $(NOTEBOOKS); do echo "executing $$nb"; \
-	  $(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 \
-	    --ExecutePreprocessor.store_widget_state=False "$$nb" || exit 1; done
+	  $(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 "$$nb" \
+	  && $(PY) tools/strip_widget_state.py "$$nb" || exit 1; done
 
 # Student and autograder versions of every exercise (generated, not committed).
 exercises: setup

@@ -3,7 +3,8 @@
 ``masks.antidiagonal_block_scores`` is the readable PyTorch version: gather Q and K into strided
 "patch" rows, multiply them ([N/stride, stride*D] by its transpose), softmax each row, sum the
 probabilities per block. It materializes the [N/stride, N/stride] patch scores in float32 and runs
-several passes over them; at N = 16k that costs about 70% of the sparse attention it selects for.
+several passes over them, which at long N costs a large share of the sparse attention it selects for
+(book/notes/block_sparse.md has the measurements).
 
 Here one program owns BLOCK_A patch rows of one head and walks their patch columns once (only
 those left of the causal edge):
@@ -39,12 +40,10 @@ from ._validate import int32_addressable
 from .flash import LOG2E, _head_dim_pad
 
 # patch rows / columns per tile, head-dimension slice per pipeline step (for 16-bit inputs), warps,
-# pipeline depth, TMA loads on a GPU (the interpreter uses small tiles): the fastest in sweeps on the
-# H200 (B1 H16 N16k bf16 D128, stride 8, 2026-11-29). The scoring reads two tiles for each product,
-# so it waits on L2 unless many loads are in flight: 64-wide slices of D make a step 40 KB, and four
-# steps in flight take 0.200 ms for the estimate (three: 0.232 ms; whole 128-wide rows, two steps:
-# 0.266 ms). 8 warps or 128-row tiles: 0.21-0.25 ms. Before, 5-D views [.., STRIDE, D] sent Q through
-# registers and the best was 0.236 ms.
+# pipeline depth, TMA loads on a GPU (the interpreter uses small tiles). The scoring reads two tiles
+# for each product, so it waits on L2 unless many loads are in flight: 64-wide slices of D make a
+# pipeline step 40 KB, so that four steps fit in shared memory. The sweeps that chose these values
+# are in book/notes/block_sparse.md.
 TILES = {"BLOCK_A": 64, "BLOCK_B": 256, "D_CHUNK": 64, "num_warps": 4, "num_stages": 4, "TMA": True}
 
 
@@ -89,7 +88,8 @@ def _antidiagonal_scores(Q, K, PART, TMAX, OUT,
             r = t // (HEAD_DIM // D_CHUNK)  # row r, one D_CHUNK slice of the head dimension at a time (a
             c = t % (HEAD_DIM // D_CHUNK) * D_CHUNK  # shorter step leaves shared memory for a deeper pipeline)
             if TMA:  # [B, H, N / STRIDE, STRIDE * D] descriptors: row STRIDE-1-r (Q), r (K) of every patch.
-                # (Tiles of a [.., STRIDE, D] view were reshaped through registers, Q stayed there: slower)
+                # (2-D tiles the tensor cores read straight from shared memory; a [.., STRIDE, D] view's
+                # tiles would go through registers)
                 q = Q.load([b, h, a0, (STRIDE - 1 - r) * HEAD_DIM + c]).reshape(BLOCK_A, D_CHUNK)  # read (L2)
                 kt = tl.trans(K.load([b, h // GROUP, b0, r * HEAD_DIM + c]).reshape(BLOCK_B, D_CHUNK))  # read
             else:

@@ -361,13 +361,12 @@ def _config(kernel: str, block: int, head_dim: int, elem_bytes: int) -> dict:
         return {"SUB": min(block, 16), "STREAM": min(block, 32), "num_warps": 4, "num_stages": 1, "TMA": True}
     big = block * head_dim >= 128 * 128
     if elem_bytes == 2 and head_dim <= 128:
-        # 16-bit, D <= 128: sweeps on the H200 (B1 H16 N16k D128, both masks of bench --op sparse,
-        # 2026-11-29). Whole 128-blocks kept the backward's tiles in registers only by spilling
-        # (1.8 ms); 64-row resident parts with 64-row pieces in a 2-deep pipeline take 1.15-1.17 ms
-        # with TMA loads (1.20-1.23 ms without). The forward keeps a whole 128-row block in 8 warps and
-        # streams 64-key pieces; capped at 128 registers a thread (it needs 167 uncapped, and
-        # compiles to 128 without spilling), two programs share an SM, so one's loads and epilogue
-        # hide under the other's matrix work: 0.376 ms instead of 0.414 (sliding window 1024, in that sweep).
+        # 16-bit, D <= 128. The backward keeps 64-row parts of a block resident and streams 64-row
+        # pieces in a 2-deep pipeline: its five live tiles fit in registers only at that size (whole
+        # 128-blocks spill). The forward keeps a whole 128-row block in 8 warps and streams 64-key
+        # pieces, capped at 128 registers a thread (it compiles to that without spilling) so that two
+        # programs share an SM and one's loads and epilogue hide under the other's matrix work.
+        # The sweeps behind these choices: book/notes/block_sparse.md.
         if kernel == "fwd":
             return {"SUB": min(block, 128), "STREAM": min(block, 64), "num_warps": 8, "num_stages": 2, "TMA": True,
                     "maxnreg": 128}

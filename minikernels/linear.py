@@ -252,8 +252,8 @@ def _la_states(K, V, G, W, S_IN, HS, S_OUT, LOG_DECAY,
         b, b_last = _chunk_cumsum(G, g_base, stride_gn, rows, row_ok, C, HAS_DECAY)
         if HAS_DECAY or HAS_W:
             # K^T straight from memory, [BK, C]: the per-step weights then scale its columns in the
-            # layout the matmul reads (scaling K, then transposing it in registers, made the whole
-            # forward with decay 15% slower on the H200)
+            # layout the matmul reads, with no transpose in registers (which costs time on Hopper;
+            # see book/notes/linear_attention.md)
             kt = tl.load(k_base + rows[None, :] * stride_kn + offs_k[:, None] * stride_kd,
                          mask=row_ok[None, :] & (offs_k < DK)[:, None], other=0.0)  # read C*BK
             weight = tl.exp(b_last - b)  # how much of step s reaches the chunk's end
@@ -756,7 +756,8 @@ def _la_rate_grads(DG, W, RATE, DW, DRATE_PART, H, N, RATE_ROWS, BLOCK: tl.const
     # With a rate (the log-decay g_t = w_t a_h, a_h = RATE[b % RATE_ROWS, h]; mk.ssd's dt A): g's
     # gradient folded into w's, dL/dw_t += dL/dg_t a_h (in place), and into a's, each block's sum of
     # dL/dg_t w_t (summed over blocks and batches by the host). One pass over the [B*H, N] rows instead
-    # of PyTorch's three. (Done in _la_dqdk's epilogue instead, it made that kernel spill more: slower.)
+    # of PyTorch's three. A kernel of its own: in _la_dqdk's epilogue, its registers would make that
+    # kernel spill more.
     bh, blk = tl.program_id(0), tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
@@ -787,8 +788,8 @@ def _block(d: int, most: int) -> int:
 
 
 def _launch_opts(dtype, num_warps: int = 4, num_stages: int = 2, maxnreg: int | None = None) -> dict:
-    # maxnreg: a cap on registers a thread, applied to 16-bit inputs only (the sweeps that chose it;
-    # float32 tiles hold twice the bytes and would spill under it)
+    # maxnreg: a cap on registers a thread, applied to 16-bit inputs only (float32 tiles hold twice
+    # the bytes and would spill under it)
     opts = {"num_warps": num_warps, "num_stages": 1 if is_interpreter() else num_stages}
     if maxnreg is not None and not is_interpreter() and torch.empty((), dtype=dtype).element_size() == 2:
         opts["maxnreg"] = maxnreg
@@ -801,28 +802,22 @@ def _tile_opts(dtype, cfg: dict, num_warps: int | None = None) -> dict:
 
 
 # The forward's tiles: the largest Dk and Dv blocks of each pass, its warps and its pipeline depth
-# (the states it stores for the backward come from this state pass). Chosen by sweeps on the H200 (B4 H16
-# D128, T 4k to 64k, with and without decay, do_bench and CUDA graphs; 2026-11-29): a 3-deep pipeline
-# hides the state pass's loads (-21% at 16k without decay); the output pass likes 3 stages without
-# a decay (-3 to -5%) and 2 with one (-1 to -2%). With value weights (SSD: H32 P64 S128, B4 L4k and
-# B1 L16k) it likes 3 stages again: 120 us against 125 with 2 (without weights, 2 stages: 110 us).
-# The state pass is latency-bound (ncu at SSD's B4 L4k: 12 warps an SM, 42% of DRAM bandwidth, 143
-# registers a thread); capped at 128 registers it takes 88 us instead of 95 there, 132 instead of 146 at
-# B1 L16k, and the same at linear attention's B4 H16 D128 (2026-11-29; forward passes measured, when
-# the backward still ran this kernel again to recompute the states). Lower caps spill, and caps on the
-# output pass only slowed it.
+# (the states it stores for the backward come from this state pass). The state pass is a chain of
+# dependent steps, bound by the latency of its loads rather than by bandwidth: a 3-deep pipeline
+# hides them, and a cap of 128 registers a thread lets more of its programs share an SM (lower
+# caps spill). The output pass takes 3 stages without a decay and with value weights, 2 with a
+# decay, and no register cap. Chosen by sweeps on the H200, recorded in the engineering notes
+# (book/notes/linear_attention.md).
 FWD_TILES = {"states": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3, "maxnreg": 128},
              "out": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 3},
              "out_decay": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 2},
              "out_weighted": {"BK": 64, "BV": 128, "num_warps": 4, "num_stages": 3},
              "fused": {"BV": 64, "num_warps": 4, "num_stages": 2}}
 # The weighted forward (mk.ssd's) walks the chunks once with the state in registers (_la_fused)
-# when the whole of Dk fits one tile. Measured on the H200 (2026-11-29, SSD H32 P64 S128, bf16, CUDA
-# graphs): 177 us at B4 L4k and 195 at B1 L16k, against 211 and 273-275 for the two passes
-# (_la_states and _la_out) in the same process. In the sweeps, 3 stages or 8 warps were slower
-# (232 us or more at B4), and so was a cap of 168 registers (216-270 us; it spills). Only the
-# weighted forward was measured, so only it takes this path. (Triton 3.6 computed wrong outputs for
-# bf16 at BV = 32 with num_stages = 1; with 2 stages, BV = 16, 32 and 64 were right.)
+# when the whole of Dk fits one tile: no chunk states go through memory, and for SSD's shapes it is
+# faster than the two passes (_la_states and _la_out). Only the weighted forward was measured, so
+# only it takes this path. Its tiles ("fused") keep 2 stages: with 1, Triton 3.6 computed wrong
+# bf16 outputs at BV = 32. The measurements are in book/notes/linear_attention.md.
 FUSED_MAX_DK = 128
 
 
@@ -922,9 +917,8 @@ def _segments(programs: int, n_chunks: int, sms: int) -> int:
 def _fused_segments(programs: int, n_chunks: int, sms: int) -> int:
     # How many segments the one-walk forward cuts the sequence into: its programs hold the whole
     # state and its products (255 registers a thread on the H200), so 2 of them fit an SM; segments
-    # of at least 16 chunks are added until the programs fill the SMs once. Sweeps on the H200 (SSD,
-    # H32 P64 S128, 2026-11-29, the whole forward, with every segment's end computed): 2 segments at
-    # B4 L4k (194 us; 1 segment: 264, 4: 203), 8 at B1 L16k (194 us; 4: 292, 16: 206).
+    # of at least 16 chunks are added until the programs fill the SMs once (the sweep that chose
+    # this rule is in book/notes/linear_attention.md).
     if is_interpreter():  # the CPU tests: segments whenever there are two of at least 2 chunks
         return 2 if n_chunks >= 4 else 1
     n_seg = 1
@@ -947,10 +941,9 @@ def _max_shared_memory_of(device_index: int) -> int:
 def _fused_fits(q, v, chunk: int, cfg: dict, value_tiles: int = 1) -> bool:
     # The walk's shared memory (cfg: its tiles, FWD_TILES["fused"] or BWD_TILES["dfused"]): num_stages
     # copies of a chunk's Q and K ([C, Dk]) and value_tiles [C, BV] tiles (V; dO and V backwards),
-    # and the state's copy for the product. This estimate is above what Triton 3.6 allocates
-    # (sm_90: bf16, C 64, Dk 128: 98 KB against 83 KB; float32, C 128, Dk 64: 213 KB against 181
-    # KB). float32 with chunks of 128 and Dk = 128 needs 296 KB, more than the H200's 227 KB a
-    # program: those take the two passes.
+    # and the state's copy for the product. This estimate is a little above what Triton allocates,
+    # so it errs on the side of the two passes. float32 with chunks of 128 and Dk = 128 needs 296 KB,
+    # more than the H200's 227 KB a program: those take the two passes.
     if is_interpreter():
         return True
     bk, bv, size = _block(q.shape[-1], FUSED_MAX_DK), _block(v.shape[-1], cfg["BV"]), q.element_size()
@@ -1009,42 +1002,13 @@ def _forward(q, k, v, g, s0, chunk: int, out_dtype: torch.dtype, w=None, keep_st
 
 
 # The backward's tiles; "dqdk_heads": how many heads a program of _la_dqdk takes when Q and K are
-# shared by several (mk.ssd's groups): the largest divisor of the group's heads up to this. Chosen
-# by sweeps on the H200 (2026-12-03, SSD H32 P64 S128 bf16, B4 L4k and B1 L16k, forward+backward as
-# CUDA-graph replays): _la_dqdk with 4 warps instead of 8 took 1.10 ms instead of 1.58 at B4 (1.40
-# instead of 1.87 at B1); 32 heads a program instead of 8 and Dk blocks of 128 instead of 64, 1.01
-# ms (1.19); 3 stages were slower. _la_dstates with 4 warps: 1.27 ms instead of 1.30 at B1.
-# Measured again on 2026-12-03 (session 4, with the forward's states kept and _la_dqdk adding each
-# head's products straight into the sum, 0.907 / 0.999 ms): _la_dqdk with 8 warps 1.302 / 1.386, 3
-# stages 1.115 / 1.203, 16 heads a program 0.947 / 1.034, Dk blocks of 64 0.994 / 1.093.
-# "dfused": the one reverse walk (_la_dfused), mk.ssd's shapes, 0.968 / 0.980 ms; 8 warps 1.139 /
-# 1.143, 3 stages 1.092 / 1.097, Dv blocks of 32 0.975 / 1.064.
-# Tried later that day (against 0.908 / 0.971 ms in the same process), both slower:
-# one launch for dQ and dK, reading V, dO, S_c and dS_c once, with the heads' dA * M summed in
-# registers and multiplied by K and by Q once after the loop (5 products a head instead of 7):
-# 0.952 / 1.017 at best (Dk blocks of 128, 8 warps; 4 warps 1.263 / 1.310; Dk blocks of 64, 1.025 to
-# 1.346); and the heads' dA * M summed in each of the two launches: 0.993 / 1.061. Fewer products,
-# but more float32 tiles live across the loop over heads, and more spills (Triton's n_spills 96 to
-# 372, against 42 and 90 now).
-# Then (2026-12-03, SSD, one process; 0.896 / 0.965 ms before, with ssd's _StepWeights): capping
-# _la_dv at 128 registers a thread with value weights took b4 to 0.875 (b1 takes the one walk:
-# 0.965); the reverse pass that computes each segment's own part (_reverse_segment_starts, b1) with
-# 3 stages and the cap took b1 to 0.924 (the cap alone 0.930, 3 stages alone 0.956), as the
-# forward's state pass likes.
-# For the full walk of _la_dstates (b4) neither helped (0.898 to 0.920 for the cap, 3 stages, Dk
-# blocks of 32 or 128, Dv blocks of 32); Dk blocks of 128 in _la_dv, 0.936; 1 or 3 stages there,
-# 0.902 / 0.889; the one walk capped at 232, 0.897 / 0.970. Linear attention's backward (no value
-# weights) was not measured with the caps: it keeps "dv"; "dsegments" serves both.
-# Later (2026-12-03, one process, ms b4 / b1): the dK launch adding the dQ launch's dg, and
-# _la_rate_grads folding SSD's rate into w's and a's gradients (it and 2 small PyTorch kernels a
-# step instead of 5 of those, 9 us instead of 19 at b4), 0.858 / 0.910 against 0.882 / 0.933;
-# _la_dqdk itself took 404 us a step instead of 418 (Triton's spills for the dK launch: 328 bytes
-# instead of 360); the added dg alone, with PyTorch folding the rate, 0.862 / 0.914. Linear
-# attention with a decay (B4 H16 D128 bf16, T 4k / 16k) with the added dg: 0.924 / 3.527 ms against
-# 0.924 / 3.522, unchanged. Folding the rate in the dK launch's epilogue instead was slower: writing
-# dL/da's partial sums, 0.912 / 0.965 against 0.873 / 0.926 in that process (432 bytes of spills);
-# writing dL/dg * w or dL/dg, 0.871 / 0.921 and 0.874 / 0.924 against 0.872 / 0.923: _la_dqdk 8 to
-# 54 us a step slower, more than the small kernels saved.
+# shared by several (mk.ssd's groups): the largest divisor of the group's heads up to this. _la_dqdk
+# runs fastest with 4 warps and Dk blocks of 128. "dsegments" (the reverse pass that finds each
+# segment's own part) takes the forward state pass's 3 stages and cap of 128 registers a thread,
+# and "dv_weighted" (_la_dv with value weights) the cap; linear attention's backward (no value
+# weights) was not measured with a cap, so "dv" has none. Chosen by sweeps on the H200; the numbers,
+# and the designs tried and dropped (one launch for dQ and dK; SSD's rate folded into _la_dqdk's
+# epilogue), are in book/notes/linear_attention.md.
 BWD_TILES = {"dstates": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
              "dsegments": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3, "maxnreg": 128},
              "dfused": {"BV": 64, "num_warps": 4, "num_stages": 2},
@@ -1055,18 +1019,11 @@ BWD_TILES = {"dstates": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
 
 
 # _la_dqdk unrolls its loop over Dv blocks up to this many (mk.ssd has 1, linear attention with
-# Dv = 128 has 2), for 16-bit inputs: an unrolled loop's tiles take shared memory for every block,
-# and float32 tiles hold twice the bytes. Shared memory with Triton 3.6 on sm_90 (a program may have
-# 227 KB on the H200), Dk blocks of 128: linear attention (one head a program, HEADS = 1, which
-# Triton compiles as a constant: no loop over heads), measured on the H200 on 2026-12-03: bf16, 2 Dv
-# blocks unrolled, 48 KB at chunks of 64 and 80 KB at 128; float32 in a loop, 128 KB and 160 KB.
-# mk.ssd (HEADS > 1: the loop over heads is pipelined, the next head's tiles loaded into buffers of
-# their own), compiled for sm_90 without a GPU (the same compile gives exactly the H200's numbers for
-# the cases above): bf16, 1 Dv block, 65 KB at chunks of 64; float32 197 KB at 64 and 296 KB at
-# 128, which does not fit: _launch_fitting halves the Dk block. Unrolled blocks grow the shared
-# memory only inside the loop over heads: bf16, 8 Dv blocks (Dv = 512), chunks of 64, the dK launch
-# with HEADS > 1 takes 337 KB unrolled against 56 KB in a loop; the dQ launch with HEADS = 1, 48 KB
-# unrolled and 80 KB in a loop (the loop is taken there too: not measured for speed).
+# Dv = 128 has 2), for 16-bit inputs: an unrolled loop's tiles take shared memory for every block
+# (inside the pipelined loop over heads, each block's tiles get buffers of their own), and float32
+# tiles hold twice the bytes. Beyond it, a loop, whose shared memory does not grow with the number of
+# blocks. Where even that does not fit (mk.ssd's float32 at chunks of 128), _launch_fitting halves
+# the Dk block. The shared memory each case takes is in book/notes/linear_attention.md.
 DQDK_UNROLL_V = 2
 
 # The block sizes _launch_fitting had to halve to, by launch configuration and first block.
@@ -1200,8 +1157,7 @@ def _backward(q, k, v, g, do, ds_end, chunk: int, hs, w=None, rate=None):
     gt, gs, has_decay = _per_step_args(g, q)
     wt, ws, has_w = _per_step_args(w, q)
     # The one reverse walk where _state_grads would walk in segments anyway (few programs, as at
-    # SSD's B1 L16k: 0.980 ms forward+backward against 1.008), not where it walks once (B4 L4k:
-    # 0.968 against 0.915); see BWD_TILES.
+    # SSD's batch 1), not where it walks once: there the separate passes are faster (see BWD_TILES).
     if (has_w and DK <= FUSED_MAX_DK and _fused_fits(q, v, chunk, BWD_TILES["dfused"], value_tiles=2)
             and _state_grad_segments(qe, DV, chunk) > 1):
         dhs, ds0, dv, dw_part = _fused_state_and_value_grads(qe, ke, v, g, w, do, ds_end, chunk, hs.dtype)

@@ -418,7 +418,7 @@ def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, stride: int, blo
     n_q, n_k, d = q.shape[2], k.shape[2], q.shape[-1]
     nq_b, nk_b = math.ceil(n_q / block_size), math.ceil(n_k / block_size)
     # The product runs in the inputs' dtype (bf16 tensor cores for bf16 inputs: an estimate need not be
-    # exact, and in float32 it cost more than the sparse attention it selects for); softmax in float32.
+    # exact, and a float32 product costs more than the sparse attention it selects for); softmax in float32.
     qf = torch.nn.functional.pad(q, (0, 0, 0, nq_b * block_size - n_q))
     kf = torch.nn.functional.pad(_expand_heads(k, q.shape[1]), (0, 0, 0, nk_b * block_size - n_k))
     # antidiagonal of patch (a, b): sum over r of q[a*stride + stride-1-r] . k[b*stride + r]
