@@ -8,9 +8,10 @@ finds its inputs in L2, so launch overhead and a warm cache flatter no one. Atte
 replayed too, from one buffer set (some 200 MB of inputs at the shapes timed: more than the L2). The
 linear-attention and SSD forward+backward passes (autograd included) are captured too: they are
 strings of short kernels, and timed with plain ``do_bench`` they would measure the host that issues
-them more than the GPU (the book's engineering notes give the numbers). These pass one buffer set: their inputs (67 MB of values alone at the shapes timed)
-do not fit the L2 anyway. The attention backward passes (long kernels) are timed with plain
-``do_bench``, as is anything that fails to be captured. Each row's ``timing`` field says which was used.
+them more than the GPU (the book's engineering notes give the numbers). These pass one buffer set:
+their inputs (67 MB of values alone at the shapes timed) do not fit the L2 anyway. The attention
+backward passes (long kernels) are timed with plain ``do_bench``, as is anything that fails to be
+captured. Each row's ``timing`` field says which was used.
 
 Memory-bound ops are reported in GB/s of bytes that must move (each input read once, each output
 written once) and as a fraction of the copy bandwidth measured in the same run.
@@ -409,8 +410,8 @@ def bench_sparse(ceilings: dict, quick: bool = False) -> list[dict]:
     # Stride 8 is the target's setting; stride 16 (the paper's other setting) shows how the cost scales:
     # the scoring's matrix work over the attention's is 1 / (4 * stride * density).
     # The estimate is three launches whose GPU work is shorter than the time Python takes to issue
-    # them, so a timed call measures the host as much as the GPU. Both sides of the ratio are timed as CUDA-graph replays
-    # (METHOD.md: many small launches); single-call times are printed and recorded beside them.
+    # them, so a timed call measures the host as much as the GPU. Both sides of the ratio are timed as
+    # CUDA-graph replays; single-call times are printed and recorded beside them.
     for stride in (8, 16):
         estimate = lambda s=stride: masks.xattention_blocks(q, k, stride=s, threshold=0.9, block_size=bs)
         estimate()
