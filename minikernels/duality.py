@@ -15,7 +15,8 @@ A's (dL/ddt_t += dL/dg_t A, dL/dA = sum_t dL/dg_t dt_t) in one small kernel (``l
 For S <= 128 (tiles that fit in shared memory) the forward walks the chunks once with the state in
 registers (``linear._la_fused``) instead of storing every chunk's state and reading it back.
 ``quadratic_form`` is the other side of the duality: the same outputs as masked attention,
-(C B^T * L) (dt x), with the 1-semiseparable mask L[t, s] = exp(dt_{s+1} A + ... + dt_t A) for s <= t.
+(C B^T * L) (dt x), with the mask L[t, s] = exp(dt_{s+1} A + ... + dt_t A) for s <= t (the book's Gamma). L is
+1-semiseparable: every submatrix taken from on and below its diagonal has rank at most 1.
 """
 
 from __future__ import annotations

@@ -332,7 +332,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
 
 # Shared memory holds the resident tile plus num_stages copies of the streamed tiles: at most 227 KB
 # per block on Hopper (of the SM's 228 KB). fp32 tiles are twice the bytes of fp16/bf16 ones, so they
-# get smaller tiles (an H200 run with 16-bit settings asked for 256 KB and failed to launch).
+# get smaller tiles (the 16-bit configurations on fp32 inputs would ask for about 256 KB and not launch).
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 
 
@@ -344,7 +344,8 @@ def _fwd_config(head_dim: int, elem_bytes: int) -> dict:
         if head_dim <= 128:
             return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    # 16-bit: the fastest in a sweep on the H200 (tools/tune_flash.py, B*N = 16k tokens, causal and not)
+    # 16-bit: the fastest of a sweep (tools/tune_flash.py, B*N = 16k tokens, causal and not; the
+    # run and its numbers: book/notes/flash_decode.md)
     if head_dim <= 64:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
     if head_dim <= 128:
@@ -360,7 +361,7 @@ def _bwd_config(head_dim: int, elem_bytes: int) -> dict:
         if head_dim <= 128:
             return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
         return {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    if head_dim <= 64:  # tools/tune_flash.py on the H200, as above
+    if head_dim <= 64:  # tools/tune_flash.py, as above
         return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
     if head_dim <= 128:
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
@@ -375,7 +376,7 @@ def _dq_config(head_dim: int, elem_bytes: int) -> dict:
         if head_dim <= 128:
             return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
         return {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-    if head_dim <= 128:  # tools/tune_flash.py on the H200
+    if head_dim <= 128:  # tools/tune_flash.py, as above
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
     return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 

@@ -34,17 +34,15 @@ from ._backend import on_device_of
 from ._validate import check_tensor, int32_addressable, normalize_dim
 
 # Rows longer than this (per dtype) are processed in blocks by the online (two-pass) kernels.
-# Measured on an H200 when this was chosen (4096 rows): a whole 32768-long row on chip keeps one
-# program per SM busy with arithmetic while nothing loads, so bf16 rows of 32768 ran at 79% of the copy
-# bandwidth fused and at 83% two-pass (the second read hits L2; 81% in the recorded run,
-# book/data/bench/softmax.json); float32 rows, with twice the bytes per element, stay memory-bound and
-# run best fused (96% recorded). Tests lower these to reach the two-pass path at sizes the interpreter
-# runs quickly.
+# A whole 16-bit row of 32768 held on chip keeps one program per SM busy with arithmetic while
+# nothing loads, so the two-pass kernel (whose second read hits L2) is the faster one there;
+# float32 rows, with twice the bytes per element, stay memory-bound and are best fused up to 32768.
+# The measurements behind these limits: book/notes/softmax.md. Tests lower these to reach the
+# two-pass path at sizes the interpreter runs quickly.
 _MAX_FUSED_COLS = {torch.float32: 32768, torch.float16: 16384, torch.bfloat16: 16384}
-# The backward has no exponentials and ran at 83-101% of the copy bandwidth fused up to 32768 columns,
-# bf16 and float32 (book/data/bench/softmax.json; float16 was not benchmarked).
+# The backward has no exponentials, so it stays memory-bound fused up to 32768 columns.
 _MAX_FUSED_COLS_BWD = 32768
-# Block width of the two-pass kernels (16384 with 16 warps was the fastest on the H200).
+# Block width of the two-pass kernels (with 16 warps; chosen by measurement, book/notes/softmax.md).
 _ONLINE_BLOCK_N = 16384
 
 
@@ -138,7 +136,8 @@ def _fused_launch_params(M: int, N: int) -> tuple[int, int, int]:
     block_n = triton.next_power_of_2(N)
     block_m = max(1, min(4096 // block_n, triton.next_power_of_2(M), 64))
     elements = block_m * block_n
-    # Measured on the H200: 4 warps up to 8K elements, then 8 (16K) and 16 (32K); 32 warps was slower.
+    # Warps grow with the tile: 4 up to 8K elements, then 8 (16K) and 16 (32K); chosen by
+    # measurement (book/notes/softmax.md).
     num_warps = max(4, min(16, elements // 2048))
     return block_m, block_n, num_warps
 

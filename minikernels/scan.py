@@ -7,19 +7,20 @@ For each batch b and channel d, a diagonal state h of N entries:
 Input-dependent delta, B, C break the convolution view of a time-invariant SSM, but each step is an
 affine map h -> a h + b, and composing affine maps is associative:
 
-    (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2)
+    (a1, b1) • (a2, b2) = (a1 a2, a2 b1 + b2)
 
-so the recurrence is a parallel scan (``tl.associative_scan``). The forward: one program (one warp)
-owns BD channels of one batch and all N states, and walks the whole sequence two chunks of T steps at
-a time (one for N from 33 to 64) with the state in registers; a chunk is a [BD, N, T] tile whose T
-steps lie inside one thread, so the scan is a chain of multiply-adds in each thread and only the sum
-over states for y crosses threads. B and C are laid out once, on the host, in chunk-major order
-(_chunk_major; bf16 stays bf16 up to N = 32, two steps per 32-bit word, else float32). The
-backward has the same tiles and walks the sequence in reverse, a segment of 32 steps at a time on
-the GPU (16 in the interpreter; the forward saved the state entering each): a first pass recomputes
-the states entering the segment's chunks, then the chunks are taken last to first; in each, h is
-rebuilt from the state entering it and, with g_t = dL/dh_t, the same scan runs backwards in time (its
-steps reversed in registers):
+where (a1, b1) • (a2, b2) applies step 1 first, then step 2 (the reverse of the usual order of
+function composition: it is f2 ∘ f1), so the recurrence is a parallel scan
+(``tl.associative_scan``). The forward: one program (one warp) owns BD channels of one batch and all
+N states, and walks the whole sequence two chunks of T steps at a time (one for N from 33 to 64)
+with the state in registers; a chunk is a [BD, N, T] tile whose T steps lie inside one thread, so
+the scan is a chain of multiply-adds in each thread and only the sum over states for y crosses
+threads. B and C are laid out once, on the host, in chunk-major order (_chunk_major; bf16 stays bf16
+up to N = 32, two steps per 32-bit word, else float32). The backward has the same tiles and walks
+the sequence in reverse, a segment of 32 steps at a time on the GPU (16 in the interpreter; the
+forward saved the state entering each): a first pass recomputes the states entering the segment's
+chunks, then the chunks are taken last to first; in each, h is rebuilt from the state entering it
+and, with g_t = dL/dh_t, the same scan runs backwards in time (its steps reversed in registers):
 
     g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}
 
@@ -229,7 +230,8 @@ def _scan_fwd(U, DELTA, A, BP, CP, DSKIP, Z, BIAS, OUT, H_START, H_LAST,
         m1 = d_mask & (W + offs_w < L)[None, :]
         raw1, u1 = _load(dl_ptrs + W * stride_dl, m1), _load(u_ptrs + W * stride_ul, m1)
         z1 = _load(z_ptrs + W * stride_zl, m1) if HAS_Z else raw1
-    # num_stages=1: no shared-memory pipeline for these loads (2-6 stages made an earlier version 3-7x slower)
+    # num_stages=1: no shared-memory pipeline for these loads (a pipeline was slower on the H200:
+    # book/notes/selective_scan.md)
     for p in tl.range(0, n_full, num_stages=1):
         step = p * W
         if SAVE:  # the state entering every SAVE_EVERY steps, for the backward: [B, n_saved, D, N]
@@ -522,17 +524,15 @@ def _scan_bwd(U, DELTA, A, BP, CP, DSKIP, Z, BIAS, DOUT, H_START, DH_LAST, SCRAT
 # The forward's tiles: BD channels by T steps by all states, two chunks (2T steps) an iteration. T = 4
 # steps of B or C are one vector load, so the steps of a (channel, state) pair land in one thread; with
 # BD = 8 Triton 3.6 spreads a warp over 8 channels by 4 groups of states (4 states a thread). Chosen by
-# sweeps on the H200 (B8 D2048 L4096 N16, 2026-11-29 and 2026-12-03; BD 4-32, T 2-8, what is loaded
-# ahead, the fast log about 1.3% faster than libdevice's): see chapter 4. For N <= 32 (the tuned case),
+# sweeps on the H200 at B8 D2048 L4096 N16 (BD, T, what is loaded ahead, the fast log), recorded with
+# what else was tried in book/notes/selective_scan.md. For N <= 32 (the tuned case),
 # bf16 B and C stay bf16 ("pack_bf16"; exact, and half the bytes of float32 to move from L1 to the
 # registers) and ptxas is capped at 128 registers for every dtype ("maxnreg": 16 warps an SM, all of
 # B8 D2048's 2048 programs at once, no spills). Other dtypes: float32 B and C (capped too up to N = 32);
 # larger N: float32 B and C and no cap (no spills at N = 64 or 256 either). The loop's order for each N:
-# _fwd_variant. Not kept (2026-12-04): BD = 32, one channel a thread with every state in it (8.1
-# instructions a triple, no sum across lanes), 1.31-3.1 ms: 512 warps for B8 D2048, one an SM quadrant,
-# and each load's latency shows (0.84 ms with B and C made L1 hits, timing only; the same made this
-# kernel only 0.646 against 0.664 ms: it is bound by issuing instructions, not by waiting for B and C);
-# with Triton's shared-memory pipelining (num_stages 2-4) both were slower (this one 2.6 ms).
+# _fwd_variant. One channel a thread (BD = 32, no sum across lanes) compiles to fewer instructions but
+# leaves one warp an SM quadrant for B8 D2048, too few to hide a load's latency; this layout is bound by
+# issuing instructions instead, not by waiting for B and C.
 FWD_CONFIG = {"BD": 8, "T": 4, "num_warps": 1, "fast_log": True, "pack_bf16": True, "maxnreg": 128}
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis (the batch's here)
 
@@ -552,15 +552,12 @@ def _fwd_blocks(n_pad: int) -> tuple[int, int, int]:
 
 # The backward's tiles: [BD, BN, T] with the layout of the forward's (one warp, T steps by 4 states a thread);
 # the sequence in segments of SAVE_EVERY steps (the forward saves the state entering each), each walked in
-# SAVE_EVERY / T chunks. Measured on the H200 (2026-12-03, B8 D2048 L4096 N16 bf16, backward alone): 4.24-4.27
-# ms against 11.6 for the kernel before it (time-parallel [16, N, 32] tiles, four warps); 4.14 with the decays
-# shifted in registers (2026-12-04, _bwd_shift). A 128-register cap (16 warps an SM; some spills) was 1.14-1.51x
-# faster than none at N = 16, 64 and 128, and 1.5x slower at N = 256 (caps of 136 and 144, 14 warps an SM, were
-# 1.3x slower than 128); T = 2 or 8, more channels and warps a program were slower; bf16 B and C kept packed as
-# in the forward gained nothing; the atomic sums of dB and dC cost nothing measurable; summing them over
-# channels through scratch memory instead of shuffles was 1.3-1.9x slower (2026-12-04). Besides the saved
-# states, the backward takes SAVE_EVERY / T states per (batch, channel) of scratch (512 bytes at N = 16; the
-# saved states are 8 KB at L = 4096).
+# SAVE_EVERY / T chunks. The kernel waits on latency more than it issues, so a 128-register cap (16 warps an
+# SM instead of 12, at the price of a few spills) pays up to N = 128; at N = 256 (one channel a program) it
+# does not and is not applied. The measurements behind these choices, and what was tried and dropped (other
+# T, channels and warps a program, packed bf16 B and C, summing dB and dC through scratch memory), are in
+# book/notes/selective_scan.md. Besides the saved states, the backward takes SAVE_EVERY / T states per
+# (batch, channel) of scratch (512 bytes at N = 16; the saved states are 8 KB at L = 4096).
 BWD_CONFIG = {"BD": 8, "T": 4, "num_warps": 1, "save_every": 32, "maxnreg": 128}
 
 
@@ -571,10 +568,9 @@ def _save_every() -> int:
 
 def _bwd_shift(n_pad: int) -> bool:
     # SHIFT in _scan_bwd: the decays one step later shifted in registers, or taken again from delta (a third
-    # exponential per step). Backward alone on the H200, 2026-12-04, bf16 with D, z, bias, softplus, taken
-    # again -> shifted (both in one process): B8 D2048 L4096 N16 4.24 -> 4.14 ms, B2 D2048 N64 4.33 -> 4.00;
-    # but, in a run that shifted at every size, B1 D2048 N128 4.01 -> 4.61 and B1 D512 N256 3.12 -> 3.24 (one
-    # channel a program there: a chunk's steps span lanes, and the shifted tile only added spills)
+    # exponential per step). Shifting saves exponentials where a chunk's steps lie in one thread (N <= 64);
+    # from N = 128 on there is one channel a program, a chunk's steps span lanes, and the shifted tile only
+    # adds spills (timings: book/notes/selective_scan.md)
     return n_pad <= 64
 
 
@@ -620,13 +616,12 @@ def _strides3(t):
 
 
 def _fwd_variant(n_pad: int, packed: bool) -> tuple[bool, bool]:
-    # The forward's loop for N states padded to n_pad: (PAIRED, PREP_LATE), from a sweep of both and of
-    # loading B a pair ahead (dropped: never the fastest) on the H200, 2026-12-04, do_bench ms (chapter 4):
-    # - one chunk an iteration only at N = 33..64 (B2 D2048 N64: 1.00 ms, paired 1.03 in float32, 1.58 in bf16);
-    # - delta, u, z prepared in their own iteration at N > 64 (B1 D2048 N128: float32 0.94 against 1.67
-    #   for the order before, bf16 0.94 against 1.09; N = 256: 1.35 against 1.91 at D2048, 0.56 against
-    #   0.79 at D512) and for packed bf16 (B8 D2048 N16: 0.665 against 0.678); float32 B and C at N <= 64
-    #   keep the prepare-ahead order (N = 16: 0.709 against 0.717; N = 32 within 1%; N = 64 1.00 against 1.13).
+    # The forward's loop for N states padded to n_pad: (PAIRED, PREP_LATE), the fastest of a sweep on the
+    # H200 (book/notes/selective_scan.md):
+    # - one chunk an iteration only at N = 33..64, where a warp holds 2 channels and the paired tiles of
+    #   delta, u, z are smaller than a warp;
+    # - delta, u, z prepared in their own iteration (fewer registers live) at N > 64 and for packed bf16;
+    #   float32 B and C at N <= 64 keep the prepare-ahead order.
     return n_pad != 64, packed or n_pad >= 128
 
 
