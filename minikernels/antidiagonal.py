@@ -1,10 +1,11 @@
 """Chapter 2: XAttention's antidiagonal block scores, in one Triton pass.
 
-``masks.antidiagonal_block_scores`` is the readable PyTorch version: gather Q and K into strided
-"patch" rows, multiply them ([N/stride, stride*D] by its transpose), softmax each row, sum the
-probabilities per block. It materializes the [N/stride, N/stride] patch scores in float32 and runs
-several passes over them, which at long N costs a large share of the sparse attention it selects for
-(book/notes/block_sparse.md has the measurements).
+``reference_block_scores`` (behind ``masks.antidiagonal_block_scores``) is the readable PyTorch
+version: gather Q and K into strided "patch" rows, multiply them ([N/stride, stride*D] by its
+transpose), softmax each row, sum the probabilities per block. It materializes the
+[N/stride, N/stride] patch scores in float32 and runs several passes over them, which at long N
+costs a large share of the sparse attention it selects for (book/notes/block_sparse.md has the
+measurements).
 
 Here one program owns BLOCK_A patch rows of one head and walks their patch columns once (only
 those left of the causal edge):
@@ -37,7 +38,7 @@ import triton.language as tl
 from ._alloc import empty
 from ._backend import dot_options, is_interpreter, on_device_of, tma_ready
 from ._validate import int32_addressable
-from .flash import LOG2E, _head_dim_pad
+from .flash import LOG2E, _compute_dtype, _head_dim_pad
 
 # patch rows / columns per tile, head-dimension slice per pipeline step (for 16-bit inputs), warps,
 # pipeline depth, TMA loads on a GPU (the interpreter uses small tiles). The scoring reads two tiles
@@ -158,17 +159,52 @@ def _select_blocks(SCORES, KEEP, BH, NKB, head_stride, row_stride, threshold, q_
     tl.store(KEEP + row * NKB + offs_j, keep.to(tl.int8), mask=j_ok)
 
 
+def expand_heads(k: torch.Tensor, heads: int) -> torch.Tensor:
+    """``k [B, Hkv, N, D]`` with each head repeated for the ``heads // Hkv`` query heads that share it."""
+    return k.repeat_interleave(heads // k.shape[1], dim=1) if k.shape[1] != heads else k
+
+
+def reference_block_scores(q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int,
+                           causal: bool = True) -> torch.Tensor:
+    """The readable PyTorch form of the scores, float32 ``[B, H, n_q_blocks, n_k_blocks]``
+    (``masks.antidiagonal_block_scores`` documents them and checks the arguments; it calls this).
+    Shapes depend only on the inputs' shapes, so it runs on any device, ``meta`` included."""
+    n_q, n_k, d = q.shape[2], k.shape[2], q.shape[-1]
+    nq_b, nk_b = math.ceil(n_q / block_size), math.ceil(n_k / block_size)
+    # The product runs in the inputs' dtype (bf16 tensor cores for bf16 inputs: an estimate need not be
+    # exact, and a float32 product costs more than the sparse attention it selects for); softmax in float32.
+    # Under the interpreter bf16 is computed in float32, as in every op (DESIGN.md): the same blocks as the
+    # same values in float32.
+    work = _compute_dtype(q.dtype)
+    qf = torch.nn.functional.pad(q.to(work), (0, 0, 0, nq_b * block_size - n_q))
+    kf = torch.nn.functional.pad(expand_heads(k.to(work), q.shape[1]), (0, 0, 0, nk_b * block_size - n_k))
+    # antidiagonal of patch (a, b): sum over r of q[a*stride + stride-1-r] . k[b*stride + r]
+    q_re = torch.cat([qf[:, :, stride - 1 - r::stride] for r in range(stride)], dim=-1)
+    k_re = torch.cat([kf[:, :, r::stride] for r in range(stride)], dim=-1)
+    s = (q_re @ k_re.transpose(-1, -2)).float() / (math.sqrt(d) * stride)  # [B, H, n_q/stride, n_k/stride]
+    a_idx = torch.arange(s.shape[-2], device=q.device)[:, None]
+    b_idx = torch.arange(s.shape[-1], device=q.device)[None, :]
+    hide = (b_idx * stride >= n_k) | (a_idx * stride >= n_q)
+    if causal:  # a patch counts if its first key is visible to its last query (bottom-right aligned)
+        hide = hide | (b_idx * stride > a_idx * stride + stride - 1 + n_k - n_q)
+    p = torch.softmax(s.masked_fill(hide, float("-inf")), dim=-1).nan_to_num(0.0)
+    per = block_size // stride
+    return p.view(*p.shape[:2], nq_b, per, nk_b, per).sum(dim=(3, 5))
+
+
 def _scores_per_head(q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int, causal: bool) -> torch.Tensor:
     # [B*H, >= n_q_blocks, >= n_k_blocks] float32, the blocks past the ends (tile padding) left at 0
     n_q, n_k, d = q.shape[2], k.shape[2], q.shape[-1]
     per = block_size // stride
     nq_b, nk_b = math.ceil(n_q / block_size), math.ceil(n_k / block_size)
-    if q.dtype == torch.float64 or per > 128:  # no float64 tensor cores; a block wider than a tile
-        from .masks import antidiagonal_block_scores
-
-        return antidiagonal_block_scores(q, k, stride, block_size, causal).float().flatten(0, 1)
-    q, k = int32_addressable("q", q), int32_addressable("k", k.to(q.dtype))  # 32-bit offsets inside a head
     B, H = q.shape[:2]
+    if q.dtype == torch.float64 or per > 128:  # no float64 tensor cores; a block wider than a tile
+        return reference_block_scores(q, k, stride, block_size, causal).flatten(0, 1)
+    if B * H == 0 or n_q == 0 or n_k == 0:  # no scores to compute (and no grid to launch): all 0
+        return torch.zeros(B * H, nq_b, nk_b, dtype=torch.float32, device=q.device)
+    # k in q's dtype; bf16 in float32 under the interpreter, whose bf16 tl.dot is wrong (DESIGN.md)
+    work = _compute_dtype(q.dtype)
+    q, k = int32_addressable("q", q.to(work)), int32_addressable("k", k.to(work))  # 32-bit offsets inside a head
     head_dim = _head_dim_pad(d)
     tiles = _tiles(head_dim, q.element_size())
     block_a = max(per, 32 if is_interpreter() else tiles["BLOCK_A"])
@@ -207,7 +243,8 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int,
     """The antidiagonal block scores of ``masks.antidiagonal_block_scores``, averaged over batch and
     heads: float32 ``[n_q_blocks, n_k_blocks]``. Inputs are checked by the caller (``masks``)."""
     nq_b, nk_b = math.ceil(q.shape[2] / block_size), math.ceil(k.shape[2] / block_size)
-    return _scores_per_head(q, k, stride, block_size, causal)[:, :nq_b, :nk_b].mean(0)
+    scores = _scores_per_head(q, k, stride, block_size, causal)[:, :nq_b, :nk_b]
+    return scores.mean(0) if scores.shape[0] else scores.sum(0)  # no batch or heads: 0, not the NaN of a mean
 
 
 def estimate_blocks(q: torch.Tensor, k: torch.Tensor, stride: int, threshold: float, block_size: int,
@@ -217,8 +254,13 @@ def estimate_blocks(q: torch.Tensor, k: torch.Tensor, stride: int, threshold: fl
     the diagonal block when ``causal``. Two launches: the scores, then the ranking."""
     n_q, n_k = q.shape[2], k.shape[2]
     nq_b, nk_b = math.ceil(n_q / block_size), math.ceil(n_k / block_size)
+    if nq_b == 0 or nk_b == 0:  # no queries or no keys: nothing to keep (and no grid to launch)
+        return torch.zeros(nq_b, nk_b, dtype=torch.bool, device=q.device)
     scores = _scores_per_head(q, k, stride, block_size, causal)
-    keep = torch.empty(nq_b, nk_b, dtype=torch.int8, device=q.device)
+    if scores.shape[0] == 0:  # no batch or heads: every score 0, so only the diagonal (causal) is kept
+        scores = torch.zeros(1, *scores.shape[1:], dtype=torch.float32, device=q.device)
+    # int8, the kernel's store (read back as bool): every element is written (mask j < NKB)
+    keep = empty((nq_b, nk_b), dtype=torch.int8, device=q.device)
     bj = 32 if is_interpreter() else 64
     with on_device_of(q):
         _select_blocks[(nq_b, triton.cdiv(nk_b, bj))](

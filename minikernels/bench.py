@@ -32,18 +32,9 @@ import triton
 import triton.language as tl
 
 from . import _backend  # the package's __init__ chose the backend before anything imported triton
+from .results import recorded, recorded_dir  # noqa: F401  (notebooks read recorded runs as bench.recorded)
 
 OPS = ("softmax", "flash", "decode", "sparse", "linear", "crossover", "ssd", "selective_scan")
-RECORDED_DIR = Path(__file__).resolve().parents[1] / "book" / "data" / "bench"
-
-
-def recorded(op: str) -> dict:
-    """The results of an earlier ``python -m minikernels.bench --op <op>`` run, committed under
-    ``book/data/bench/``: what the notebooks plot on a machine without a GPU."""
-    path = RECORDED_DIR / f"{op}.json"
-    if not path.exists():
-        raise FileNotFoundError(f"no recorded benchmark for {op!r}: {path} is missing")
-    return json.loads(path.read_text())
 
 
 def environment() -> dict:
@@ -566,11 +557,9 @@ def bench_crossover(ceilings: dict, quick: bool = False) -> list[dict]:
 # --- state space models -----------------------------------------------------------------------------
 
 def _mamba_chunk_scan():
-    """mamba_ssm's mamba_chunk_scan_combined (Triton), if its wheel is installed."""
-    import sys
-    import types
-
-    sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))  # the wheel lacks it
+    """mamba_ssm's mamba_chunk_scan_combined (Triton), if mamba_ssm imports. Its package imports its
+    CUDA extension (``selective_scan_cuda``) first; a build without the extension fails here and
+    gets no rows. CONTRIBUTING.md says how to run the benchmark with such a build."""
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
     except Exception as exc:
@@ -743,7 +732,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minikernels.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--op", default="all", help=f"comma-separated ops among {', '.join(OPS)}, or 'all'")
     parser.add_argument("--json-dir", default=None,
-                        help="where <op>.json is written (default: $OUT if set, else book/data/bench)")
+                        help="where <op>.json is written (default: $OUT if set, else the folder "
+                             "minikernels.results.recorded_dir() finds)")
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     args = parser.parse_args(argv)
 
@@ -757,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
 
-    json_dir = Path(args.json_dir or os.environ.get("OUT") or "book/data/bench")
+    json_dir = Path(args.json_dir or os.environ.get("OUT") or recorded_dir())
     json_dir.mkdir(parents=True, exist_ok=True)
     env = environment()
     print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")

@@ -1,6 +1,7 @@
 """Chapter 4: Mamba-2's state space duality (SSD), ``mk.ssd``.
 
-A scalar-decay state space model, one state [S, P] per (batch, head):
+A scalar-decay state space model, one state [n, d_v] per (batch, head) (n the state size, d_v the
+head dimension of x, N the sequence length: the book's symbols):
 
     h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T,     y_t = C_t^T h_t + D x_t
 
@@ -11,8 +12,8 @@ dt handed to them as weights on the values: the kernels fold dt into the per-ste
 compute anyway, so dt * x is never written out; and each group's B and C are read by all its heads
 (the backward sums their gradients over the heads in registers). A goes to them as a rate: the
 log-decay is the weights times it, and the backward folds the log-decay's gradient into dt's and
-A's (dL/ddt_t += dL/dg_t A, dL/dA = sum_t dL/dg_t dt_t) in one small kernel (``linear._la_rate_grads``).
-For S <= 128 (tiles that fit in shared memory) the forward walks the chunks once with the state in
+A's (d𝓛/d dt_t += d𝓛/dg_t A, d𝓛/dA = sum_t d𝓛/dg_t dt_t) in one small kernel (``linear._la_rate_grads``).
+For n <= 128 (tiles that fit in shared memory) the forward walks the chunks once with the state in
 registers (``linear._la_fused``) instead of storing every chunk's state and reading it back.
 ``quadratic_form`` is the other side of the duality: the same outputs as masked attention,
 (C B^T * L) (dt x), with the mask L[t, s] = exp(dt_{s+1} A + ... + dt_t A) for s <= t (the book's Gamma). L is
@@ -24,40 +25,41 @@ from __future__ import annotations
 import torch
 
 from ._validate import check_same_device, check_tensor
+from .feature_maps import check_flag, keep_in_graph
 from .linear import MAX_FEATURE_DIM, _LinearAttention, check_chunk_size
 
 
 def _expand_groups(t: torch.Tensor, heads: int) -> torch.Tensor:
-    # [B, G, N, S] -> [B, H, N, S]: head h reads group h // (H / G)
+    # [B, G, N, n] -> [B, H, N, n]: head h reads group h // (H / G)
     return t.repeat_interleave(heads // t.shape[1], dim=1) if t.shape[1] != heads else t
 
 
 def check_ssd_inputs(x, dt, A, B, C, D=None, initial_state=None) -> None:
     """Shapes of SSD's inputs; raises before any work is done."""
-    check_tensor("x", x, ndim=4, shape_hint="[B, H, N, P]")
-    b, h, n, p = x.shape
+    check_tensor("x", x, ndim=4, shape_hint="[B, H, N, d_v]")
+    b, h, N, dv = x.shape
     check_tensor("dt", dt, ndim=3, shape_hint="[B, H, N]")
-    if dt.shape != (b, h, n):
-        raise ValueError(f"dt must be [B, H, N] = {(b, h, n)}, got {tuple(dt.shape)}")
+    if dt.shape != (b, h, N):
+        raise ValueError(f"dt must be [B, H, N] = {(b, h, N)}, got {tuple(dt.shape)}")
     check_tensor("A", A, ndim=1, shape_hint="[H]")
     if A.shape != (h,):
         raise ValueError(f"A must be [H] = ({h},), got {tuple(A.shape)}")
-    check_tensor("B", B, ndim=4, shape_hint="[B, G, N, S]")
-    check_tensor("C", C, ndim=4, shape_hint="[B, G, N, S]")
+    check_tensor("B", B, ndim=4, shape_hint="[B, G, N, n]")
+    check_tensor("C", C, ndim=4, shape_hint="[B, G, N, n]")
     if B.shape != C.shape:
-        raise ValueError(f"B and C must have the same shape [B, G, N, S], got {tuple(B.shape)} and {tuple(C.shape)}")
-    if B.shape[0] != b or B.shape[2] != n:
-        raise ValueError(f"B and C must be [B, G, N, S] with x's B = {b} and N = {n}, got {tuple(B.shape)}")
+        raise ValueError(f"B and C must have the same shape [B, G, N, n], got {tuple(B.shape)} and {tuple(C.shape)}")
+    if B.shape[0] != b or B.shape[2] != N:
+        raise ValueError(f"B and C must be [B, G, N, n] with x's B = {b} and N = {N}, got {tuple(B.shape)}")
     if B.shape[1] == 0 or h % B.shape[1]:
-        raise ValueError(f"the number of groups G = {B.shape[1]} must divide the number of heads H = {h}")
+        raise ValueError(f"B and C have G = {B.shape[1]} groups, which must divide the number of heads H = {h}")
     if D is not None:
         check_tensor("D", D, ndim=1, shape_hint="[H]")
         if D.shape != (h,):
             raise ValueError(f"D must be [H] = ({h},), got {tuple(D.shape)}")
     if initial_state is not None:
-        check_tensor("initial_state", initial_state, ndim=4, shape_hint="[B, H, S, P]")
-        if initial_state.shape != (b, h, B.shape[-1], p):
-            raise ValueError(f"initial_state must be [B, H, S, P] = {(b, h, B.shape[-1], p)}, "
+        check_tensor("initial_state", initial_state, ndim=4, shape_hint="[B, H, n, d_v]")
+        if initial_state.shape != (b, h, B.shape[-1], dv):
+            raise ValueError(f"initial_state must be [B, H, n, d_v] = {(b, h, B.shape[-1], dv)}, "
                              f"got {tuple(initial_state.shape)}")
     check_same_device(x=x, dt=dt, A=A, B=B, C=C, D=D, initial_state=initial_state)
     if not (x.dtype == B.dtype == C.dtype):
@@ -77,39 +79,45 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
         D: torch.Tensor | None = None, initial_state: torch.Tensor | None = None, return_final_state: bool = False):
     """Mamba-2's SSD: h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T, y_t = C_t^T h_t + D x_t.
 
-    x ``[B, H, N, P]``; dt ``[B, H, N]`` (already positive); A ``[H]`` (negative for a decaying state);
-    B, C ``[B, G, N, S]`` with G dividing H (head h uses group h // (H/G)); D ``[H]`` or None;
-    initial and final states ``[B, H, S, P]`` (float32). Forward and backward run the chunked linear
-    attention kernels (``chunk_size`` in {16, 32, 64, 128}); gradients reach every input. For the
-    backward the forward keeps the state each chunk starts from (B*H*ceil(N/chunk_size)*S*P values in
-    x's dtype: S/chunk_size times the size of x) when a gradient is needed.
+    x ``[B, H, N, d_v]``; dt ``[B, H, N]`` (already positive); A ``[H]`` (negative for a decaying
+    state); B, C ``[B, G, N, n]`` with G dividing H (head h uses group h // (H/G)); D ``[H]`` or None;
+    initial and final states ``[B, H, n, d_v]`` (float32). Forward and backward run the chunked linear
+    attention kernels (``chunk_size`` in {16, 32, 64, 128}); gradients reach every input (once: the
+    backward is not differentiable, and differentiating the gradients again raises). For the backward
+    the forward keeps the state each chunk starts from (B*H*ceil(N/chunk_size)*n*d_v values in x's
+    dtype: n/chunk_size times the size of x) when a gradient is needed. Values are not checked (that
+    would need a host sync): NaN in an input reaches the outputs that depend on it (a NaN in A[h]:
+    every output of head h). N = 0 or B = 0 gives zeros (and the initial state, or zeros, as the
+    final state).
     Returns ``y`` (x's dtype) or, with ``return_final_state=True``, ``(y, final_state)``.
     """
     check_ssd_inputs(x, dt, A, B, C, D, initial_state)
-    if not isinstance(return_final_state, bool):
-        raise TypeError(f"return_final_state must be a bool, got {type(return_final_state).__name__}")
-    b, heads, n, p = x.shape
-    groups, s = B.shape[1], B.shape[-1]
+    check_flag("return_final_state", return_final_state)
+    b, heads, N, dv = x.shape  # the book's symbols: length N, head dimension d_v, state size n
+    groups, n = B.shape[1], B.shape[-1]
     per = heads // groups
-    # The same dictionary as as_linear_attention, arranged so nothing of size [B, H, N, S] is built:
+    # The same dictionary as as_linear_attention, arranged so nothing of size [B, H, N, n] is built:
     # dt_t B_t x_t^T = B_t (dt_t x_t)^T puts dt on the values, so the keys are B itself; and the heads
     # of one group become the "heads" of a (batch, group) pair, whose B and C have one head that all
     # of them read (the backward sums the group's gradients of B and C in registers).
     # dt itself goes to the kernels as the values' weights: they fold it into factors they compute
     # anyway, instead of a pass over x to build dt * x.
     check_chunk_size(chunk_size)
-    if s > MAX_FEATURE_DIM:
-        raise ValueError(f"state size S = {s} exceeds {MAX_FEATURE_DIM}")
-    if b * heads * n == 0:  # nothing for the kernels to walk
+    if n > MAX_FEATURE_DIM:
+        raise ValueError(f"B and C have state size n = {n}, more than {MAX_FEATURE_DIM}")
+    if b * heads * N == 0:  # nothing for the kernels to walk: zeros, still part of the autograd graph
         y = x.new_zeros(x.shape)
-        state = initial_state.float() if initial_state is not None else x.new_zeros(b, heads, s, p).float()
+        state = (initial_state.to(torch.float32, copy=True) if initial_state is not None
+                 else x.new_zeros(b, heads, n, dv, dtype=torch.float32))
+        ins = (x, dt, A, B, C, initial_state)
+        y, state = keep_in_graph(y, *ins), keep_in_graph(state, *ins)
     else:
-        q, k = C.reshape(b * groups, 1, n, s), B.reshape(b * groups, 1, n, s)
-        s0 = initial_state.reshape(b * groups, per, s, p) if initial_state is not None else None
+        q, k = C.reshape(b * groups, 1, N, n), B.reshape(b * groups, 1, N, n)
+        s0 = initial_state.reshape(b * groups, per, n, dv) if initial_state is not None else None
         # the log-decay dt * A is built from the weights and the rate A (a row of heads per group)
-        y, state = _LinearAttention.apply(q, k, x.reshape(b * groups, per, n, p), None, s0, chunk_size, x.dtype,
-                                          dt.reshape(b * groups, per, n), A.reshape(groups, per))
-        y, state = y.reshape(b, heads, n, p), state.reshape(b, heads, s, p)
+        y, state = _LinearAttention.apply(q, k, x.reshape(b * groups, per, N, dv), None, s0, chunk_size, x.dtype,
+                                          dt.reshape(b * groups, per, N), A.reshape(groups, per))
+        y, state = y.reshape(b, heads, N, dv), state.reshape(b, heads, n, dv)
     if D is not None:
         y = (y.float() + D.float()[None, :, None, None] * x.float()).to(x.dtype)
     return (y, state) if return_final_state else y

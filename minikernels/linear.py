@@ -6,10 +6,11 @@
 with, when ``normalize`` is set, o_t divided by phi(q_t)^T z_t, z_t = exp(g_t) z_{t-1} + phi(k_t).
 ``g`` is a log-decay (<= 0; None means no decay).
 
-This module holds what the chapter derives, in PyTorch: the feature maps, and the *parallel*
-(masked, quadratic) and *chunked* (intra-chunk quadratic, inter-chunk recurrent, as in Lightning
-Attention-2) forms of the recurrence that ``mk.reference.linear_attention`` runs step by step; and
-``linear_attention``, the chunked form in Triton (forward and backward).
+This module holds what the chapter derives, in PyTorch: the feature maps (defined, with the input
+checks, in ``minikernels.feature_maps``, which the Triton-free oracle imports too; exported here as
+well), and the *parallel* (masked, quadratic) and *chunked* (intra-chunk quadratic, inter-chunk
+recurrent, as in Lightning Attention-2) forms of the recurrence that ``mk.reference.linear_attention``
+runs step by step; and ``linear_attention``, the chunked form in Triton (forward and backward).
 
 The kernels follow the chunked form in two passes, as flash-linear-attention does: a short
 sequential pass finds the state each chunk starts from, then every chunk is computed at once.
@@ -64,70 +65,33 @@ import triton.language as tl
 from ._alloc import empty
 from ._backend import dot_options, is_interpreter, on_device_of
 from ._validate import check_same_device, check_tensor
+from .feature_maps import (  # noqa: F401  (re-exported: linear.apply_feature_map etc. are public)
+    FEATURE_MAPS,
+    _normalized,
+    apply_feature_map,
+    check_linear_attention_inputs,
+    final_state_flag,
+    keep_in_graph,
+    mapped_features,
+    once_differentiable,
+    taylor_features,
+)
 from .flash import _compute_dtype
-
-FEATURE_MAPS = ("elu1", "relu", "taylor")
-
-
-def taylor_features(x: torch.Tensor) -> torch.Tensor:
-    """BASED's second-order Taylor map: phi(q) . phi(k) = 1 + q.k/sqrt(d) + (q.k)^2 / (2d), the first
-    three terms of exp(q.k / sqrt(d)). Feature size 1 + d + d^2."""
-    d = x.shape[-1]
-    ones = x.new_ones(*x.shape[:-1], 1)
-    outer = (x[..., :, None] * x[..., None, :]).flatten(-2)
-    return torch.cat([ones, x / d**0.25, outer / (2**0.5 * d**0.5)], dim=-1)
-
-
-def apply_feature_map(x: torch.Tensor, feature_map: str | Callable | None) -> torch.Tensor:
-    """phi(x) for a named map ("elu1": elu(x) + 1, "relu", "taylor"), a callable, or None (identity)."""
-    if feature_map is None:
-        return x
-    if callable(feature_map):
-        return feature_map(x)
-    if feature_map == "elu1":
-        return torch.nn.functional.elu(x) + 1
-    if feature_map == "relu":
-        return torch.relu(x)
-    if feature_map == "taylor":
-        return taylor_features(x)
-    raise ValueError(f"feature_map must be None, a callable or one of {FEATURE_MAPS}, got {feature_map!r}")
-
-
-def check_linear_attention_inputs(q, k, v, decay, initial_state, normalize, return_state) -> None:
-    """Shapes and flags of linear attention; raises before any work is done."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-d tensor [B, H, N, D], got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if q.shape != k.shape:
-        raise ValueError(f"q and k must have the same shape [B, H, N, Dk], got {tuple(q.shape)} and {tuple(k.shape)}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must be [B, H, N, Dv] with q's B, H, N {tuple(q.shape[:3])}, got {tuple(v.shape)}")
-    if decay is not None and (not isinstance(decay, torch.Tensor) or decay.shape != q.shape[:3]):
-        raise ValueError(f"decay must be a log-decay tensor [B, H, N] = {tuple(q.shape[:3])}, got "
-                         f"{tuple(decay.shape) if isinstance(decay, torch.Tensor) else type(decay).__name__}")
-    if normalize and (initial_state is not None or return_state):
-        raise ValueError("normalize=True carries a normalizer state z that initial_state/return_state do not "
-                         "hold: process the sequence in one call, or normalize outside")
 
 
 def _states_shape(q_feat: torch.Tensor, v: torch.Tensor) -> tuple[int, ...]:
     return (*q_feat.shape[:2], q_feat.shape[-1], v.shape[-1])
 
 
-def _normalized(o: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
-    # a row whose normalizer is exactly 0 (no key with a positive feature product) gets 0, not NaN
-    safe = torch.where(denom == 0, torch.ones_like(denom), denom)
-    return torch.where(denom == 0, torch.zeros_like(o), o / safe)
-
-
 def parallel_form(q, k, v, decay=None, feature_map=None, normalize=False, initial_state=None,
-                  return_state=False):
+                  return_state=None, return_final_state=None):
     """All outputs at once: O = ((phi(Q) phi(K)^T) * M) V with the causal decay mask
     M[t, s] = exp(G_t - G_s) for s <= t (G the cumulative log-decay), plus exp(G_t) phi(q_t)^T S_0.
-    Quadratic in N, like softmax attention, but with no softmax."""
+    Quadratic in N, like softmax attention, but with no softmax. ``return_final_state`` (or its alias
+    ``return_state``) returns ``(out, final_state)``, as ``linear_attention``."""
+    return_state = final_state_flag("return_state", return_state, return_final_state)
     check_linear_attention_inputs(q, k, v, decay, initial_state, normalize, return_state)
-    qf, kf = apply_feature_map(q, feature_map), apply_feature_map(k, feature_map)
+    qf, kf = mapped_features(q, k, feature_map)
     n = q.shape[2]
     g = decay if decay is not None else q.new_zeros(q.shape[:3])
     cum = g.cumsum(-1)  # G_t
@@ -147,14 +111,18 @@ def parallel_form(q, k, v, decay=None, feature_map=None, normalize=False, initia
 
 
 def chunked_form(q, k, v, decay=None, feature_map=None, normalize=False, chunk_size=64, initial_state=None,
-                 return_state=False):
+                 return_state=None, return_final_state=None):
     """Lightning Attention-2's split: inside a chunk of C steps, the parallel form (C^2 work); between
     chunks, the state S carried by the recurrence. Cost O(N C d + N d^2) instead of O(N^2 d).
-    Log-decays are summed inside each chunk only, so exp never sees more than C steps of decay."""
+    Log-decays are summed inside each chunk only, so exp never sees more than C steps of decay.
+    ``return_final_state`` (or its alias ``return_state``) returns ``(out, final_state)``."""
+    return_state = final_state_flag("return_state", return_state, return_final_state)
     check_linear_attention_inputs(q, k, v, decay, initial_state, normalize, return_state)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be a positive int, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    qf, kf = apply_feature_map(q, feature_map), apply_feature_map(k, feature_map)
+    qf, kf = mapped_features(q, k, feature_map)
     n = q.shape[2]
     g = decay if decay is not None else q.new_zeros(q.shape[:3])
     state = initial_state if initial_state is not None else q.new_zeros(_states_shape(qf, v))
@@ -189,8 +157,9 @@ def _chunk_cumsum(G, g_base, stride_gn, rows, row_ok, C: tl.constexpr, HAS_DECAY
     if HAS_DECAY:
         g = tl.load(G + g_base + rows * stride_gn, mask=row_ok, other=0.0).to(tl.float32)  # padding: 0
         # a log-decay of -inf (a hard reset) must not make -inf - -inf = NaN below; exp(-80) ~ 2e-35 still
-        # forgets everything, and keeps b_t - b_s exact to ~1e-5 (a clamp at -1e4 would lose 1e-3 to rounding)
-        g = tl.maximum(g, -80.0)
+        # forgets everything, and keeps b_t - b_s exact to ~1e-5 (a clamp at -1e4 would lose 1e-3 to rounding).
+        # A NaN must stay NaN (max.NaN, one instruction as the plain max): clamped, it would act as a reset
+        g = tl.maximum(g, -80.0, propagate_nan=tl.PropagateNan.ALL)
         return tl.cumsum(g, 0), tl.sum(g, 0)
     return tl.zeros([C], tl.float32), 0.0
 
@@ -779,7 +748,9 @@ MAX_FEATURE_DIM = 1024
 
 def check_chunk_size(chunk_size) -> None:
     # the kernels' chunk is a tile of tl.dot and a constexpr: one of a few powers of two
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size not in CHUNK_SIZES:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool):
+        raise TypeError(f"chunk_size must be an int, one of {CHUNK_SIZES}, got {type(chunk_size).__name__}")
+    if chunk_size not in CHUNK_SIZES:
         raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size!r}")
 
 
@@ -1243,6 +1214,7 @@ class _LinearAttention(torch.autograd.Function):
             o, s_end, hs = _forward(qw.expand(heads), kw.expand(heads), vw, gw, s0w, chunk,
                                     out_dtype if work == dtype else torch.float32, w=ww, keep_states=keep)
         ctx.save_for_backward(qw, kw, vw, gw, ww, ratew, hs)
+        ctx.graph_inputs = (q, k, v, g, s0, w, rate)  # for once_differentiable (no data is read from them)
         ctx.chunk, ctx.dtype, ctx.has_s0 = chunk, dtype, s0 is not None
         ctx.s0_dtype = s0.dtype if s0 is not None else None
         ctx.w_dtype = w.dtype if w is not None else None
@@ -1250,6 +1222,7 @@ class _LinearAttention(torch.autograd.Function):
         return o.to(out_dtype), s_end
 
     @staticmethod
+    @once_differentiable  # the Triton backward is not itself differentiable: double backward raises
     def backward(ctx, do, ds_end):
         qw, kw, vw, gw, ww, ratew, hs = ctx.saved_tensors
         do = do.to(qw.dtype) if do is not None else vw.new_zeros(()).expand(*vw.shape)
@@ -1264,26 +1237,34 @@ class _LinearAttention(torch.autograd.Function):
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor | None = None,
                      feature_map: str | Callable | None = None, normalize: bool = False, chunk_size: int = 64,
-                     initial_state: torch.Tensor | None = None, return_state: bool = False):
+                     initial_state: torch.Tensor | None = None, return_state: bool | None = None,
+                     return_final_state: bool | None = None):
     """Causal linear attention in Triton, chunked (forward and backward).
 
     o_t = phi(q_t)^T S_t,  S_t = exp(decay_t) S_{t-1} + phi(k_t) v_t^T  (no scale factor applied).
     q, k ``[B, H, N, Dk]``; v ``[B, H, N, Dv]``; any strides; float32, float16 or bfloat16 (16-bit
     inputs keep 16-bit tiles of the state in the kernel's products: with float16, states beyond
     ~6e4, as from very long sequences without decay, overflow; bfloat16 has float32's range).
-    ``decay``: log-decay ``[B, H, N]`` (<= 0; -inf resets the state) or None. ``feature_map``: None
-    (identity), "elu1", "relu", "taylor" or a callable, applied to q and k before the kernel. ``normalize=True`` divides
-    o_t by phi(q_t)^T z_t, z_t = exp(decay_t) z_{t-1} + phi(k_t) (a row with z = 0 gets 0); it cannot
-    be combined with states. ``initial_state`` / the returned final state: ``[B, H, Dk', Dv]`` float32
-    (Dk' = the feature size), so a long sequence can be processed in pieces. ``chunk_size`` in
-    {16, 32, 64, 128}; N need not be a multiple of it. Gradients flow to q, k, v, decay and
-    initial_state; when one is needed, the forward keeps the state each chunk starts from for the
-    backward: B*H*ceil(N/chunk_size)*Dk'*Dv values in the inputs' dtype (Dk'/chunk_size times the size
-    of v; float32 for bfloat16 inputs under the CPU interpreter, which computes them in float32).
-    Returns ``out`` or, with ``return_state=True``, ``(out, final_state)``.
+    ``decay``: log-decay ``[B, H, N]`` (<= 0; -inf resets the state) or None; a NaN in it makes the
+    outputs of its head NaN from its step on (not checked: checking values would need a host sync).
+    ``feature_map``: None (identity), "elu1", "relu", "taylor" or a callable, applied to q and k
+    before the kernel; a callable must return tensors that keep q's ``[B, H, N]`` and dtype.
+    ``normalize=True`` divides o_t by phi(q_t)^T z_t, z_t = exp(decay_t) z_{t-1} + phi(k_t) (a row with
+    z = 0 gets 0); it cannot be combined with states. ``initial_state`` / the returned final state:
+    ``[B, H, Dk', Dv]`` float32 (Dk' = the feature size), so a long sequence can be processed in
+    pieces. ``chunk_size`` in {16, 32, 64, 128}; N need not be a multiple of it. Gradients flow to q,
+    k, v, decay and initial_state (once: the backward is not differentiable, and differentiating the
+    gradients again raises); when one is needed, the forward keeps the state each chunk starts from
+    for the backward: B*H*ceil(N/chunk_size)*Dk'*Dv values in the inputs' dtype (Dk'/chunk_size times
+    the size of v; float32 for bfloat16 inputs under the CPU interpreter, which computes them in
+    float32). N = 0 or B*H = 0 gives zeros (and the initial state, or zeros, as the final state).
+    Returns ``out`` or, with ``return_final_state=True``, ``(out, final_state)``; ``return_state`` is
+    the older name of ``return_final_state`` (an alias, kept working; giving both with different
+    values raises ValueError).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=4, shape_hint="[B, H, N, D]")
+    return_state = final_state_flag("return_state", return_state, return_final_state)
     check_linear_attention_inputs(q, k, v, decay, initial_state, normalize, return_state)
     if decay is not None:
         check_tensor("decay", decay, ndim=3, shape_hint="[B, H, N]")
@@ -1291,15 +1272,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: t
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     check_chunk_size(chunk_size)
-    for name, flag in (("normalize", normalize), ("return_state", return_state)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    qf, kf = apply_feature_map(q, feature_map), apply_feature_map(k, feature_map)
-    if qf.shape[:3] != q.shape[:3] or qf.shape != kf.shape:
-        raise ValueError(f"feature_map must keep [B, H, N] and map q and k alike, got {tuple(qf.shape)} "
-                         f"and {tuple(kf.shape)}")
-    if qf.dtype != q.dtype or kf.dtype != q.dtype:
-        raise TypeError(f"feature_map must keep the inputs' dtype {q.dtype}, got {qf.dtype} and {kf.dtype}")
+    qf, kf = mapped_features(q, k, feature_map)
     dk_feat = qf.shape[-1]
     if dk_feat > MAX_FEATURE_DIM:
         raise ValueError(f"feature size {dk_feat} exceeds {MAX_FEATURE_DIM}")
@@ -1309,13 +1282,15 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: t
         if tuple(initial_state.shape) != want:
             raise ValueError(f"initial_state must be [B, H, Dk', Dv] = {want} (Dk' = feature size), "
                              f"got {tuple(initial_state.shape)}")
-    vv = torch.cat([v, v.new_ones(*v.shape[:3], 1)], dim=-1) if normalize else v  # a ones column gives z
     B, H, N = q.shape[:3]
-    if N == 0 or B * H == 0:
+    if N == 0 or B * H == 0:  # nothing for the kernels to walk: zeros, still part of the autograd graph
         out = v.new_zeros(*v.shape)
-        state = (initial_state.float() if initial_state is not None
+        state = (initial_state.to(torch.float32, copy=True) if initial_state is not None
                  else torch.zeros(B, H, dk_feat, v.shape[-1], device=q.device))
+        ins = (qf, kf, v, decay, initial_state)
+        out, state = keep_in_graph(out, *ins), keep_in_graph(state, *ins)
         return (out, state) if return_state else out
+    vv = torch.cat([v, v.new_ones(*v.shape[:3], 1)], dim=-1) if normalize else v  # a ones column gives z
     # normalizing wants float32 numerator and denominator (either may exceed float16's range while
     # their ratio does not); otherwise the kernel writes the output's dtype directly
     out_dtype = torch.float32 if normalize else v.dtype

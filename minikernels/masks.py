@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ import torch
 from . import antidiagonal
 from ._backend import device as _backend_device
 from ._validate import check_device, check_same_device
+from .antidiagonal import expand_heads as _expand_heads
 
 MaskFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -151,23 +153,81 @@ def _visit_order(indices, counts, partial, tile_index, is_band):
     return indices.gather(1, order).contiguous(), n_full, band_end, tile_index.gather(1, order).contiguous()
 
 
-def _check_len(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+# --- argument checks: a wrong type raises TypeError, a wrong value ValueError, each naming the argument ---
+
+def _check_bool(name: str, value) -> bool:
+    """A flag must be a bool: ``causal="no"`` is truthy, and would silently mean True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
 
 
+def _check_int(name: str, value, least: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a {what} int, got {type(value).__name__}")
+    if value < least:
+        raise ValueError(f"{name} must be a {what} int, got {value!r}")
+    return value
+
+
+def _check_len(name: str, value) -> int:
+    return _check_int(name, value, 0, "non-negative")
+
+
+def _check_positive(name: str, value) -> int:
+    return _check_int(name, value, 1, "positive")
+
+
 def _check_block_size(block_size) -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 \
-            or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two >= 16 (a tile of tl.dot), got {block_size!r}")
+    what = "power of two >= 16 (a tile of tl.dot)"
+    if _check_int("block_size", block_size, 16, what) & (block_size - 1):
+        raise ValueError(f"block_size must be a {what} int, got {block_size!r}")
     return block_size
 
 
+_NO_META = ("the meta device holds no values, and a BlockMask's sizes (its index lists, its tiles) depend on "
+            "which blocks the mask keeps; build it on a real device")
+
+
+def _check_device_arg(device) -> torch.device:
+    """The device a builder builds on: ``None`` (the backend's, ``mk.device()``), a ``torch.device``, a str
+    or a CUDA index, as torch takes them; a device that exists and holds values (not ``meta``)."""
+    if device is None:
+        return _backend_device()
+    if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
+        raise TypeError(f"device must be a torch.device, a str, an int or None, got {type(device).__name__}")
+    shown = repr(str(device) if isinstance(device, torch.device) else device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"device={shown} is not a usable device: {e}") from None
+    if dev.type == "meta":
+        raise ValueError(f"device={shown}: {_NO_META}")
+    if dev.type == "cuda" and (not torch.cuda.is_available()
+                               or (dev.index is not None and dev.index >= torch.cuda.device_count())):
+        raise ValueError(f"device={shown} is not available here (CUDA devices: {torch.cuda.device_count()}); "
+                         f"None builds on minikernels' device ({_backend_device()})")
+    return dev
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check_not_meta(name: str, t: torch.Tensor) -> None:
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device: {_NO_META}")
+
+
 def from_dense(mask: torch.Tensor, block_size: int = 64) -> BlockMask:
-    """A ``BlockMask`` from a bool element mask ``[q_len, kv_len]``."""
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
-        raise TypeError("mask must be a bool tensor [q_len, kv_len]")
+    """A ``BlockMask`` from a bool element mask ``[q_len, kv_len]``, built on the mask's device."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a bool tensor [q_len, kv_len], got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor [q_len, kv_len], got dtype {_dtype_name(mask.dtype)}")
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be a bool tensor [q_len, kv_len] (2 dimensions), got shape {tuple(mask.shape)}")
+    _check_not_meta("mask", mask)
     q_len, kv_len = mask.shape
     # indices past the end (the padding of the last blocks) are clamped here and masked off by from_mask_fn
     rule = lambda i, j: mask[i.clamp(max=max(q_len - 1, 0)), j.clamp(max=max(kv_len - 1, 0))]
@@ -180,7 +240,12 @@ RULE_ELEMENTS = 1 << 24  # how many (query, key) pairs from_mask_fn asks its rul
 def from_mask_fn(mask_fn: MaskFn, q_len: int, kv_len: int, block_size: int = 64,
                  device: torch.device | str | None = None) -> BlockMask:
     """Build a ``BlockMask`` from an element rule ``mask_fn(q_idx, kv_idx) -> bool``, which takes
-    broadcastable int64 index tensors (``[rows, 1]`` and ``[1, cols]``) and returns a bool tensor.
+    broadcastable int64 index tensors (``q_idx [rows, 1]`` and ``kv_idx [1, cols]``, on ``device``) and
+    returns a bool tensor ``[rows, cols]`` on that device, or one that broadcasts to it from two
+    dimensions (``[rows, 1]``, ``[1, cols]``) or from none (a constant). A one-dimensional result is
+    refused: it would broadcast as a row of columns whatever it meant. ``device`` (default
+    ``mk.device()``) must hold values: the ``meta`` device is refused, since a BlockMask's sizes depend
+    on its values.
 
     The rule is evaluated a few rows of query blocks at a time (about RULE_ELEMENTS pairs each), so memory
     stays bounded and the device is synchronized once per group of rows, not once per block.
@@ -189,7 +254,7 @@ def from_mask_fn(mask_fn: MaskFn, q_len: int, kv_len: int, block_size: int = 64,
         raise TypeError(f"mask_fn must be callable, got {type(mask_fn).__name__}")
     q_len, kv_len = _check_len("q_len", q_len), _check_len("kv_len", kv_len)
     bs = _check_block_size(block_size)
-    dev = torch.device(device) if device is not None else _backend_device()
+    dev = _check_device_arg(device)
     nq, nk = math.ceil(q_len / bs), math.ceil(kv_len / bs)
     cols = torch.arange(nk * bs, device=dev)[None, :]
     visit = torch.zeros(nq, nk, dtype=torch.bool, device=dev)  # any element visible
@@ -199,9 +264,7 @@ def from_mask_fn(mask_fn: MaskFn, q_len: int, kv_len: int, block_size: int = 64,
     for q0 in range(0, nq, group):
         g = min(group, nq - q0)
         rows = torch.arange(q0 * bs, (q0 + g) * bs, device=dev)[:, None]
-        allowed = mask_fn(rows, cols)
-        if not isinstance(allowed, torch.Tensor) or allowed.dtype != torch.bool:
-            raise TypeError("mask_fn must return a bool tensor")
+        allowed = _check_rule_output(mask_fn(rows, cols), rows, cols)
         exists = (rows < q_len) & (cols < kv_len)  # padding past q_len / kv_len does not count
         allowed = allowed.broadcast_to(g * bs, nk * bs) & exists
         blocks = allowed.view(g, bs, nk, bs).permute(0, 2, 1, 3)  # [g, nk, bs, bs]
@@ -211,6 +274,23 @@ def from_mask_fn(mask_fn: MaskFn, q_len: int, kv_len: int, block_size: int = 64,
         tiles.append(blocks[seen & ~every])  # row-major over (row, key block), as tile_id numbers them
     tiles_t = torch.cat(tiles) if tiles else torch.zeros((0, bs, bs), dtype=torch.bool, device=dev)
     return _assemble(q_len, kv_len, bs, visit, full, tiles_t)
+
+
+def _check_rule_output(allowed, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """What a rule returned for ``rows [R, 1]``, ``cols [1, C]``: a bool tensor on their device that
+    broadcasts to ``[R, C]`` from two dimensions (or none)."""
+    if not isinstance(allowed, torch.Tensor):
+        raise TypeError(f"mask_fn must return a bool tensor, got {type(allowed).__name__}")
+    if allowed.dtype != torch.bool:
+        raise TypeError(f"mask_fn must return a bool tensor, got dtype {_dtype_name(allowed.dtype)}")
+    want = (rows.shape[0], cols.shape[1])
+    if allowed.dim() not in (0, 2) or any(got not in (1, w) for got, w in zip(allowed.shape, want)):
+        raise ValueError(f"mask_fn returned shape {tuple(allowed.shape)} for q_idx of shape {tuple(rows.shape)} and "
+                         f"kv_idx of shape {tuple(cols.shape)}: expected {list(want)} or a shape that broadcasts "
+                         f"to it ([{want[0]}, 1], [1, {want[1]}], [])")
+    if allowed.device != rows.device:
+        raise ValueError(f"mask_fn returned a tensor on {allowed.device}; its indices are on {rows.device}")
+    return allowed
 
 
 def _assemble(q_len: int, kv_len: int, bs: int, visit: torch.Tensor, full: torch.Tensor,
@@ -277,25 +357,19 @@ def _visits(visit: torch.Tensor, partial: torch.Tensor, tile_id: torch.Tensor):
 
 def causal(q_len: int, kv_len: int | None = None, block_size: int = 64, device=None) -> BlockMask:
     """Query i sees keys j <= i + kv_len - q_len (bottom-right aligned, as ``flash_attention``)."""
-    kv_len = q_len if kv_len is None else kv_len
-    q_len, kv_len = _check_len("q_len", q_len), _check_len("kv_len", kv_len)
+    q_len = _check_len("q_len", q_len)
+    kv_len = q_len if kv_len is None else _check_len("kv_len", kv_len)
     bs = _check_block_size(block_size)
-    dev = torch.device(device) if device is not None else _backend_device()
-    return _causal_blocks(q_len, kv_len, bs, dev)
-
-
-def _check_positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return _causal_blocks(q_len, kv_len, bs, _check_device_arg(device))
 
 
 def sliding_window(q_len: int, window: int, causal: bool = True, block_size: int = 64, device=None) -> BlockMask:
     """Query i sees keys j with i - window < j <= i (causal), or |i - j| < window (not causal)."""
     w = _check_positive("window", window)
     q_len = _check_len("q_len", q_len)
+    causal = _check_bool("causal", causal)
     bs = _check_block_size(block_size)
-    dev = torch.device(device) if device is not None else _backend_device()
+    dev = _check_device_arg(device)
     # a band of j - i: [1 - w, 0] (causal) or [1 - w, w - 1]; built block by block (_band_blocks)
     return _band_blocks(q_len, q_len, bs, dev, 1 - w, 0 if causal else w - 1)
 
@@ -305,6 +379,7 @@ def dilated(q_len: int, window: int, dilation: int, causal: bool = True, block_s
     """A sliding window that keeps every ``dilation``-th key: j with (i - j) % dilation == 0 and
     i - window * dilation < j <= i (causal), or |i - j| < window * dilation (not causal)."""
     w, d = _check_positive("window", window), _check_positive("dilation", dilation)
+    causal = _check_bool("causal", causal)
 
     def rule(i, j):
         near = ((j <= i) & (j > i - w * d)) if causal else ((j - i).abs() < w * d)
@@ -348,17 +423,28 @@ def neighborhood_2d(height: int, width: int, kernel: int, dilation: int = 1, blo
 
 # --- estimated masks -----------------------------------------------------------------------------
 
+_ESTIMATOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
+    """q [B, H, Nq, D] and k [B, Hkv, Nk, D] of a floating dtype (k is taken in q's), on one device.
+    B = 0, H = 0 or N = 0 are allowed (an empty estimate); D = 0 is not."""
     for name, t in (("q", q), ("k", k)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor [B, H, N, D]")
-    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1]:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a floating-point tensor [B, H, N, D], got {type(t).__name__}")
+        if t.dtype not in _ESTIMATOR_DTYPES:
+            names = ", ".join(_dtype_name(d) for d in _ESTIMATOR_DTYPES)
+            raise TypeError(f"{name} must be a floating-point tensor [B, H, N, D] ({names}), "
+                            f"got dtype {_dtype_name(t.dtype)}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be a floating-point tensor [B, H, N, D], got shape {tuple(t.shape)}")
+        if t.shape[-1] == 0:
+            raise ValueError(f"{name} must have a head dimension D >= 1, got shape {tuple(t.shape)}")
+    hq, hk = q.shape[1], k.shape[1]
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] or (hq % hk if hk else hq):
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} do not fit together: same B and D, "
                          "k heads dividing q heads")
-
-
-def _expand_heads(k: torch.Tensor, heads: int) -> torch.Tensor:
-    return k.repeat_interleave(heads // k.shape[1], dim=1) if k.shape[1] != heads else k
+    check_same_device(q=q, k=k)
 
 
 def vertical_slash(q: torch.Tensor, k: torch.Tensor, n_vertical: int = 64, n_slash: int = 64,
@@ -369,11 +455,17 @@ def vertical_slash(q: torch.Tensor, k: torch.Tensor, n_vertical: int = 64, n_sla
     ("vertical": a token everyone attends to) and every diagonal offset i - j ("slash": a fixed
     distance everyone attends across). The mask keeps the ``n_vertical`` best columns and the
     ``n_slash`` best diagonals, always including the first key and the main diagonal.
+    The mask is built on q's device (any device but ``meta``); the scores are computed in float32.
+    No queries or no keys give an empty mask.
     """
     _check_qk(q, k)
+    _check_not_meta("q", q)
     n_q, n_k = q.shape[2], k.shape[2]
     n_vertical, n_slash = _check_positive("n_vertical", n_vertical), _check_positive("n_slash", n_slash)
     last_q = min(_check_positive("last_q", last_q), n_q)
+    bs = _check_block_size(block_size)
+    if n_q == 0 or n_k == 0:  # nothing to score, nothing visible
+        return _causal_blocks(n_q, n_k, bs, q.device)
     offset = n_k - n_q
     qs = q[:, :, n_q - last_q:].float()
     ks = _expand_heads(k, q.shape[1]).float()
@@ -397,13 +489,14 @@ def vertical_slash(q: torch.Tensor, k: torch.Tensor, n_vertical: int = 64, n_sla
         d = i + offset - j
         visible = d >= 0
         return visible & (keep_col[j.clamp(max=n_k - 1)] | keep_diag[d.clamp(min=0, max=n_k + n_q - 1)])
-    return from_mask_fn(rule, n_q, n_k, block_size, q.device)
+    return from_mask_fn(rule, n_q, n_k, bs, q.device)
 
 
-def _check_antidiagonal_args(q: torch.Tensor, k: torch.Tensor, stride, block_size) -> None:
+def _check_antidiagonal_args(q: torch.Tensor, k: torch.Tensor, stride, block_size, causal) -> None:
     _check_qk(q, k)
     _check_positive("stride", stride)
     _check_block_size(block_size)
+    _check_bool("causal", causal)
     if block_size % stride:
         raise ValueError(f"stride={stride} must divide block_size={block_size}")
 
@@ -413,26 +506,11 @@ def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, stride: int, blo
     """XAttention's block importance, ``[B, H, n_q_blocks, n_k_blocks]``: within every ``stride x stride``
     patch of QK^T, the sum along its antidiagonal (one strided product per patch instead of
     ``stride^2``); a softmax over those patch scores along each row; then their sum per block.
-    Each query block's row sums to its number of rows / stride (softmax rows)."""
-    _check_antidiagonal_args(q, k, stride, block_size)
-    n_q, n_k, d = q.shape[2], k.shape[2], q.shape[-1]
-    nq_b, nk_b = math.ceil(n_q / block_size), math.ceil(n_k / block_size)
-    # The product runs in the inputs' dtype (bf16 tensor cores for bf16 inputs: an estimate need not be
-    # exact, and a float32 product costs more than the sparse attention it selects for); softmax in float32.
-    qf = torch.nn.functional.pad(q, (0, 0, 0, nq_b * block_size - n_q))
-    kf = torch.nn.functional.pad(_expand_heads(k, q.shape[1]), (0, 0, 0, nk_b * block_size - n_k))
-    # antidiagonal of patch (a, b): sum over r of q[a*stride + stride-1-r] . k[b*stride + r]
-    q_re = torch.cat([qf[:, :, stride - 1 - r::stride] for r in range(stride)], dim=-1)
-    k_re = torch.cat([kf[:, :, r::stride] for r in range(stride)], dim=-1)
-    s = (q_re @ k_re.transpose(-1, -2)).float() / (math.sqrt(d) * stride)  # [B, H, n_q/stride, n_k/stride]
-    a_idx = torch.arange(s.shape[-2], device=q.device)[:, None]
-    b_idx = torch.arange(s.shape[-1], device=q.device)[None, :]
-    hide = (b_idx * stride >= n_k) | (a_idx * stride >= n_q)
-    if causal:  # a patch counts if its first key is visible to its last query (bottom-right aligned)
-        hide = hide | (b_idx * stride > a_idx * stride + stride - 1 + n_k - n_q)
-    p = torch.softmax(s.masked_fill(hide, float("-inf")), dim=-1).nan_to_num(0.0)
-    per = block_size // stride
-    return p.view(*p.shape[:2], nq_b, per, nk_b, per).sum(dim=(3, 5))
+    Each query block's row sums to its number of rows / stride (softmax rows). float32, on q's device
+    (any device, ``meta`` included); k is taken in q's dtype, and bf16 is computed in float32 under the
+    interpreter. The product runs in the inputs' dtype elsewhere."""
+    _check_antidiagonal_args(q, k, stride, block_size, causal)
+    return antidiagonal.reference_block_scores(q, k, stride, block_size, causal)
 
 
 def xattention(q: torch.Tensor, k: torch.Tensor, stride: int = 8, threshold: float = 0.9,
@@ -441,7 +519,9 @@ def xattention(q: torch.Tensor, k: torch.Tensor, stride: int = 8, threshold: flo
     (``antidiagonal_block_scores``, averaged over batch and heads), then keep, for each query block,
     the highest-scoring key blocks until their share of the row's total reaches ``threshold``.
     The diagonal block is always kept when ``causal``; elements keep the causal rule. q and k must be
-    on the backend's device (``mk.device()``): the scoring and the ranking run in Triton."""
+    on the backend's device (``mk.device()``): the scoring and the ranking run in Triton. No queries or
+    no keys give an empty mask; no batch or heads (nothing to score) keep only the diagonal blocks
+    (causal), or none."""
     keep = xattention_blocks(q, k, stride, threshold, block_size, causal)
     n_q, n_k = q.shape[2], k.shape[2]
     if causal:  # the kept blocks, with the causal rule's elements: only the diagonal band is evaluated
@@ -456,10 +536,11 @@ def xattention_blocks(q: torch.Tensor, k: torch.Tensor, stride: int = 8, thresho
     """The estimation step of ``xattention``, on the device: bool ``[n_q_blocks, n_k_blocks]``, the
     key blocks each query block keeps (before the element-level causal rule). Ties in score are
     ranked by block index."""
-    if not 0 < threshold <= 1:
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"threshold must be a real number in (0, 1], got {type(threshold).__name__}")
+    if not 0 < threshold <= 1:  # (NaN too)
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    _check_antidiagonal_args(q, k, stride, block_size)
+    _check_antidiagonal_args(q, k, stride, block_size, causal)  # (q and k on one device)
     check_device("q", q)  # Triton kernels: on the backend's device (antidiagonal_block_scores runs anywhere)
-    check_same_device(q=q, k=k)
     # antidiagonal_block_scores and the ranking, in two Triton launches (minikernels/antidiagonal.py)
     return antidiagonal.estimate_blocks(q, k, stride, threshold, block_size, causal)

@@ -1,9 +1,19 @@
 """Pure-PyTorch references: the same names and signatures as the Triton ops, written for clarity,
-not speed. Tests run them in float64 and compare the kernels against them."""
+not speed. Tests run them in float64 and compare the kernels against them. This module imports no
+Triton (only torch and ``minikernels.feature_maps``), so the oracle does not share the kernels' stack."""
 
 from __future__ import annotations
 
 import torch
+
+from .feature_maps import (
+    _normalized,
+    check_flag,
+    check_linear_attention_inputs,
+    final_state_flag,
+    keep_in_graph,
+    mapped_features,
+)
 
 
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -71,16 +81,16 @@ def block_sparse_attention(q, k, v, block_mask, scale: float | None = None):
 
 
 def linear_attention(q, k, v, decay=None, feature_map=None, normalize=False, chunk_size=64, initial_state=None,
-                     return_state=False):
+                     return_state=None, return_final_state=None):
     """Causal linear attention, one step at a time (the recurrent form):
     S_t = exp(decay_t) S_{t-1} + phi(k_t) v_t^T, o_t = phi(q_t)^T S_t, optionally divided by
     phi(q_t)^T z_t with z_t = exp(decay_t) z_{t-1} + phi(k_t). q, k ``[B, H, N, Dk]``, v ``[B, H, N, Dv]``,
     decay ``[B, H, N]`` (log-decay) or None, states ``[B, H, Dk', Dv]`` (Dk' = feature size).
-    ``chunk_size`` is accepted for the same signature as the kernel and ignored."""
-    from .linear import _normalized, apply_feature_map, check_linear_attention_inputs
-
+    ``chunk_size`` is accepted for the same signature as the kernel and ignored. ``return_final_state``
+    (or its alias ``return_state``) returns ``(out, final_state)``."""
+    return_state = final_state_flag("return_state", return_state, return_final_state)
     check_linear_attention_inputs(q, k, v, decay, initial_state, normalize, return_state)
-    qf, kf = apply_feature_map(q, feature_map), apply_feature_map(k, feature_map)
+    qf, kf = mapped_features(q, k, feature_map)
     b, h, n = q.shape[:3]
     state = initial_state if initial_state is not None else q.new_zeros(b, h, qf.shape[-1], v.shape[-1])
     z = q.new_zeros(b, h, qf.shape[-1])
@@ -94,13 +104,17 @@ def linear_attention(q, k, v, decay=None, feature_map=None, normalize=False, chu
             o = _normalized(o, (qf[:, :, t] * z).sum(-1, keepdim=True))
         outs.append(o)
     o = torch.stack(outs, dim=2) if outs else q.new_zeros(b, h, 0, v.shape[-1])
+    if not outs:  # N = 0: zeros and the initial state, still part of the autograd graph (as the kernel's)
+        ins = (qf, kf, v, decay, initial_state)
+        o, state = keep_in_graph(o, *ins), keep_in_graph(state.clone(), *ins)
     return (o, state) if return_state else o
 
 
 def ssd(x, dt, A, B, C, chunk_size=64, D=None, initial_state=None, return_final_state=False):
-    """Mamba-2's SSD, one step at a time: h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T (state [S, P]),
-    y_t = C_t^T h_t + D x_t. x ``[B, H, N, P]``, dt ``[B, H, N]``, A ``[H]``, B and C ``[B, G, N, S]``
-    (head h reads group h // (H/G)), D ``[H]``, states ``[B, H, S, P]``. ``chunk_size`` is ignored."""
+    """Mamba-2's SSD, one step at a time: h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T (state [n, d_v]),
+    y_t = C_t^T h_t + D x_t. x ``[B, H, N, d_v]``, dt ``[B, H, N]``, A ``[H]``, B and C ``[B, G, N, n]``
+    (head h reads group h // (H/G)), D ``[H]``, states ``[B, H, n, d_v]``. ``chunk_size`` is ignored."""
+    check_flag("return_final_state", return_final_state)
     b, h, n, p = x.shape
     Bh, Ch = (_expand_kv_heads(t, h) for t in (B, C))
     state = initial_state if initial_state is not None else x.new_zeros(b, h, B.shape[-1], p)
@@ -110,17 +124,23 @@ def ssd(x, dt, A, B, C, chunk_size=64, D=None, initial_state=None, return_final_
         state = decay * state + (dt[:, :, t, None, None] * Bh[:, :, t, :, None]) * x[:, :, t, None, :]
         ys.append((Ch[:, :, t, :, None] * state).sum(-2))
     y = torch.stack(ys, dim=2) if ys else x.new_zeros(x.shape)
+    if not ys:  # N = 0: zeros and the initial state, still part of the autograd graph (as the kernel's)
+        ins = (x, dt, A, B, C, initial_state)
+        y, state = keep_in_graph(y, *ins), keep_in_graph(state.clone(), *ins)
     if D is not None:
         y = y + D[None, :, None, None] * x
     return (y, state) if return_final_state else y
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False):
+                   return_last_state=None, return_final_state=None):
     """Mamba's selective scan, one step at a time (the semantics of mamba_ssm's selective_scan_ref):
     h_t = exp(delta_t A) * h_{t-1} + delta_t B_t u_t, y_t = C_t . h_t, out = (y + D u) * silu(z).
-    u, delta, z ``[B, D, L]``; A ``[D, N]``; B, C ``[B, N, L]`` or ``[B, G, N, L]``; D, delta_bias
-    ``[D]``. Computes in float32 or wider; returns u's dtype (and the last state ``[B, D, N]``)."""
+    u, delta, z ``[B, D, N]`` (N the length); A ``[D, n]`` (n the state size); B, C ``[B, n, N]`` or
+    ``[B, G, n, N]``; D, delta_bias ``[D]``. Computes in float32 or wider; returns u's dtype (and, with
+    ``return_final_state`` or its alias ``return_last_state``, the last state ``[B, D, n]``)."""
+    check_flag("delta_softplus", delta_softplus)
+    return_last_state = final_state_flag("return_last_state", return_last_state, return_final_state)
     work = torch.promote_types(u.dtype, torch.float32)
     dtype_in = u.dtype
     u, delta, A = u.to(work), delta.to(work), A.to(work)
@@ -130,7 +150,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         delta = torch.nn.functional.softplus(delta)
     dim = u.shape[1]
 
-    def per_channel(t):  # [B, N, L] or [B, G, N, L] -> [B, D, N, L]
+    def per_channel(t):  # [B, n, N] or [B, G, n, N] -> [B, D, n, N]
         t = t.to(work)
         return t[:, None] if t.dim() == 3 else t.repeat_interleave(dim // t.shape[1], dim=1)
 
@@ -141,6 +161,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         h = torch.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[..., None] * Bd[..., t]
         ys.append((h * Cd[..., t]).sum(-1))
     y = torch.stack(ys, dim=2) if ys else u.new_zeros(u.shape)
+    if not ys:  # N = 0: zeros, still part of the autograd graph (as the kernel's)
+        ins = (u, delta, A, Bd, Cd)
+        y, h = keep_in_graph(y, *ins), keep_in_graph(h, *ins)
     out = y if D is None else y + u * D.to(work)[:, None]
     if z is not None:
         out = out * torch.nn.functional.silu(z.to(work))

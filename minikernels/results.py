@@ -12,10 +12,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from .bench import RECORDED_DIR
+# The recorded runs belong to the book (book/data/bench/ in the repository), not to the package: an
+# installed minikernels has no copy of them. So they are found at an explicit place: the `json_dir`
+# argument, else $MINIKERNELS_BENCH_DIR, else the repository this module sits in, when it sits in one.
+ENV_VAR = "MINIKERNELS_BENCH_DIR"
+_CHECKOUT_DIR = Path(__file__).resolve().parents[1] / "book" / "data" / "bench"
+
+
+def recorded_dir(json_dir: str | os.PathLike | None = None) -> Path:
+    """Where the recorded ``<op>.json`` files are (see the comment above for the order searched)."""
+    if json_dir is not None:
+        return Path(json_dir)
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR])
+    if _CHECKOUT_DIR.is_dir():
+        return _CHECKOUT_DIR
+    raise FileNotFoundError(f"no recorded benchmarks: pass json_dir, or set ${ENV_VAR} to a folder of "
+                            "<op>.json files (the repository keeps them in book/data/bench/)")
+
+
+def recorded(op: str, json_dir: str | os.PathLike | None = None) -> dict:
+    """The results of an earlier ``python -m minikernels.bench --op <op>`` run: what the notebooks
+    plot on a machine without a GPU."""
+    path = recorded_dir(json_dir) / f"{op}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no recorded benchmark for {op!r}: {path} is missing")
+    return json.loads(path.read_text())
 
 OURS = "minikernels"
 # op -> (what the row stands for, kernel name, implementations that are studies, not anchors)
@@ -61,8 +87,9 @@ def compare(record: dict, studies: tuple = ()) -> list[dict]:
     return out
 
 
-def table(json_dir: Path = RECORDED_DIR) -> str:
+def table(json_dir: str | os.PathLike | None = None) -> str:
     """The markdown table of every recorded kernel against its strongest anchor."""
+    json_dir = recorded_dir(json_dir)
     lines = ["| kernel | pass | strongest anchor | anchor time / ours | shapes | GPU, date |",
              "|---|---|---|---|---|---|"]
     for op, (kernel, studies) in KERNELS.items():
@@ -80,9 +107,10 @@ def table(json_dir: Path = RECORDED_DIR) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minikernels.results", description=__doc__.splitlines()[0])
-    parser.add_argument("--json-dir", default=str(RECORDED_DIR), help="where the recorded <op>.json files are")
+    parser.add_argument("--json-dir", default=None,
+                        help=f"where the recorded <op>.json files are (default: ${ENV_VAR}, else book/data/bench)")
     args = parser.parse_args(argv)
-    print(table(Path(args.json_dir)))
+    print(table(args.json_dir))
     return 0
 
 

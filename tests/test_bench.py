@@ -43,3 +43,26 @@ def test_polynomial_exp2_is_float32_accurate():
     rel = ((y.cpu().double() - want) / want).abs()
     assert rel.max() < 5e-7, f"max relative error {rel.max():.2e} at x = {x[rel.argmax()]}"
     assert (y.cpu()[x.round() == x] == want[x.round() == x].float()).all()  # powers of two exactly
+
+
+def test_recorded_runs_are_found_at_an_explicit_place(tmp_path, monkeypatch):
+    from minikernels import results
+
+    (tmp_path / "softmax.json").write_text('{"op": "softmax", "rows": []}')
+    assert results.recorded("softmax", json_dir=tmp_path)["op"] == "softmax"
+    monkeypatch.setenv(results.ENV_VAR, str(tmp_path))
+    assert results.recorded_dir() == tmp_path
+    with pytest.raises(FileNotFoundError, match="no recorded benchmark for 'flash'"):
+        results.recorded("flash")
+    monkeypatch.delenv(results.ENV_VAR)
+    monkeypatch.setattr(results, "_CHECKOUT_DIR", tmp_path / "absent")  # as in an installed package
+    with pytest.raises(FileNotFoundError, match=results.ENV_VAR):
+        results.recorded_dir()
+
+
+def test_bench_patches_no_modules():
+    import inspect
+
+    from minikernels import bench
+
+    assert "sys.modules" not in inspect.getsource(bench)

@@ -279,3 +279,130 @@ def test_minus_infinity_decay_resets_the_state():
                  torch.float32)
     after = mk.linear_attention(q[:, :, 20:], k[:, :, 20:], v[:, :, 20:], decay=g[:, :, 20:], chunk_size=16)
     assert_close(out[:, :, 20:], after.double(), torch.float32)  # as if the sequence started there
+
+
+# --- bad and awkward inputs (issue 32) -----------------------------------------------------------
+
+@pytest.mark.parametrize("loss", ["sum", "square"])
+def test_double_backward_raises_instead_of_detaching(loss):
+    """The Triton backward is not differentiable. Gradients taken with create_graph=True must not come
+    back silently detached (a gradient penalty would then be dropped): differentiating them raises.
+    After out.sum() no incoming gradient requires grad, the case torch's own once_differentiable misses."""
+    q, k, v, g, s0 = make(1, 2, 20, 16, 16, torch.float32, seed=30, state=True)
+    ins = [t.requires_grad_() for t in (q, k, v, g, s0)]
+    out, state = mk.linear_attention(*ins[:3], decay=ins[3], initial_state=ins[4], return_final_state=True)
+    total = out.sum() + state.sum() if loss == "sum" else (out**2).sum() + (state**2).sum()
+    grads = torch.autograd.grad(total, ins, create_graph=True)
+    plain = torch.autograd.grad(total, ins, retain_graph=True)
+    for grad, want in zip(grads, plain):
+        torch.testing.assert_close(grad.detach(), want)  # the same first-order gradients
+        assert grad.requires_grad  # never a plain tensor cut from the graph
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            torch.autograd.grad(grad.pow(2).sum(), ins, allow_unused=True)
+
+
+@pytest.mark.parametrize("b,h,n", [(1, 2, 0), (0, 2, 5), (2, 0, 5)])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_empty_inputs_keep_the_graph(b, h, n, normalize):
+    """N = 0 or B*H = 0: outputs of the right shapes (the final state: the initial one), still in the
+    autograd graph, so that .backward() runs and gives zero gradients of the inputs' shapes."""
+    gen = torch.Generator().manual_seed(31)
+    q, k = (randn(b, h, n, 8, gen=gen, requires_grad=True) for _ in range(2))
+    v = randn(b, h, n, 6, gen=gen, requires_grad=True)
+    decay = (-torch.rand(b, h, n, generator=gen)).to(mk.device()).requires_grad_()
+    s0 = None if normalize else randn(b, h, 8, 6, gen=gen, requires_grad=True)
+    res = mk.linear_attention(q, k, v, decay=decay, feature_map="elu1", normalize=normalize, initial_state=s0,
+                              return_final_state=not normalize)
+    out, state = (res, None) if normalize else res
+    assert out.shape == (b, h, n, 6) and out.dtype == v.dtype and out.requires_grad
+    loss = out.sum()
+    if state is not None:
+        assert state.shape == (b, h, 8, 6) and state.dtype == torch.float32 and state.requires_grad
+        torch.testing.assert_close(state, s0.detach())
+        assert state.data_ptr() != s0.data_ptr() or s0.numel() == 0  # a copy, not the caller's tensor
+        loss = loss + (2 * state).sum()
+    loss.backward()
+    for t in (q, k, v, decay):
+        assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any()
+    if s0 is not None:  # the final state is the initial one: its gradient passes through unchanged
+        torch.testing.assert_close(s0.grad, torch.full_like(s0, 2.0))
+
+
+@pytest.mark.parametrize("t", [0, 20, 70])
+def test_nan_in_the_decay_reaches_every_later_output(t):
+    """A NaN log-decay at step t is not a reset (the kernel's clamp of -inf at -80 used to map NaN to
+    -80): the outputs of that head at steps >= t and its final state are NaN, those before t and the
+    other head's stay finite, as in the recurrence. N = 100 in chunks of 16 also takes the segmented
+    state pass (the interpreter cuts 7 chunks into 2 segments)."""
+    q, k, v, g, _ = make(1, 2, 100, 16, 16, torch.float32, seed=32)
+    g[0, 0, t] = float("nan")
+    out, state = mk.linear_attention(q, k, v, decay=g, chunk_size=16, return_final_state=True)
+    ref = mk.reference.linear_attention(q.double(), k.double(), v.double(), decay=g.double())
+    for o in (out, ref):
+        assert torch.isnan(o[0, 0, t:]).all()
+        assert torch.isfinite(o[0, 0, :t]).all() and torch.isfinite(o[0, 1]).all()
+    assert torch.isnan(state[0, 0]).all() and torch.isfinite(state[0, 1]).all()
+    assert_close(out[0, :, :t], ref[0, :, :t], torch.float32)  # the finite part is unchanged
+
+
+def test_minus_infinity_decay_still_resets_with_nan_propagation():
+    """-inf (a reset) and NaN differ: after -inf the outputs are finite."""
+    q, k, v, g, _ = make(1, 1, 40, 16, 16, torch.float32, seed=33)
+    g[0, 0, 5] = float("-inf")
+    assert torch.isfinite(mk.linear_attention(q, k, v, decay=g, chunk_size=16)).all()
+
+
+@pytest.mark.parametrize("bad", [lambda x: [x], lambda x: x.tolist(), lambda x: None, lambda x: x.numpy()])
+def test_feature_map_that_returns_no_tensor(bad):
+    q, k, v, _, _ = make(1, 1, 8, 16, 16, torch.float32)
+    for op in (mk.linear_attention, mk.reference.linear_attention):
+        with pytest.raises(TypeError, match="feature_map must return a torch.Tensor"):
+            op(q, k, v, feature_map=bad)
+
+
+def test_feature_map_of_the_wrong_type_or_name():
+    q, k, v, _, _ = make(1, 1, 8, 16, 16, torch.float32)
+    for op in (mk.linear_attention, mk.reference.linear_attention):
+        with pytest.raises(TypeError, match="feature_map must be None, a callable or one of"):
+            op(q, k, v, feature_map=3)
+        with pytest.raises(ValueError, match="feature_map must be None, a callable or one of"):
+            op(q, k, v, feature_map="softmax")
+
+
+def test_feature_map_of_the_wrong_shape():
+    q, k, v, _, _ = make(1, 1, 8, 16, 16, torch.float32)
+    for op in (mk.linear_attention, mk.reference.linear_attention):
+        with pytest.raises(ValueError, match="feature_map must keep"):
+            op(q, k, v, feature_map=lambda x: x[:, :, :4])
+        with pytest.raises(ValueError, match="feature_map must keep"):
+            op(q, k, v, feature_map=lambda x: x.flatten(2))
+
+
+@pytest.mark.parametrize("flag", ["normalize", "return_state", "return_final_state"])
+@pytest.mark.parametrize("value", [1, 0, "yes", torch.tensor(True)])
+def test_flags_must_be_bools(flag, value):
+    q, k, v, _, _ = make(1, 1, 8, 16, 16, torch.float32)
+    for op in (mk.linear_attention, mk.reference.linear_attention):
+        with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+            op(q, k, v, **{flag: value})
+
+
+def test_return_final_state_and_its_alias_return_state():
+    q, k, v, g, s0 = make(1, 2, 30, 16, 16, torch.float32, seed=34, state=True)
+    kw = dict(decay=g, initial_state=s0, chunk_size=16)
+    old, old_state = mk.linear_attention(q, k, v, return_state=True, **kw)
+    new, new_state = mk.linear_attention(q, k, v, return_final_state=True, **kw)
+    both, both_state = mk.linear_attention(q, k, v, return_state=True, return_final_state=True, **kw)
+    for o, s in ((new, new_state), (both, both_state)):
+        torch.testing.assert_close(o, old)
+        torch.testing.assert_close(s, old_state)
+    assert isinstance(mk.linear_attention(q, k, v, return_state=False, return_final_state=False, **kw), torch.Tensor)
+    assert isinstance(mk.linear_attention(q, k, v, **kw), torch.Tensor)
+    ref, ref_state = mk.reference.linear_attention(q.double(), k.double(), v.double(), decay=g.double(),
+                                                   initial_state=s0.double(), return_final_state=True)
+    assert_close(new, ref, torch.float32)
+    assert_close(new_state, ref_state, torch.float32)
+    for op in (mk.linear_attention, mk.reference.linear_attention):
+        for old_value, new_value in ((True, False), (False, True)):
+            with pytest.raises(ValueError, match="return_state is an alias of return_final_state"):
+                op(q, k, v, return_state=old_value, return_final_state=new_value)

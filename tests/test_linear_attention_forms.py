@@ -103,3 +103,71 @@ def test_bad_inputs_are_refused():
         chunked_form(q, k, v, feature_map="softplus")
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_form(q, k, v, chunk_size=0)
+
+
+def test_forms_take_return_final_state_and_its_alias():
+    q, k, v, g = inputs(n=20, seed=8)
+    for form in (parallel_form, chunked_form):
+        old, old_state = form(q, k, v, decay=g, return_state=True)
+        new, new_state = form(q, k, v, decay=g, return_final_state=True)
+        assert_close(new, old, torch.float64)
+        assert_close(new_state, old_state, torch.float64)
+        with pytest.raises(ValueError, match="return_state is an alias of return_final_state"):
+            form(q, k, v, return_state=True, return_final_state=False)
+        with pytest.raises(TypeError, match="return_final_state must be a bool"):
+            form(q, k, v, return_final_state="yes")
+        with pytest.raises(TypeError, match="normalize must be a bool"):
+            form(q, k, v, normalize=1)
+
+
+def test_forms_refuse_a_feature_map_that_returns_no_tensor():
+    q, k, v, _ = inputs(n=8)
+    for form in (parallel_form, chunked_form, mk.reference.linear_attention):
+        with pytest.raises(TypeError, match="feature_map must return a torch.Tensor, got list"):
+            form(q, k, v, feature_map=lambda x: [x])
+
+
+def test_linear_keeps_exporting_the_pure_pytorch_names():
+    """The feature maps, the normalizer and the checks moved to minikernels.feature_maps (torch only);
+    minikernels.linear still exports them, the same objects (notebooks and tests use linear.<name>)."""
+    from minikernels import feature_maps, linear
+
+    for name in ("FEATURE_MAPS", "taylor_features", "apply_feature_map", "check_linear_attention_inputs",
+                 "_normalized"):
+        assert getattr(linear, name) is getattr(feature_maps, name), name
+
+
+def test_the_reference_imports_no_triton():
+    """mk.reference, the oracle, must not share the kernels' stack. The package's __init__ imports the
+    kernels (and so Triton), so reference.py is loaded here under a bare stand-in for the package (its
+    directory, without running __init__), in a fresh interpreter where importing triton fails: the
+    oracle must import, compute, and load no module of the package but itself and feature_maps."""
+    import pathlib
+    import subprocess
+    import sys
+    import textwrap
+
+    package_dir = str(pathlib.Path(mk.__file__).parent)
+    code = textwrap.dedent(f"""
+        import importlib, sys, types
+        sys.modules["triton"] = None  # `import triton` (or of any triton.x) now raises ImportError
+        package = types.ModuleType("minikernels")
+        package.__path__ = [{package_dir!r}]
+        sys.modules["minikernels"] = package
+        reference = importlib.import_module("minikernels.reference")
+        import torch
+        x = torch.randn(1, 2, 5, 4, dtype=torch.float64)
+        out, state = reference.linear_attention(x, x, x, decay=-torch.rand(1, 2, 5, dtype=torch.float64),
+                                                feature_map="elu1", return_final_state=True)
+        y = reference.ssd(x, torch.rand(1, 2, 5, dtype=torch.float64), -torch.rand(2, dtype=torch.float64),
+                          x[:, :1], x[:, :1])
+        u, bc = torch.randn(2, 3, 6, dtype=torch.float64), torch.randn(2, 4, 6, dtype=torch.float64)
+        s = reference.selective_scan(u, u.abs(), -torch.rand(3, 4, dtype=torch.float64), bc, bc)
+        assert out.shape == (1, 2, 5, 4) and y.shape == (1, 2, 5, 4) and s.shape == (2, 3, 6)
+        loaded = sorted(name for name in sys.modules if name.split(".")[0] in ("minikernels", "triton")
+                        and sys.modules[name] is not None)
+        assert loaded == ["minikernels", "minikernels.feature_maps", "minikernels.reference"], loaded
+        print("ok")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr

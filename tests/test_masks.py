@@ -472,3 +472,262 @@ def test_kernel_layout_groups_band_tiles(build):
                 c_r = pos[None, :] - pos[:, None]
                 band = (c_r >= lay["tile_lo"][tile_index[i, t]]) & (c_r <= lay["tile_hi"][tile_index[i, t]])
                 assert torch.equal(band, tile) == (t < int(band_end[i]))
+
+
+# --- bad and awkward input ------------------------------------------------------------------------
+
+def peaked(b=1, h=2, hkv=1, nq=192, nk=192, d=32, seed=11):
+    """Inputs with large logits, so that many blocks sit near the threshold: the bf16 rounding of the
+    scores (which the interpreter's bf16 tl.dot gets wrong) would move them across."""
+    from minikernels.testing import randn
+
+    return randn(b, h, nq, d, seed=seed) * 3.0, randn(b, hkv, nk, d, seed=seed + 1) * 3.0
+
+
+@pytest.mark.skipif(mk.backend() != "interpreter", reason="on a GPU bf16 runs on bf16 tensor cores (an estimate)")
+@pytest.mark.parametrize("estimator", ["xattention_blocks", "xattention", "xattention_wide_blocks",
+                                       "antidiagonal_block_scores", "vertical_slash"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_estimators_take_bf16_as_float32_in_the_interpreter(estimator, causal):
+    """Under the interpreter bf16 inputs are computed in float32 (DESIGN.md): every estimator keeps
+    the same blocks for bf16 inputs as for the same values (bf16-rounded) in float32."""
+    q, k = peaked(nk=160 if causal else 192)  # grouped heads; more queries than keys when causal
+    qb, kb = q.bfloat16(), k.bfloat16()
+    qf, kf = qb.float(), kb.float()
+    if estimator == "xattention_blocks":
+        got, want = (masks.xattention_blocks(a, b, stride=4, threshold=0.9, block_size=16, causal=causal)
+                     for a, b in ((qb, kb), (qf, kf)))
+        assert 0 < int(want.sum()) < want.numel(), "a selection, not all or nothing"
+    elif estimator == "xattention":
+        got, want = (masks.xattention(a, b, stride=4, threshold=0.9, block_size=16, causal=causal).to_dense()
+                     for a, b in ((qb, kb), (qf, kf)))
+    elif estimator == "xattention_wide_blocks":  # block_size / stride > 128: the PyTorch scores
+        got, want = (masks.xattention_blocks(a, b, stride=1, threshold=0.9, block_size=256, causal=causal)
+                     for a, b in ((qb, kb), (qf, kf)))
+    elif estimator == "antidiagonal_block_scores":
+        got, want = (masks.antidiagonal_block_scores(a, b, 4, 16, causal=causal) for a, b in ((qb, kb), (qf, kf)))
+        assert got.dtype == torch.float32
+    else:
+        if not causal:
+            pytest.skip("vertical_slash is causal")
+        got, want = (masks.vertical_slash(a, b, n_vertical=4, n_slash=4, last_q=32, block_size=16).to_dense()
+                     for a, b in ((qb, kb), (qf, kf)))
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("build", [
+    lambda flag: masks.sliding_window(64, 5, causal=flag, block_size=16),
+    lambda flag: masks.dilated(64, 4, 2, causal=flag, block_size=16),
+    lambda flag: masks.xattention(*peaked(nq=64, nk=64), stride=4, block_size=16, causal=flag),
+    lambda flag: masks.xattention_blocks(*peaked(nq=64, nk=64), stride=4, block_size=16, causal=flag),
+    lambda flag: masks.antidiagonal_block_scores(*peaked(nq=64, nk=64), 4, 16, causal=flag),
+])
+@pytest.mark.parametrize("flag", ["no", 0, 1, None, torch.tensor(True)])
+def test_bool_flags_must_be_bools(build, flag):
+    """causal="no" is truthy: a flag that is not a bool raises instead of silently meaning True."""
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        build(flag)
+
+
+def test_mask_fn_result_is_checked():
+    """A rule's result must be a bool tensor that broadcasts to [rows, cols] from two dimensions (or
+    none); anything else names mask_fn and the shape expected, instead of a broadcasting error or, for
+    a one-dimensional result, a silent reading of it as a row of columns."""
+    for rule in (lambda i, j: (i >= 0)[:, 0],  # [rows]: would broadcast along the columns
+                 lambda i, j: (j >= 0)[0],  # [cols]: ambiguous too
+                 lambda i, j: (i >= j)[None],  # [1, rows, cols]
+                 lambda i, j: (i >= j)[:, :-1],  # [rows, cols - 1]
+                 lambda i, j: torch.ones(3, 5, dtype=torch.bool, device=i.device)):
+        with pytest.raises(ValueError, match=r"mask_fn returned shape .* expected \[64, 64\]"):
+            masks.from_mask_fn(rule, 64, 64, block_size=16)
+    with pytest.raises(TypeError, match="mask_fn must return a bool tensor, got dtype int64"):
+        masks.from_mask_fn(lambda i, j: i - j, 32, 32, block_size=16)
+    with pytest.raises(TypeError, match="mask_fn must return a bool tensor, got list"):
+        masks.from_mask_fn(lambda i, j: [True], 32, 32, block_size=16)
+    with pytest.raises(ValueError, match="mask_fn returned a tensor on meta"):
+        masks.from_mask_fn(lambda i, j: (i >= j).to("meta"), 32, 32, block_size=16)
+    # what broadcasts from two dimensions, or from none, is the rule it says
+    everything = masks.from_mask_fn(lambda i, j: torch.tensor(True, device=i.device), 40, 50, block_size=16)
+    assert torch.equal(everything.to_dense(), torch.ones(40, 50, dtype=torch.bool, device=mk.device()))
+    check_structure(masks.from_mask_fn(lambda i, j: i < 20, 40, 50, block_size=16),
+                    element(lambda i, j: (i < 20) & (j >= 0), 40, 50))
+    check_structure(masks.from_mask_fn(lambda i, j: j < 20, 40, 50, block_size=16),
+                    element(lambda i, j: (j < 20) & (i >= 0), 40, 50))
+
+
+@pytest.mark.parametrize("build", [
+    lambda dev: masks.causal(64, block_size=16, device=dev),
+    lambda dev: masks.sliding_window(64, 5, block_size=16, device=dev),
+    lambda dev: masks.dilated(64, 4, 2, block_size=16, device=dev),
+    lambda dev: masks.a_shape(64, 2, 8, block_size=16, device=dev),
+    lambda dev: masks.neighborhood_2d(8, 8, 3, block_size=16, device=dev),
+    lambda dev: masks.from_mask_fn(lambda i, j: j <= i, 64, 64, block_size=16, device=dev),
+])
+def test_builders_refuse_the_meta_device(build):
+    """A BlockMask's sizes depend on which blocks it keeps, which the meta device cannot compute: every
+    builder refuses it up front, naming the argument, instead of failing inside torch."""
+    with pytest.raises(ValueError, match="device='meta': the meta device holds no values"):
+        build("meta")
+    with pytest.raises(ValueError, match="device='meta'"):
+        build(torch.device("meta"))
+    with pytest.raises(TypeError, match="device must be a torch.device, a str, an int or None, got float"):
+        build(1.5)
+    with pytest.raises(ValueError, match="device='nonsense' is not a usable device"):
+        build("nonsense")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda' is not available here"):
+            build("cuda")
+    assert build(mk.device()).q_len == 64 and build(str(mk.device())).q_len == 64
+
+
+def test_meta_tensors():
+    """The estimators that build a BlockMask refuse meta inputs, naming them; the block scores, whose
+    shape does not depend on values, are computed on the meta device."""
+    meta = torch.empty(1, 2, 64, 16, device="meta")
+    with pytest.raises(ValueError, match="mask is on the meta device"):
+        masks.from_dense(torch.ones(32, 32, dtype=torch.bool, device="meta"), block_size=16)
+    with pytest.raises(ValueError, match="q is on the meta device"):
+        masks.vertical_slash(meta, meta, block_size=16)
+    with pytest.raises(ValueError, match="q is on device 'meta'"):
+        masks.xattention(meta, meta, stride=4, block_size=16)
+    scores = masks.antidiagonal_block_scores(meta, meta, 4, 16)
+    assert scores.device.type == "meta" and scores.shape == (1, 2, 4, 4) and scores.dtype == torch.float32
+
+
+@pytest.mark.parametrize("nq,nk", [(0, 0), (0, 40), (40, 0)])
+@pytest.mark.parametrize("estimator", ["xattention", "xattention_noncausal", "vertical_slash"])
+def test_estimators_without_queries_or_keys_give_an_empty_mask(estimator, nq, nk):
+    """N = 0 on either side: an empty BlockMask, the same one as causal(nq, nk), no kernel launched."""
+    from minikernels.testing import randn
+
+    q, k = randn(1, 2, nq, 16), randn(1, 1, nk, 16)
+    if estimator == "vertical_slash":
+        bm = masks.vertical_slash(q, k, block_size=16)
+    else:
+        bm = masks.xattention(q, k, stride=4, block_size=16, causal=estimator == "xattention")
+        keep = masks.xattention_blocks(q, k, stride=4, block_size=16)
+        assert keep.dtype == torch.bool and keep.shape == (bm.n_q_blocks, bm.n_kv_blocks)
+    want = masks.causal(nq, nk, block_size=16)
+    assert (bm.q_len, bm.kv_len, bm.visited_blocks()) == (nq, nk, 0)
+    for name in FIELDS:
+        assert torch.equal(getattr(bm, name), getattr(want, name)), name
+    scores = masks.antidiagonal_block_scores(q, k, 4, 16)
+    assert scores.shape == (1, 2, bm.n_q_blocks, bm.n_kv_blocks)
+
+
+def test_estimators_without_batch_or_heads():
+    """B = 0 (or no heads): nothing to score, so xattention keeps only the diagonal blocks (causal) or
+    nothing; vertical_slash keeps its fixed first key and main diagonal."""
+    from minikernels.testing import randn
+
+    for shape in ((0, 2, 64, 16), (1, 0, 64, 16)):
+        q = randn(*shape)
+        kinds = masks.xattention(q, q, stride=4, block_size=16).to_block_dense()
+        assert torch.equal(kinds > 0, torch.eye(4, dtype=torch.bool, device=q.device))
+        assert masks.xattention(q, q, stride=4, block_size=16, causal=False).visited_blocks() == 0
+        dense = masks.vertical_slash(q, q, n_vertical=1, n_slash=1, block_size=16).to_dense()
+        assert dense[:, 0].all() and dense.diagonal().all()
+        assert masks.antidiagonal_block_scores(q, q, 4, 16).shape == (*shape[:2], 4, 4)
+
+
+def test_antidiagonal_does_not_import_masks():
+    """masks imports antidiagonal (the scoring kernels); antidiagonal never imports masks, not even
+    inside a function: no import cycle."""
+    import ast
+    import inspect
+
+    from minikernels import antidiagonal
+
+    for node in ast.walk(ast.parse(inspect.getsource(antidiagonal))):
+        if isinstance(node, ast.ImportFrom):
+            names = [node.module or ""] + [a.name for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        assert not any(n == "masks" or n.endswith(".masks") for n in names), ast.dump(node)
+
+
+def _qk(nq=64, nk=64, h=2, hkv=2, d=16, dtype=torch.float32):
+    from minikernels.testing import randn
+
+    return randn(1, h, nq, d, dtype=dtype), randn(1, hkv, nk, d, dtype=dtype)
+
+
+BAD_ARGUMENTS = [
+    # (call, exception, message): wrong types raise TypeError, wrong values ValueError, naming the argument
+    (lambda: masks.from_dense([[True]]), TypeError, "mask must be a bool tensor .*got list"),
+    (lambda: masks.from_dense(torch.ones(4, 4)), TypeError, "mask must be a bool tensor .*got dtype float32"),
+    (lambda: masks.from_dense(torch.ones(4, dtype=torch.bool)), ValueError, r"mask must be .*got shape \(4,\)"),
+    (lambda: masks.from_dense(torch.ones(4, 4, dtype=torch.bool), block_size="16"), TypeError, "block_size"),
+    (lambda: masks.from_dense(torch.ones(4, 4, dtype=torch.bool), block_size=24), ValueError, "block_size"),
+    (lambda: masks.from_mask_fn(3, 32, 32), TypeError, "mask_fn must be callable"),
+    (lambda: masks.from_mask_fn(lambda i, j: i >= j, 1.5, 32), TypeError, "q_len must be a non-negative int"),
+    (lambda: masks.from_mask_fn(lambda i, j: i >= j, -1, 32), ValueError, "q_len must be a non-negative int"),
+    (lambda: masks.from_mask_fn(lambda i, j: i >= j, 32, "32"), TypeError, "kv_len must be a non-negative int"),
+    (lambda: masks.from_mask_fn(lambda i, j: i >= j, 32, -2), ValueError, "kv_len must be a non-negative int"),
+    (lambda: masks.from_mask_fn(lambda i, j: i >= j, 32, 32, True), TypeError, "block_size must be a power of two"),
+    (lambda: masks.from_mask_fn(lambda i, j: i >= j, 32, 32, 8), ValueError, "block_size must be a power of two"),
+    (lambda: masks.causal(None), TypeError, "q_len"),
+    (lambda: masks.causal(32, -1), ValueError, "kv_len"),
+    (lambda: masks.causal(32, 32.0), TypeError, "kv_len"),
+    (lambda: masks.causal(32, block_size=48), ValueError, "block_size"),
+    (lambda: masks.causal(32, block_size=64.0), TypeError, "block_size"),
+    (lambda: masks.sliding_window(-1, 4), ValueError, "q_len"),
+    (lambda: masks.sliding_window(64, 0), ValueError, "window must be a positive int"),
+    (lambda: masks.sliding_window(64, 2.0), TypeError, "window must be a positive int"),
+    (lambda: masks.sliding_window(64, 4, block_size=0), ValueError, "block_size"),
+    (lambda: masks.dilated(64, 4, 0), ValueError, "dilation must be a positive int"),
+    (lambda: masks.dilated(64, 4, "2"), TypeError, "dilation must be a positive int"),
+    (lambda: masks.dilated(64, -4, 2), ValueError, "window must be a positive int"),
+    (lambda: masks.dilated("64", 4, 2), TypeError, "q_len"),
+    (lambda: masks.a_shape(64, -1, 8), ValueError, "sink must be a non-negative int"),
+    (lambda: masks.a_shape(64, 1.0, 8), TypeError, "sink must be a non-negative int"),
+    (lambda: masks.a_shape(64, 2, 0), ValueError, "window must be a positive int"),
+    (lambda: masks.a_shape(-64, 2, 8), ValueError, "q_len"),
+    (lambda: masks.neighborhood_2d(0, 8, 3), ValueError, "height must be a positive int"),
+    (lambda: masks.neighborhood_2d(8, "8", 3), TypeError, "width must be a positive int"),
+    (lambda: masks.neighborhood_2d(8, 8, 0), ValueError, "kernel must be a positive int"),
+    (lambda: masks.neighborhood_2d(8, 8, 3, 1.5), TypeError, "dilation must be a positive int"),
+    (lambda: masks.neighborhood_2d(4, 4, 3, 2), ValueError, "kernel \\* dilation = 6 must fit"),
+    (lambda: masks.neighborhood_2d(8, 8, 3, block_size=20), ValueError, "block_size"),
+    (lambda: masks.vertical_slash([1.0], _qk()[1]), TypeError, "q must be a floating-point tensor .*got list"),
+    (lambda: masks.vertical_slash(_qk()[0].long(), _qk()[1]), TypeError, "q must be .*got dtype int64"),
+    (lambda: masks.vertical_slash(_qk()[0], _qk()[1].to(torch.complex64)), TypeError, "k must be .*complex64"),
+    (lambda: masks.vertical_slash(_qk()[0][0], _qk()[1]), ValueError, "q must be .*got shape"),
+    (lambda: masks.vertical_slash(*_qk(d=0)), ValueError, "q must have a head dimension D >= 1"),
+    (lambda: masks.vertical_slash(*_qk(h=2, hkv=3)), ValueError, "k heads dividing q heads"),
+    (lambda: masks.vertical_slash(*_qk(h=2, hkv=0)), ValueError, "k heads dividing q heads"),
+    (lambda: masks.vertical_slash(*_qk(), n_vertical=0), ValueError, "n_vertical must be a positive int"),
+    (lambda: masks.vertical_slash(*_qk(), n_slash="4"), TypeError, "n_slash must be a positive int"),
+    (lambda: masks.vertical_slash(*_qk(), last_q=0), ValueError, "last_q must be a positive int"),
+    (lambda: masks.vertical_slash(*_qk(), last_q=8.0), TypeError, "last_q must be a positive int"),
+    (lambda: masks.vertical_slash(*_qk(), block_size=24), ValueError, "block_size"),
+    (lambda: masks.vertical_slash(_qk()[0], _qk()[1].to("meta")), ValueError, "different devices"),
+    (lambda: masks.antidiagonal_block_scores(*_qk(), 0, 16), ValueError, "stride must be a positive int"),
+    (lambda: masks.antidiagonal_block_scores(*_qk(), 2.0, 16), TypeError, "stride must be a positive int"),
+    (lambda: masks.antidiagonal_block_scores(*_qk(), 5, 16), ValueError, "stride=5 must divide block_size=16"),
+    (lambda: masks.antidiagonal_block_scores(*_qk(), 4, "16"), TypeError, "block_size"),
+    (lambda: masks.antidiagonal_block_scores(_qk()[0], None, 4, 16), TypeError, "k must be a floating-point"),
+    (lambda: masks.antidiagonal_block_scores(*_qk(nq=64), 4, 16, causal="yes"), TypeError, "causal must be a bool"),
+    (lambda: masks.xattention(*_qk(), threshold="0.9", block_size=16), TypeError, "threshold must be a real number"),
+    (lambda: masks.xattention(*_qk(), threshold=True, block_size=16), TypeError, "threshold must be a real number"),
+    (lambda: masks.xattention(*_qk(), threshold=1.5, block_size=16), ValueError, "threshold must be in"),
+    (lambda: masks.xattention(*_qk(), threshold=float("nan"), block_size=16), ValueError, "threshold must be in"),
+    (lambda: masks.xattention(*_qk(), stride=None, block_size=16), TypeError, "stride must be a positive int"),
+    (lambda: masks.xattention(*_qk(), block_size=12), ValueError, "block_size"),
+    (lambda: masks.xattention(*_qk(d=0), block_size=16), ValueError, "q must have a head dimension"),
+    (lambda: masks.xattention_blocks(_qk()[0], _qk(nq=64)[0][:, :1].expand(2, 1, 64, 16)), ValueError,
+     "same B and D"),
+    (lambda: masks.xattention_blocks(*_qk(), threshold=0, block_size=16), ValueError, "threshold must be in"),
+    (lambda: masks.xattention_blocks(*_qk(dtype=torch.float16), stride=3, block_size=16), ValueError,
+     "stride=3 must divide"),
+]
+
+
+@pytest.mark.parametrize("call,error,message", BAD_ARGUMENTS, ids=range(len(BAD_ARGUMENTS)))
+def test_bad_arguments_name_themselves(call, error, message):
+    """Every public builder: a wrong type raises TypeError, a wrong value ValueError, and the message
+    names the argument (and what it expected)."""
+    with pytest.raises(error, match=message):
+        call()

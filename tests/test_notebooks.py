@@ -98,6 +98,9 @@ def test_interactive_cells_have_a_static_rendering(path):
             assert any(c.cell_type == "code" and "nbval-ignore-output" not in _tags(c) and c.get("outputs")
                        for c in after), f"cell {i}: no checked static rendering right after the control"
     assert "widgets" not in nbformat.read(path, as_version=4).metadata, "saved widget state"
+    saved = [i for i, cell in enumerate(cells) for out in cell.get("outputs", [])
+             if "application/vnd.jupyter.widget-view+json" in out.get("data", {})]
+    assert not saved, f"cells with a saved control, which shows as a text repr without its state: {saved}"
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)

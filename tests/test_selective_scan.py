@@ -236,3 +236,79 @@ def test_each_fused_epilogue_alone(keep):
         if name not in keep:
             args[name] = None
     check(args, softplus="delta_bias" in keep)
+
+
+# --- bad and awkward inputs (issue 32) -----------------------------------------------------------
+
+@pytest.mark.parametrize("loss", ["sum", "square"])
+def test_double_backward_raises_instead_of_detaching(loss):
+    """The Triton backward is not differentiable: gradients taken with create_graph=True are the usual
+    ones, but differentiating them again raises (never a silently detached gradient penalty)."""
+    args = make(seed=20)
+    ins = {k: v.detach().requires_grad_() for k, v in args.items()}
+    out, last = mk.selective_scan(**ins, delta_softplus=True, return_final_state=True)
+    total = out.sum() + last.sum() if loss == "sum" else (out**2).sum() + (last**2).sum()
+    leaves = list(ins.values())
+    grads = torch.autograd.grad(total, leaves, create_graph=True)
+    plain = torch.autograd.grad(total, leaves, retain_graph=True)
+    for name, grad, want in zip(ins, grads, plain):
+        torch.testing.assert_close(grad.detach(), want)
+        assert grad.requires_grad, name
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            torch.autograd.grad(grad.pow(2).sum(), leaves, allow_unused=True)
+
+
+@pytest.mark.parametrize("b,d,l", [(2, 8, 0), (0, 8, 5), (2, 0, 5)])
+@pytest.mark.parametrize("groups", [None, 2])
+def test_empty_inputs_keep_the_graph(b, d, l, groups):
+    """N = 0 (length), B = 0 or D = 0: zeros of the right shapes, the last state included, still in the
+    autograd graph: .backward() runs and every input gets a zero gradient of its own shape."""
+    if d == 0 and groups:
+        groups = None  # no channels to group
+    args = make(b=b, d=d, l=l, groups=groups, seed=21)
+    ins = {k: v.detach().requires_grad_() for k, v in args.items()}
+    for op in (mk.selective_scan, mk.reference.selective_scan):
+        out, last = op(**ins, delta_softplus=True, return_final_state=True)
+        assert out.shape == (b, d, l) and out.dtype == args["u"].dtype and out.requires_grad
+        assert last.shape == (b, d, 4) and not last.any() and last.requires_grad
+        (out.sum() + last.sum()).backward()
+        for name, t in ins.items():
+            assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any(), name
+            t.grad = None
+
+
+@pytest.mark.parametrize("flag", ["delta_softplus", "return_last_state", "return_final_state"])
+@pytest.mark.parametrize("value", [1, "yes", torch.tensor(False)])
+def test_flags_must_be_bools(flag, value):
+    args = make(l=8, extras=False)
+    for op in (mk.selective_scan, mk.reference.selective_scan):
+        with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+            op(**args, **{flag: value})
+
+
+def test_return_final_state_and_its_alias_return_last_state():
+    args = make(seed=22)
+    old, old_last = mk.selective_scan(**args, delta_softplus=True, return_last_state=True)
+    new, new_last = mk.selective_scan(**args, delta_softplus=True, return_final_state=True)
+    torch.testing.assert_close(new, old)
+    torch.testing.assert_close(new_last, old_last)
+    both = mk.selective_scan(**args, delta_softplus=True, return_last_state=True, return_final_state=True)
+    assert isinstance(both, tuple)
+    assert isinstance(mk.selective_scan(**args, return_last_state=False, return_final_state=False), torch.Tensor)
+    ref, ref_last = mk.reference.selective_scan(**{k: v.double() for k, v in args.items()}, delta_softplus=True,
+                                                return_final_state=True)
+    assert_close(new, ref, torch.float32)
+    assert_close(new_last, ref_last, torch.float32)
+    for op in (mk.selective_scan, mk.reference.selective_scan):
+        for old_value, new_value in ((True, False), (False, True)):
+            with pytest.raises(ValueError, match="return_last_state is an alias of return_final_state"):
+                op(**args, return_last_state=old_value, return_final_state=new_value)
+
+
+def test_error_messages_use_the_books_symbols():
+    """Length N and state size n, as the book writes them (mamba_ssm's L and N stay the code's names)."""
+    args = make(extras=False)
+    with pytest.raises(ValueError, match=r"A must be \[D, n\]"):
+        mk.selective_scan(**{**args, "A": args["A"][:3]})
+    with pytest.raises(ValueError, match=r"delta must have u's shape \[B, D, N\]"):
+        mk.selective_scan(**{**args, "delta": args["delta"][..., :5]})

@@ -238,3 +238,86 @@ def test_bad_inputs():
         mk.ssd(x, dt, A, B, C, initial_state=s0[..., :3])
     with pytest.raises(ValueError, match="chunk_size"):
         mk.ssd(x, dt, A, B, C, chunk_size=24)
+
+
+# --- bad and awkward inputs (issue 32) -----------------------------------------------------------
+
+@pytest.mark.parametrize("loss", ["sum", "square"])
+def test_double_backward_raises_instead_of_detaching(loss):
+    """ssd runs the linear-attention kernels, whose backward is not differentiable: gradients taken
+    with create_graph=True are the usual ones, and differentiating them again raises (D's gradient,
+    computed in PyTorch, is not one of them: differentiating it runs the kernels' backward only once)."""
+    ins = [t.detach().requires_grad_() for t in make(n=20, seed=20)]
+    y, state = mk.ssd(*ins[:5], chunk_size=16, D=ins[5], initial_state=ins[6], return_final_state=True)
+    total = y.sum() + state.sum() if loss == "sum" else (y**2).sum() + (state**2).sum()
+    grads = torch.autograd.grad(total, ins, create_graph=True)
+    plain = torch.autograd.grad(total, ins, retain_graph=True)
+    for name, grad, want in zip(("x", "dt", "A", "B", "C", "D", "initial_state"), grads, plain):
+        torch.testing.assert_close(grad.detach(), want)
+        if name == "D":  # dD = sum(dy * x), in PyTorch: differentiating it needs the kernels' backward once
+            continue
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            torch.autograd.grad(grad.pow(2).sum(), ins, allow_unused=True)
+
+
+@pytest.mark.parametrize("b,n", [(2, 0), (0, 20)])
+@pytest.mark.parametrize("state", [True, False])
+def test_empty_inputs_keep_the_graph(b, n, state):
+    """N = 0 or B = 0: y of x's shape and the final state (the initial one, or zeros), still in the
+    autograd graph: .backward() runs and every input gets a gradient of its shape (zeros, but the
+    initial state's, which the final state passes through)."""
+    ins = [t.detach().requires_grad_() if t is not None else None for t in make(b=b, n=n, seed=21, state=state)]
+    for op in (mk.ssd, mk.reference.ssd):
+        y, final = op(*ins[:5], D=ins[5], initial_state=ins[6], return_final_state=True)
+        assert y.shape == ins[0].shape and y.requires_grad and final.requires_grad
+        assert final.shape == (b, 4, 16, 16)
+        (y.sum() + 3 * final.sum()).backward()
+        for name, t in zip(("x", "dt", "A", "B", "C", "D", "initial_state"), ins):
+            if t is None:
+                continue
+            assert t.grad is not None and t.grad.shape == t.shape, name
+            if name == "initial_state":
+                torch.testing.assert_close(t.grad, torch.full_like(t, 3.0))
+            elif name != "D" or n == 0 or b == 0:  # D's gradient is sum(dy * x): empty sums, zeros
+                assert not t.grad.any(), name
+            t.grad = None
+
+
+@pytest.mark.parametrize("n", [30, 70])
+def test_nan_in_a_reaches_every_output_of_its_head(n):
+    """A NaN in A[h] (the rate of head h's log-decay dt * A) must not vanish: the kernel's clamp of
+    -inf log-decays used to map NaN to a reset. Every output of head h, and its final state, is NaN;
+    the other heads (the same group's included) are unchanged. N = 70 in chunks of 16 also takes the
+    segmented one-walk forward."""
+    x, dt, A, B, C, D, s0 = make(b=1, h=4, g=2, n=n, seed=22)
+    want = mk.ssd(x, dt, A, B, C, chunk_size=16, D=D, initial_state=s0)
+    A[1] = float("nan")
+    y, state = mk.ssd(x, dt, A, B, C, chunk_size=16, D=D, initial_state=s0, return_final_state=True)
+    ref = mk.reference.ssd(*(t.double() for t in (x, dt, A, B, C)), D=D.double(), initial_state=s0.double())
+    for out in (y, ref):
+        assert torch.isnan(out[:, 1]).all()
+    assert torch.isnan(state[:, 1]).all()
+    others = [0, 2, 3]
+    assert torch.isfinite(y[:, others]).all() and torch.isfinite(state[:, others]).all()
+    torch.testing.assert_close(y[:, others], want[:, others])
+
+
+def test_return_final_state_must_be_a_bool():
+    x, dt, A, B, C, _, _ = make(n=8)
+    for op in (mk.ssd, mk.reference.ssd):
+        for value in (1, "yes", None):
+            with pytest.raises(TypeError, match="return_final_state must be a bool"):
+                op(x, dt, A, B, C, return_final_state=value)
+
+
+def test_error_messages_use_the_books_symbols():
+    """x [B, H, N, d_v], B and C [B, G, N, n], states [B, H, n, d_v]: the book's symbols."""
+    x, dt, A, B, C, _, s0 = make(n=8)
+    with pytest.raises(ValueError, match=r"initial_state must be \[B, H, n, d_v\]"):
+        mk.ssd(x, dt, A, B, C, initial_state=s0[..., :3])
+    with pytest.raises(ValueError, match=r"B and C must have the same shape \[B, G, N, n\]"):
+        mk.ssd(x, dt, A, B, C[..., :3])
+    with pytest.raises(ValueError, match=r"x must have 4 dimensions \[B, H, N, d_v\]"):
+        mk.ssd(x[0], dt, A, B, C)
+    with pytest.raises(TypeError, match="chunk_size must be an int"):
+        mk.ssd(x, dt, A, B, C, chunk_size=16.0)
