@@ -26,6 +26,10 @@ delta = rowsum(dO * O) for its rows and writes it for the dK/dV kernel, which ru
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -33,7 +37,19 @@ import triton.language as tl
 from ._alloc import empty
 from ._backend import dot_options, is_interpreter, on_device_of, tma_ready
 from ._validate import int32_addressable
-from .flash import LOG2E, _check_scale, _compute_dtype, _head_dim_pad, check_attention_inputs
+from .flash import (
+    LOG2E,
+    TF32_FALLBACK,
+    _check_scale,
+    _compute_dtype,
+    _head_dim_pad,
+    check_attention_inputs,
+    fit_shared_memory,
+    once_differentiable,
+    shared_memory_limit,
+    smem_estimate,
+    split_operands,
+)
 from .masks import BlockMask
 
 MAX_BLOCK_SIZE = 128
@@ -351,14 +367,8 @@ def _bs_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, ORDER, Q_IDX, Q_CNT, Q_FULL, Q
              + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-def _config(kernel: str, block: int, head_dim: int, elem_bytes: int) -> dict:
-    """Launch configuration of one kernel ("fwd", "dq" or "dkdv") for a mask's block size.
-
-    STREAM: the keys (forward, dQ) or query rows (dK/dV) streamed per step, a piece of the mask's
-    block; SUB: the query rows (forward, dQ) or keys (dK/dV) one program keeps resident.
-    """
-    if is_interpreter():  # small pieces, so that the CPU tests exercise the piece and sub-block indexing
-        return {"SUB": min(block, 16), "STREAM": min(block, 32), "num_warps": 4, "num_stages": 1, "TMA": True}
+def _tuned_config(kernel: str, block: int, head_dim: int, elem_bytes: int) -> dict:
+    """The configuration tuned on an H100 / H200 for a mask's block size (before fitting it to the device)."""
     big = block * head_dim >= 128 * 128
     if elem_bytes == 2 and head_dim <= 128:
         # 16-bit, D <= 128. The backward keeps 64-row parts of a block resident and streams 64-row
@@ -372,15 +382,60 @@ def _config(kernel: str, block: int, head_dim: int, elem_bytes: int) -> dict:
                     "maxnreg": 128}
         return {"SUB": min(block, 64), "STREAM": min(block, 64), "num_warps": 4, "num_stages": 2, "TMA": True}
     # float32, or a head dim past 128: whole blocks; one stage in the backward, whose five live tiles
-    # leave no room for a second copy of the streamed ones
+    # leave no room for a second copy of the streamed ones (fit_shared_memory takes them down to what
+    # the device holds: on an H100, float32 blocks of 128 do not fit whole)
     return {"SUB": block, "STREAM": block, "num_warps": 8 if big else 4, "num_stages": 3 if kernel == "fwd" else 1,
             "TMA": False}
+
+
+def smem_need(kernel: str, cfg: dict, head_dim: int, elem_bytes: int) -> int:
+    """``flash.smem_estimate`` for one kernel at ``cfg`` and head dim ``head_dim``. Each kernel keeps
+    two operands of SUB rows resident (the forward one) and streams two STREAM-row tiles, with the
+    partial blocks' element-mask tile (SUB x STREAM bytes) and, in dK/dV, the streamed rows' lse and delta.
+    Loads through tensor descriptors keep ``num_stages + 1`` copies of the streamed tiles (Triton 3.9 on
+    sm_90 allocates up to that many across the kernels' three loops)."""
+    sub, stream, stages = cfg["SUB"], cfg["STREAM"], cfg["num_stages"]
+    head_dim = _head_dim_pad(head_dim)
+    resident = (1 if kernel == "fwd" else 2) * sub * head_dim  # q (forward); q, dO (dQ); k, v (dK/dV)
+    extra = sub * stream + (8 * stream if kernel == "dkdv" else 0)
+    return smem_estimate(resident, (stream * head_dim, stream * head_dim), elem_bytes, stages, extra,
+                         buffers=stages + 1 if cfg.get("TMA") else None, split=split_operands(cfg, elem_bytes))
+
+
+def tile_config(kernel: str, block: int, head_dim: int, elem_bytes: int, smem_limit: int | None) -> dict:
+    """The planning seam: the launch configuration of one kernel (``"fwd"``, ``"dq"`` or ``"dkdv"``) for a
+    mask's block size, on a GPU whose programs may use ``smem_limit`` bytes of shared memory (None: no
+    limit), for inputs of ``elem_bytes`` bytes (4: float32, 2: float16 / bfloat16) and head dim
+    ``head_dim``. A pure function: the tuned configuration (``_tuned_config``), fitted to ``smem_limit``
+    by ``flash.fit_shared_memory`` (fewer stages, then smaller SUB / STREAM pieces of the block).
+
+    STREAM: the keys (forward, dQ) or query rows (dK/dV) streamed per step, a piece of the mask's
+    block; SUB: the query rows (forward, dQ) or keys (dK/dV) one program keeps resident.
+    """
+    pad = _head_dim_pad(head_dim)
+    return fit_shared_memory(_tuned_config(kernel, block, head_dim, elem_bytes),
+                             lambda c: smem_need(kernel, c, pad, elem_bytes), smem_limit, ("STREAM", "SUB"),
+                             resident="SUB", relaxed=TF32_FALLBACK if elem_bytes == 4 else None)
+
+
+@functools.cache
+def _planned(kernel: str, block: int, head_dim: int, elem_bytes: int, smem_limit: int | None) -> dict:
+    return tile_config(kernel, block, head_dim, elem_bytes, smem_limit)  # planned once per launch shape
+
+
+def _config(kernel: str, block: int, head_dim: int, elem_bytes: int) -> dict:
+    """Launch configuration of one kernel ("fwd", "dq" or "dkdv") for a mask's block size: ``tile_config``
+    for the current device's shared memory."""
+    if is_interpreter():  # small pieces, so that the CPU tests exercise the piece and sub-block indexing
+        return {"SUB": min(block, 16), "STREAM": min(block, 32), "num_warps": 4, "num_stages": 1, "TMA": True}
+    return dict(_planned(kernel, block, head_dim, elem_bytes, shared_memory_limit()))
 
 
 def _sources(cfg: dict, rows: int, head_dim: int, *ts: torch.Tensor) -> tuple[dict, tuple]:
     # the kernel's TMA flag and what it reads the streamed tensors through: descriptors of
     # [1, 1, rows, head_dim] tiles, or (inputs a descriptor cannot describe) the tensors themselves
-    tma = cfg.get("TMA", False) and tma_ready(*ts)
+    # (a descriptor cannot describe an empty tensor; nothing is read from one anyway)
+    tma = cfg.get("TMA", False) and all(t.numel() > 0 for t in ts) and tma_ready(*ts)
     if not tma:
         return {**cfg, "TMA": False}, ts
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -399,15 +454,17 @@ def _forward(q, k, v, bm: BlockMask, scale: float, cfg: dict | None = None):
     HKV, Nk = k.shape[1], k.shape[2]
     o = empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
     lse = empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    if o.numel() == 0:  # no query row (B, H or Nq is 0): nothing to launch
+        return o, lse
     lay = bm.kernel_layout
     cfg = cfg or _config("fwd", bm.block_size, D, q.element_size())
     cfg, (k_src, v_src) = _sources(cfg, cfg["STREAM"], _head_dim_pad(D), k, v)
     _bs_fwd[(bm.n_q_blocks * (bm.block_size // cfg["SUB"]), B * H)](
-        q, k_src, v_src, o, lse, lay["q_order"], lay["kv_indices"], bm.kv_counts, lay["kv_full"], lay["kv_band_end"],
-        lay["tile_index"], lay["tiles"], lay["tile_lo"], lay["tile_hi"],
+        q, k_src, v_src, o, lse, lay["q_order"], lay["kv_indices"], bm.kv_counts.contiguous(), lay["kv_full"],
+        lay["kv_band_end"], lay["tile_index"], lay["tiles"], lay["tile_lo"], lay["tile_hi"],
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, H // HKV, Nq, Nk, D, bm.kv_indices.shape[1],
-        scale * LOG2E, EVEN=_even(bm, D), BLOCK=bm.block_size, HEAD_DIM=_head_dim_pad(D), **cfg,
-        **dot_options(q.dtype))
+        scale * LOG2E, EVEN=_even(bm, D), BLOCK=bm.block_size, HEAD_DIM=_head_dim_pad(D),
+        **{**dot_options(q.dtype), **cfg})
     return o, lse
 
 
@@ -416,6 +473,8 @@ def _backward(q, k, v, o, lse, do, bm: BlockMask, scale: float, dq_cfg: dict | N
     # dq_cfg, dkdv_cfg: overrides of _config("dq" / "dkdv", ...), for tuning
     B, H, Nq, D = q.shape
     HKV, Nk = k.shape[1], k.shape[2]
+    if q.numel() == 0:  # no query row reads k or v: their gradients are zero, and nothing is launched
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     pad = _head_dim_pad(D)
     delta = empty((B, H, Nq), dtype=torch.float32, device=q.device)  # written by the dQ kernel
     dq = empty(q.shape, dtype=q.dtype, device=q.device)
@@ -426,19 +485,21 @@ def _backward(q, k, v, o, lse, do, bm: BlockMask, scale: float, dq_cfg: dict | N
     cfg = dq_cfg or _config("dq", bs, D, q.element_size())
     cfg, (k_src, v_src) = _sources(cfg, cfg["STREAM"], pad, k, v)
     _bs_bwd_dq[(bm.n_q_blocks * (bs // cfg["SUB"]), B * H)](
-        q, k_src, v_src, o, do, dq, lse, delta, lay["q_order"], lay["kv_indices"], bm.kv_counts, lay["kv_full"],
-        lay["kv_band_end"], lay["tile_index"], lay["tiles"], lay["tile_lo"], lay["tile_hi"], *q.stride(), *k.stride(),
-        *v.stride(), *o.stride(), *do.stride(), *dq.stride(), H, H // HKV, Nq, Nk, D, bm.kv_indices.shape[1], scale,
-        scale * LOG2E, EVEN=_even(bm, D), BLOCK=bs, HEAD_DIM=pad, **cfg, **dot_options(q.dtype))
+        q, k_src, v_src, o, do, dq, lse, delta, lay["q_order"], lay["kv_indices"], bm.kv_counts.contiguous(),
+        lay["kv_full"], lay["kv_band_end"], lay["tile_index"], lay["tiles"], lay["tile_lo"], lay["tile_hi"],
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(), H, H // HKV, Nq, Nk, D,
+        bm.kv_indices.shape[1], scale, scale * LOG2E,
+        EVEN=_even(bm, D), BLOCK=bs, HEAD_DIM=pad, **{**dot_options(q.dtype), **cfg})
     if bm.n_kv_blocks == 0:  # no keys: dK and dV are empty
         return dq, dk, dv
     cfg = dkdv_cfg or _config("dkdv", bs, D, q.element_size())
     cfg, (q_src, do_src) = _sources(cfg, cfg["STREAM"], pad, q, do)
     _bs_bwd_dkdv[(bm.n_kv_blocks * (bs // cfg["SUB"]), B * HKV)](
-        q_src, k, v, do_src, dk, dv, lse, delta, lay["kv_order"], lay["q_indices"], bm.q_counts, lay["q_full"],
-        lay["q_band_end"], lay["q_tile_index"], lay["tiles"], lay["tile_lo"], lay["tile_hi"], *q.stride(), *k.stride(),
-        *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), H, HKV, H // HKV, Nq, Nk, D, bm.q_indices.shape[1],
-        scale, scale * LOG2E, EVEN=_even(bm, D), BLOCK=bs, HEAD_DIM=pad, **cfg, **dot_options(q.dtype))
+        q_src, k, v, do_src, dk, dv, lse, delta, lay["kv_order"], lay["q_indices"], bm.q_counts.contiguous(),
+        lay["q_full"], lay["q_band_end"], lay["q_tile_index"], lay["tiles"], lay["tile_lo"], lay["tile_hi"],
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), H, HKV, H // HKV, Nq, Nk, D,
+        bm.q_indices.shape[1], scale, scale * LOG2E,
+        EVEN=_even(bm, D), BLOCK=bs, HEAD_DIM=pad, **{**dot_options(q.dtype), **cfg})
     return dq, dk, dv
 
 
@@ -455,12 +516,174 @@ class _BlockSparseAttention(torch.autograd.Function):
         return o.to(dtype)
 
     @staticmethod
+    @once_differentiable  # the backward is kernels: a second derivative raises, never detaches
     def backward(ctx, do):
         qw, kw, vw, o, lse = ctx.saved_tensors
         with on_device_of(qw):
             dq, dk, dv = _backward(qw, kw, vw, o, lse, int32_addressable("grad of out", do.to(qw.dtype)), ctx.bm,
                                    ctx.scale)
         return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None, None
+
+
+# --------------------------------------------------------------------------------------------------
+# checking a BlockMask before a kernel reads it
+# --------------------------------------------------------------------------------------------------
+
+# (name, dtype) of a BlockMask's tensors. The kernels follow its indices without bounds checks, so a
+# mask built by hand is checked here first: an index past the end would be an out-of-bounds read.
+_MASK_TENSORS = (("kv_indices", torch.int32), ("kv_counts", torch.int32), ("partial", torch.bool),
+                 ("tile_index", torch.int32), ("tiles", torch.bool), ("q_indices", torch.int32),
+                 ("q_counts", torch.int32), ("q_partial", torch.bool), ("q_tile_index", torch.int32))
+
+# id(mask) -> the signature of its tensors when their values were last checked (see _mask_signature)
+_CHECKED: dict[int, tuple] = {}
+
+
+def _check_mask_structure(bm: BlockMask, q: torch.Tensor, k: torch.Tensor) -> BlockMask:
+    """Types, shapes, dtypes and devices of ``bm``'s fields against q and k: no host sync. Returns the
+    mask, or a copy whose tensors the kernels address as dense arrays made contiguous."""
+    if not isinstance(bm, BlockMask):
+        raise TypeError(f"block_mask must be a minikernels.masks.BlockMask, got {type(bm).__name__}")
+    for name in ("q_len", "kv_len", "block_size"):
+        value = getattr(bm, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"block_mask.{name} must be an int, got {type(value).__name__}")
+    nq, nk = q.shape[2], k.shape[2]
+    if (bm.q_len, bm.kv_len) != (nq, nk):
+        raise ValueError(f"block_mask was built for q_len={bm.q_len}, kv_len={bm.kv_len}, "
+                         f"but q has Nq={nq} and k has Nk={nk}")
+    bs = bm.block_size
+    if bs > MAX_BLOCK_SIZE:
+        raise ValueError(f"block_mask.block_size={bs} is larger than the kernel's largest "
+                         f"tile ({MAX_BLOCK_SIZE}); rebuild the mask with block_size 16, 32, 64 or 128")
+    if bs < 16 or bs & (bs - 1):
+        raise ValueError(f"block_mask.block_size must be a power of two from 16 to {MAX_BLOCK_SIZE}, got {bs}")
+    for name, _ in _MASK_TENSORS:
+        t = getattr(bm, name)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"block_mask.{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != q.device:
+            raise ValueError(f"block_mask is on {t.device} (its {name}), q on {q.device}: build the mask with "
+                             f"device={q.device.type!r}")
+    for name, dtype in _MASK_TENSORS:
+        t = getattr(bm, name)
+        if t.dtype != dtype:
+            raise TypeError(f"block_mask.{name} must have dtype {str(dtype).replace('torch.', '')}, "
+                            f"got {str(t.dtype).replace('torch.', '')}")
+    n_tiles = bm.tiles.shape[0] if bm.tiles.dim() == 3 else 0
+    expected = {"tiles": (n_tiles, bs, bs)}
+    for side, rows in (("kv_", bm.n_q_blocks), ("q_", bm.n_kv_blocks)):
+        idx = getattr(bm, f"{side}indices")
+        width = idx.shape[1] if idx.dim() == 2 else 1
+        if idx.dim() != 2 or width < 1:
+            raise ValueError(f"block_mask.{side}indices must be [{rows}, width >= 1], got shape {tuple(idx.shape)}")
+        partial, tile = ("partial", "tile_index") if side == "kv_" else ("q_partial", "q_tile_index")
+        expected.update({f"{side}indices": (rows, width), f"{side}counts": (rows,), partial: (rows, width),
+                         tile: (rows, width)})
+    for name, shape in expected.items():
+        if tuple(getattr(bm, name).shape) != shape:
+            raise ValueError(f"block_mask.{name} must have shape {shape} for q_len={bm.q_len}, kv_len={bm.kv_len} "
+                             f"and block_size={bs}, got {tuple(getattr(bm, name).shape)}")
+    # the kernels read the counts and the tiles as dense arrays: give them dense ones
+    loose = {n: getattr(bm, n).contiguous() for n in ("kv_counts", "q_counts", "tiles")
+             if not getattr(bm, n).is_contiguous()}
+    return dataclasses.replace(bm, **loose) if loose else bm
+
+
+def _mask_signature(bm: BlockMask) -> tuple:
+    # Which tensors, and how often each was modified in place (torch's version counter): a mask whose
+    # values were checked stays checked until one of its tensors changes. Inference tensors keep no
+    # version counter: such a mask is checked once (a BlockMask is not meant to change in place).
+    return tuple((t.data_ptr(), None if t.is_inference() else t._version)
+                 for t in (getattr(bm, name) for name, _ in _MASK_TENSORS))
+
+
+def _visit_errors(bm: BlockMask, side: str) -> list[str]:
+    """What is wrong with one side's visit lists (host sync): counts outside [0, width], counted indices
+    outside [0, n_other_blocks) or not increasing, tile numbers outside [0, n_tiles)."""
+    idx, counts = getattr(bm, f"{side}indices"), getattr(bm, f"{side}counts")
+    partial, tile = (bm.partial, bm.tile_index) if side == "kv_" else (bm.q_partial, bm.q_tile_index)
+    n_other = bm.n_kv_blocks if side == "kv_" else bm.n_q_blocks
+    other = "n_kv_blocks" if side == "kv_" else "n_q_blocks"
+    n_tiles, width = bm.tiles.shape[0], idx.shape[1]
+    c = counts.long()
+    i = idx.long()
+    counted = torch.arange(width, device=idx.device)[None, :] < c[:, None]
+    zero = torch.zeros(1, dtype=torch.long, device=idx.device)
+    bad = torch.stack([
+        torch.cat([zero, c]).min(), torch.cat([zero, c]).max(),
+        (counted & ((i < 0) | (i >= n_other))).sum(),
+        (counted[:, 1:] & (i[:, 1:] <= i[:, :-1])).sum(),
+        (counted & partial & ((tile < 0) | (tile >= n_tiles))).sum(),
+        # the layout looks up every tile number (padding too) when there are tiles: none may be past the end
+        (tile >= n_tiles).sum() if n_tiles else zero[0],
+    ]).tolist()  # one host sync
+    lo, hi, out_of_range, unordered, bad_tile, bad_any_tile = bad
+    errors = []
+    if lo < 0 or hi > width:
+        errors.append(f"block_mask.{side}counts must lie in [0, {width}] (the width of {side}indices), "
+                      f"got values in [{int(c.min())}, {int(c.max())}]")
+    elif out_of_range:
+        row = int((counted & ((i < 0) | (i >= n_other))).any(1).nonzero()[0])
+        errors.append(f"block_mask.{side}indices must lie in [0, {other}={n_other}) where counted; row {row} "
+                      f"lists {idx[row, :c[row]].tolist()}")
+    elif unordered:
+        row = int((counted[:, 1:] & (i[:, 1:] <= i[:, :-1])).any(1).nonzero()[0])
+        errors.append(f"block_mask.{side}indices must increase along each row (each block once); row {row} "
+                      f"lists {idx[row, :c[row]].tolist()}")
+    name = "tile_index" if side == "kv_" else "q_tile_index"
+    if bad_tile or bad_any_tile:
+        errors.append(f"block_mask.{name} must lie in [0, {n_tiles}) (the number of tiles) for partial visits, "
+                      f"and below {n_tiles} everywhere")
+    return errors
+
+
+def _check_mask_values(bm: BlockMask) -> None:
+    """The values the kernels follow: both visit lists in bounds, and the key-side lists (read by the
+    backward's dK/dV kernel) the same visits as the query-side ones (read by the forward and dQ)."""
+    errors = _visit_errors(bm, "kv_") + _visit_errors(bm, "q_")
+    if errors:
+        raise ValueError("; ".join(errors))
+    nkb, dev = bm.n_kv_blocks, bm.kv_indices.device
+
+    def visits(idx, counts, partial, tile, by_query):
+        counted = torch.arange(idx.shape[1], device=dev)[None, :] < counts.long()[:, None]
+        rows = torch.arange(idx.shape[0], device=dev)[:, None].expand_as(idx)[counted]
+        cols = idx.long()[counted]
+        key = rows * nkb + cols if by_query else cols * nkb + rows  # (query block, key block), row-major
+        key, order = key.sort()
+        part = partial[counted][order]
+        return key, part, torch.where(part, tile[counted][order], -1)
+
+    kv = visits(bm.kv_indices, bm.kv_counts, bm.partial, bm.tile_index, True)
+    qs = visits(bm.q_indices, bm.q_counts, bm.q_partial, bm.q_tile_index, False)
+    if kv[0].shape != qs[0].shape or not all(bool(torch.equal(a, b)) for a, b in zip(kv, qs)):
+        raise ValueError("block_mask's key-side lists (q_indices, q_counts, q_partial, q_tile_index; read by the "
+                         "backward) must list the same visits, partial flags and tiles as its query-side lists "
+                         "(kv_indices, kv_counts, partial, tile_index); build masks with minikernels.masks")
+
+
+def _check_block_mask(bm: BlockMask, q: torch.Tensor, k: torch.Tensor) -> BlockMask:
+    """Check ``bm`` against q and k before any kernel follows its indices. The structure is checked on
+    every call; the values once per mask (they need a host sync), and again if a tensor of the mask is
+    changed in place. Returns the mask the kernels should read."""
+    checked = _CHECKED.get(id(bm))
+    if checked is not None and (bm.q_len, bm.kv_len) == (q.shape[2], k.shape[2]) \
+            and bm.kv_indices.device == q.device and _mask_signature(bm) == checked:
+        return bm  # checked before, and unchanged since: the common case costs a few attribute reads
+    bm = _check_mask_structure(bm, q, k)
+    sig = _mask_signature(bm)
+    if _CHECKED.get(id(bm)) == sig:
+        return bm
+    if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("block_sparse_attention checks a new BlockMask's indices on the host, which cannot "
+                           "happen while a CUDA graph is captured: call it once with this mask before capturing")
+    _check_mask_values(bm)
+    vars(bm).pop("kernel_layout", None)  # a layout cached before these values were checked is rebuilt from them
+    if id(bm) not in _CHECKED:
+        weakref.finalize(bm, _CHECKED.pop, id(bm), None)
+    _CHECKED[id(bm)] = sig
+    return bm
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask,
@@ -471,21 +694,25 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     ``block_mask`` built for ``q_len = Nq``, ``kv_len = Nk`` with a block size of 16 to 128 (the
     kernels' tile), on the same device. One mask serves every batch and head. Element masks apply
     only on the partial blocks; a query that sees no key gets zeros. ``scale`` defaults to 1/sqrt(D).
+    float16, bfloat16 or float32 (on the GPU, float32 products in 3-pass tf32, or single-pass tf32 on a
+    GPU whose shared memory cannot hold the split operands: none on an H100 or H200), D up to 256; the
+    pieces of a block each program keeps and streams are fitted to the device's shared memory
+    (``tile_config``). Empty inputs (B, H, Nq or Nk = 0) give empty or zero outputs that stay in the
+    autograd graph.
+    Differentiable once: a gradient taken with ``create_graph=True`` cannot be differentiated again
+    (backward through it raises a RuntimeError).
+
+    The kernels follow the mask's indices without bounds checks, so the mask is checked first: the
+    shapes, dtypes (int32 indices and counts, bool flags and tiles) and devices of its tensors on
+    every call, and its values (counts within the width of the index lists, counted block indices in
+    range and increasing, tile numbers in range, the key-side lists the same visits as the query-side
+    ones) the first time a mask is used and again after any in-place change to its tensors. That value
+    check reads the mask on the host: a device synchronisation, once per mask, which also means that
+    a mask must be used once before a CUDA graph that uses it is captured. Masks from
+    ``minikernels.masks`` always pass.
     """
     check_attention_inputs(q, k, v)
-    if not isinstance(block_mask, BlockMask):
-        raise TypeError(f"block_mask must be a minikernels.masks.BlockMask, got {type(block_mask).__name__}")
-    nq, nk = q.shape[2], k.shape[2]
-    if (block_mask.q_len, block_mask.kv_len) != (nq, nk):
-        raise ValueError(f"block_mask was built for q_len={block_mask.q_len}, kv_len={block_mask.kv_len}, "
-                         f"but q has Nq={nq} and k has Nk={nk}")
-    if block_mask.block_size > MAX_BLOCK_SIZE:
-        raise ValueError(f"block_mask.block_size={block_mask.block_size} is larger than the kernel's largest "
-                         f"tile ({MAX_BLOCK_SIZE}); rebuild the mask with block_size 16, 32, 64 or 128")
-    if block_mask.kv_indices.device != q.device:
-        raise ValueError(f"block_mask is on {block_mask.kv_indices.device}, q on {q.device}: build the mask with "
-                         f"device={q.device.type!r}")
+    block_mask = _check_block_mask(block_mask, q, k)
     scale = _check_scale(scale, q.shape[-1])
-    if q.numel() == 0:
-        return q.new_zeros(q.shape)
+    # empty inputs go through the autograd function too, so that the output stays in the graph
     return _BlockSparseAttention.apply(q, k, v, block_mask, scale)

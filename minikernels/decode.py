@@ -16,6 +16,8 @@ read once, not once per query head. Forward only.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -23,7 +25,18 @@ import triton.language as tl
 from ._alloc import empty
 from ._backend import dot_options, is_interpreter, on_device_of
 from ._validate import int32_addressable
-from .flash import _compute_dtype, _head_dim_pad, check_attention_inputs
+from .flash import (
+    LOG2E,
+    TF32_FALLBACK,
+    _check_scale,
+    _compute_dtype,
+    _head_dim_pad,
+    check_attention_inputs,
+    fit_shared_memory,
+    shared_memory_limit,
+    smem_estimate,
+    split_operands,
+)
 
 MAX_SPLITS = 64
 
@@ -114,6 +127,43 @@ def _decode_merge(O_PART, LSE_PART, OUT, stride_ob, stride_oh, stride_on, stride
              out.to(OUT.dtype.element_ty), mask=offs_d < D)
 
 
+def smem_need(rows: int, cfg: dict, head_dim: int, elem_bytes: int) -> int:
+    """``flash.smem_estimate`` for the split kernel at ``cfg`` and head dim ``head_dim``: ``rows`` query
+    rows resident, K^T and V streamed in blocks of BLOCK_N keys. With fewer than 64 rows the products
+    run on the older MMA, which splits float32 K and V in registers and stages the split P (rows x
+    BLOCK_N) instead (Triton 3.9 on sm_90)."""
+    n, head_dim = cfg["BLOCK_N"], _head_dim_pad(head_dim)
+    split = split_operands(cfg, elem_bytes)
+    need = smem_estimate(rows * head_dim, (n * head_dim, n * head_dim), elem_bytes, cfg["num_stages"],
+                         split=split, split_streamed=rows >= 64)
+    return need + (2 * rows * n * elem_bytes if split and rows < 64 else 0)
+
+
+def tile_config(rows: int, head_dim: int, elem_bytes: int, smem_limit: int | None) -> dict:
+    """The planning seam: the split kernel's key block, warps and pipeline stages on a GPU whose programs
+    may use ``smem_limit`` bytes of shared memory (None: no limit), for ``rows`` query rows per program
+    (the ROWS tile: a group's heads times Nq, at least 16), inputs of ``elem_bytes`` bytes and head dim
+    ``head_dim``. A pure function: 64-key blocks in a 3-stage pipeline (the cache read is the whole
+    cost, so loads stay in flight), stepped down by ``flash.fit_shared_memory`` where they do not fit
+    (float32 at large head dims; float32 at D > 128 with more than 64 rows runs single-pass tf32, as
+    its 3xtf32 split of the query rows alone would fill an H100's shared memory)."""
+    pad = _head_dim_pad(head_dim)
+    return fit_shared_memory({"BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+                             lambda c: smem_need(rows, c, pad, elem_bytes), smem_limit, ("BLOCK_N",),
+                             relaxed=TF32_FALLBACK if elem_bytes == 4 else None)
+
+
+@functools.cache
+def _planned(rows: int, head_dim: int, elem_bytes: int, smem_limit: int | None) -> dict:
+    return tile_config(rows, head_dim, elem_bytes, smem_limit)  # planned once per launch shape
+
+
+def _split_config(rows: int, head_dim: int, elem_bytes: int) -> dict:
+    if is_interpreter():
+        return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    return dict(_planned(rows, head_dim, elem_bytes, shared_memory_limit()))
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -129,7 +179,7 @@ def choose_num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: t
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      cache_seqlens: torch.Tensor | None = None, num_splits: int | None = None,
-                     causal: bool = False) -> torch.Tensor:
+                     causal: bool = False, *, scale: float | None = None) -> torch.Tensor:
     """Attention of a few query rows over a KV cache, split along the cache (forward only).
 
     q ``[B, H, Nq, D]`` (Nq small, 1 is the common case); k_cache, v_cache ``[B, Hkv, Nmax, D]`` with
@@ -137,7 +187,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     ``num_splits`` splits of the cache processed in parallel (default: chosen from the GPU's size;
     at most 64, and no more than the cache has blocks of keys: it changes the speed, not the result).
     With ``causal=True`` the Nq queries are the last Nq positions of each sequence (row i sees keys
-    j <= L - Nq + i). A row that sees no key (length 0) gets zeros. Scale 1/sqrt(D).
+    j <= L - Nq + i). A row that sees no key (length 0) gets zeros. ``scale`` multiplies the logits
+    q k^T, as in ``flash_attention`` (default 1/sqrt(D)). Empty inputs (B, H or Nq = 0) give an empty
+    output; an empty cache (Nmax = 0) gives zeros. On a GPU, float32 products run in 3-pass tf32 (near
+    float32), except where the split operands do not fit the device's shared memory with the smallest
+    key block (D > 128 with more than 64 query rows per KV head on an H100): single-pass tf32 there, within
+    the package's float32 tolerance. Checking ``cache_seqlens``'s values reads them on
+    the host (a device synchronisation); while a CUDA graph is captured that check is skipped and the
+    kernel clamps each length to [0, Nmax].
     """
     check_attention_inputs(q, k_cache, v_cache, k_name="k_cache", v_name="v_cache")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
@@ -162,10 +219,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             if lo < 0 or hi > Nmax:
                 raise ValueError(f"cache_seqlens must lie in [0, Nmax={Nmax}], got values in [{lo}, {hi}]")
         cache_seqlens = cache_seqlens.to(torch.int32).contiguous()
-    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)):
+        raise TypeError(f"num_splits must be a positive int or None, got {type(num_splits).__name__}")
+    if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    scale = _check_scale(scale, D)
     group = H // HKV
     rows = max(16, triton.next_power_of_2(group * Nq))  # tl.dot needs at least 16 rows
     if group * Nq > 128:
@@ -177,20 +237,22 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     work = _compute_dtype(q.dtype)
     qw, kw, vw = (int32_addressable(n, t.to(work)) for n, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)))
-    block_n = 32 if is_interpreter() else 64
+    with on_device_of(q):  # the shared memory of q's device
+        cfg = _split_config(rows, D, qw.element_size())
+    block_n = cfg["BLOCK_N"]
     splits = num_splits or choose_num_splits(B * HKV, Nmax, block_n, q.device)
     # more splits than key blocks, or than the merge tile holds, would only add empty programs
     splits = min(splits, max(1, triton.cdiv(Nmax, block_n)), MAX_SPLITS)
     split_len = triton.cdiv(triton.cdiv(max(Nmax, 1), splits), block_n) * block_n
     pad = _head_dim_pad(D)
-    o_part = torch.empty((B * HKV, splits, rows, pad), dtype=torch.float32, device=q.device)
-    lse_part = torch.empty((B * HKV, splits, rows), dtype=torch.float32, device=q.device)
+    # the partials: every (split, row, lane) is written by _decode_split, padding rows and lanes included
+    o_part = empty((B * HKV, splits, rows, pad), dtype=torch.float32, device=q.device)
+    lse_part = empty((B * HKV, splits, rows), dtype=torch.float32, device=q.device)
     with on_device_of(q):  # Triton launches on the current CUDA device
         _decode_split[(splits, B * HKV)](
             qw, kw, vw, cache_seqlens, o_part, lse_part, *qw.stride(), *kw.stride(), *vw.stride(),
-            HKV, group, Nq, D, Nmax, split_len, splits, D**-0.5 * 1.4426950408889634, CAUSAL=causal, ROWS=rows,
-            BLOCK_N=block_n, HEAD_DIM=pad, num_warps=4, num_stages=1 if is_interpreter() else 3,
-            **dot_options(qw.dtype))
+            HKV, group, Nq, D, Nmax, split_len, splits, scale * LOG2E, CAUSAL=causal, ROWS=rows,
+            HEAD_DIM=pad, **{**dot_options(qw.dtype), **cfg})
         _decode_merge[(B * HKV, group * Nq)](
             o_part, lse_part, out, *out.stride(), HKV, group, Nq, D, splits,
             ROWS=rows, SPLITS=max(2, triton.next_power_of_2(splits)), HEAD_DIM=pad, num_warps=4)

@@ -25,6 +25,7 @@ zeros and a logsumexp of -inf.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -330,55 +331,186 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
 # launch configuration
 # --------------------------------------------------------------------------------------------------
 
-# Shared memory holds the resident tile plus num_stages copies of the streamed tiles: at most 227 KB
-# per block on Hopper (of the SM's 228 KB). fp32 tiles are twice the bytes of fp16/bf16 ones, so they
-# get smaller tiles (the 16-bit configurations on fp32 inputs would ask for about 256 KB and not launch).
+# Every configuration below is the one tuned for a Hopper GPU (H100, H200: 227 KiB of shared memory per
+# program), then fitted to the shared memory of the device at hand: ``fit_shared_memory`` steps it down
+# (fewer pipeline stages, then smaller tiles) until its estimated need fits, so the same code runs on
+# any GPU and every dtype; on Hopper every tuned configuration fits as it is.
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+
+# Shared memory left free below the device's limit: the estimate counts the tiles, not the scalars,
+# barriers and layout-conversion scratch the compiler adds (at most 8 KiB beyond the estimate in every
+# configuration checked, on sm_90 and sm_80).
+SMEM_MARGIN = 16 * 1024
+
+
+@functools.cache
+def _device_shared_memory(index: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def shared_memory_limit() -> int | None:
+    """Bytes of shared memory one program may use on the current CUDA device, as the driver reports it
+    (the opt-in limit per block: 232448 on an H100 or H200, 166912 on an A100, 101376 on most consumer
+    GPUs); None under the interpreter, which has no such limit."""
+    if is_interpreter():
+        return None
+    return _device_shared_memory(torch.cuda.current_device())
+
+
+def smem_estimate(resident: int, streamed: tuple[int, ...], elem_bytes: int, num_stages: int, extra: int = 0, *,
+                  buffers: int | None = None, split: bool | None = None, split_streamed: bool = True) -> int:
+    """Shared memory (bytes) of a kernel whose loop feeds ``tl.dot`` from tiles in shared memory:
+    ``resident`` elements of operands loaded once (the program's own rows), ``streamed`` tiles (elements
+    each) loaded every step, ``extra`` bytes of other loads every step (mask tiles, row statistics).
+
+    * ``split`` (default: float32 inputs, which run as 3xtf32, ``dot_options``): each operand is split
+      into a high and a low part held side by side, so the resident operands count twice and the split
+      of the largest streamed tile (one at a time) adds two copies of it (unless ``split_streamed`` is
+      False: a kernel whose products run on the older MMA, fewer than 64 rows, splits them in registers).
+    * ``buffers``: the copies of each streamed tile that the software pipeliner keeps in flight. By
+      default what Triton 3.9 allocates for pointer loads in these kernels: ``num_stages - 1`` for split
+      float32 operands (their loads land in registers to be split), ``num_stages`` for unsplit float32
+      ones, ``num_stages - 1`` but at least one otherwise (16-bit loops, which it often does not
+      pipeline at all: one copy). Loads through tensor descriptors (TMA) take more: the caller says.
+
+    Checked against Triton 3.9's own figure on sm_90 (every configuration the planners pick for an
+    H100 or H200, compiled offline): exact for most, above it for the rest."""
+    split = elem_bytes == 4 if split is None else split
+    if buffers is None:
+        if split and split_streamed:  # the loads land in registers, to be split into shared memory
+            buffers = num_stages - 1
+        else:  # the MMA reads the loaded tiles from shared memory: at least one copy
+            buffers = num_stages if elem_bytes == 4 and not split else max(1, num_stages - 1)
+    elements = (2 if split else 1) * resident + buffers * sum(streamed)
+    if split and split_streamed:
+        elements += 2 * max(streamed)
+    return elements * elem_bytes + max(1, buffers) * extra
+
+
+def fit_shared_memory(cfg: dict, need, limit: int | None, tiles: tuple[str, ...], least: int = 16,
+                      resident: str | None = None, relaxed: dict | None = None) -> dict:
+    """``cfg`` stepped down until ``need(cfg)`` (bytes) fits ``limit - SMEM_MARGIN``: at each tile size,
+    from ``cfg``'s number of pipeline stages down to one; then the largest of the ``tiles`` keys
+    (the first of them on a tie) halved, down to ``least``. ``limit=None`` (no limit: the interpreter)
+    keeps ``cfg``. When the ``resident`` tile drops below 128 rows, 8 warps become 4 (a 64-row tile
+    is one warp group's). If even the smallest tiles do not fit, the same steps are taken again with
+    ``relaxed`` merged into the configuration (float32: single-pass tf32 products, whose operands are
+    not split); if those do not fit either, the smallest tiles are returned and the compiler has the
+    last word (the estimate errs on the large side)."""
+    if limit is None:
+        return dict(cfg)
+    budget = limit - SMEM_MARGIN
+    for variant in ({}, relaxed) if relaxed else ({},):
+        tile = {**cfg, **variant}
+        while True:
+            for stages in range(cfg["num_stages"], 0, -1):
+                trial = {**tile, "num_stages": stages}
+                if need(trial) <= budget:
+                    return trial
+            shrinkable = [key for key in tiles if tile[key] > least]
+            if not shrinkable:
+                break
+            key = max(shrinkable, key=lambda k: tile[k])  # max keeps the first on a tie
+            tile[key] //= 2
+            if resident is not None and tile[resident] < 128:
+                tile["num_warps"] = min(tile["num_warps"], 4)
+    return trial
+
+
+# float32's fallback when the 3xtf32 operands do not fit at any tile size: single-pass tf32, within the
+# package's float32 tolerance on a GPU (testing.tolerance)
+TF32_FALLBACK = {"DOT_PREC": "tf32"}
+
+
+def split_operands(cfg: dict, elem_bytes: int) -> bool:
+    """Whether a kernel at ``cfg`` splits its float32 operands (3xtf32): float32 unless ``cfg`` overrides
+    the precision."""
+    return elem_bytes == 4 and cfg.get("DOT_PREC", "tf32x3") == "tf32x3"
+
+
+def _tuned_config(kernel: str, head_dim: int, elem_bytes: int) -> dict:
+    """The configuration tuned on an H100 / H200 (tools/tune_flash.py for 16-bit; the run and its numbers:
+    book/notes/flash_decode.md). fp32 tiles are twice the bytes of 16-bit ones, so they get smaller tiles."""
+    if kernel == "fwd":  # BLOCK_M query rows resident, BLOCK_N keys streamed
+        if elem_bytes == 4:
+            if head_dim <= 128:
+                return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+            return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+        if head_dim <= 64:
+            return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+        if head_dim <= 128:
+            return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    if kernel == "dkdv":  # BLOCK_N keys resident, BLOCK_M query rows streamed
+        if elem_bytes == 4:
+            if head_dim <= 128:
+                return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
+            return {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+        if head_dim <= 64:
+            return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
+        if head_dim <= 128:
+            return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+        return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
+    if kernel == "dq":  # BLOCK_M query rows resident, BLOCK_N keys streamed
+        if elem_bytes == 4:
+            if head_dim <= 128:
+                return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+            return {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+        if head_dim <= 128:
+            return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    raise ValueError(f"kernel must be 'fwd', 'dkdv' or 'dq', got {kernel!r}")
+
+
+def smem_need(kernel: str, cfg: dict, head_dim: int, elem_bytes: int) -> int:
+    """``smem_estimate`` for one of the three kernels at ``cfg`` and head dim ``head_dim``."""
+    m, n, d = cfg["BLOCK_M"], cfg["BLOCK_N"], _head_dim_pad(head_dim)
+    split = split_operands(cfg, elem_bytes)
+    if kernel == "fwd":  # Q resident; K^T and V streamed
+        return smem_estimate(m * d, (n * d, n * d), elem_bytes, cfg["num_stages"], split=split)
+    if kernel == "dkdv":  # K and V resident; Q^T and dO streamed (with their rows' lse and delta)
+        return smem_estimate(2 * n * d, (m * d, m * d), elem_bytes, cfg["num_stages"], extra=8 * m, split=split)
+    return smem_estimate(2 * m * d, (n * d, n * d), elem_bytes, cfg["num_stages"], split=split)  # dq
+
+
+def tile_config(kernel: str, head_dim: int, elem_bytes: int, smem_limit: int | None) -> dict:
+    """The planning seam: tiles, warps and pipeline stages of the ``"fwd"``, ``"dkdv"`` or ``"dq"``
+    kernel on a GPU whose programs may use ``smem_limit`` bytes of shared memory (None: no limit), for
+    inputs of ``elem_bytes`` bytes (4: float32, 2: float16 / bfloat16) and head dim ``head_dim``. A
+    pure function: the tuned configuration, fitted to ``smem_limit`` by ``fit_shared_memory``."""
+    pad = _head_dim_pad(head_dim)
+    resident = "BLOCK_N" if kernel == "dkdv" else "BLOCK_M"
+    streamed = "BLOCK_M" if kernel == "dkdv" else "BLOCK_N"
+    return fit_shared_memory(_tuned_config(kernel, pad, elem_bytes),
+                             lambda c: smem_need(kernel, c, pad, elem_bytes), smem_limit,
+                             (streamed, resident), resident=resident,
+                             relaxed=TF32_FALLBACK if elem_bytes == 4 else None)
+
+
+@functools.cache
+def _planned(kernel: str, head_dim: int, elem_bytes: int, smem_limit: int | None) -> dict:
+    return tile_config(kernel, head_dim, elem_bytes, smem_limit)  # planned once per launch shape
 
 
 def _fwd_config(head_dim: int, elem_bytes: int) -> dict:
     """Tile sizes, warps and pipeline stages for the forward kernel (BLOCK_M query rows resident)."""
     if is_interpreter():
         return dict(_INTERPRETER_CONFIG)
-    if elem_bytes == 4:
-        if head_dim <= 128:
-            return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    # 16-bit: the fastest of a sweep (tools/tune_flash.py, B*N = 16k tokens, causal and not; the
-    # run and its numbers: book/notes/flash_decode.md)
-    if head_dim <= 64:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
-    if head_dim <= 128:
-        return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
-    return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    return dict(_planned("fwd", head_dim, elem_bytes, shared_memory_limit()))
 
 
 def _bwd_config(head_dim: int, elem_bytes: int) -> dict:
     """The dK/dV kernel: BLOCK_N keys resident, BLOCK_M query rows streamed."""
     if is_interpreter():
         return dict(_INTERPRETER_CONFIG)
-    if elem_bytes == 4:
-        if head_dim <= 128:
-            return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
-        return {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    if head_dim <= 64:  # tools/tune_flash.py, as above
-        return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
-    if head_dim <= 128:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
+    return dict(_planned("dkdv", head_dim, elem_bytes, shared_memory_limit()))
 
 
 def _dq_config(head_dim: int, elem_bytes: int) -> dict:
     """The dQ kernel: BLOCK_M query rows resident, BLOCK_N keys streamed."""
     if is_interpreter():
         return dict(_INTERPRETER_CONFIG)
-    if elem_bytes == 4:
-        if head_dim <= 128:
-            return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-        return {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-    if head_dim <= 128:  # tools/tune_flash.py, as above
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
-    return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    return dict(_planned("dq", head_dim, elem_bytes, shared_memory_limit()))
 
 
 def _head_dim_pad(d: int) -> int:
@@ -394,19 +526,23 @@ def _forward(q, k, v, causal: bool, scale: float, cfg: dict | None = None):
     HKV, Nk = k.shape[1], k.shape[2]
     o = empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
     lse = empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    if o.numel() == 0:  # no query row (B, H or Nq is 0): nothing to launch
+        return o, lse
     cfg = cfg or _fwd_config(D, q.element_size())  # cfg: an override, for tools/tune_flash.py
     grid = (triton.cdiv(Nq, cfg["BLOCK_M"]), B * H)
     pad = _head_dim_pad(D)
     _attn_fwd[grid](q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
                     H, H // HKV, Nq, Nk, D, scale * LOG2E,
-                    CAUSAL=causal, EVEN_D=(pad == D), HEAD_DIM=pad, **cfg, **dot_options(q.dtype))
+                    CAUSAL=causal, EVEN_D=(pad == D), HEAD_DIM=pad, **{**dot_options(q.dtype), **cfg})
     return o, lse
 
 
 def row_delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
     """delta = rowsum(dO * O), fp32 [B, H, Nq]: the softmax-Jacobian term every attention backward needs."""
     B, H, Nq, D = o.shape
-    delta = torch.empty((B, H, Nq), dtype=torch.float32, device=o.device)
+    delta = empty((B, H, Nq), dtype=torch.float32, device=o.device)  # every row written by _bwd_delta
+    if delta.numel() == 0:
+        return delta
     _bwd_delta[(triton.cdiv(Nq, 64), B * H)](o, do, delta, *o.stride(), *do.stride(), H, Nq, D,
                                               BLOCK_M=64, HEAD_DIM=_head_dim_pad(D))
     return delta
@@ -416,22 +552,70 @@ def _backward(q, k, v, o, lse, do, causal: bool, scale: float, dkdv_cfg: dict | 
               dq_cfg: dict | None = None):
     B, H, Nq, D = q.shape
     HKV, Nk = k.shape[1], k.shape[2]
+    if q.numel() == 0:  # no query row reads k or v: their gradients are zero, and nothing is launched
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     pad = _head_dim_pad(D)
     delta = row_delta(o, do)
     dq = empty(q.shape, dtype=q.dtype, device=q.device)
     dk = empty(k.shape, dtype=k.dtype, device=k.device)
     dv = empty(v.shape, dtype=v.dtype, device=v.device)
     cfg = dkdv_cfg or _bwd_config(D, q.element_size())
-    _attn_bwd_dkdv[(triton.cdiv(Nk, cfg["BLOCK_N"]), B * HKV)](
-        q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-        *dk.stride(), *dv.stride(), H, HKV, H // HKV, Nq, Nk, D, scale, scale * LOG2E,
-        CAUSAL=causal, HEAD_DIM=pad, **cfg, **dot_options(q.dtype))
+    if Nk > 0:  # (no key: dK and dV are empty)
+        _attn_bwd_dkdv[(triton.cdiv(Nk, cfg["BLOCK_N"]), B * HKV)](
+            q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+            *dk.stride(), *dv.stride(), H, HKV, H // HKV, Nq, Nk, D, scale, scale * LOG2E,
+            CAUSAL=causal, HEAD_DIM=pad, **{**dot_options(q.dtype), **cfg})
     cfg = dq_cfg or _dq_config(D, q.element_size())
     _attn_bwd_dq[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * H)](
         q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        H, H // HKV, Nq, Nk, D, scale, scale * LOG2E, CAUSAL=causal, HEAD_DIM=pad, **cfg,
-        **dot_options(q.dtype))
+        H, H // HKV, Nq, Nk, D, scale, scale * LOG2E, CAUSAL=causal, HEAD_DIM=pad,
+        **{**dot_options(q.dtype), **cfg})
     return dq, dk, dv
+
+
+_TWICE = ("trying to differentiate twice a function that was marked with @once_differentiable: a minikernels "
+          "backward runs kernels, which have no derivative of their own")
+
+
+class _DifferentiatedTwice(torch.autograd.Function):
+    """Passes gradients on, tied in the graph to the tensors they were computed from; differentiating
+    through them raises."""
+
+    @staticmethod
+    def forward(ctx, n, *tensors):  # the n gradients, then the tensors they depend on
+        return tuple(t.detach() for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(_TWICE)
+
+
+def once_differentiable(backward):
+    """For the ``backward`` of an autograd.Function written as kernels, which has no derivative of its
+    own: differentiating the gradients it returns (taken with ``create_graph=True``, as a gradient
+    penalty does) raises a RuntimeError; it never gives silently detached gradients or silently zero
+    second derivatives. ``torch.autograd.function.once_differentiable`` falls short twice: it ties the
+    gradients to the graph only when the incoming gradient requires grad (after ``out.sum()`` it does
+    not, although the gradients still depend on the inputs through the saved tensors), and its error
+    node hangs off detached copies, which ``torch.autograd.grad(penalty, inputs)`` never reaches
+    (the second derivatives come back None). Here the gradients come out of a node whose inputs are
+    the saved tensors (tied to the op's inputs) and the incoming gradients."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not torch.is_grad_enabled():  # create_graph=False: nothing will differentiate the gradients
+            return outputs
+        many = isinstance(outputs, tuple)
+        outputs = outputs if many else (outputs,)
+        anchors = [t for t in (*ctx.saved_tensors, *grads) if isinstance(t, torch.Tensor) and t.requires_grad]
+        given = [g for g in outputs if g is not None]
+        if not anchors or not given:
+            return outputs if many else outputs[0]
+        tied = iter(_DifferentiatedTwice.apply(len(given), *given, *anchors))
+        outputs = tuple(None if g is None else next(tied) for g in outputs)
+        return outputs if many else outputs[0]
+    return wrapper
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -453,6 +637,7 @@ class _FlashAttention(torch.autograd.Function):
         return o.to(dtype), lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do, _dlse):
         qw, kw, vw, o, lse = ctx.saved_tensors
         with on_device_of(qw):
@@ -498,11 +683,16 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     """softmax(q k^T * scale) v, computed tile by tile in Triton (forward and backward).
 
     q: ``[B, H, Nq, D]``; k, v: ``[B, Hkv, Nk, D]`` with Hkv dividing H (grouped-query attention);
-    any strides; float16, bfloat16 or float32 (on the GPU, float32 products in 3-pass tf32: near float32). D up to 256.
+    any strides; float16, bfloat16 or float32 (on the GPU, float32 products in 3-pass tf32: near float32;
+    single-pass tf32 on a GPU whose shared memory cannot hold the split operands, which no H100 or
+    H200 configuration needs). D up to 256. Tiles are fitted to the device's shared memory
+    (``tile_config``).
     ``causal`` masks bottom-right aligned: query i sees keys j <= i + Nk - Nq; a query that sees no key
     gets zeros. ``scale`` defaults to 1/sqrt(D). With ``return_lse=True`` returns ``(out, lse)``, the
     natural-log logsumexp of each row's scaled logits, ``[B, H, Nq]`` float32 (-inf for a row with no
-    key; not differentiable).
+    key; not differentiable). Empty inputs (B, H, Nq or Nk = 0) give empty or zero outputs that stay in
+    the autograd graph. Differentiable once: a gradient taken with ``create_graph=True`` cannot be
+    differentiated again (backward through it raises a RuntimeError).
     """
     check_attention_inputs(q, k, v)
     if not isinstance(causal, bool):
@@ -510,10 +700,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     scale = _check_scale(scale, q.shape[-1])
-    B, H, Nq, D = q.shape
-    if B == 0 or H == 0 or Nq == 0:  # nothing to launch
-        out = q.new_zeros((B, H, Nq, D))
-        lse = torch.full((B, H, Nq), float("-inf"), device=q.device)
-    else:
-        out, lse = _FlashAttention.apply(q, k, v, causal, scale)
+    # empty inputs (B, H, Nq or Nk = 0) go through the autograd function too, so that the output stays
+    # in the graph: its backward gives zero gradients of the inputs' shapes
+    out, lse = _FlashAttention.apply(q, k, v, causal, scale)
     return (out, lse) if return_lse else out

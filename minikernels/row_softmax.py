@@ -32,6 +32,7 @@ import triton.language as tl
 from ._alloc import empty
 from ._backend import on_device_of
 from ._validate import check_tensor, int32_addressable, normalize_dim
+from .flash import once_differentiable
 
 # Rows longer than this (per dtype) are processed in blocks by the online (two-pass) kernels.
 # A whole 16-bit row of 32768 held on chip keeps one program per SM busy with arithmetic while
@@ -187,6 +188,7 @@ class _Softmax2d(torch.autograd.Function):
         return y2d
 
     @staticmethod
+    @once_differentiable  # the backward is a kernel: a second derivative raises, never detaches
     def backward(ctx, dy2d):
         (y2d,) = ctx.saved_tensors
         with on_device_of(y2d):
@@ -208,6 +210,8 @@ def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
     ``x``: any shape with at least one dimension, float32/float16/bfloat16, any strides. Computes in
     float32 and returns ``x``'s dtype. Rows of any length. A row of all ``-inf`` gives zeros.
+    Differentiable once: a gradient taken with ``create_graph=True`` cannot be differentiated again
+    (backward through it raises a RuntimeError).
     """
     check_tensor("x", x, min_ndim=1, shape_hint="(softmax needs an axis to normalise over)")
     dim = normalize_dim(dim, x.dim())

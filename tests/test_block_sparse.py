@@ -153,6 +153,157 @@ def test_refuses_masks_that_do_not_fit():
         mk.block_sparse_attention(q, k, v, elsewhere)
 
 
+@pytest.mark.parametrize("b,nq,nk", [(0, 40, 40), (1, 0, 40), (1, 40, 0), (1, 0, 0)])
+def test_empty_inputs_stay_in_the_graph(b, nq, nk):
+    """B, Nq or Nk = 0: outputs of the right shapes (zeros for rows that see no key) that stay in the
+    autograd graph, so backward gives zero gradients of the inputs' shapes."""
+    bm = masks.from_mask_fn(lambda i, j: j <= i + nk - nq, nq, nk, block_size=16)
+    q, k, v = (t.requires_grad_() for t in qkv(b, 2, 1, nq, nk, 16, seed=14))
+    with poisoned():
+        out = mk.block_sparse_attention(q, k, v, bm)
+    assert out.shape == q.shape and out.grad_fn is not None and torch.equal(out, torch.zeros_like(out))
+    with poisoned():
+        out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad.shape == t.shape and torch.equal(t.grad, torch.zeros_like(t))
+
+
+def test_double_backward_raises():
+    """The backward is kernels: a gradient taken with create_graph=True cannot be differentiated again
+    (never silently detached: a gradient penalty would be dropped)."""
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, 2, 40, 40, 16, seed=15))
+    out = mk.block_sparse_attention(q, k, v, masks.causal(40, block_size=16))
+    (dq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dq.square().sum().backward()
+
+
+# --- a BlockMask built by hand is checked before any kernel follows its indices ---------------------
+
+def _hand_built(**fields):
+    """masks.sliding_window(64, 20, block_size=16) with copies of its tensors, some replaced."""
+    bm = masks.sliding_window(64, 20, block_size=16)
+    copies = {f.name: getattr(bm, f.name).clone() for f in dataclasses.fields(bm)
+              if isinstance(getattr(bm, f.name), torch.Tensor)}
+    return dataclasses.replace(bm, **{**copies, **fields})
+
+
+def _edited(name, edit):
+    bm = _hand_built()
+    t = getattr(bm, name).clone()
+    edit(t)
+    return dataclasses.replace(bm, **{name: t})
+
+
+def test_a_faithful_hand_built_mask_is_accepted():
+    q, k, v = qkv(1, 2, 1, 64, 64, 16, seed=16)
+    check_block_sparse(q, k, v, _hand_built())
+
+
+@pytest.mark.parametrize("name,edit,message", [
+    ("kv_indices", lambda t: t.__setitem__((2, 0), 4), r"kv_indices must lie in \[0, n_kv_blocks=4\)"),
+    ("kv_indices", lambda t: t.__setitem__((2, 0), -1), r"kv_indices must lie in \[0, n_kv_blocks=4\)"),
+    ("q_indices", lambda t: t.__setitem__((1, 0), 7), r"q_indices must lie in \[0, n_q_blocks=4\)"),
+    ("kv_counts", lambda t: t.__setitem__(1, 9), r"kv_counts must lie in \[0, 3\] .*got values in \[1, 9\]"),
+    ("kv_counts", lambda t: t.__setitem__(1, -1), r"kv_counts must lie in \[0, 3\] .*got values in \[-1, 3\]"),
+    ("q_counts", lambda t: t.__setitem__(0, 4), r"q_counts must lie in \[0, 3\]"),
+    ("kv_indices", lambda t: t.__setitem__((2, 1), t[2, 0].item()), "must increase along each row"),
+    ("tile_index", lambda t: t.__setitem__(t == t.max(), 99), r"tile_index must lie in \[0, "),
+    ("q_partial", lambda t: t.fill_(False), "must list the same visits, partial flags and tiles"),
+])
+def test_rejects_out_of_range_masks(name, edit, message):
+    """Out-of-range indices once returned zeros and too-large counts crashed the process: both are
+    refused, before a kernel launches, with the field and the expected range."""
+    q, k, v = qkv(1, 2, 1, 64, 64, 16)
+    with pytest.raises(ValueError, match=message):
+        mk.block_sparse_attention(q, k, v, _edited(name, edit))
+
+
+def test_rejects_masks_of_the_wrong_structure():
+    q, k, v = qkv(1, 2, 1, 64, 64, 16)
+    bm = _hand_built()
+    with pytest.raises(TypeError, match="block_mask.kv_counts must have dtype int32, got int64"):
+        mk.block_sparse_attention(q, k, v, dataclasses.replace(bm, kv_counts=bm.kv_counts.long()))
+    with pytest.raises(TypeError, match="block_mask.tiles must be a torch.Tensor, got list"):
+        mk.block_sparse_attention(q, k, v, dataclasses.replace(bm, tiles=[]))
+    with pytest.raises(ValueError, match=r"block_mask.kv_counts must have shape \(4,\)"):
+        mk.block_sparse_attention(q, k, v, dataclasses.replace(bm, kv_counts=bm.kv_counts[:3]))
+    with pytest.raises(ValueError, match=r"block_mask.tiles must have shape \(\d+, 16, 16\)"):
+        mk.block_sparse_attention(q, k, v, dataclasses.replace(bm, tiles=bm.tiles[:, :8]))
+    with pytest.raises(ValueError, match="block_mask.block_size must be a power of two"):
+        mk.block_sparse_attention(q, k, v, dataclasses.replace(bm, block_size=24))
+
+
+def test_a_mask_changed_in_place_is_checked_again():
+    """The values are checked once per mask (a host sync), and again after any in-place change."""
+    q, k, v = qkv(1, 2, 1, 64, 64, 16, seed=17)
+    bm = _hand_built()
+    mk.block_sparse_attention(q, k, v, bm)
+    bm.kv_counts[1] = 50
+    with pytest.raises(ValueError, match=r"kv_counts must lie in \[0, 3\]"):
+        mk.block_sparse_attention(q, k, v, bm)
+
+
+def test_non_contiguous_mask_tensors():
+    """Counts and tiles are read by the kernels as dense arrays: strided ones are made dense first."""
+    bm = _hand_built()
+    strided = dataclasses.replace(bm, kv_counts=torch.stack([bm.kv_counts, bm.kv_counts], 1)[:, 0],
+                                  tiles=bm.tiles.transpose(1, 2).contiguous().transpose(1, 2))
+    assert not strided.kv_counts.is_contiguous() and not strided.tiles.is_contiguous()
+    q, k, v = qkv(1, 2, 1, 64, 64, 16, seed=18)
+    check_block_sparse(q, k, v, strided)
+
+
+# --- tiles that fit the device's shared memory: a pure planning function, checked on the CPU --------
+
+# Shared memory one program may use (the driver's opt-in max_shared_mem): H100 / H200 227 KiB, A100
+# 163 KiB, sm_86 / sm_89 GPUs 99 KiB.
+SMEM_LIMITS = {"H100": 232448, "H200": 232448, "A100": 166912, "RTX 4090": 101376}
+HEAD_DIMS = [1, 16, 24, 32, 64, 80, 128, 129, 256]
+
+
+@pytest.mark.parametrize("gpu", list(SMEM_LIMITS))
+@pytest.mark.parametrize("kernel", ["fwd", "dq", "dkdv"])
+def test_tiles_fit_the_shared_memory(kernel, gpu):
+    """For every dtype (4 bytes: float32; 2: float16, bfloat16), head dim and block size the op accepts,
+    the planned pieces divide the block and their estimated shared memory fits the device's limit.
+    (float32 blocks of 128 at D = 64 once asked for 262 KB on an H100, which has 227 KB.)"""
+    from minikernels import block_sparse
+    from minikernels.flash import SMEM_MARGIN
+
+    limit = SMEM_LIMITS[gpu]
+    for elem in (4, 2):
+        for d in HEAD_DIMS:
+            for block in (16, 32, 64, 128):
+                cfg = block_sparse.tile_config(kernel, block, d, elem, limit)
+                assert block_sparse.smem_need(kernel, cfg, d, elem) <= limit - SMEM_MARGIN, (elem, d, block, cfg)
+                for piece in (cfg["SUB"], cfg["STREAM"]):
+                    assert 16 <= piece <= block and block % piece == 0, (elem, d, block, cfg)
+
+
+def test_16_bit_tiles_stay_on_hopper():
+    """The tuned 16-bit configurations (D <= 128) fit an H100 / H200 as they are."""
+    from minikernels import block_sparse
+
+    for kernel in ("fwd", "dq", "dkdv"):
+        for d in (16, 32, 64, 80, 128):
+            for block in (16, 32, 64, 128):
+                assert (block_sparse.tile_config(kernel, block, d, 2, SMEM_LIMITS["H100"])
+                        == block_sparse.tile_config(kernel, block, d, 2, None))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 80, 128, 256])
+@pytest.mark.parametrize("block_size", [32, 64, 128])
+def test_gpu_every_dtype_head_dim_and_block(block_size, d, dtype):
+    """Every dtype, head dim and block size runs (its tiles fit this GPU's shared memory): ragged sizes,
+    Nq != Nk, grouped heads, full, band and other partial tiles."""
+    bm = masks.from_mask_fn(lambda i, j: (j <= i + 40) & ((i - j < 150) | (j % 7 == 0)), 300, 260,
+                            block_size=block_size)
+    check_block_sparse(*qkv(2, 4, 2, 300, 260, d, dtype=dtype, seed=d + block_size), bm)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("block_size", [64, 128])
 def test_gpu_long_bf16(block_size):

@@ -100,6 +100,39 @@ def test_merge_of_partials_equals_one_pass():
     assert_close(merged_lse, lse, torch.float64, name="merged lse")
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("scale", [0.05, 1.0, 2.5])
+def test_explicit_scale(scale, causal):
+    """``scale`` multiplies the logits as in flash_attention: the same as the default 1/sqrt(D) applied
+    to q scaled by scale * sqrt(D)."""
+    q, kc, vc = qkv(2, 4, 2, 2, 90, 32, seed=9)
+    lengths = torch.tensor([90, 40], dtype=torch.int32, device=DEVICE)
+    with poisoned():
+        out = mk.decode_attention(q, kc, vc, lengths, causal=causal, scale=scale)
+    ref = mk.reference.decode_attention(q.double() * (scale * 32**0.5), kc.double(), vc.double(), lengths,
+                                        causal=causal)
+    assert_close(out, ref, q.dtype, name="decode with scale")
+    default = mk.decode_attention(q, kc, vc, lengths, causal=causal, scale=None)
+    assert_close(default, mk.decode_attention(q, kc, vc, lengths, causal=causal, scale=32**-0.5), name="default")
+
+
+def test_rejects_bad_scale():
+    q, kc, vc = qkv(1, 2, 2, 1, 16, 16)
+    for bad in (float("nan"), float("inf"), "0.1", True):
+        with pytest.raises(TypeError, match="scale must be a finite float or None"):
+            mk.decode_attention(q, kc, vc, scale=bad)
+
+
+@pytest.mark.parametrize("b,h,hkv,nq,nmax", [(0, 2, 1, 1, 16), (2, 2, 1, 0, 16), (2, 2, 1, 1, 0), (1, 0, 1, 1, 16)])
+def test_empty_inputs(b, h, hkv, nq, nmax):
+    """B, H or Nq = 0 give an empty output; an empty cache gives zeros (no key to attend to)."""
+    q, kc, vc = qkv(b, h, hkv, nq, nmax, 16, seed=10)
+    with poisoned():
+        out = mk.decode_attention(q, kc, vc)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert torch.equal(out, torch.zeros_like(out))
+
+
 def test_bad_input():
     q, kc, vc = qkv(2, 4, 2, 1, 16, 32)
     with pytest.raises(TypeError, match="cache_seqlens must be an int32 or int64 tensor"):
@@ -116,6 +149,57 @@ def test_bad_input():
         mk.decode_attention(q, *qkv(2, 3, 3, 1, 16, 32)[1:])
     with pytest.raises(ValueError, match="k_cache must have 4 dimensions"):
         mk.decode_attention(q, kc[0], vc)
+
+
+# --- tiles that fit the device's shared memory: a pure planning function, checked on the CPU --------
+
+SMEM_LIMITS = {"H100": 232448, "H200": 232448, "A100": 166912, "RTX 4090": 101376}
+
+
+@pytest.mark.parametrize("gpu", list(SMEM_LIMITS))
+def test_tiles_fit_the_shared_memory(gpu):
+    """For every dtype (4 bytes: float32; 2: float16, bfloat16), head dim and number of query rows per
+    program (16 to 128) the op accepts, the planned key block's estimated shared memory fits the limit,
+    except where the rows alone fill it: float32 at D > 128 with 128 rows on GPUs smaller than an
+    H100, and with 64 rows on 99 KiB ones. (float32 at D = 256 once asked for 303 KB on an H100.)"""
+    from minikernels import decode
+    from minikernels.flash import SMEM_MARGIN
+
+    limit = SMEM_LIMITS[gpu]
+    for elem in (4, 2):
+        for d in (1, 16, 32, 64, 80, 128, 129, 256):
+            for rows in (16, 32, 64, 128):
+                cfg = decode.tile_config(rows, d, elem, limit)
+                smallest = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+                smallest.update({"DOT_PREC": "tf32"} if elem == 4 else {})
+                if decode.smem_need(rows, smallest, d, elem) > limit - SMEM_MARGIN:  # the rows alone fill it
+                    assert elem == 4 and d > 128 and rows >= 64 and gpu in ("A100", "RTX 4090")
+                    assert cfg == smallest  # the least it can ask for; the compiler has the last word
+                else:
+                    assert decode.smem_need(rows, cfg, d, elem) <= limit - SMEM_MARGIN, (elem, d, rows, cfg)
+
+
+def test_tiles_stay_on_hopper_where_they_fit():
+    """16-bit inputs keep 64-key blocks in a 3-stage pipeline on an H100 / H200; so does float32 with a
+    single query row per program at D <= 128."""
+    from minikernels import decode
+
+    for d in (16, 64, 128, 256):
+        for rows in (16, 32, 64, 128):
+            assert decode.tile_config(rows, d, 2, SMEM_LIMITS["H100"]) == decode.tile_config(rows, d, 2, None)
+    for d in (16, 64, 128):
+        assert decode.tile_config(16, d, 4, SMEM_LIMITS["H100"]) == decode.tile_config(16, d, 4, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 80, 128, 256])
+@pytest.mark.parametrize("h,hkv,nq", [(4, 4, 1), (8, 2, 4), (32, 1, 4)])  # 16, 16 and 128 rows a program
+def test_gpu_every_dtype_and_head_dim(h, hkv, nq, d, dtype):
+    """Every dtype and head dim runs (its tiles fit this GPU's shared memory), up to 128 query rows per
+    program, with ragged cache lengths."""
+    q, kc, vc = qkv(2, h, hkv, nq, 300, d, dtype=dtype, seed=d + h)
+    check_decode(q, kc, vc, torch.tensor([300, 77], dtype=torch.int32, device=DEVICE), causal=True)
 
 
 @pytest.mark.gpu

@@ -107,6 +107,33 @@ def test_no_keys_gradients():
     assert torch.equal(dq, torch.zeros_like(dq)) and dk.shape == k.shape and dv.shape == v.shape
 
 
+@pytest.mark.parametrize("b,h,hkv,nq,nk", [(0, 2, 1, 5, 5), (1, 2, 1, 0, 5), (1, 2, 1, 5, 0), (1, 0, 1, 5, 5),
+                                         (1, 2, 1, 0, 0)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_empty_inputs_stay_in_the_graph(b, h, hkv, nq, nk, causal):
+    """B, H, Nq or Nk = 0: outputs of the right shapes (zeros where a row exists but sees no key) that
+    stay in the autograd graph, so backward gives zero gradients of the inputs' shapes."""
+    q, k, v = (t.requires_grad_() for t in qkv(b, h, hkv, nq, nk, 16, seed=12))
+    with poisoned():
+        out, lse = mk.flash_attention(q, k, v, causal=causal, return_lse=True)
+    assert out.shape == q.shape and lse.shape == q.shape[:3] and out.grad_fn is not None
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+    with poisoned():
+        out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad.shape == t.shape and torch.equal(t.grad, torch.zeros_like(t))
+
+
+def test_double_backward_raises():
+    """The backward is kernels: a gradient taken with create_graph=True cannot be differentiated again,
+    and saying so beats returning gradients silently detached from the graph (a gradient penalty
+    would be dropped)."""
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, 2, 20, 20, 16, seed=13))
+    dq, dk = torch.autograd.grad(mk.flash_attention(q, k, v, causal=True).sum(), (q, k), create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        (dq.square().sum() + dk.square().sum()).backward()
+
+
 def test_strided_views_past_32_bit_offsets_are_compacted(monkeypatch):
     """Inside one (batch, head) slice the kernels index with 32-bit arithmetic; a view spanning more
     than that is copied to a compact layout first, and a slice too large even then is refused. The
@@ -187,6 +214,86 @@ def test_rejects_bad_flags():
         mk.flash_attention(q, k, v, scale=float("nan"))
     with pytest.raises(TypeError, match="return_lse must be a bool"):
         mk.flash_attention(q, k, v, return_lse="no")
+
+
+# --- tiles that fit the device's shared memory: pure planning functions, checked on the CPU --------
+
+# Shared memory one program may use (the opt-in limit per block, as the driver reports it in
+# max_shared_mem): an H100 and an H200 (sm_90) 227 KiB, an A100 (sm_80) 163 KiB, sm_86 / sm_89 GPUs 99 KiB.
+SMEM_LIMITS = {"H100": 232448, "H200": 232448, "A100": 166912, "RTX 4090": 101376}
+HEAD_DIMS = [1, 16, 24, 32, 64, 80, 128, 129, 256]  # every padded size, 16 to 256
+
+
+def _is_tile(n):
+    return n >= 16 and n & (n - 1) == 0
+
+
+@pytest.mark.parametrize("gpu", list(SMEM_LIMITS))
+@pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
+def test_tiles_fit_the_shared_memory(kernel, gpu):
+    """For every dtype (4 bytes: float32; 2: float16, bfloat16) and head dim the op accepts, the planned
+    tiles' estimated shared memory fits the device's limit with the margin."""
+    from minikernels import flash
+
+    limit = SMEM_LIMITS[gpu]
+    for elem in (4, 2):
+        for d in HEAD_DIMS:
+            cfg = flash.tile_config(kernel, d, elem, limit)
+            assert flash.smem_need(kernel, cfg, d, elem) <= limit - flash.SMEM_MARGIN, (elem, d, cfg)
+            assert _is_tile(cfg["BLOCK_M"]) and _is_tile(cfg["BLOCK_N"]) and cfg["num_stages"] >= 1
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
+def test_tuned_tiles_stay_on_hopper(kernel):
+    """On an H100 or H200 every tuned configuration fits as it is: fitting changes nothing there."""
+    from minikernels import flash
+
+    for elem in (4, 2):
+        for d in HEAD_DIMS:
+            assert flash.tile_config(kernel, d, elem, SMEM_LIMITS["H100"]) == flash.tile_config(kernel, d, elem, None)
+
+
+def test_fit_shared_memory_steps_down_stages_then_tiles():
+    """Fewer stages first, then the larger tile halved (stages restored at each size), then the fallback."""
+    from minikernels.flash import SMEM_MARGIN, fit_shared_memory
+
+    cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+
+    def need(c):  # bytes: a resident tile plus one streamed tile per stage; the fallback halves it
+        return (c["BLOCK_M"] * c["BLOCK_N"] * 4 + c["BLOCK_N"] * 64 * c["num_stages"]) // (2 if c.get("LOW") else 1)
+
+    def fit(budget, **kw):  # what fits `budget` bytes under the margin
+        return fit_shared_memory(cfg, need, budget + SMEM_MARGIN, ("BLOCK_N", "BLOCK_M"), resident="BLOCK_M", **kw)
+
+    assert fit_shared_memory(cfg, need, None, ("BLOCK_N", "BLOCK_M")) == cfg  # no limit: the interpreter
+    assert need(cfg) == 45056 and fit(45056) == cfg
+    assert fit(40960) == {**cfg, "num_stages": 2}
+    assert fit(36864) == {**cfg, "num_stages": 1}
+    half = {**cfg, "BLOCK_M": 64, "num_warps": 4}  # BLOCK_M, the larger, halved: 8 warps become 4
+    assert fit(30000) == half  # with its stages back
+    assert fit(25000) == {**half, "num_stages": 2}
+    assert fit(15000) == {**half, "BLOCK_N": 32}  # a tie: the first of the tiles listed
+    assert fit(2047) == {**half, "BLOCK_M": 16, "BLOCK_N": 16, "num_stages": 1}  # nothing fits: the smallest
+    assert fit(2047, relaxed={"LOW": True}) == {**half, "BLOCK_M": 32, "BLOCK_N": 16, "num_stages": 1, "LOW": True}
+    assert fit(45056, relaxed={"LOW": True}) == cfg  # the fallback only when nothing else fits
+
+
+def test_no_shared_memory_limit_under_the_interpreter():
+    from minikernels import flash
+
+    if mk.backend() == "cuda":
+        assert flash.shared_memory_limit() >= 48 * 1024
+    else:
+        assert flash.shared_memory_limit() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 80, 128, 256])
+def test_gpu_every_dtype_and_head_dim(d, dtype):
+    """Every dtype and head dim runs (its tiles fit this GPU's shared memory), ragged sizes and grouped
+    heads included."""
+    check_flash(*qkv(2, 4, 2, 300, 257, d, dtype=dtype, seed=d), causal=True)
 
 
 # --- GPU only: the benchmark's sizes, bf16 --------------------------------------------------------

@@ -113,6 +113,29 @@ def test_empty_inputs():
         assert y.shape == x.shape
 
 
+@pytest.mark.parametrize("shape,dim", [((0, 5), -1), ((3, 0), -1), ((0,), 0), ((2, 0, 4), 1), ((2, 0, 4), -1)])
+def test_empty_inputs_stay_in_the_graph(shape, dim):
+    """An empty input gives an empty output that is still part of the autograd graph: backward runs and
+    gives a gradient of the input's shape."""
+    x = randn(*shape, requires_grad=True)
+    with poisoned():
+        y = mk.softmax(x, dim=dim)
+    assert y.shape == x.shape and y.grad_fn is not None
+    with poisoned():
+        y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_double_backward_raises():
+    """The backward is a kernel: a gradient taken with create_graph=True cannot be differentiated
+    again, and saying so beats returning a gradient silently detached from the graph."""
+    x = randn(3, 20, seed=30, requires_grad=True)
+    w = randn(3, 20, seed=31)
+    (g,) = torch.autograd.grad((mk.softmax(x) * w).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
+
+
 @given(
     shape=st.lists(st.integers(1, 40), min_size=1, max_size=3),
     dim_seed=st.integers(0, 10),
