@@ -512,6 +512,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         with on_device_of(q):
             o, lse = _forward(qw, kw, vw, bm, scale)
         ctx.save_for_backward(qw, kw, vw, o, lse)
+        ctx.graph_inputs = (q, k, v)  # for once_differentiable (no data is read from them)
         ctx.bm, ctx.scale, ctx.dtype = bm, scale, dtype
         return o.to(dtype)
 

@@ -35,6 +35,7 @@ import triton.language as tl
 from ._alloc import empty
 from ._backend import dot_options, is_interpreter, on_device_of
 from ._validate import check_same_device, check_tensor, int32_addressable
+from .feature_maps import once_differentiable  # noqa: F401  (also used by row_softmax, block_sparse)
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -573,51 +574,6 @@ def _backward(q, k, v, o, lse, do, causal: bool, scale: float, dkdv_cfg: dict | 
     return dq, dk, dv
 
 
-_TWICE = ("trying to differentiate twice a function that was marked with @once_differentiable: a minikernels "
-          "backward runs kernels, which have no derivative of their own")
-
-
-class _DifferentiatedTwice(torch.autograd.Function):
-    """Passes gradients on, tied in the graph to the tensors they were computed from; differentiating
-    through them raises."""
-
-    @staticmethod
-    def forward(ctx, n, *tensors):  # the n gradients, then the tensors they depend on
-        return tuple(t.detach() for t in tensors[:n])
-
-    @staticmethod
-    def backward(ctx, *_):
-        raise RuntimeError(_TWICE)
-
-
-def once_differentiable(backward):
-    """For the ``backward`` of an autograd.Function written as kernels, which has no derivative of its
-    own: differentiating the gradients it returns (taken with ``create_graph=True``, as a gradient
-    penalty does) raises a RuntimeError; it never gives silently detached gradients or silently zero
-    second derivatives. ``torch.autograd.function.once_differentiable`` falls short twice: it ties the
-    gradients to the graph only when the incoming gradient requires grad (after ``out.sum()`` it does
-    not, although the gradients still depend on the inputs through the saved tensors), and its error
-    node hangs off detached copies, which ``torch.autograd.grad(penalty, inputs)`` never reaches
-    (the second derivatives come back None). Here the gradients come out of a node whose inputs are
-    the saved tensors (tied to the op's inputs) and the incoming gradients."""
-    @functools.wraps(backward)
-    def wrapper(ctx, *grads):
-        with torch.no_grad():
-            outputs = backward(ctx, *grads)
-        if not torch.is_grad_enabled():  # create_graph=False: nothing will differentiate the gradients
-            return outputs
-        many = isinstance(outputs, tuple)
-        outputs = outputs if many else (outputs,)
-        anchors = [t for t in (*ctx.saved_tensors, *grads) if isinstance(t, torch.Tensor) and t.requires_grad]
-        given = [g for g in outputs if g is not None]
-        if not anchors or not given:
-            return outputs if many else outputs[0]
-        tied = iter(_DifferentiatedTwice.apply(len(given), *given, *anchors))
-        outputs = tuple(None if g is None else next(tied) for g in outputs)
-        return outputs if many else outputs[0]
-    return wrapper
-
-
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # The interpreter's bf16 tl.dot is wrong (DESIGN.md): compute bf16 in fp32 there and cast back.
     return torch.float32 if (dtype == torch.bfloat16 and is_interpreter()) else dtype
@@ -632,6 +588,7 @@ class _FlashAttention(torch.autograd.Function):
         with on_device_of(q):
             o, lse = _forward(qw, kw, vw, causal, scale)
         ctx.save_for_backward(qw, kw, vw, o, lse)
+        ctx.graph_inputs = (q, k, v)  # for once_differentiable (no data is read from them)
         ctx.causal, ctx.scale, ctx.dtype = causal, scale, dtype
         ctx.mark_non_differentiable(lse)
         return o.to(dtype), lse

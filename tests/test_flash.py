@@ -124,12 +124,15 @@ def test_empty_inputs_stay_in_the_graph(b, h, hkv, nq, nk, causal):
         assert t.grad.shape == t.shape and torch.equal(t.grad, torch.zeros_like(t))
 
 
-def test_double_backward_raises():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_double_backward_raises(dtype):
     """The backward is kernels: a gradient taken with create_graph=True cannot be differentiated again,
     and saying so beats returning gradients silently detached from the graph (a gradient penalty
-    would be dropped)."""
-    q, k, v = (t.requires_grad_() for t in qkv(1, 2, 2, 20, 20, 16, seed=13))
+    would be dropped). bfloat16 too: under the interpreter it is converted inside the forward, so the
+    saved tensors are not the inputs, and the error must still reach them."""
+    q, k, v = (t.to(dtype).requires_grad_() for t in qkv(1, 2, 2, 20, 20, 16, seed=13))
     dq, dk = torch.autograd.grad(mk.flash_attention(q, k, v, causal=True).sum(), (q, k), create_graph=True)
+    assert dq.requires_grad and dk.requires_grad
     with pytest.raises(RuntimeError, match="once_differentiable"):
         (dq.square().sum() + dk.square().sum()).backward()
 
