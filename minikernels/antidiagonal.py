@@ -35,10 +35,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import planning
 from ._alloc import empty
 from ._backend import dot_options, is_interpreter, on_device_of, tma_ready
+from ._common import LOG2E, compute_dtype, head_dim_pad
 from ._validate import int32_addressable
-from .flash import LOG2E, _compute_dtype, _head_dim_pad
 
 # patch rows / columns per tile, head-dimension slice per pipeline step (for 16-bit inputs), warps,
 # pipeline depth, TMA loads on a GPU (the interpreter uses small tiles). The scoring reads two tiles
@@ -48,13 +49,19 @@ from .flash import LOG2E, _compute_dtype, _head_dim_pad
 TILES = {"BLOCK_A": 64, "BLOCK_B": 256, "D_CHUNK": 64, "num_warps": 4, "num_stages": 4, "TMA": True}
 
 
-def _tiles(head_dim: int, elem_bytes: int) -> dict:
+def _default_tiles(head_dim: int, elem_bytes: int) -> dict:
     # TILES, with the head-dimension slice narrowed for wider elements (float32) so that a pipeline
     # step holds the same bytes as for 16-bit inputs, and the pipeline fits in shared memory
     t = dict(TILES)
     t["D_CHUNK"] = min(head_dim, TILES["D_CHUNK"] * 2 // elem_bytes)
     return t
 
+
+
+def tile_config(head_dim: int, elem_bytes: int) -> dict:
+    """The scoring kernel's tiles for a padded head dim and element size: ``TILES`` with the head-dim
+    slice fitted to the element size, or the planning override ``"antidiagonal.tiles"``."""
+    return dict(planning.decide("antidiagonal.tiles", _default_tiles, head_dim, elem_bytes))
 
 @triton.jit
 def _antidiagonal_scores(Q, K, PART, TMAX, OUT,
@@ -175,7 +182,7 @@ def reference_block_scores(q: torch.Tensor, k: torch.Tensor, stride: int, block_
     # exact, and a float32 product costs more than the sparse attention it selects for); softmax in float32.
     # Under the interpreter bf16 is computed in float32, as in every op (DESIGN.md): the same blocks as the
     # same values in float32.
-    work = _compute_dtype(q.dtype)
+    work = compute_dtype(q.dtype)
     qf = torch.nn.functional.pad(q.to(work), (0, 0, 0, nq_b * block_size - n_q))
     kf = torch.nn.functional.pad(expand_heads(k.to(work), q.shape[1]), (0, 0, 0, nk_b * block_size - n_k))
     # antidiagonal of patch (a, b): sum over r of q[a*stride + stride-1-r] . k[b*stride + r]
@@ -203,10 +210,10 @@ def _scores_per_head(q: torch.Tensor, k: torch.Tensor, stride: int, block_size: 
     if B * H == 0 or n_q == 0 or n_k == 0:  # no scores to compute (and no grid to launch): all 0
         return torch.zeros(B * H, nq_b, nk_b, dtype=torch.float32, device=q.device)
     # k in q's dtype; bf16 in float32 under the interpreter, whose bf16 tl.dot is wrong (DESIGN.md)
-    work = _compute_dtype(q.dtype)
+    work = compute_dtype(q.dtype)
     q, k = int32_addressable("q", q.to(work)), int32_addressable("k", k.to(work))  # 32-bit offsets inside a head
-    head_dim = _head_dim_pad(d)
-    tiles = _tiles(head_dim, q.element_size())
+    head_dim = head_dim_pad(d)
+    tiles = tile_config(head_dim, q.element_size())
     block_a = max(per, 32 if is_interpreter() else tiles["BLOCK_A"])
     block_b = max(per, 32 if is_interpreter() else tiles["BLOCK_B"])
     d_chunk = min(head_dim, 16) if is_interpreter() else tiles["D_CHUNK"]  # several slices in the CPU tests

@@ -22,21 +22,22 @@ import torch
 import triton
 import triton.language as tl
 
+from . import planning
 from ._alloc import empty
 from ._backend import dot_options, is_interpreter, on_device_of
-from ._validate import int32_addressable
-from .flash import (
+from ._common import (
     LOG2E,
     TF32_FALLBACK,
-    _check_scale,
-    _compute_dtype,
-    _head_dim_pad,
-    check_attention_inputs,
+    compute_dtype,
     fit_shared_memory,
+    head_dim_pad,
+    launch_fitting,
+    online_softmax_step,
     shared_memory_limit,
     smem_estimate,
     split_operands,
 )
+from ._validate import check_attention_inputs, check_scale, int32_addressable
 
 MAX_SPLITS = 64
 
@@ -85,13 +86,7 @@ def _decode_split(Q, K, V, SEQLENS, O_PART, LSE_PART,
         if CAUSAL:  # the NQ queries are the last NQ positions: row i sees keys j <= L - NQ + i
             visible = visible & (cols[None, :] <= (L - NQ + i)[:, None])
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, MAY_BE_EMPTY=True, DOT_PREC=DOT_PREC)
     empty_row = l_i == 0.0
     o = acc / tl.where(empty_row, 1.0, l_i)[:, None]
     lse2 = tl.where(empty_row, float("-inf"), m_i + tl.log2(tl.where(empty_row, 1.0, l_i)))  # base 2
@@ -128,11 +123,11 @@ def _decode_merge(O_PART, LSE_PART, OUT, stride_ob, stride_oh, stride_on, stride
 
 
 def smem_need(rows: int, cfg: dict, head_dim: int, elem_bytes: int) -> int:
-    """``flash.smem_estimate`` for the split kernel at ``cfg`` and head dim ``head_dim``: ``rows`` query
+    """``_common.smem_estimate`` for the split kernel at ``cfg`` and head dim ``head_dim``: ``rows`` query
     rows resident, K^T and V streamed in blocks of BLOCK_N keys. With fewer than 64 rows the products
     run on the older MMA, which splits float32 K and V in registers and stages the split P (rows x
     BLOCK_N) instead (Triton 3.9 on sm_90)."""
-    n, head_dim = cfg["BLOCK_N"], _head_dim_pad(head_dim)
+    n, head_dim = cfg["BLOCK_N"], head_dim_pad(head_dim)
     split = split_operands(cfg, elem_bytes)
     need = smem_estimate(rows * head_dim, (n * head_dim, n * head_dim), elem_bytes, cfg["num_stages"],
                          split=split, split_streamed=rows >= 64)
@@ -144,10 +139,10 @@ def tile_config(rows: int, head_dim: int, elem_bytes: int, smem_limit: int | Non
     may use ``smem_limit`` bytes of shared memory (None: no limit), for ``rows`` query rows per program
     (the ROWS tile: a group's heads times Nq, at least 16), inputs of ``elem_bytes`` bytes and head dim
     ``head_dim``. A pure function: 64-key blocks in a 3-stage pipeline (the cache read is the whole
-    cost, so loads stay in flight), stepped down by ``flash.fit_shared_memory`` where they do not fit
+    cost, so loads stay in flight), stepped down by ``_common.fit_shared_memory`` where they do not fit
     (float32 at large head dims; float32 at D > 128 with more than 64 rows runs single-pass tf32, as
     its 3xtf32 split of the query rows alone would fill an H100's shared memory)."""
-    pad = _head_dim_pad(head_dim)
+    pad = head_dim_pad(head_dim)
     return fit_shared_memory({"BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
                              lambda c: smem_need(rows, c, pad, elem_bytes), smem_limit, ("BLOCK_N",),
                              relaxed=TF32_FALLBACK if elem_bytes == 4 else None)
@@ -158,10 +153,16 @@ def _planned(rows: int, head_dim: int, elem_bytes: int, smem_limit: int | None) 
     return tile_config(rows, head_dim, elem_bytes, smem_limit)  # planned once per launch shape
 
 
-def _split_config(rows: int, head_dim: int, elem_bytes: int) -> dict:
+def _default_config(rows: int, head_dim: int, elem_bytes: int) -> dict:
     if is_interpreter():
         return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    return dict(_planned(rows, head_dim, elem_bytes, shared_memory_limit()))
+    return _planned(rows, head_dim, elem_bytes, shared_memory_limit())
+
+
+def launch_config(rows: int, head_dim: int, elem_bytes: int) -> dict:
+    """The configuration the split kernel launches with: ``tile_config`` for the current device (small
+    blocks under the interpreter), or the planning override ``"decode.split"``."""
+    return dict(planning.decide("decode.split", _default_config, rows, head_dim, elem_bytes))
 
 
 def _num_sms(device: torch.device) -> int:
@@ -171,7 +172,12 @@ def _num_sms(device: torch.device) -> int:
 
 
 def choose_num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: torch.device) -> int:
-    """Enough splits that every SM has a few programs, but each split at least a few key blocks long."""
+    """Enough splits that every SM has a few programs, but each split at least a few key blocks long
+    (the planning override ``"decode.num_splits"`` replaces this rule)."""
+    return planning.decide("decode.num_splits", _num_splits, batch_kv_heads, max_len, block_n, device)
+
+
+def _num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: torch.device) -> int:
     want = triton.cdiv(4 * _num_sms(device), max(batch_kv_heads, 1))
     longest = max(1, triton.cdiv(max_len, 4 * block_n))
     return int(max(1, min(want, longest, MAX_SPLITS)))
@@ -225,7 +231,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    scale = _check_scale(scale, D)
+    scale = check_scale(scale, D)
     group = H // HKV
     rows = max(16, triton.next_power_of_2(group * Nq))  # tl.dot needs at least 16 rows
     if group * Nq > 128:
@@ -235,24 +241,30 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if out.numel() == 0:
         return out
 
-    work = _compute_dtype(q.dtype)
+    work = compute_dtype(q.dtype)
     qw, kw, vw = (int32_addressable(n, t.to(work)) for n, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)))
     with on_device_of(q):  # the shared memory of q's device
-        cfg = _split_config(rows, D, qw.element_size())
+        cfg = launch_config(rows, D, qw.element_size())
     block_n = cfg["BLOCK_N"]
     splits = num_splits or choose_num_splits(B * HKV, Nmax, block_n, q.device)
     # more splits than key blocks, or than the merge tile holds, would only add empty programs
     splits = min(splits, max(1, triton.cdiv(Nmax, block_n)), MAX_SPLITS)
     split_len = triton.cdiv(triton.cdiv(max(Nmax, 1), splits), block_n) * block_n
-    pad = _head_dim_pad(D)
+    pad = head_dim_pad(D)
     # the partials: every (split, row, lane) is written by _decode_split, padding rows and lanes included
     o_part = empty((B * HKV, splits, rows, pad), dtype=torch.float32, device=q.device)
     lse_part = empty((B * HKV, splits, rows), dtype=torch.float32, device=q.device)
     with on_device_of(q):  # Triton launches on the current CUDA device
-        _decode_split[(splits, B * HKV)](
-            qw, kw, vw, cache_seqlens, o_part, lse_part, *qw.stride(), *kw.stride(), *vw.stride(),
-            HKV, group, Nq, D, Nmax, split_len, splits, scale * LOG2E, CAUSAL=causal, ROWS=rows,
-            HEAD_DIM=pad, **{**dot_options(qw.dtype), **cfg})
+        def launch(cfg):  # split_len is a multiple of every BLOCK_N a step-down reaches
+            _decode_split[(splits, B * HKV)](
+                qw, kw, vw, cache_seqlens, o_part, lse_part, *qw.stride(), *kw.stride(), *vw.stride(),
+                HKV, group, Nq, D, Nmax, split_len, splits, scale * LOG2E, CAUSAL=causal, ROWS=rows,
+                HEAD_DIM=pad, **{**dot_options(qw.dtype), **cfg})
+
+        # a configuration the compiler finds too large for this GPU's shared memory steps down: fewer
+        # stages, smaller key blocks, then (float32) single-pass tf32
+        launch_fitting(("split", rows, pad, qw.element_size()), cfg, launch, ("BLOCK_N",),
+                       relaxed=TF32_FALLBACK if qw.element_size() == 4 else None)
         _decode_merge[(B * HKV, group * Nq)](
             o_part, lse_part, out, *out.stride(), HKV, group, Nq, D, splits,
             ROWS=rows, SPLITS=max(2, triton.next_power_of_2(splits)), HEAD_DIM=pad, num_warps=4)

@@ -12,9 +12,9 @@ dt handed to them as weights on the values: the kernels fold dt into the per-ste
 compute anyway, so dt * x is never written out; and each group's B and C are read by all its heads
 (the backward sums their gradients over the heads in registers). A goes to them as a rate: the
 log-decay is the weights times it, and the backward folds the log-decay's gradient into dt's and
-A's (d𝓛/d dt_t += d𝓛/dg_t A, d𝓛/dA = sum_t d𝓛/dg_t dt_t) in one small kernel (``linear._la_rate_grads``).
+A's (d𝓛/d dt_t += d𝓛/dg_t A, d𝓛/dA = sum_t d𝓛/dg_t dt_t) in one small kernel (``linear.backward._la_rate_grads``).
 For n <= 128 (tiles that fit in shared memory) the forward walks the chunks once with the state in
-registers (``linear._la_fused``) instead of storing every chunk's state and reading it back.
+registers (``linear.forward._la_fused``) instead of storing every chunk's state and reading it back.
 ``quadratic_form`` is the other side of the duality: the same outputs as masked attention,
 (C B^T * L) (dt x), with the mask L[t, s] = exp(dt_{s+1} A + ... + dt_t A) for s <= t (the book's Gamma). L is
 1-semiseparable: every submatrix taken from on and below its diagonal has rank at most 1.
@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import check_same_device, check_tensor
-from .feature_maps import check_flag, keep_in_graph
-from .linear import MAX_FEATURE_DIM, _LinearAttention, check_chunk_size
+from ._autograd import keep_in_graph
+from ._validate import check_flag, check_same_device, check_tensor
+from .linear import MAX_FEATURE_DIM, LinearAttentionFunction, check_chunk_size
 
 
 def _expand_groups(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -115,7 +115,7 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
         q, k = C.reshape(b * groups, 1, N, n), B.reshape(b * groups, 1, N, n)
         s0 = initial_state.reshape(b * groups, per, n, dv) if initial_state is not None else None
         # the log-decay dt * A is built from the weights and the rate A (a row of heads per group)
-        y, state = _LinearAttention.apply(q, k, x.reshape(b * groups, per, N, dv), None, s0, chunk_size, x.dtype,
+        y, state = LinearAttentionFunction.apply(q, k, x.reshape(b * groups, per, N, dv), None, s0, chunk_size, x.dtype,
                                           dt.reshape(b * groups, per, N), A.reshape(groups, per))
         y, state = y.reshape(b, heads, N, dv), state.reshape(b, heads, n, dv)
     if D is not None:

@@ -26,20 +26,30 @@ zeros and a logsumexp of -inf.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
 import triton.language as tl
 
+from . import planning
 from ._alloc import empty
+from ._autograd import once_differentiable
 from ._backend import dot_options, is_interpreter, on_device_of
-from ._validate import check_same_device, check_tensor, int32_addressable
-from .feature_maps import once_differentiable  # noqa: F401  (also used by row_softmax, block_sparse)
-
-LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 256
-
+from ._common import (
+    LOG2E,
+    TF32_FALLBACK,
+    base2_lse_for_backward,
+    compute_dtype,
+    fit_shared_memory,
+    head_dim_pad,
+    launch_fitting,
+    natural_lse,
+    online_softmax_step,
+    shared_memory_limit,
+    smem_estimate,
+    split_operands,
+)
+from ._validate import check_attention_inputs, check_scale, int32_addressable
 
 # --------------------------------------------------------------------------------------------------
 # forward
@@ -81,16 +91,8 @@ def _fwd_block_loop(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
             if CAUSAL:
                 visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
             s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        if MASKED:  # a row with no visible key so far keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
-            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new_safe = m_new
-        alpha = tl.exp2(m_i - m_new_safe)  # rescales what was accumulated under the old maximum
-        p = tl.exp2(s - m_new_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        # a masked block may leave a row with no visible key so far (m = -inf): only those need the guard
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, MAY_BE_EMPTY=MASKED, DOT_PREC=DOT_PREC)
     return acc, l_i, m_i
 
 
@@ -141,7 +143,7 @@ def _attn_fwd(Q, K, V, O, LSE,
 
     empty_row = l_i == 0.0  # saw no key: output 0, logsumexp -inf
     out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
-    lse = tl.where(empty_row, float("-inf"), (m_i + tl.log2(tl.where(empty_row, 1.0, l_i))) * 0.6931471805599453)
+    lse = natural_lse(m_i, l_i)
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(o_base + rows[:, None] * stride_on + offs_d[None, :] * stride_od, out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])  # write BLOCK_M*D
@@ -186,7 +188,7 @@ def _bwd_dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_q
         do = tl.load(do_base + rows[:, None] * stride_don + offs_d[None, :] * stride_dod,
                      mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # dO block [BLOCK_M, D]
         lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))  # +inf: rows that do not exist get P = 0
-        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        lse = base2_lse_for_backward(lse)
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         st = tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale  # S^T [BLOCK_N, BLOCK_M], base 2
         pt = tl.exp2(st - lse[None, :])  # P^T recomputed from the saved logsumexp
@@ -307,7 +309,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
     do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + rows[:, None] * stride_don
                  + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * Nq + rows, mask=row_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # no key: P = 0
+    lse = base2_lse_for_backward(lse)  # no key: P = 0
     delta = tl.load(DELTA + bh.to(tl.int64) * Nq + rows, mask=row_ok, other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
@@ -337,97 +339,6 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
 # (fewer pipeline stages, then smaller tiles) until its estimated need fits, so the same code runs on
 # any GPU and every dtype; on Hopper every tuned configuration fits as it is.
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-
-# Shared memory left free below the device's limit: the estimate counts the tiles, not the scalars,
-# barriers and layout-conversion scratch the compiler adds (at most 8 KiB beyond the estimate in every
-# configuration checked, on sm_90 and sm_80).
-SMEM_MARGIN = 16 * 1024
-
-
-@functools.cache
-def _device_shared_memory(index: int) -> int:
-    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
-
-
-def shared_memory_limit() -> int | None:
-    """Bytes of shared memory one program may use on the current CUDA device, as the driver reports it
-    (the opt-in limit per block: 232448 on an H100 or H200, 166912 on an A100, 101376 on most consumer
-    GPUs); None under the interpreter, which has no such limit."""
-    if is_interpreter():
-        return None
-    return _device_shared_memory(torch.cuda.current_device())
-
-
-def smem_estimate(resident: int, streamed: tuple[int, ...], elem_bytes: int, num_stages: int, extra: int = 0, *,
-                  buffers: int | None = None, split: bool | None = None, split_streamed: bool = True) -> int:
-    """Shared memory (bytes) of a kernel whose loop feeds ``tl.dot`` from tiles in shared memory:
-    ``resident`` elements of operands loaded once (the program's own rows), ``streamed`` tiles (elements
-    each) loaded every step, ``extra`` bytes of other loads every step (mask tiles, row statistics).
-
-    * ``split`` (default: float32 inputs, which run as 3xtf32, ``dot_options``): each operand is split
-      into a high and a low part held side by side, so the resident operands count twice and the split
-      of the largest streamed tile (one at a time) adds two copies of it (unless ``split_streamed`` is
-      False: a kernel whose products run on the older MMA, fewer than 64 rows, splits them in registers).
-    * ``buffers``: the copies of each streamed tile that the software pipeliner keeps in flight. By
-      default what Triton 3.9 allocates for pointer loads in these kernels: ``num_stages - 1`` for split
-      float32 operands (their loads land in registers to be split), ``num_stages`` for unsplit float32
-      ones, ``num_stages - 1`` but at least one otherwise (16-bit loops, which it often does not
-      pipeline at all: one copy). Loads through tensor descriptors (TMA) take more: the caller says.
-
-    Checked against Triton 3.9's own figure on sm_90 (every configuration the planners pick for an
-    H100 or H200, compiled offline): exact for most, above it for the rest."""
-    split = elem_bytes == 4 if split is None else split
-    if buffers is None:
-        if split and split_streamed:  # the loads land in registers, to be split into shared memory
-            buffers = num_stages - 1
-        else:  # the MMA reads the loaded tiles from shared memory: at least one copy
-            buffers = num_stages if elem_bytes == 4 and not split else max(1, num_stages - 1)
-    elements = (2 if split else 1) * resident + buffers * sum(streamed)
-    if split and split_streamed:
-        elements += 2 * max(streamed)
-    return elements * elem_bytes + max(1, buffers) * extra
-
-
-def fit_shared_memory(cfg: dict, need, limit: int | None, tiles: tuple[str, ...], least: int = 16,
-                      resident: str | None = None, relaxed: dict | None = None) -> dict:
-    """``cfg`` stepped down until ``need(cfg)`` (bytes) fits ``limit - SMEM_MARGIN``: at each tile size,
-    from ``cfg``'s number of pipeline stages down to one; then the largest of the ``tiles`` keys
-    (the first of them on a tie) halved, down to ``least``. ``limit=None`` (no limit: the interpreter)
-    keeps ``cfg``. When the ``resident`` tile drops below 128 rows, 8 warps become 4 (a 64-row tile
-    is one warp group's). If even the smallest tiles do not fit, the same steps are taken again with
-    ``relaxed`` merged into the configuration (float32: single-pass tf32 products, whose operands are
-    not split); if those do not fit either, the smallest tiles are returned and the compiler has the
-    last word (the estimate errs on the large side)."""
-    if limit is None:
-        return dict(cfg)
-    budget = limit - SMEM_MARGIN
-    for variant in ({}, relaxed) if relaxed else ({},):
-        tile = {**cfg, **variant}
-        while True:
-            for stages in range(cfg["num_stages"], 0, -1):
-                trial = {**tile, "num_stages": stages}
-                if need(trial) <= budget:
-                    return trial
-            shrinkable = [key for key in tiles if tile[key] > least]
-            if not shrinkable:
-                break
-            key = max(shrinkable, key=lambda k: tile[k])  # max keeps the first on a tie
-            tile[key] //= 2
-            if resident is not None and tile[resident] < 128:
-                tile["num_warps"] = min(tile["num_warps"], 4)
-    return trial
-
-
-# float32's fallback when the 3xtf32 operands do not fit at any tile size: single-pass tf32, within the
-# package's float32 tolerance on a GPU (testing.tolerance)
-TF32_FALLBACK = {"DOT_PREC": "tf32"}
-
-
-def split_operands(cfg: dict, elem_bytes: int) -> bool:
-    """Whether a kernel at ``cfg`` splits its float32 operands (3xtf32): float32 unless ``cfg`` overrides
-    the precision."""
-    return elem_bytes == 4 and cfg.get("DOT_PREC", "tf32x3") == "tf32x3"
-
 
 def _tuned_config(kernel: str, head_dim: int, elem_bytes: int) -> dict:
     """The configuration tuned on an H100 / H200 (tools/tune_flash.py for 16-bit; the run and its numbers:
@@ -465,7 +376,7 @@ def _tuned_config(kernel: str, head_dim: int, elem_bytes: int) -> dict:
 
 def smem_need(kernel: str, cfg: dict, head_dim: int, elem_bytes: int) -> int:
     """``smem_estimate`` for one of the three kernels at ``cfg`` and head dim ``head_dim``."""
-    m, n, d = cfg["BLOCK_M"], cfg["BLOCK_N"], _head_dim_pad(head_dim)
+    m, n, d = cfg["BLOCK_M"], cfg["BLOCK_N"], head_dim_pad(head_dim)
     split = split_operands(cfg, elem_bytes)
     if kernel == "fwd":  # Q resident; K^T and V streamed
         return smem_estimate(m * d, (n * d, n * d), elem_bytes, cfg["num_stages"], split=split)
@@ -479,7 +390,7 @@ def tile_config(kernel: str, head_dim: int, elem_bytes: int, smem_limit: int | N
     kernel on a GPU whose programs may use ``smem_limit`` bytes of shared memory (None: no limit), for
     inputs of ``elem_bytes`` bytes (4: float32, 2: float16 / bfloat16) and head dim ``head_dim``. A
     pure function: the tuned configuration, fitted to ``smem_limit`` by ``fit_shared_memory``."""
-    pad = _head_dim_pad(head_dim)
+    pad = head_dim_pad(head_dim)
     resident = "BLOCK_N" if kernel == "dkdv" else "BLOCK_M"
     streamed = "BLOCK_M" if kernel == "dkdv" else "BLOCK_N"
     return fit_shared_memory(_tuned_config(kernel, pad, elem_bytes),
@@ -493,48 +404,47 @@ def _planned(kernel: str, head_dim: int, elem_bytes: int, smem_limit: int | None
     return tile_config(kernel, head_dim, elem_bytes, smem_limit)  # planned once per launch shape
 
 
-def _fwd_config(head_dim: int, elem_bytes: int) -> dict:
-    """Tile sizes, warps and pipeline stages for the forward kernel (BLOCK_M query rows resident)."""
+def _default_config(kernel: str, head_dim: int, elem_bytes: int) -> dict:
     if is_interpreter():
         return dict(_INTERPRETER_CONFIG)
-    return dict(_planned("fwd", head_dim, elem_bytes, shared_memory_limit()))
+    return _planned(kernel, head_dim, elem_bytes, shared_memory_limit())
 
 
-def _bwd_config(head_dim: int, elem_bytes: int) -> dict:
-    """The dK/dV kernel: BLOCK_N keys resident, BLOCK_M query rows streamed."""
-    if is_interpreter():
-        return dict(_INTERPRETER_CONFIG)
-    return dict(_planned("dkdv", head_dim, elem_bytes, shared_memory_limit()))
+def launch_config(kernel: str, head_dim: int, elem_bytes: int) -> dict:
+    """The configuration the ``"fwd"``, ``"dkdv"`` or ``"dq"`` kernel launches with: ``tile_config`` for
+    the current device (small tiles under the interpreter), or the planning override
+    ``"flash.<kernel>"`` (``minikernels.planning``)."""
+    return dict(planning.decide(f"flash.{kernel}", lambda d, e: _default_config(kernel, d, e), head_dim, elem_bytes))
 
 
-def _dq_config(head_dim: int, elem_bytes: int) -> dict:
-    """The dQ kernel: BLOCK_M query rows resident, BLOCK_N keys streamed."""
-    if is_interpreter():
-        return dict(_INTERPRETER_CONFIG)
-    return dict(_planned("dq", head_dim, elem_bytes, shared_memory_limit()))
-
-
-def _head_dim_pad(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))  # tl.dot needs >= 16; lanes past D are masked
+def _launch(key, cfg: dict, launch) -> None:
+    # a configuration the compiler finds too large for this GPU's shared memory steps down (fewer stages,
+    # then smaller tiles); the resident tile is BLOCK_N in dK/dV and BLOCK_M elsewhere
+    resident, streamed = ("BLOCK_N", "BLOCK_M") if key[0] == "dkdv" else ("BLOCK_M", "BLOCK_N")
+    launch_fitting(key, cfg, launch, (streamed, resident), resident=resident,
+                   relaxed=TF32_FALLBACK if key[2] == 4 else None)
 
 
 # --------------------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------------------
 
-def _forward(q, k, v, causal: bool, scale: float, cfg: dict | None = None):
+def launch_forward(q, k, v, causal: bool, scale: float, cfg: dict | None = None):
     B, H, Nq, D = q.shape
     HKV, Nk = k.shape[1], k.shape[2]
     o = empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
     lse = empty((B, H, Nq), dtype=torch.float32, device=q.device)
     if o.numel() == 0:  # no query row (B, H or Nq is 0): nothing to launch
         return o, lse
-    cfg = cfg or _fwd_config(D, q.element_size())  # cfg: an override, for tools/tune_flash.py
-    grid = (triton.cdiv(Nq, cfg["BLOCK_M"]), B * H)
-    pad = _head_dim_pad(D)
-    _attn_fwd[grid](q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-                    H, H // HKV, Nq, Nk, D, scale * LOG2E,
-                    CAUSAL=causal, EVEN_D=(pad == D), HEAD_DIM=pad, **{**dot_options(q.dtype), **cfg})
+    cfg = cfg or launch_config("fwd", D, q.element_size())  # cfg: an override, for tools/tune_flash.py
+    pad = head_dim_pad(D)
+
+    def launch(cfg):
+        _attn_fwd[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * H)](
+            q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, H // HKV, Nq, Nk, D,
+            scale * LOG2E, CAUSAL=causal, EVEN_D=(pad == D), HEAD_DIM=pad, **{**dot_options(q.dtype), **cfg})
+
+    _launch(("fwd", pad, q.element_size(), causal), cfg, launch)
     return o, lse
 
 
@@ -545,48 +455,49 @@ def row_delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
     if delta.numel() == 0:
         return delta
     _bwd_delta[(triton.cdiv(Nq, 64), B * H)](o, do, delta, *o.stride(), *do.stride(), H, Nq, D,
-                                              BLOCK_M=64, HEAD_DIM=_head_dim_pad(D))
+                                              BLOCK_M=64, HEAD_DIM=head_dim_pad(D))
     return delta
 
 
-def _backward(q, k, v, o, lse, do, causal: bool, scale: float, dkdv_cfg: dict | None = None,
+def launch_backward(q, k, v, o, lse, do, causal: bool, scale: float, dkdv_cfg: dict | None = None,
               dq_cfg: dict | None = None):
     B, H, Nq, D = q.shape
     HKV, Nk = k.shape[1], k.shape[2]
     if q.numel() == 0:  # no query row reads k or v: their gradients are zero, and nothing is launched
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    pad = _head_dim_pad(D)
+    pad = head_dim_pad(D)
     delta = row_delta(o, do)
     dq = empty(q.shape, dtype=q.dtype, device=q.device)
     dk = empty(k.shape, dtype=k.dtype, device=k.device)
     dv = empty(v.shape, dtype=v.dtype, device=v.device)
-    cfg = dkdv_cfg or _bwd_config(D, q.element_size())
-    if Nk > 0:  # (no key: dK and dV are empty)
+
+    def launch_dkdv(cfg):
         _attn_bwd_dkdv[(triton.cdiv(Nk, cfg["BLOCK_N"]), B * HKV)](
             q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
             *dk.stride(), *dv.stride(), H, HKV, H // HKV, Nq, Nk, D, scale, scale * LOG2E,
             CAUSAL=causal, HEAD_DIM=pad, **{**dot_options(q.dtype), **cfg})
-    cfg = dq_cfg or _dq_config(D, q.element_size())
-    _attn_bwd_dq[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * H)](
-        q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        H, H // HKV, Nq, Nk, D, scale, scale * LOG2E, CAUSAL=causal, HEAD_DIM=pad,
-        **{**dot_options(q.dtype), **cfg})
+
+    def launch_dq(cfg):
+        _attn_bwd_dq[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * H)](
+            q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            H, H // HKV, Nq, Nk, D, scale, scale * LOG2E, CAUSAL=causal, HEAD_DIM=pad,
+            **{**dot_options(q.dtype), **cfg})
+
+    if Nk > 0:  # (no key: dK and dV are empty)
+        _launch(("dkdv", pad, q.element_size(), causal), dkdv_cfg or launch_config("dkdv", D, q.element_size()),
+                launch_dkdv)
+    _launch(("dq", pad, q.element_size(), causal), dq_cfg or launch_config("dq", D, q.element_size()), launch_dq)
     return dq, dk, dv
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # The interpreter's bf16 tl.dot is wrong (DESIGN.md): compute bf16 in fp32 there and cast back.
-    return torch.float32 if (dtype == torch.bfloat16 and is_interpreter()) else dtype
 
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale):
         dtype = q.dtype
-        work = _compute_dtype(dtype)
+        work = compute_dtype(dtype)
         qw, kw, vw = (int32_addressable(n, t.to(work)) for n, t in (("q", q), ("k", k), ("v", v)))
         with on_device_of(q):
-            o, lse = _forward(qw, kw, vw, causal, scale)
+            o, lse = launch_forward(qw, kw, vw, causal, scale)
         ctx.save_for_backward(qw, kw, vw, o, lse)
         ctx.graph_inputs = (q, k, v)  # for once_differentiable (no data is read from them)
         ctx.causal, ctx.scale, ctx.dtype = causal, scale, dtype
@@ -598,41 +509,9 @@ class _FlashAttention(torch.autograd.Function):
     def backward(ctx, do, _dlse):
         qw, kw, vw, o, lse = ctx.saved_tensors
         with on_device_of(qw):
-            dq, dk, dv = _backward(qw, kw, vw, o, lse, int32_addressable("grad of out", do.to(qw.dtype)),
+            dq, dk, dv = launch_backward(qw, kw, vw, o, lse, int32_addressable("grad of out", do.to(qw.dtype)),
                                    ctx.causal, ctx.scale)
         return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None, None
-
-
-def check_attention_inputs(q, k, v, *, k_name: str = "k", v_name: str = "v") -> None:
-    """Shapes, dtypes and devices for [B, H, N, D] attention with grouped-query heads."""
-    hint = "[B, H, N, D]"
-    check_tensor("q", q, ndim=4, shape_hint=hint)
-    check_tensor(k_name, k, ndim=4, shape_hint=hint)
-    check_tensor(v_name, v, ndim=4, shape_hint=hint)
-    check_same_device(q=q, **{k_name: k, v_name: v})
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, {k_name}, {v_name} must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"{k_name} and {v_name} must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0]:
-        raise ValueError(f"batch sizes differ: q has {q.shape[0]}, {k_name} has {k.shape[0]}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"head dims differ: q has D={q.shape[-1]}, {k_name} has D={k.shape[-1]}")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"{k_name}/{v_name} heads ({k.shape[1]}) must divide q heads ({q.shape[1]}) "
-                         "for grouped-query attention")
-    d = q.shape[-1]
-    if not 1 <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim D={d} is not supported: D must be between 1 and {MAX_HEAD_DIM} "
-                         "(16, 32, 64 and 128 are the fast sizes; others are padded to the next power of two)")
-
-
-def _check_scale(scale, d: int) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(d)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
-    return float(scale)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
@@ -656,7 +535,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    scale = _check_scale(scale, q.shape[-1])
+    scale = check_scale(scale, q.shape[-1])
     # empty inputs (B, H, Nq or Nk = 0) go through the autograd function too, so that the output stays
     # in the graph: its backward gives zero gradients of the inputs' shapes
     out, lse = _FlashAttention.apply(q, k, v, causal, scale)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import antidiagonal
+from . import antidiagonal, planning
 from ._backend import device as _backend_device
 from ._validate import check_device, check_same_device
 from .antidiagonal import expand_heads as _expand_heads
@@ -260,7 +260,8 @@ def from_mask_fn(mask_fn: MaskFn, q_len: int, kv_len: int, block_size: int = 64,
     visit = torch.zeros(nq, nk, dtype=torch.bool, device=dev)  # any element visible
     full = torch.zeros(nq, nk, dtype=torch.bool, device=dev)  # every existing element visible
     tiles = []  # the element masks of the partial blocks, in row-major block order
-    group = max(1, RULE_ELEMENTS // max(1, bs * nk * bs))  # query-block rows per evaluation of the rule
+    per_call = planning.decide("masks.rule_elements", RULE_ELEMENTS)
+    group = max(1, per_call // max(1, bs * nk * bs))  # query-block rows per evaluation of the rule
     for q0 in range(0, nq, group):
         g = min(group, nq - q0)
         rows = torch.arange(q0 * bs, (q0 + g) * bs, device=dev)[:, None]

@@ -1,19 +1,15 @@
 """Pure-PyTorch references: the same names and signatures as the Triton ops, written for clarity,
 not speed. Tests run them in float64 and compare the kernels against them. This module imports no
-Triton (only torch and ``minikernels.feature_maps``), so the oracle does not share the kernels' stack."""
+Triton (only torch, ``minikernels.feature_maps`` and the torch-only checks and autograd helpers), so
+the oracle does not share the kernels' stack."""
 
 from __future__ import annotations
 
 import torch
 
-from .feature_maps import (
-    _normalized,
-    check_flag,
-    check_linear_attention_inputs,
-    final_state_flag,
-    keep_in_graph,
-    mapped_features,
-)
+from ._autograd import keep_in_graph
+from ._validate import check_flag, check_linear_attention_inputs, final_state_flag
+from .feature_maps import mapped_features, normalized
 
 
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -50,14 +46,16 @@ def flash_attention(q, k, v, causal: bool = False, scale: float | None = None, r
     return (out, lse) if return_lse else out
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens=None, num_splits=None, causal: bool = False):
+def decode_attention(q, k_cache, v_cache, cache_seqlens=None, num_splits=None, causal: bool = False, *,
+                     scale: float | None = None):
     """Attention of a few query rows over a KV cache whose first ``cache_seqlens[b]`` positions are
     valid. With ``causal=True`` the Nq queries are the last Nq positions of each sequence: row i sees
-    keys j <= L - Nq + i. ``num_splits`` only changes how the kernel divides the work: ignored here."""
+    keys j <= L - Nq + i. ``scale`` multiplies the logits (default 1/sqrt(D)). ``num_splits`` only
+    changes how the kernel divides the work: ignored here."""
     b, _, nq, _ = q.shape
     nmax = k_cache.shape[2]
     lengths = torch.full((b,), nmax, device=q.device) if cache_seqlens is None else cache_seqlens.to(q.device)
-    scale = q.shape[-1] ** -0.5
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     k, v = _expand_kv_heads(k_cache, q.shape[1]), _expand_kv_heads(v_cache, q.shape[1])
     s = (q @ k.transpose(-1, -2)) * scale  # [B, H, Nq, Nmax]
     j = torch.arange(nmax, device=q.device)[None, None, None, :]
@@ -101,7 +99,7 @@ def linear_attention(q, k, v, decay=None, feature_map=None, normalize=False, chu
         z = keep * z + kf[:, :, t]
         o = (qf[:, :, t, :, None] * state).sum(-2)
         if normalize:
-            o = _normalized(o, (qf[:, :, t] * z).sum(-1, keepdim=True))
+            o = normalized(o, (qf[:, :, t] * z).sum(-1, keepdim=True))
         outs.append(o)
     o = torch.stack(outs, dim=2) if outs else q.new_zeros(b, h, 0, v.shape[-1])
     if not outs:  # N = 0: zeros and the initial state, still part of the autograd graph (as the kernel's)

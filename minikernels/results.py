@@ -23,14 +23,16 @@ ENV_VAR = "MINIKERNELS_BENCH_DIR"
 _CHECKOUT_DIR = Path(__file__).resolve().parents[1] / "book" / "data" / "bench"
 
 
-def recorded_dir(json_dir: str | os.PathLike | None = None) -> Path:
-    """Where the recorded ``<op>.json`` files are (see the comment above for the order searched)."""
+def recorded_dir(json_dir: str | os.PathLike | None = None, *, source_checkout: Path | None = _CHECKOUT_DIR) -> Path:
+    """Where the recorded ``<op>.json`` files are (see the comment above for the order searched);
+    ``source_checkout``: the folder looked in last (default: ``book/data/bench`` beside the package,
+    present in a source checkout, absent in an installed package; None skips it)."""
     if json_dir is not None:
         return Path(json_dir)
     if os.environ.get(ENV_VAR):
         return Path(os.environ[ENV_VAR])
-    if _CHECKOUT_DIR.is_dir():
-        return _CHECKOUT_DIR
+    if source_checkout is not None and Path(source_checkout).is_dir():
+        return Path(source_checkout)
     raise FileNotFoundError(f"no recorded benchmarks: pass json_dir, or set ${ENV_VAR} to a folder of "
                             "<op>.json files (the repository keeps them in book/data/bench/)")
 

@@ -8,7 +8,7 @@ Bytes, for M rows of N elements of b bytes each (the reason to fuse):
 Softmax does ~5 FLOPs per element, so its arithmetic intensity is ~5 / (2b) FLOP/byte: far left of
 the H200's ridge point. The kernel is memory-bound and its goal is the copy bandwidth.
 
-Rows up to ``_MAX_FUSED_COLS`` elements are held on chip whole (one read, one write). Longer rows use
+Rows up to ``MAX_FUSED_COLS`` elements are held on chip whole (one read, one write). Longer rows use
 the online softmax of Milakov and Gimelshein (2018): a first pass keeps a running max and a running
 sum rescaled whenever the max grows, a second pass writes exp(x - m) / l. That reads x twice, but
 the row was just touched, so the second read is mostly served from L2 and DRAM still sees one read.
@@ -29,24 +29,30 @@ import torch
 import triton
 import triton.language as tl
 
+from . import planning
 from ._alloc import empty
+from ._autograd import once_differentiable
 from ._backend import on_device_of
+from ._common import TL_LOG2E
 from ._validate import check_tensor, int32_addressable, normalize_dim
-from .flash import once_differentiable
 
 # Rows longer than this (per dtype) are processed in blocks by the online (two-pass) kernels.
 # A whole 16-bit row of 32768 held on chip keeps one program per SM busy with arithmetic while
 # nothing loads, so the two-pass kernel (whose second read hits L2) is the faster one there;
 # float32 rows, with twice the bytes per element, stay memory-bound and are best fused up to 32768.
-# The measurements behind these limits: book/notes/softmax.md. Tests lower these to reach the
-# two-pass path at sizes the interpreter runs quickly.
-_MAX_FUSED_COLS = {torch.float32: 32768, torch.float16: 16384, torch.bfloat16: 16384}
+# The measurements behind these limits: book/notes/softmax.md. Tests lower these (planning choices
+# "softmax.*") to reach the two-pass path at sizes the interpreter runs quickly.
+MAX_FUSED_COLS = {torch.float32: 32768, torch.float16: 16384, torch.bfloat16: 16384}
 # The backward has no exponentials, so it stays memory-bound fused up to 32768 columns.
-_MAX_FUSED_COLS_BWD = 32768
+MAX_FUSED_COLS_BWD = 32768
 # Block width of the two-pass kernels (with 16 warps; chosen by measurement, book/notes/softmax.md).
-_ONLINE_BLOCK_N = 16384
+ONLINE_BLOCK_N = 16384
 
 
+
+
+def _online_block(n_cols: int) -> int:
+    return min(planning.decide("softmax.online_block", ONLINE_BLOCK_N), triton.next_power_of_2(n_cols))
 
 @triton.jit
 def _softmax_fwd_fused(x_ptr, y_ptr, M, N, stride_xm, stride_xn, stride_ym, stride_yn,
@@ -61,7 +67,7 @@ def _softmax_fwd_fused(x_ptr, y_ptr, M, N, stride_xm, stride_xn, stride_ym, stri
     x = x.to(tl.float32)
     m = tl.max(x, axis=1)
     m = tl.where(m == float("-inf"), 0.0, m)  # fully masked row: exp(-inf - 0) = 0, not exp(nan)
-    e = tl.exp2((x - m[:, None]) * 1.4426950408889634)  # exp(t) = 2^(t log2 e): ex2 is the fast unit
+    e = tl.exp2((x - m[:, None]) * TL_LOG2E)  # exp(t) = 2^(t log2 e): ex2 is the fast unit
     l = tl.sum(e, axis=1)
     inv_l = 1.0 / tl.where(l == 0.0, 1.0, l)  # fully masked row: 0 * 1 = 0
     y = e * inv_l[:, None]  # one reciprocal per row, a multiply per element
@@ -81,7 +87,7 @@ def _softmax_fwd_online(x_ptr, y_ptr, N, stride_xm, stride_xn, stride_ym, stride
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         x = tl.load(x_row + cols * stride_xn, mask=cols < N, other=float("-inf"))  # read N
-        x = x.to(tl.float32) * 1.4426950408889634
+        x = x.to(tl.float32) * TL_LOG2E
         m_new = tl.maximum(m, tl.max(x, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: keep l = 0, not NaN
         l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(x - m_safe), axis=0)
@@ -92,7 +98,7 @@ def _softmax_fwd_online(x_ptr, y_ptr, N, stride_xm, stride_xn, stride_ym, stride
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         x = tl.load(x_row + cols * stride_xn, mask=cols < N, other=float("-inf"))  # read N (from L2)
-        y = tl.exp2(x.to(tl.float32) * 1.4426950408889634 - m) * inv_l
+        y = tl.exp2(x.to(tl.float32) * TL_LOG2E - m) * inv_l
         tl.store(y_row + cols * stride_yn, y.to(y_ptr.dtype.element_ty), mask=cols < N)  # write N
 
 
@@ -143,30 +149,30 @@ def _fused_launch_params(M: int, N: int) -> tuple[int, int, int]:
     return block_m, block_n, num_warps
 
 
-def _forward_2d(x: torch.Tensor) -> torch.Tensor:
+def launch_forward_2d(x: torch.Tensor) -> torch.Tensor:
     M, N = x.shape
     y = empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y
-    if N <= _MAX_FUSED_COLS[x.dtype]:
+    if N <= planning.decide("softmax.max_fused_cols", lambda dtype: MAX_FUSED_COLS[dtype], x.dtype):
         block_m, block_n, num_warps = _fused_launch_params(M, N)
         _softmax_fwd_fused[(triton.cdiv(M, block_m),)](
             x, y, M, N, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     else:
         _softmax_fwd_online[(M,)](x, y, N, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-                                  BLOCK_N=min(_ONLINE_BLOCK_N, triton.next_power_of_2(N)), num_warps=16)
+                                  BLOCK_N=_online_block(N), num_warps=16)
     return y
 
 
-def _backward_2d(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+def launch_backward_2d(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     M, N = y.shape
     dx = empty((M, N), dtype=y.dtype, device=y.device)
     if M == 0 or N == 0:
         return dx
     if dy.dtype != y.dtype:
         dy = dy.to(y.dtype)
-    if N <= _MAX_FUSED_COLS_BWD:
+    if N <= planning.decide("softmax.max_fused_cols_bwd", MAX_FUSED_COLS_BWD):
         block_m, block_n, num_warps = _fused_launch_params(M, N)
         _softmax_bwd_fused[(triton.cdiv(M, block_m),)](
             y, dy, dx, M, N, y.stride(0), y.stride(1), dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1),
@@ -174,7 +180,7 @@ def _backward_2d(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     else:
         _softmax_bwd_online[(M,)](
             y, dy, dx, N, y.stride(0), y.stride(1), dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1),
-            BLOCK_N=min(_ONLINE_BLOCK_N, triton.next_power_of_2(N)), num_warps=16)
+            BLOCK_N=_online_block(N), num_warps=16)
     return dx
 
 
@@ -183,7 +189,7 @@ class _Softmax2d(torch.autograd.Function):
     def forward(ctx, x2d):
         # rows are addressed with 64-bit offsets, positions inside a row with 32-bit ones
         with on_device_of(x2d):
-            y2d = _forward_2d(int32_addressable("x", x2d, inner_dims=1))
+            y2d = launch_forward_2d(int32_addressable("x", x2d, inner_dims=1))
         ctx.save_for_backward(y2d)
         ctx.graph_inputs = (x2d,)  # for once_differentiable (no data is read from it)
         return y2d
@@ -193,7 +199,7 @@ class _Softmax2d(torch.autograd.Function):
     def backward(ctx, dy2d):
         (y2d,) = ctx.saved_tensors
         with on_device_of(y2d):
-            return _backward_2d(y2d, int32_addressable("grad of y", dy2d, inner_dims=1))
+            return launch_backward_2d(y2d, int32_addressable("grad of y", dy2d, inner_dims=1))
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ def test_exp2_only_sums_the_exponentials_it_claims(polynomial):
     # each lane sums 2^(x0 - k 1e-6) for k = 1..steps, x0 = -(lane % 1024) 1e-3: checked against PyTorch
     programs, block, steps = 2, 1024, 5
     out = torch.full((programs * block,), float("nan"), device=mk.device())
-    bench._exp2_only[(programs,)](out, steps, BLOCK=block, POLYNOMIAL=polynomial)
+    bench.exp2_only[(programs,)](out, steps, BLOCK=block, POLYNOMIAL=polynomial)
     x = (torch.arange(programs * block) % 1024).float() * -1e-3
     want = torch.zeros_like(x)
     for _ in range(steps):
@@ -26,7 +26,7 @@ def test_exp2_only_sums_the_exponentials_it_claims(polynomial):
 @triton.jit
 def _apply_polynomial(X, Y, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(Y + offs, bench._exp2_polynomial(tl.load(X + offs)))
+    tl.store(Y + offs, bench.exp2_polynomial(tl.load(X + offs)))
 
 
 def test_polynomial_exp2_is_float32_accurate():
@@ -55,9 +55,8 @@ def test_recorded_runs_are_found_at_an_explicit_place(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no recorded benchmark for 'flash'"):
         results.recorded("flash")
     monkeypatch.delenv(results.ENV_VAR)
-    monkeypatch.setattr(results, "_CHECKOUT_DIR", tmp_path / "absent")  # as in an installed package
-    with pytest.raises(FileNotFoundError, match=results.ENV_VAR):
-        results.recorded_dir()
+    with pytest.raises(FileNotFoundError, match=results.ENV_VAR):  # as in an installed package
+        results.recorded_dir(source_checkout=tmp_path / "absent")
 
 
 def test_bench_patches_no_modules():

@@ -110,9 +110,9 @@ def test_descriptor_and_pointer_loads_agree():
     scale = 24 ** -0.5
     results = []
     for tma in (True, False):
-        cfgs = {kern: {**block_sparse._config(kern, 32, 24, 4), "TMA": tma} for kern in ("fwd", "dq", "dkdv")}
-        o, lse = block_sparse._forward(q, k, v, bm, scale, dict(cfgs["fwd"]))
-        grads = block_sparse._backward(q, k, v, o, lse, do, bm, scale, dict(cfgs["dq"]), dict(cfgs["dkdv"]))
+        cfgs = {kern: {**block_sparse.launch_config(kern, 32, 24, 4), "TMA": tma} for kern in ("fwd", "dq", "dkdv")}
+        o, lse = block_sparse.launch_forward(q, k, v, bm, scale, dict(cfgs["fwd"]))
+        grads = block_sparse.launch_backward(q, k, v, o, lse, do, bm, scale, dict(cfgs["dq"]), dict(cfgs["dkdv"]))
         results.append((o, lse, *grads))
     for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), *results):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
@@ -269,7 +269,7 @@ def test_tiles_fit_the_shared_memory(kernel, gpu):
     the planned pieces divide the block and their estimated shared memory fits the device's limit.
     (float32 blocks of 128 at D = 64 once asked for 262 KB on an H100, which has 227 KB.)"""
     from minikernels import block_sparse
-    from minikernels.flash import SMEM_MARGIN
+    from minikernels._common import SMEM_MARGIN
 
     limit = SMEM_LIMITS[gpu]
     for elem in (4, 2):

@@ -109,8 +109,9 @@ def test_explicit_scale(scale, causal):
     lengths = torch.tensor([90, 40], dtype=torch.int32, device=DEVICE)
     with poisoned():
         out = mk.decode_attention(q, kc, vc, lengths, causal=causal, scale=scale)
-    ref = mk.reference.decode_attention(q.double() * (scale * 32**0.5), kc.double(), vc.double(), lengths,
-                                        causal=causal)
+    ref = mk.reference.decode_attention(q.double(), kc.double(), vc.double(), lengths, causal=causal, scale=scale)
+    assert_close(ref, mk.reference.decode_attention(q.double() * (scale * 32**0.5), kc.double(), vc.double(), lengths,
+                                                    causal=causal), torch.float64, name="the reference's scale")
     assert_close(out, ref, q.dtype, name="decode with scale")
     default = mk.decode_attention(q, kc, vc, lengths, causal=causal, scale=None)
     assert_close(default, mk.decode_attention(q, kc, vc, lengths, causal=causal, scale=32**-0.5), name="default")
@@ -163,7 +164,7 @@ def test_tiles_fit_the_shared_memory(gpu):
     except where the rows alone fill it: float32 at D > 128 with 128 rows on GPUs smaller than an
     H100, and with 64 rows on 99 KiB ones. (float32 at D = 256 once asked for 303 KB on an H100.)"""
     from minikernels import decode
-    from minikernels.flash import SMEM_MARGIN
+    from minikernels._common import SMEM_MARGIN
 
     limit = SMEM_LIMITS[gpu]
     for elem in (4, 2):

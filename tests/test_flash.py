@@ -8,6 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minikernels as mk
+from minikernels import planning
+from minikernels._common import SMEM_MARGIN, shared_memory_limit
 from minikernels.testing import poisoned, strided_like, test_dtypes
 
 DTYPES = test_dtypes()  # fp32, fp16 everywhere; bf16 on the GPU (the interpreter's bf16 dot is wrong)
@@ -137,19 +139,17 @@ def test_double_backward_raises(dtype):
         (dq.square().sum() + dk.square().sum()).backward()
 
 
-def test_strided_views_past_32_bit_offsets_are_compacted(monkeypatch):
+def test_strided_views_past_32_bit_offsets_are_compacted():
     """Inside one (batch, head) slice the kernels index with 32-bit arithmetic; a view spanning more
     than that is copied to a compact layout first, and a slice too large even then is refused. The
     limit is lowered here so that small tensors exercise both paths."""
-    from minikernels import _validate
-
-    monkeypatch.setattr(_validate, "_INT32_MAX", 40 * 16)
-    q, k, v = qkv(1, 2, 2, 40, 40, 16, seed=10)
-    wide = [strided_like(t) for t in (q, k, v)]  # slice extent ~ 2 * 40 * 16: over the lowered limit
-    check_flash(*wide, causal=True)
-    q, k, v = qkv(1, 2, 2, 50, 50, 16, seed=11)  # 50 * 16 elements per slice even when compact
-    with pytest.raises(ValueError, match="more than 2\\^31"):
-        mk.flash_attention(q, k, v)
+    with planning.override({"int32_limit": 40 * 16}):
+        q, k, v = qkv(1, 2, 2, 40, 40, 16, seed=10)
+        wide = [strided_like(t) for t in (q, k, v)]  # slice extent ~ 2 * 40 * 16: over the lowered limit
+        check_flash(*wide, causal=True)
+        q, k, v = qkv(1, 2, 2, 50, 50, 16, seed=11)  # 50 * 16 elements per slice even when compact
+        with pytest.raises(ValueError, match="more than 2\\^31"):
+            mk.flash_attention(q, k, v)
 
 
 def test_int32_addressable_helper():
@@ -242,7 +242,7 @@ def test_tiles_fit_the_shared_memory(kernel, gpu):
     for elem in (4, 2):
         for d in HEAD_DIMS:
             cfg = flash.tile_config(kernel, d, elem, limit)
-            assert flash.smem_need(kernel, cfg, d, elem) <= limit - flash.SMEM_MARGIN, (elem, d, cfg)
+            assert flash.smem_need(kernel, cfg, d, elem) <= limit - SMEM_MARGIN, (elem, d, cfg)
             assert _is_tile(cfg["BLOCK_M"]) and _is_tile(cfg["BLOCK_N"]) and cfg["num_stages"] >= 1
 
 
@@ -258,7 +258,7 @@ def test_tuned_tiles_stay_on_hopper(kernel):
 
 def test_fit_shared_memory_steps_down_stages_then_tiles():
     """Fewer stages first, then the larger tile halved (stages restored at each size), then the fallback."""
-    from minikernels.flash import SMEM_MARGIN, fit_shared_memory
+    from minikernels._common import fit_shared_memory
 
     cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
 
@@ -282,12 +282,11 @@ def test_fit_shared_memory_steps_down_stages_then_tiles():
 
 
 def test_no_shared_memory_limit_under_the_interpreter():
-    from minikernels import flash
 
     if mk.backend() == "cuda":
-        assert flash.shared_memory_limit() >= 48 * 1024
+        assert shared_memory_limit() >= 48 * 1024
     else:
-        assert flash.shared_memory_limit() is None
+        assert shared_memory_limit() is None
 
 
 @pytest.mark.gpu

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minikernels as mk
+from minikernels import planning
 from minikernels.testing import assert_close, poisoned, randn, strided_like, test_dtypes, tolerance
 
 
@@ -91,66 +92,64 @@ def test_state_blocks_split_over_several_programs():
 
 
 @pytest.mark.parametrize("unroll", [0, 8])
-def test_value_blocks_of_the_query_key_gradients_in_a_loop_or_unrolled(monkeypatch, unroll):
+def test_value_blocks_of_the_query_key_gradients_in_a_loop_or_unrolled(unroll):
     """_la_dqdk covers Dv in blocks of 64: for 16-bit inputs unrolled when they are few, in a loop
     when they are many (unrolled inside a loop over heads, each block takes shared memory of its
     own). Dv = 200, 4 blocks, both ways (float16: the unrolled form is not used for float32)."""
-    from minikernels import linear
-
-    monkeypatch.setattr(linear, "DQDK_UNROLL_V", unroll)
-    check(*make(1, 2, 37, 24, 200, torch.float16, seed=21, state=True))
+    with planning.override({"linear.dqdk_unroll_v": unroll}):
+        check(*make(1, 2, 37, 24, 200, torch.float16, seed=21, state=True))
 
 
-def test_launch_fitting_halves_the_block_until_the_kernel_fits():
-    """On a GPU, float32 tiles of the backward can ask for more shared memory than a program may
-    have; Triton then raises OutOfResources before the kernel runs. The launch halves the Dk block
-    until one fits (not below 16), and starts from that block next time."""
+def test_launch_fitting_steps_down_until_the_kernel_fits():
+    """On a GPU, a configuration can ask for more shared memory than a program may have; Triton then
+    raises OutOfResources before the kernel runs. The launch steps down (fewer stages, then the tile
+    halved, not below 16) until one fits, and starts from that configuration next time."""
     from triton.runtime.errors import OutOfResources
 
-    from minikernels import linear
+    from minikernels._common import launch_fitting
 
     tried = []
 
-    def launch(block, fits=32):
-        tried.append(block)
-        if block > fits:
-            raise OutOfResources(block * 4096, fits * 4096, "shared memory")
-        return f"ran with {block}"
+    def launch(cfg, fits=32):
+        tried.append((cfg["BK"], cfg["num_stages"]))
+        if cfg["BK"] > fits or cfg["num_stages"] > 1:
+            raise OutOfResources(cfg["BK"] * 1024, 1024, "shared memory")
+        return f"ran with {cfg['BK']}"
 
     key = ("a test", object())
-    assert linear._launch_fitting(key, 128, launch) == "ran with 32" and tried == [128, 64, 32]
+    start = {"BK": 128, "num_stages": 2}
+    assert launch_fitting(key, start, launch, ("BK",)) == "ran with 32"
+    assert tried == [(128, 2), (128, 1), (64, 2), (64, 1), (32, 2), (32, 1)]
     tried.clear()
-    assert linear._launch_fitting(key, 128, launch) == "ran with 32" and tried == [32]
-    tried.clear()  # a smaller first block (a narrower Dk) is not raised to the remembered one, nor
-    assert linear._launch_fitting(key, 16, launch) == "ran with 16" and tried == [16]
-    tried.clear()  # does a block that fitted at once change what a larger first block starts from
-    assert linear._launch_fitting(key, 128, launch) == "ran with 32" and tried == [32]
+    assert launch_fitting(key, start, launch, ("BK",)) == "ran with 32" and tried == [(32, 1)]
+    tried.clear()  # another first configuration (a narrower Dk) starts from itself, and fits at once
+    assert launch_fitting(key, {"BK": 16, "num_stages": 1}, launch, ("BK",)) == "ran with 16" and tried == [(16, 1)]
     tried.clear()
     with pytest.raises(OutOfResources):
-        linear._launch_fitting(("another test", object()), 128, lambda block: launch(block, fits=8))
-    assert tried == [128, 64, 32, 16]
+        launch_fitting(("another test", object()), start, lambda cfg: launch(cfg, fits=8), ("BK",))
+    assert tried == [(128, 2), (128, 1), (64, 2), (64, 1), (32, 2), (32, 1), (16, 2), (16, 1)]
 
 
 @pytest.mark.parametrize("n_seg", [1, 2, 3, 8])
 @pytest.mark.parametrize("decay,state", [(False, False), (True, True)])
-def test_state_pass_cut_into_segments(monkeypatch, n_seg, decay, state):
+def test_state_pass_cut_into_segments(n_seg, decay, state):
     """With few programs the state pass cuts the sequence into segments (each walked from zeros,
     then a pass over the segments, then each walked again from the state it really starts from):
     any number of segments, a last one shorter than the rest, gives the states of one sequential
     walk, and so the same outputs, final state and gradients against the recurrence."""
-    from minikernels import linear
+    from minikernels.linear import states
 
     q, k, v, g, s0 = make(1, 2, 7 * 16 + 5, 24, 40, torch.float32, seed=9, decay=decay, state=state)
     kw, vw = k.float(), v.float()
-    monkeypatch.setattr(linear, "_segments", lambda programs, n_chunks, sms: 1)
-    want_hs, want_end = linear._chunk_states(kw, vw, g, s0, 16, want_final=True)
-    monkeypatch.setattr(linear, "_segments", lambda programs, n_chunks, sms: n_seg)
+    with planning.override({"linear.segments": 1}):
+        want_hs, want_end = states.chunk_states(kw, vw, g, s0, 16, want_final=True)
     if n_seg > 1:  # (one segment is the sequential walk itself: checked against the recurrence below)
-        with poisoned():
-            got_hs, got_end = linear._chunk_states(kw, vw, g, s0, 16, want_final=True)
+        with poisoned(), planning.override({"linear.segments": n_seg}):
+            got_hs, got_end = states.chunk_states(kw, vw, g, s0, 16, want_final=True)
         torch.testing.assert_close(got_hs, want_hs, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got_end, want_end, rtol=1e-5, atol=1e-5)
-    check(q, k, v, g, s0)
+    with planning.override({"linear.segments": n_seg}):
+        check(q, k, v, g, s0)
 
 
 @pytest.mark.parametrize("feature_map", ["elu1", "relu", "taylor"])
@@ -352,7 +351,8 @@ def test_minus_infinity_decay_still_resets_with_nan_propagation():
     assert torch.isfinite(mk.linear_attention(q, k, v, decay=g, chunk_size=16)).all()
 
 
-@pytest.mark.parametrize("bad", [lambda x: [x], lambda x: x.tolist(), lambda x: None, lambda x: x.numpy()])
+@pytest.mark.parametrize("bad", [lambda x: [x], lambda x: x.tolist(), lambda x: None,
+                                 lambda x: x.detach().cpu().numpy()])
 def test_feature_map_that_returns_no_tensor(bad):
     q, k, v, _, _ = make(1, 1, 8, 16, 16, torch.float32)
     for op in (mk.linear_attention, mk.reference.linear_attention):

@@ -127,13 +127,12 @@ def test_forms_refuse_a_feature_map_that_returns_no_tensor():
             form(q, k, v, feature_map=lambda x: [x])
 
 
-def test_linear_keeps_exporting_the_pure_pytorch_names():
-    """The feature maps, the normalizer and the checks moved to minikernels.feature_maps (torch only);
-    minikernels.linear still exports them, the same objects (notebooks and tests use linear.<name>)."""
+def test_linear_keeps_exporting_the_feature_maps():
+    """The feature maps live in minikernels.feature_maps (torch only); minikernels.linear exports them
+    too, the same objects (notebooks use linear.<name>)."""
     from minikernels import feature_maps, linear
 
-    for name in ("FEATURE_MAPS", "taylor_features", "apply_feature_map", "check_linear_attention_inputs",
-                 "_normalized"):
+    for name in ("FEATURE_MAPS", "taylor_features", "apply_feature_map", "mapped_features"):
         assert getattr(linear, name) is getattr(feature_maps, name), name
 
 
@@ -141,7 +140,8 @@ def test_the_reference_imports_no_triton():
     """mk.reference, the oracle, must not share the kernels' stack. The package's __init__ imports the
     kernels (and so Triton), so reference.py is loaded here under a bare stand-in for the package (its
     directory, without running __init__), in a fresh interpreter where importing triton fails: the
-    oracle must import, compute, and load no module of the package but itself and feature_maps."""
+    oracle must import, compute, and load no module of the package but itself, feature_maps and the
+    torch-only helpers (checks, autograd guards, the planning seam the checks consult)."""
     import pathlib
     import subprocess
     import sys
@@ -166,7 +166,8 @@ def test_the_reference_imports_no_triton():
         assert out.shape == (1, 2, 5, 4) and y.shape == (1, 2, 5, 4) and s.shape == (2, 3, 6)
         loaded = sorted(name for name in sys.modules if name.split(".")[0] in ("minikernels", "triton")
                         and sys.modules[name] is not None)
-        assert loaded == ["minikernels", "minikernels.feature_maps", "minikernels.reference"], loaded
+        assert loaded == ["minikernels", "minikernels._autograd", "minikernels._backend", "minikernels._validate",
+                          "minikernels.feature_maps", "minikernels.planning", "minikernels.reference"], loaded
         print("ok")
     """)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

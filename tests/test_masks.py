@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minikernels as mk
-from minikernels import masks
+from minikernels import masks, planning
 from minikernels.testing import test_dtypes
 
 
@@ -67,7 +67,7 @@ def test_empty_sequences():
 
 
 @pytest.mark.parametrize("rows_at_once", [1, 2, 3])
-def test_rule_evaluated_a_few_query_block_rows_at_a_time(monkeypatch, rows_at_once):
+def test_rule_evaluated_a_few_query_block_rows_at_a_time(rows_at_once):
     """from_mask_fn asks its rule about groups of query-block rows (RULE_ELEMENTS pairs at a time):
     every grouping, a ragged last group included, gives the mask and lists of one evaluation."""
     q_len, kv_len, bs = 150, 90, 16  # 10 query-block rows of 6 key blocks
@@ -75,8 +75,8 @@ def test_rule_evaluated_a_few_query_block_rows_at_a_time(monkeypatch, rows_at_on
     dense = (torch.rand(q_len, kv_len, generator=gen) < 0.2).to(mk.device())
     dense[:, :20] |= torch.ones(q_len, 20, dtype=torch.bool, device=dense.device).tril()[:, :20]  # full blocks too
     whole = masks.from_dense(dense, block_size=bs)
-    monkeypatch.setattr(masks, "RULE_ELEMENTS", rows_at_once * bs * 6 * bs)
-    grouped = masks.from_dense(dense, block_size=bs)
+    with planning.override({"masks.rule_elements": rows_at_once * bs * 6 * bs}):
+        grouped = masks.from_dense(dense, block_size=bs)
     check_structure(grouped, dense)
     for name in FIELDS:
         assert torch.equal(getattr(grouped, name), getattr(whole, name)), name
@@ -320,10 +320,10 @@ def test_antidiagonal_tiles_fit_for_every_dtype_and_head_dim():
         return (t["BLOCK_A"] + t["BLOCK_B"]) * t["D_CHUNK"] * elem_bytes * t["num_stages"]
 
     tuned = footprint(antidiagonal.TILES, 2)
-    assert antidiagonal._tiles(128, 2) == antidiagonal.TILES
+    assert antidiagonal.tile_config(128, 2) == antidiagonal.TILES
     for head_dim in (16, 32, 64, 128, 256):
         for elem_bytes in (2, 4):
-            t = antidiagonal._tiles(head_dim, elem_bytes)
+            t = antidiagonal.tile_config(head_dim, elem_bytes)
             assert footprint(t, elem_bytes) <= tuned, (head_dim, elem_bytes, t)
             assert head_dim % t["D_CHUNK"] == 0 and t["D_CHUNK"] * elem_bytes >= 16, (head_dim, elem_bytes, t)
 

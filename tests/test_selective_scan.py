@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import minikernels as mk
+from minikernels import planning
 from minikernels.testing import assert_close, poisoned, randn, strided_like, test_dtypes
 
 
@@ -80,32 +81,30 @@ def test_non_contiguous_inputs():
     check(args)
 
 
-def test_wide_offsets(monkeypatch):
+def test_wide_offsets():
     """Offsets along L are 64-bit when a stride times L reaches 2^31 (a sequence-first layout, say): the
     predicate, and the forward's 64-bit path giving the same results."""
-    from minikernels import scan
+    from minikernels.scan import wide_offsets
 
     seq_first = torch.empty(20, 2, 3).permute(1, 2, 0)  # [B, D, L] view of [L, B, D] memory: stride 6 along L
-    assert not scan._wide_offsets(20, 1000, seq_first, None)
-    assert scan._wide_offsets(2**30, 1000, seq_first, None)  # 6 * 2^30 >= 2^31
-    assert scan._wide_offsets(20, 2**31, seq_first)  # B and C's own offsets
-    monkeypatch.setattr(scan, "_wide_offsets", lambda *args: True)
-    check(make(seed=11))
+    assert not wide_offsets(20, 1000, seq_first, None)
+    assert wide_offsets(2**30, 1000, seq_first, None)  # 6 * 2^30 >= 2^31
+    assert wide_offsets(20, 2**31, seq_first)  # B and C's own offsets
+    with planning.override({"scan.wide_offsets": True}):
+        check(make(seed=11))
 
 
 @pytest.mark.parametrize("packed", [True, False])
-def test_bf16_b_and_c(monkeypatch, packed):
+def test_bf16_b_and_c(packed):
     """bf16 B and C reach the forward as they are, two steps per 32-bit word unpacked by a shift or a
     mask ("pack_bf16"), or converted to float32 first: each against the reference (bf16 inputs run on
     the CPU too: the scan has no tl.dot), and the two against each other."""
-    from minikernels import scan
-
     args = make(l=45, seed=13, dtype=torch.bfloat16)
-    monkeypatch.setitem(scan.FWD_CONFIG, "pack_bf16", packed)
-    check(args)
-    out, last = mk.selective_scan(**args, delta_softplus=True, return_last_state=True)
-    monkeypatch.setitem(scan.FWD_CONFIG, "pack_bf16", not packed)
-    other, other_last = mk.selective_scan(**args, delta_softplus=True, return_last_state=True)
+    with planning.override({"scan.pack_bf16": packed}):
+        check(args)
+        out, last = mk.selective_scan(**args, delta_softplus=True, return_last_state=True)
+    with planning.override({"scan.pack_bf16": not packed}):
+        other, other_last = mk.selective_scan(**args, delta_softplus=True, return_last_state=True)
     assert_close(out, other, torch.float32, name="out")
     assert_close(last, other_last, torch.float32, name="last state")
 
@@ -114,40 +113,33 @@ def test_bf16_b_and_c(monkeypatch, packed):
 @pytest.mark.parametrize("prep_late", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("l", [5, 45])
-def test_forward_loop_variants(monkeypatch, paired, prep_late, dtype, l):
+def test_forward_loop_variants(paired, prep_late, dtype, l):
     """Each of the forward loop's orders (one chunk an iteration or two; delta, u, z prepared an
     iteration ahead or in their own), whichever the GPU picks for a state size, at lengths shorter
     than one iteration and ending in a partial one; bf16 with B and C packed."""
-    from minikernels import scan
-
-    monkeypatch.setattr(scan, "_fwd_variant", lambda *_: (paired, prep_late))
-    check(make(l=l, seed=14, dtype=dtype))
+    with planning.override({"scan.fwd_variant": (paired, prep_late)}):
+        check(make(l=l, seed=14, dtype=dtype))
 
 
-def test_batches_beyond_one_launch(monkeypatch):
+def test_batches_beyond_one_launch():
     """The batch is both kernels' grid's second axis, which CUDA caps at 65535: larger batches go in
     slices, one launch each (here a slice of one)."""
-    from minikernels import scan
-
-    monkeypatch.setattr(scan, "MAX_GRID_Y", 1)
-    check(make(b=3, seed=12))
+    with planning.override({"scan.max_grid_y": 1}):
+        check(make(b=3, seed=12))
 
 
 @pytest.mark.parametrize("shift", [False, True])
 @pytest.mark.parametrize("bd,steps,every,groups,d", [(8, 4, 32, None, 8), (8, 4, 32, 2, 16), (2, 2, 16, None, 8),
                                                     (1, 8, 16, 2, 8)])
-def test_backward_tiles(monkeypatch, bd, steps, every, groups, d, shift):
+def test_backward_tiles(bd, steps, every, groups, d, shift):
     """The backward with other tiles than the interpreter's own (4 channels, chunks of 8 steps, segments
     of 16): the GPU's (8 channels, chunks of 4, segments of 32: 8 chunks a segment), with one group and
     with two groups of 8 channels (two channel blocks), and chunks of 2 and 8, each with its own
     in-register time reversal and shift; the decays one step later shifted in registers or taken again
     (the GPU picks by state size). L = 45 ends inside a chunk."""
-    from minikernels import scan
-
-    monkeypatch.setattr(scan, "_bwd_shift", lambda n_pad: shift)
-    monkeypatch.setattr(scan, "_bwd_blocks", lambda n_pad, per_group: (min(bd, per_group), steps, 1))
-    monkeypatch.setattr(scan, "_save_every", lambda: every)
-    check(make(d=d, l=45, groups=groups, seed=14))
+    with planning.override({"scan.bwd_shift": shift, "scan.save_every": every,
+                            "scan.bwd_blocks": lambda n_pad, per_group: (min(bd, per_group), steps, 1)}):
+        check(make(d=d, l=45, groups=groups, seed=14))
 
 
 def test_gradients_without_the_last_state():
@@ -200,16 +192,19 @@ def test_gpu_model_size(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("warps", [1, 4])
-def test_gpu_backward_programs(monkeypatch, warps):
+def test_gpu_backward_programs(warps):
     """Many backward programs at once on the GPU, where the interpreter's one-at-a-time programs and
     no-op barriers cannot tell: 3 sequences in launches of 2 (each program's scratch rows are its own),
     16 channel blocks in 2 groups, and 4 warps a program (the scratch rows read by other threads than
     those that wrote them, across the barrier)."""
-    from minikernels import scan
+    def blocks(n_pad, per_group):  # the GPU's rule (8 channels, chunks of 4), with `warps` warps
+        bd = max(1, min(8, 128 * warps // n_pad))
+        while per_group % bd:
+            bd //= 2
+        return bd, 4, warps
 
-    monkeypatch.setattr(scan, "MAX_GRID_Y", 2)
-    monkeypatch.setitem(scan.BWD_CONFIG, "num_warps", warps)
-    check(make(b=3, d=128, l=300, n=16, groups=2, seed=16))
+    with planning.override({"scan.max_grid_y": 2, "scan.bwd_blocks": blocks}):
+        check(make(b=3, d=128, l=300, n=16, groups=2, seed=16))
 
 
 @pytest.mark.gpu

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minikernels as mk
-import minikernels.row_softmax as softmax_module
+from minikernels import planning
 from minikernels.testing import assert_close, poisoned, randn, rel_error, strided_like
 
 # Softmax has no tl.dot, so the interpreter computes bf16 correctly: all three dtypes run everywhere.
@@ -50,12 +50,16 @@ def test_non_contiguous(dtype):
     check_softmax(x.permute(1, 0, 2)[:, 1:4])  # leading dims not collapsible: copied once
 
 
+# rows longer than 16 take the two-pass (online) kernels, with 16-wide blocks
+ONLINE_16 = {"softmax.max_fused_cols": 16, "softmax.max_fused_cols_bwd": 16, "softmax.online_block": 16}
+
+
 @pytest.fixture
-def online_path(monkeypatch):
+def online_path():
     """Make rows longer than 64 take the two-pass (online) kernels, with 32-wide blocks."""
-    monkeypatch.setattr(softmax_module, "_MAX_FUSED_COLS", dict.fromkeys(DTYPES, 64))
-    monkeypatch.setattr(softmax_module, "_MAX_FUSED_COLS_BWD", 64)
-    monkeypatch.setattr(softmax_module, "_ONLINE_BLOCK_N", 32)
+    with planning.override({"softmax.max_fused_cols": 64, "softmax.max_fused_cols_bwd": 64,
+                            "softmax.online_block": 32}):
+        yield
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -66,11 +70,12 @@ def test_online_path_matches_reference(online_path, n, dtype):
 
 
 @pytest.mark.parametrize("path", ["fused", "online"])
-def test_masked_rows(path, monkeypatch):
-    if path == "online":
-        monkeypatch.setattr(softmax_module, "_MAX_FUSED_COLS", dict.fromkeys(DTYPES, 16))
-        monkeypatch.setattr(softmax_module, "_MAX_FUSED_COLS_BWD", 16)
-        monkeypatch.setattr(softmax_module, "_ONLINE_BLOCK_N", 16)
+def test_masked_rows(path):
+    with planning.override(ONLINE_16 if path == "online" else {}):
+        masked_rows()
+
+
+def masked_rows():
     x = randn(4, 50, seed=7)
     x[1] = float("-inf")  # a fully masked row: zeros, never NaN
     x[2, ::3] = float("-inf")  # partly masked: those entries get exactly 0
@@ -83,11 +88,12 @@ def test_masked_rows(path, monkeypatch):
 
 
 @pytest.mark.parametrize("path", ["fused", "online"])
-def test_large_logits_do_not_overflow(path, monkeypatch):
-    if path == "online":
-        monkeypatch.setattr(softmax_module, "_MAX_FUSED_COLS", dict.fromkeys(DTYPES, 16))
-        monkeypatch.setattr(softmax_module, "_MAX_FUSED_COLS_BWD", 16)
-        monkeypatch.setattr(softmax_module, "_ONLINE_BLOCK_N", 16)
+def test_large_logits_do_not_overflow(path):
+    with planning.override(ONLINE_16 if path == "online" else {}):
+        large_logits()
+
+
+def large_logits():
     x = randn(8, 100, seed=8, scale=1000.0)  # exp(1000) overflows float32 without the max shift
     with poisoned():
         y = mk.softmax(x)
@@ -95,15 +101,13 @@ def test_large_logits_do_not_overflow(path, monkeypatch):
     assert_close(y, mk.reference.softmax(x.double()), name="softmax of large logits")
 
 
-def test_rows_past_32_bit_offsets_are_compacted(monkeypatch):
+def test_rows_past_32_bit_offsets_are_compacted():
     """Positions inside a row use 32-bit offsets: a row spread wider than that is copied compact
     first, and a row too long even then is refused (limit lowered so small tensors reach both)."""
-    from minikernels import _validate
-
-    monkeypatch.setattr(_validate, "_INT32_MAX", 100)
-    check_softmax(randn(8, 300, seed=20).t())  # rows along dim 0: 300 apart, 8 elements each
-    with pytest.raises(ValueError, match="more than 2\\^31"):
-        mk.softmax(randn(2, 300, seed=21))
+    with planning.override({"int32_limit": 100}):
+        check_softmax(randn(8, 300, seed=20).t())  # rows along dim 0: 300 apart, 8 elements each
+        with pytest.raises(ValueError, match="more than 2\\^31"):
+            mk.softmax(randn(2, 300, seed=21))
 
 
 def test_empty_inputs():

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import minikernels as mk
+from minikernels import planning
 from minikernels.duality import quadratic_form
 from minikernels.testing import assert_close, poisoned, randn, test_dtypes
 
@@ -59,18 +60,20 @@ def test_groups_equal_heads_and_a_single_group():
 
 
 @pytest.mark.parametrize("most", [1, 2, 4, 8])
-def test_backward_sums_a_groups_heads_in_pieces(monkeypatch, most):
+def test_backward_sums_a_groups_heads_in_pieces(most):
     # _la_dqdk sums the gradients of B and C over the heads of a group that share them: all 6 heads
-    # in one program (most = 8), or pieces of 1, 2 or 3 heads, whose sums _backward adds afterwards
-    from minikernels import linear
+    # in one program (most = 8), or pieces of 1, 2 or 3 heads, whose sums the backward adds afterwards
+    taken = []
 
-    real, taken = linear._heads_per_program, []
-    monkeypatch.setitem(linear.BWD_TILES, "dqdk_heads", most)
-    monkeypatch.setattr(linear, "_heads_per_program", lambda per, m: taken.append(real(per, m)) or taken[-1])
-    check(*make(h=6, g=1, seed=7 + most))
-    assert taken == [{1: 1, 2: 2, 4: 3, 8: 6}[most]]
-    check(*make(h=6, g=2, seed=17 + most), chunk=32)  # 3 heads a group: pieces of 1 or 3
-    assert taken[1] == (1 if most < 3 else 3)
+    def heads(per, _most):  # the default rule, with `most` heads at most, recorded
+        taken.append(max(d for d in range(1, min(per, most) + 1) if per % d == 0))
+        return taken[-1]
+
+    with planning.override({"linear.dqdk_heads": heads}):
+        check(*make(h=6, g=1, seed=7 + most))
+        assert taken == [{1: 1, 2: 2, 4: 3, 8: 6}[most]]
+        check(*make(h=6, g=2, seed=17 + most), chunk=32)  # 3 heads a group: pieces of 1 or 3
+        assert taken[1] == (1 if most < 3 else 3)
 
 
 def test_quadratic_form_is_the_same_model():
@@ -100,38 +103,34 @@ def test_continuing_from_the_returned_state_equals_one_pass():
 
 @pytest.mark.parametrize("n_seg", [1, 2, 3, 8])
 @pytest.mark.parametrize("state", [True, False])
-def test_one_walk_forward_cut_into_segments(monkeypatch, n_seg, state):
+def test_one_walk_forward_cut_into_segments(n_seg, state):
     """The forward walks the chunks once with the state in registers (_la_fused), in segments that
     start from the states _segment_starts chains: any number of segments, a last one shorter than
     the rest, with or without an initial state, and Dv = 80 (two value blocks of 64, the second
     three-quarters empty) give the outputs and final state of the two-pass forward (chunk states
     through memory), and match the recurrence."""
-    from minikernels import linear
-
     x, dt, A, B, C, D, s0 = make(b=1, h=2, g=1, n=7 * 16 + 5, p=80, s=24, seed=8, state=state)
-    monkeypatch.setattr(linear, "FUSED_MAX_DK", 0)  # every Dk too wide: the two passes
-    want_y, want_s = mk.ssd(x, dt, A, B, C, chunk_size=16, D=D, initial_state=s0, return_final_state=True)
-    monkeypatch.undo()
+    with planning.override({"linear.fused_max_dk": 0}):  # every Dk too wide: the two passes
+        want_y, want_s = mk.ssd(x, dt, A, B, C, chunk_size=16, D=D, initial_state=s0, return_final_state=True)
     walks = []
-    monkeypatch.setattr(linear, "_fused_segments", lambda programs, n_chunks, sms: walks.append(n_chunks) or n_seg)
-    with poisoned():
+    with poisoned(), planning.override({"linear.fused_segments": lambda programs, n_chunks, sms:
+                                        walks.append(n_chunks) or n_seg}):
         y, state_out = mk.ssd(x, dt, A, B, C, chunk_size=16, D=D, initial_state=s0, return_final_state=True)
     assert walks == [8]  # the one walk ran, over 8 chunks
     torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state_out, want_s, rtol=1e-5, atol=1e-5)
-    check(x, dt, A, B, C, D, s0)
+    with planning.override({"linear.fused_segments": n_seg}):  # the gradients too, against the recurrence
+        check(x, dt, A, B, C, D, s0)
 
 
 @pytest.mark.parametrize("n_seg", [1, 2, 3, 8])
 @pytest.mark.parametrize("state", [True, False])
-def test_one_walk_backward_cut_into_segments(monkeypatch, n_seg, state):
+def test_one_walk_backward_cut_into_segments(n_seg, state):
     """The backward walks the chunks once in reverse with the state's gradient in registers
     (_la_dfused: the state gradients and dx in one pass), in segments that start from the gradients
     _reverse_segment_starts chains: any number of segments, a short one, with or without an initial
     state, Dv = 80 (two value blocks), a gradient flowing into the final state: every gradient equals
     that of the separate passes (_la_dstates, then _la_dv) and matches the recurrence."""
-    from minikernels import linear
-
     x, dt, A, B, C, D, s0 = make(b=1, h=2, g=1, n=7 * 16 + 5, p=80, s=24, seed=12, state=state)
     ins = [t.detach().requires_grad_() if t is not None else None for t in (x, dt, A, B, C, D, s0)]
     leaves = [t for t in ins if t is not None]
@@ -143,49 +142,44 @@ def test_one_walk_backward_cut_into_segments(monkeypatch, n_seg, state):
         y, state_out = mk.ssd(*ins[:5], chunk_size=16, D=ins[5], initial_state=ins[6], return_final_state=True)
         return torch.autograd.grad((y * dy).sum() + (state_out * ds).sum(), leaves)
 
-    monkeypatch.setattr(linear, "FUSED_MAX_DK", 0)  # every Dk too wide: the separate passes
-    want = grads()
-    monkeypatch.undo()
+    with planning.override({"linear.fused_max_dk": 0}):  # every Dk too wide: the separate passes
+        want = grads()
     walks = []
-    monkeypatch.setattr(linear, "_fused_segments", lambda programs, n_chunks, sms: walks.append(n_chunks) or n_seg)
     # the backward takes the one walk only where the separate reverse pass would be cut into segments
     # (few programs: on a GPU, not at this size); taken here whatever the machine
-    monkeypatch.setattr(linear, "_state_grad_segments", lambda q, dv, chunk: 2)
-    with poisoned():
+    with poisoned(), planning.override({
+            "linear.fused_segments": lambda programs, n_chunks, sms: walks.append(n_chunks) or n_seg,
+            "linear.state_grad_segments": 2}):
         got = grads()
     assert walks == [8, 8]  # the forward's walk and the backward's, over 8 chunks each
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    check(x, dt, A, B, C, D, s0)
+    with planning.override({"linear.fused_segments": n_seg, "linear.state_grad_segments": 2}):
+        check(x, dt, A, B, C, D, s0)
 
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_one_walk_only_where_its_tiles_fit(monkeypatch, direction):
+def test_one_walk_only_where_its_tiles_fit(direction):
     """On a GPU the one walk (forward: _la_fused; backward: _la_dfused) is taken only when its shared
     memory fits a program (227 KB on the H200): float32 tiles of 128 steps by S = 128 (about 296 KB
     in Triton 3.6, either way) take the separate passes."""
-    from minikernels import linear
+    from minikernels.linear import plan
 
-    monkeypatch.setattr(linear, "is_interpreter", lambda: False)
-    monkeypatch.setattr(linear, "_max_shared_memory", lambda device: 232448)
-    cfg, value_tiles = ((linear.FWD_TILES["fused"], 1) if direction == "forward"
-                        else (linear.BWD_TILES["dfused"], 2))
+    cfg, value_tiles = ((plan.FWD_TILES["fused"], 1) if direction == "forward" else (plan.BWD_TILES["dfused"], 2))
 
-    def fits(dtype, chunk, s, p=64):
-        q, v = torch.empty(1, 1, 1, s, dtype=dtype), torch.empty(1, 1, 1, p, dtype=dtype)
-        return linear._fused_fits(q, v, chunk, cfg, value_tiles)
+    def fits(dtype, chunk, s, p=64):  # against an H200's (and H100's) 232448 bytes a program
+        elem = torch.empty((), dtype=dtype).element_size()
+        return plan.fused_smem(s, p, elem, chunk, cfg, value_tiles) <= 232448
 
     assert fits(torch.bfloat16, 64, 128) and fits(torch.bfloat16, 128, 128) and fits(torch.float32, 64, 128)
     assert not fits(torch.float32, 128, 128)
 
 
-def test_state_wider_than_one_tile(monkeypatch):
+def test_state_wider_than_one_tile():
     """S = 160 > 128: the forward takes the two passes (the one walk holds all of S in one tile)."""
-    from minikernels import linear
-
     walks = []
-    monkeypatch.setattr(linear, "_fused_segments", lambda programs, n_chunks, sms: walks.append(n_chunks) or 1)
-    check(*make(b=1, h=2, g=1, n=40, p=16, s=160, seed=10))
+    with planning.override({"linear.fused_segments": lambda programs, n_chunks, sms: walks.append(n_chunks) or 1}):
+        check(*make(b=1, h=2, g=1, n=40, p=16, s=160, seed=10))
     assert walks == []
 
 
@@ -210,10 +204,10 @@ def test_gpu_float32_chunks_of_128():
     against 227 KB on the H200): the forward must take the two passes instead of failing to launch.
     The backward's _la_dqdk, looping over the 2 heads that read one B and C, would need 296 KB too:
     it must run with a narrower Dk block."""
-    from minikernels import linear
+    from minikernels import _common
 
     check(*make(b=1, h=2, g=1, n=300, p=64, s=128, seed=11), chunk=128)
-    halved = [block for (key, start), block in linear._FITTED_BLOCKS.items()
+    halved = [fitted["BK"] for (key, start), fitted in _common.fitted_launches().items()
               if key[0] == "dqdk" and key[2] == torch.float32 and key[3] == 128 and not key[7]]
     assert halved and max(halved) < 128
 

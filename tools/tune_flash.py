@@ -4,8 +4,8 @@
 
 For each kernel (forward, dK/dV, dQ), head dim (64, 128) and causal flag, times every candidate
 (tile sizes, warps, pipeline stages) on B4 H2048/D N4096 and prints the fastest next to the
-configuration minikernels uses now. The winners are copied by hand into ``flash._fwd_config``,
-``_bwd_config`` and ``_dq_config``; the tests then verify them. Compiling ~360 variants one after the
+configuration minikernels uses now. The winners are copied by hand into ``flash._tuned_config``;
+the tests then verify them. Compiling ~360 variants one after the
 other takes minutes, so worker processes compile them first (filling Triton's on-disk cache, on small
 inputs with the same specialization), and one process times them afterwards.
 """
@@ -13,6 +13,7 @@ inputs with the same specialization), and one process times them afterwards.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import multiprocessing as mp
@@ -41,10 +42,10 @@ def _call(kernel: str, cfg: dict, q, k, v, do, o, lse, causal: bool):
 
     scale = q.shape[-1] ** -0.5
     if kernel == "fwd":
-        return lambda: flash._forward(q, k, v, causal, scale, cfg=cfg)
+        return lambda: flash.launch_forward(q, k, v, causal, scale, cfg=cfg)
     if kernel == "dkdv":
-        return lambda: flash._backward(q, k, v, o, lse, do, causal, scale, dkdv_cfg=cfg)
-    return lambda: flash._backward(q, k, v, o, lse, do, causal, scale, dq_cfg=cfg)
+        return lambda: flash.launch_backward(q, k, v, o, lse, do, causal, scale, dkdv_cfg=cfg)
+    return lambda: flash.launch_backward(q, k, v, o, lse, do, causal, scale, dq_cfg=cfg)
 
 
 def _compile(job):
@@ -53,7 +54,7 @@ def _compile(job):
     from minikernels import flash
 
     q, k, v, do = _inputs(d, 256, 1)
-    o, lse = flash._forward(q, k, v, causal, d**-0.5)
+    o, lse = flash.launch_forward(q, k, v, causal, d**-0.5)
     try:
         _call(kernel, cfg, q, k, v, do, o, lse, causal)()
         torch.cuda.synchronize()
@@ -76,12 +77,12 @@ def main() -> None:
             for d in (64, 128) for causal in (False, True)]
     with mp.get_context("spawn").Pool(args.workers) as pool:
         errors = pool.map(_compile, jobs, chunksize=4)
-    current = {"fwd": flash._fwd_config, "dkdv": flash._bwd_config, "dq": flash._dq_config}
+    current = {kern: functools.partial(flash.launch_config, kern) for kern in ("fwd", "dkdv", "dq")}
     results = []
     for d in (64, 128):
         q, k, v, do = _inputs(d, args.n, 16384 // args.n)
         for causal in (False, True):
-            o, lse = flash._forward(q, k, v, causal, d**-0.5)
+            o, lse = flash.launch_forward(q, k, v, causal, d**-0.5)
             for kern, cfgs in KERNELS.items():
                 now = current[kern](d, 2)
                 # the backward timings include delta and the other backward kernel at its current config
