@@ -510,7 +510,7 @@ class _FlashAttention(torch.autograd.Function):
         qw, kw, vw, o, lse = ctx.saved_tensors
         with on_device_of(qw):
             dq, dk, dv = launch_backward(qw, kw, vw, o, lse, int32_addressable("grad of out", do.to(qw.dtype)),
-                                   ctx.causal, ctx.scale)
+                                         ctx.causal, ctx.scale)
         return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None, None
 
 

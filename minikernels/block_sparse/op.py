@@ -32,8 +32,8 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
     def backward(ctx, do):
         qw, kw, vw, o, lse = ctx.saved_tensors
         with on_device_of(qw):
-            dq, dk, dv = launch_backward(qw, kw, vw, o, lse, int32_addressable("grad of out", do.to(qw.dtype)), ctx.bm,
-                                   ctx.scale)
+            do_w = int32_addressable("grad of out", do.to(qw.dtype))
+            dq, dk, dv = launch_backward(qw, kw, vw, o, lse, do_w, ctx.bm, ctx.scale)
         return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None, None
 
 
