@@ -18,7 +18,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 OUT ?= _build/gpu-check
 
-.PHONY: setup book test test-kernels test-notebooks notebooks exercises bench gpu-check lint browser clean
+.PHONY: setup book test test-kernels test-notebooks notebooks exercises handouts grade bench gpu-check lint browser clean
 
 # Idempotent: re-runs the install only when pyproject.toml changes.
 setup: $(STAMP)
@@ -60,6 +60,17 @@ exercises: setup
 	@for d in exercises/*/; do n=$$(basename $$d); \
 	  $(PY) -m otter assign "$$d$$n.ipynb" "_build/exercises/$$n" || exit 1; done
 	@echo "student notebooks: _build/exercises/*/student/, autograders: _build/exercises/*/autograder/"
+
+# What students get: each chapter's student notebook and a zip of it, and the autograder zips for
+# Gradescope (book/instructors.md).
+handouts: setup
+	$(PY) tools/handouts.py _build/handouts --zip
+	@echo "student notebooks and zips: _build/handouts/, autograders: _build/handouts/autograder/"
+
+# Batch grading without Docker: make grade EXERCISE=ch01_flashattention SUBMISSIONS=folder [SCORES=scores.csv]
+grade: handouts
+	@test -n "$(EXERCISE)" -a -n "$(SUBMISSIONS)" || { echo "usage: make grade EXERCISE=<exercise folder name> SUBMISSIONS=<folder of .ipynb or .zip> [SCORES=scores.csv]"; exit 2; }
+	$(PY) tools/grade_batch.py _build/handouts/autograder/$(EXERCISE)-autograder.zip $(SUBMISSIONS) $(or $(SCORES),scores.csv)
 
 bench:
 	$(PY) -m minikernels.bench --op all
