@@ -4,7 +4,7 @@
 Each `*.ipynb` in SUBMISSIONS_DIR (or the notebook inside each `*.zip` a student's export cell wrote)
 is graded with `otter run` against the autograder zip (`make handouts` writes them to
 `_build/handouts/autograder/`), each in a fresh folder with a time limit, and one CSV row is written per
-submission: the file, each question's score, the total, and an error column for a submission that
+submission: the file, each question's score, the total, the points available, and an error column for a submission that
 could not be graded (it scores nothing then, and says why).
 """
 
@@ -36,18 +36,20 @@ def notebook_of(path: Path, workdir: Path) -> Path:
     return local
 
 
-def grade_one(autograder: Path, submission: Path) -> dict[str, float]:
+def grade_one(autograder: Path, submission: Path) -> tuple[dict[str, float], float]:
+    """({question: score}, the points available) for one submission."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         notebook = notebook_of(submission, work)
+        (work / "out").mkdir()
         result = subprocess.run([sys.executable, "-m", "otter", "run", "-a", str(autograder.resolve()), "-o",
                                  str(work / "out"), str(notebook)], cwd=work, capture_output=True, text=True,
                                 timeout=TIMEOUT_S)
         results = work / "out" / "results.json"
         if result.returncode != 0 or not results.exists():
             raise RuntimeError((result.stderr or result.stdout).strip().splitlines()[-1:] or "otter run failed")
-        tests = json.loads(results.read_text())["tests"]
-        return {t["name"]: float(t["score"]) for t in tests if "score" in t}
+        tests = [t for t in json.loads(results.read_text())["tests"] if "score" in t]
+        return {t["name"]: float(t["score"]) for t in tests}, sum(float(t["max_score"]) for t in tests)
 
 
 def main() -> int:
@@ -56,10 +58,11 @@ def main() -> int:
     parser.add_argument("submissions", type=Path)
     parser.add_argument("out", type=Path)
     args = parser.parse_args()
-    rows, questions = [], []
+    rows, questions, available = [], [], 0.0
     for path in sorted(p for p in args.submissions.iterdir() if p.suffix in (".ipynb", ".zip")):
         try:
-            scores, error = grade_one(args.autograder, path), ""
+            (scores, points), error = grade_one(args.autograder, path), ""
+            available = max(available, points)
         except Exception as exc:  # one bad submission must not stop the batch
             scores, error = {}, f"{type(exc).__name__}: {exc}"
         questions += [q for q in scores if q not in questions]
@@ -67,9 +70,9 @@ def main() -> int:
         print(f"{path.name}: {sum(scores.values()):g}" + (f"  ({error})" if error else ""))
     with args.out.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["submission", *questions, "total", "error"])
+        writer.writerow(["submission", *questions, "total", "out_of", "error"])
         for name, scores, error in rows:
-            writer.writerow([name, *(scores.get(q, 0.0) for q in questions), sum(scores.values()), error])
+            writer.writerow([name, *(scores.get(q, 0.0) for q in questions), sum(scores.values()), available, error])
     print(f"wrote {args.out} ({len(rows)} submissions)")
     return 0
 
