@@ -34,6 +34,7 @@ from ._common import (
     launch_fitting,
     online_softmax_step,
     shared_memory_limit,
+    sm_count,
     smem_estimate,
     split_operands,
 )
@@ -166,9 +167,8 @@ def launch_config(rows: int, head_dim: int, elem_bytes: int) -> dict:
 
 
 def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few splits, enough to exercise the merge
+    # the interpreter counts as 4 SMs here, not sm_count's 1: a few splits, enough to exercise the merge
+    return sm_count(device) if device.type == "cuda" and not is_interpreter() else 4
 
 
 def choose_num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: torch.device) -> int:

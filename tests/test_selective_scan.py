@@ -2,6 +2,8 @@
 sequential loop of mamba_ssm's selective_scan_ref, in float64): outputs, last states and the
 gradients of every input."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -197,12 +199,9 @@ def test_gpu_backward_programs(warps):
     no-op barriers cannot tell: 3 sequences in launches of 2 (each program's scratch rows are its own),
     16 channel blocks in 2 groups, and 4 warps a program (the scratch rows read by other threads than
     those that wrote them, across the barrier)."""
-    def blocks(n_pad, per_group):  # the GPU's rule (8 channels, chunks of 4), with `warps` warps
-        bd = max(1, min(8, 128 * warps // n_pad))
-        while per_group % bd:
-            bd //= 2
-        return bd, 4, warps
+    from minikernels.scan import plan
 
+    blocks = functools.partial(plan.bwd_blocks, warps=warps)  # the GPU's rule, with `warps` warps
     with planning.override({"scan.max_grid_y": 2, "scan.bwd_blocks": blocks}):
         check(make(b=3, d=128, l=300, n=16, groups=2, seed=16))
 

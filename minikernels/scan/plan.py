@@ -63,11 +63,12 @@ def bwd_shift(n_pad: int) -> bool:
     return n_pad <= 64
 
 
-def bwd_blocks(n_pad: int, per_group: int) -> tuple[int, int, int]:
+def bwd_blocks(n_pad: int, per_group: int, warps: int | None = None) -> tuple[int, int, int]:
+    # warps: other than BWD_CONFIG's (a GPU test's override)
     if is_interpreter():
         bd, steps, warps = 4, 8, 1
     else:  # at most 128 (channel, state) pairs a warp (256 at n = 256: one channel), as in the forward
-        bd, steps, warps = BWD_CONFIG["BD"], BWD_CONFIG["T"], BWD_CONFIG["num_warps"]
+        bd, steps, warps = BWD_CONFIG["BD"], BWD_CONFIG["T"], warps or BWD_CONFIG["num_warps"]
         bd = max(1, min(bd, 128 * warps // n_pad))
     while per_group % bd:  # a block of channels must not straddle two groups (their dB, dC sums differ)
         bd //= 2
