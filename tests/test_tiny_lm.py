@@ -1,4 +1,4 @@
-"""The book's tiny byte-level language model (tools/tiny_lm.py) and its training script (tools/train_lm.py),
+"""The book's tiny byte-level language model (minikernels/tiny_lm.py) and its training script (tools/train_lm.py),
 on the CPU at the tiny configuration: minikernels' attention gives the model the logits and gradients of
 PyTorch's SDPA, training lowers the loss, weights round-trip through a file, the corpus is reproducible,
 and the attention maps are the softmax of the model's own q and k."""
@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import minikernels as mk  # noqa: F401  (selects the backend before anything imports triton)
+from minikernels import tiny_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-import tiny_lm  # noqa: E402
 import train_lm  # noqa: E402
 
 TINY = tiny_lm.CONFIGS["tiny"]

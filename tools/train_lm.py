@@ -1,4 +1,4 @@
-"""Train the book's tiny byte-level language model (tools/tiny_lm.py) on the Python standard library.
+"""Train the book's tiny byte-level language model (minikernels/tiny_lm.py) on the Python standard library.
 
     python tools/train_lm.py --attention minikernels --out DIR            # the book's model, on a GPU
     python tools/train_lm.py --attention sdpa --out DIR2                  # the same run on PyTorch's SDPA
@@ -16,8 +16,8 @@ Writes to DIR:
                           device, versions), "train" (step, mean loss in nats over the last --log-every
                           steps, lr, tokens/s), "eval" (step, held-out bits per byte) and "end" (held-out
                           bits per byte over all held-out bytes, training and inference tokens/s)
-    model.safetensors     bf16 weights with the config in the metadata (model.pt through torch.save when
-                          safetensors is not installed); ``tiny_lm.load(DIR)`` reads either on a CPU
+    model.pt              bf16 weights and the config through torch.save; ``tiny_lm.load(DIR)`` reads it on
+                          a CPU with torch alone
     config.json           the model's configuration
     command.txt           the exact command line
     corpus.json           the interpreter, the training and held-out file lists, their byte counts and sha256
@@ -48,9 +48,7 @@ from pathlib import Path
 import torch
 
 import minikernels as mk  # before anything imports triton: on a CPU it selects the interpreter
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import tiny_lm  # noqa: E402
+from minikernels import tiny_lm
 
 # training hyperparameters per model configuration; every one can be overridden on the command line
 TRAIN_DEFAULTS = {
@@ -103,6 +101,7 @@ def parse_args(argv=None):
     p.add_argument("--config", choices=sorted(tiny_lm.CONFIGS), default="small")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--note", default="", help="a line kept in the log's start record (e.g. how the GPU was shared)")
     p.add_argument("--exclude-tests", action="store_true", help="leave the stdlib's test suites out of the corpus")
     for name, value in TRAIN_DEFAULTS["small"].items():
         kind = float if isinstance(value, float) else int

@@ -128,9 +128,9 @@ def attend(q, k, v, attention, layer: int):
     if callable(attention):
         return attention(q, k, v, layer)
     if attention == "minikernels":
-        import minikernels as mk  # only here: loading and running the model on "sdpa" needs torch alone
+        from .flash import flash_attention
 
-        return mk.flash_attention(q, k, v, causal=True)
+        return flash_attention(q, k, v, causal=True)
     if attention == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
     if attention == "eager":
@@ -251,7 +251,8 @@ class TinyLM(nn.Module):
 
 
 def default_weights_name() -> str:
-    return "model.safetensors" if _safetensors is not None else "model.pt"
+    """``torch.save``'s format: loading it needs torch alone, with or without safetensors installed."""
+    return "model.pt"
 
 
 def load(path, attention: str | None = None, device="cpu", dtype=torch.float32) -> TinyLM:
@@ -282,6 +283,15 @@ def load(path, attention: str | None = None, device="cpu", dtype=torch.float32) 
     model = model.to(device=device, dtype=dtype)
     model.cos, model.sin = model.cos.float(), model.sin.float()  # rotary tables stay float32
     return model.eval()
+
+
+# where the book keeps the model trained by tools/train_lm.py (weights, log, command), in a checkout
+BOOK_MODEL_DIR = Path(__file__).resolve().parents[1] / "book" / "data" / "tiny_lm"
+
+
+def load_book_model(attention: str | None = None, device="cpu", dtype=torch.float32) -> TinyLM:
+    """The book's trained model (``BOOK_MODEL_DIR``), as ``load`` gives it."""
+    return load(BOOK_MODEL_DIR, attention=attention, device=device, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------------
