@@ -13,9 +13,10 @@ from ..results import recorded_dir
 from .attention import bench_decode, bench_flash, bench_softmax, bench_sparse
 from .common import environment, measure_ceilings, print_table
 from .linear import bench_crossover, bench_linear
+from .lm import bench_lm
 from .ssm import bench_selective_scan, bench_ssd
 
-OPS = ("softmax", "flash", "decode", "sparse", "linear", "crossover", "ssd", "selective_scan")
+OPS = ("softmax", "flash", "decode", "sparse", "linear", "crossover", "ssd", "selective_scan", "lm")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
           f"bf16 matmul {ceilings['matmul_bf16_TFLOPs']:.0f} TFLOP/s (8192^3)")
     runners = {"softmax": bench_softmax, "flash": bench_flash, "decode": bench_decode, "sparse": bench_sparse,
                "linear": bench_linear, "crossover": bench_crossover, "ssd": bench_ssd,
-               "selective_scan": bench_selective_scan}
+               "selective_scan": bench_selective_scan, "lm": bench_lm}
     for op in ops:
         rows = runners[op](ceilings, quick=args.quick)
         path = json_dir / f"{op}.json"

@@ -131,8 +131,9 @@ def progress(row: dict) -> None:
 def print_table(op: str, rows: list[dict], ceilings: dict) -> None:
     """One line per (pass, dtype, shape): each implementation's rate, then ours relative to the copy
     ceiling (memory-bound ops) and the speedup of ours over each anchor (their time / our time)."""
-    metric = next(m for m in ("GBps", "TFLOPs", "Mtokps") if m in rows[0])
-    unit = {"GBps": "GB/s of bytes that must move", "TFLOPs": "TFLOP/s", "Mtokps": "million tokens/s"}[metric]
+    metric = next(m for m in ("GBps", "TFLOPs", "Mtokps", "ktokps") if m in rows[0])
+    unit = {"GBps": "GB/s of bytes that must move", "TFLOPs": "TFLOP/s", "Mtokps": "million tokens/s",
+            "ktokps": "thousand tokens/s"}[metric]
     print(f"\n== {op}: {unit}; copy ceiling {ceilings['copy_GBps']:.0f} GB/s, "
           f"bf16 matmul {ceilings['matmul_bf16_TFLOPs']:.0f} TFLOP/s ==")
     rows = [{"shape": f"{r.get('M')}x{r.get('N')}", **r} for r in rows]  # runs before 'shape' was recorded
