@@ -24,14 +24,14 @@ Writes to DIR:
     heldout_sample.bin    32 KiB of held-out bytes; the "end" record gives their bits per byte at context
                           128, so a CPU test can check the committed model without this interpreter's corpus
 
-How long the default ("small") run takes. The model has 4.49M parameters (9.0 MB in bf16). Training
-costs about 6 FLOPs per parameter and token plus 6 * n_layers * context * d_model for causal attention
-(``tiny_lm.flops_per_token``): 3.2e7 FLOPs a token. An H100 gives about 200 TFLOP/s of bf16 in practice
-on large matmuls; a model this small reaches perhaps 30% of that (small matmuls, elementwise kernels
-bound by memory), 60 TFLOP/s, or 1.9M tokens/s. Ten minutes would then be 1.1e9 tokens, 35k steps of
-64 x 512 bytes. The default is 20k steps (6.6e8 tokens, 22 passes over the 30 MB of training bytes),
-about 6 minutes at that rate, leaving room for a lower efficiency and the evaluations; the "train"
-records' tokens/s tell the real rate.
+How long the default ("small") run takes, and why it stops where it does. The model has 4.49M
+parameters (9.0 MB in bf16). Training costs about 6 FLOPs per parameter and token plus 6 * n_layers *
+context * d_model for causal attention (``tiny_lm.flops_per_token``): 3.2e7 FLOPs a token. The corpus
+is small: a Debian or Ubuntu Python ships its test suites in a separate package, leaving about 9 MB of
+training bytes, and a model this size starts to memorize them after about ten passes (the held-out
+loss turns up while the training loss keeps falling). So the default is 3000 steps of 64 x 512 bytes
+(9.8e7 tokens, about 11 passes over 9 MB), with the learning rate's cosine ending there; on one H100
+that takes about a minute (the "train" records give tokens/s).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from minikernels import tiny_lm
 
 # training hyperparameters per model configuration; every one can be overridden on the command line
 TRAIN_DEFAULTS = {
-    "small": dict(steps=20_000, batch=64, lr=1.5e-3, min_lr=1.5e-4, warmup=500, weight_decay=0.1, grad_clip=1.0,
+    "small": dict(steps=3_000, batch=64, lr=1.5e-3, min_lr=1.5e-4, warmup=500, weight_decay=0.1, grad_clip=1.0,
                   log_every=10, eval_every=1000, eval_windows=256, final_eval_windows=None),
     # CPU smoke runs: minikernels under Triton's interpreter takes seconds a step even at this size
     "tiny": dict(steps=200, batch=1, lr=3e-3, min_lr=3e-4, warmup=10, weight_decay=0.1, grad_clip=1.0,
