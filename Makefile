@@ -11,7 +11,7 @@ VENV ?= .venv
 PY ?= $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS ?= book,test,grade,dev
+EXTRAS ?= book,test,grade,dev,hf
 # the marker that setup has run, kept next to the python it installed into
 STAMP := $(if $(filter $(VENV)/bin/python,$(PY)),$(VENV)/.installed,_build/.installed-$(subst /,_,$(PY)))
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))

@@ -12,6 +12,16 @@ B*H is small and L is long, so the cache is cut into ``num_splits`` ranges proce
 
 All query heads of a grouped-query group are processed by the same program, so each k/v head is
 read once, not once per query head. Forward only.
+
+Chapter 5 adds two layouts of the same cache to the same kernel (compile-time switches):
+
+* paged (``block_table``): the cache is a pool of fixed-size pages ``[num_pages, page_size, Hkv, D]``
+  and a table maps each sequence's logical pages to physical ones (vLLM's PagedAttention), so a
+  serving engine allocates memory a page at a time instead of reserving Nmax per sequence. The kernel
+  looks each key's page up in the table and reads the same bytes as the dense kernel, plus 4 per key.
+* int8 (``k_scale``, ``v_scale``): the cache holds int8 codes and one float32 scale per (key, kv
+  head), half the bytes of a 16-bit cache. The scales fold into the logits and the probabilities
+  (q (s k) = s (q k), p (s v) = (p s) v), so the codes go to the matrix products as they are.
 """
 
 from __future__ import annotations
@@ -38,19 +48,46 @@ from ._common import (
     smem_estimate,
     split_operands,
 )
-from ._validate import check_attention_inputs, check_scale, int32_addressable
+from ._validate import (
+    MAX_HEAD_DIM,
+    check_attention_inputs,
+    check_same_device,
+    check_scale,
+    check_tensor,
+    int32_addressable,
+)
 
 MAX_SPLITS = 64
 
 
 @triton.jit
-def _decode_split(Q, K, V, SEQLENS, O_PART, LSE_PART,
+def _softmax_step_scaled_values(acc, l_i, m_i, s, v, v_scale, DOT_PREC: tl.constexpr):
+    """``_common.online_softmax_step`` for a quantized cache: the values are codes ``v`` with one scale
+    per key (``v_scale`` [COLS]), so ``p (v * scale) = (p * scale) v`` folds the scales into the
+    probabilities before the product (the running sum ``l`` still adds the unscaled ``p``)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw no key yet: 2^(-inf) = 0, not NaN
+    alpha = tl.exp2(m_i - m_shift)
+    p = tl.exp2(s - m_shift[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot((p * v_scale[None, :]).to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _decode_split(Q, K, V, SEQLENS, O_PART, LSE_PART, BLOCK_TABLE, K_SCALE, V_SCALE,
                   stride_qb, stride_qh, stride_qn, stride_qd,
                   stride_kb, stride_kh, stride_kn, stride_kd,
                   stride_vb, stride_vh, stride_vn, stride_vd,
+                  stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
+                  stride_tb, num_pages,
                   HKV, GROUP, NQ, D, NMAX, split_len, n_splits, qk_scale,
                   CAUSAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
+                  DOT_PREC: tl.constexpr, PAGE_SIZE: tl.constexpr, QUANTIZED: tl.constexpr):
+    # The cache's strides come as (sequence, head, row, lane). Dense (PAGE_SIZE = 0): the sequence is b
+    # and the row is the key's position. Paged: the "sequence" stride is the page stride, and key t of
+    # sequence b is row t % PAGE_SIZE of page BLOCK_TABLE[b, t // PAGE_SIZE]. Quantized: K and V hold
+    # int8 codes, K_SCALE and V_SCALE one float32 scale per (key, kv head), strided the same way.
     split = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // HKV
@@ -66,8 +103,15 @@ def _decode_split(Q, K, V, SEQLENS, O_PART, LSE_PART,
     h = hk * GROUP + g
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64)[:, None] * stride_qh + i[:, None] * stride_qn
                 + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    k_base = K + hk.to(tl.int64) * stride_kh
+    v_base = V + hk.to(tl.int64) * stride_vh
+    ks_base = K_SCALE + hk.to(tl.int64) * stride_ksh
+    vs_base = V_SCALE + hk.to(tl.int64) * stride_vsh
+    if PAGE_SIZE == 0:  # dense: the sequence's own slice of the cache
+        k_base += b.to(tl.int64) * stride_kb
+        v_base += b.to(tl.int64) * stride_vb
+        ks_base += b.to(tl.int64) * stride_ksb
+        vs_base += b.to(tl.int64) * stride_vsb
 
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
@@ -78,16 +122,38 @@ def _decode_split(Q, K, V, SEQLENS, O_PART, LSE_PART,
     for start in range(lo, hi, BLOCK_N):
         cols = start + offs_n
         col_ok = cols < hi
-        kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        if PAGE_SIZE == 0:
+            k_rows = cols * stride_kn
+            v_rows = cols * stride_vn
+            ks_rows = cols * stride_ksn
+            vs_rows = cols * stride_vsn
+        else:  # one table entry per key (a block may span pages smaller than it); only pages below L are read
+            page = tl.load(BLOCK_TABLE + b.to(tl.int64) * stride_tb + cols // PAGE_SIZE, mask=col_ok, other=0)
+            page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)  # in bounds even unchecked
+            within = cols % PAGE_SIZE
+            k_rows = page * stride_kb + within * stride_kn
+            v_rows = page * stride_vb + within * stride_vn
+            ks_rows = page * stride_ksb + within * stride_ksn
+            vs_rows = page * stride_vsb + within * stride_vsn
+        kt = tl.load(k_base + k_rows[None, :] + offs_d[:, None] * stride_kd,
                      mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # read BLOCK_N*D of the cache
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+        v = tl.load(v_base + v_rows[:, None] + offs_d[None, :] * stride_vd,
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # read BLOCK_N*D
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+        s = tl.dot(q, kt.to(q.dtype), input_precision=DOT_PREC)  # int8 codes are exact in q's dtype
+        if QUANTIZED:  # q (k * scale) = (q k) * scale: one multiply per logit, not one per element of K
+            k_scale = tl.load(ks_base + ks_rows, mask=col_ok, other=0.0)  # read BLOCK_N scales
+            s = s * (k_scale * qk_scale)[None, :]
+        else:
+            s = s * qk_scale
         visible = col_ok[None, :]
         if CAUSAL:  # the NQ queries are the last NQ positions: row i sees keys j <= L - NQ + i
             visible = visible & (cols[None, :] <= (L - NQ + i)[:, None])
         s = tl.where(visible, s, float("-inf"))
-        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, MAY_BE_EMPTY=True, DOT_PREC=DOT_PREC)
+        if QUANTIZED:
+            v_scale = tl.load(vs_base + vs_rows, mask=col_ok, other=0.0)  # read BLOCK_N scales
+            acc, l_i, m_i = _softmax_step_scaled_values(acc, l_i, m_i, s, v.to(q.dtype), v_scale, DOT_PREC=DOT_PREC)
+        else:
+            acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, MAY_BE_EMPTY=True, DOT_PREC=DOT_PREC)
     empty_row = l_i == 0.0
     o = acc / tl.where(empty_row, 1.0, l_i)[:, None]
     lse2 = tl.where(empty_row, float("-inf"), m_i + tl.log2(tl.where(empty_row, 1.0, l_i)))  # base 2
@@ -135,34 +201,58 @@ def smem_need(rows: int, cfg: dict, head_dim: int, elem_bytes: int) -> int:
     return need + (2 * rows * n * elem_bytes if split and rows < 64 else 0)
 
 
-def tile_config(rows: int, head_dim: int, elem_bytes: int, smem_limit: int | None) -> dict:
+def smem_need_int8(rows: int, cfg: dict, head_dim: int, elem_bytes: int) -> int:
+    """Shared memory (bytes) of the split kernel on an int8 cache, for query rows of ``elem_bytes``
+    bytes: the rows resident (twice when float32 is split for 3xtf32), the pipeline's copies of the
+    int8 K and V blocks (``num_stages - 1``, at least one), one copy of both blocks converted to the
+    rows' dtype (where the MMA reads its operands from shared memory; split twice for float32) and,
+    below 64 rows (the older MMA), a staged P tile. A bound from the tile sizes, not checked against
+    the compiler's own figure; ``launch_fitting`` is the net where it is low."""
+    n, head_dim = cfg["BLOCK_N"], head_dim_pad(head_dim)
+    widen = 2 if split_operands(cfg, elem_bytes) else 1
+    resident = widen * rows * head_dim * elem_bytes
+    pipelined = max(1, cfg["num_stages"] - 1) * 2 * n * head_dim  # int8: one byte an element
+    converted = widen * 2 * n * head_dim * elem_bytes
+    staged_p = widen * rows * n * elem_bytes if rows < 64 else 0
+    return resident + pipelined + converted + staged_p
+
+
+def tile_config(rows: int, head_dim: int, elem_bytes: int, smem_limit: int | None, int8_cache: bool = False) -> dict:
     """The planning seam: the split kernel's key block, warps and pipeline stages on a GPU whose programs
     may use ``smem_limit`` bytes of shared memory (None: no limit), for ``rows`` query rows per program
     (the ROWS tile: a group's heads times Nq, at least 16), inputs of ``elem_bytes`` bytes and head dim
     ``head_dim``. A pure function: 64-key blocks in a 3-stage pipeline (the cache read is the whole
     cost, so loads stay in flight), stepped down by ``_common.fit_shared_memory`` where they do not fit
     (float32 at large head dims; float32 at D > 128 with more than 64 rows runs single-pass tf32, as
-    its 3xtf32 split of the query rows alone would fill an H100's shared memory)."""
+    its 3xtf32 split of the query rows alone would fill an H100's shared memory). On an ``int8_cache``
+    (``elem_bytes``: the query's) 128-key blocks: the same bytes a block as 64 keys of a 16-bit cache,
+    so as many bytes stay in flight for the same number of blocks (``smem_need_int8``). The layout
+    (dense or paged) does not change the tiles: the kernel looks pages up key by key."""
     pad = head_dim_pad(head_dim)
-    return fit_shared_memory({"BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-                             lambda c: smem_need(rows, c, pad, elem_bytes), smem_limit, ("BLOCK_N",),
+    need = smem_need_int8 if int8_cache else smem_need
+    start = {"BLOCK_N": 128 if int8_cache else 64, "num_warps": 4, "num_stages": 3}
+    return fit_shared_memory(start, lambda c: need(rows, c, pad, elem_bytes), smem_limit, ("BLOCK_N",),
                              relaxed=TF32_FALLBACK if elem_bytes == 4 else None)
 
 
 @functools.cache
-def _planned(rows: int, head_dim: int, elem_bytes: int, smem_limit: int | None) -> dict:
-    return tile_config(rows, head_dim, elem_bytes, smem_limit)  # planned once per launch shape
+def _planned(rows: int, head_dim: int, elem_bytes: int, smem_limit: int | None, int8_cache: bool) -> dict:
+    return tile_config(rows, head_dim, elem_bytes, smem_limit, int8_cache)  # planned once per launch shape
 
 
-def _default_config(rows: int, head_dim: int, elem_bytes: int) -> dict:
+def _default_config(rows: int, head_dim: int, elem_bytes: int, int8_cache: bool = False) -> dict:
     if is_interpreter():
         return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    return _planned(rows, head_dim, elem_bytes, shared_memory_limit())
+    return _planned(rows, head_dim, elem_bytes, shared_memory_limit(), int8_cache)
 
 
-def launch_config(rows: int, head_dim: int, elem_bytes: int) -> dict:
+def launch_config(rows: int, head_dim: int, elem_bytes: int, int8_cache: bool = False) -> dict:
     """The configuration the split kernel launches with: ``tile_config`` for the current device (small
-    blocks under the interpreter), or the planning override ``"decode.split"``."""
+    blocks under the interpreter), or the planning override ``"decode.split"`` (``"decode.split_int8"``
+    on an int8 cache; ``elem_bytes`` is then the query's element size)."""
+    if int8_cache:
+        return dict(planning.decide("decode.split_int8", lambda *a: _default_config(*a, True), rows, head_dim,
+                                    elem_bytes))
     return dict(planning.decide("decode.split", _default_config, rows, head_dim, elem_bytes))
 
 
@@ -183,9 +273,107 @@ def _num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: torch.d
     return int(max(1, min(want, longest, MAX_SPLITS)))
 
 
+def _is_int8(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype == torch.int8
+
+
+def _check_cache(q, k_cache, v_cache, paged: bool, int8: bool) -> None:
+    """q and the two caches, dense ``[B, Hkv, Nmax, D]`` or paged ``[num_pages, page_size, Hkv, D]``,
+    of q's dtype or int8. The dense 16-bit/float32 case is flash attention's check, as before."""
+    if not paged and not int8:
+        check_attention_inputs(q, k_cache, v_cache, k_name="k_cache", v_name="v_cache")
+        return
+    layout = "[num_pages, page_size, Hkv, D]" if paged else "[B, Hkv, Nmax, D]"
+    check_tensor("q", q, ndim=4, shape_hint="[B, H, Nq, D]")
+    cache_dtypes = (torch.int8,) if int8 else (q.dtype,)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(name, t, dtypes=cache_dtypes, ndim=4, shape_hint=layout)
+    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape {layout}, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    hkv = k_cache.shape[2] if paged else k_cache.shape[1]
+    if not paged and q.shape[0] != k_cache.shape[0]:
+        raise ValueError(f"batch sizes differ: q has {q.shape[0]}, k_cache has {k_cache.shape[0]}")
+    if q.shape[-1] != k_cache.shape[-1]:
+        raise ValueError(f"head dims differ: q has D={q.shape[-1]}, k_cache has D={k_cache.shape[-1]}")
+    if hkv == 0 or q.shape[1] % hkv != 0:
+        raise ValueError(f"k_cache/v_cache heads ({hkv}) must divide q heads ({q.shape[1]}) for grouped-query "
+                         "attention")
+    if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim D={q.shape[-1]} is not supported: D must be between 1 and {MAX_HEAD_DIM}")
+    if paged and (k_cache.shape[1] == 0 or k_cache.shape[1] % 16):
+        raise ValueError(f"page_size (k_cache.shape[1]) must be a positive multiple of 16, got {k_cache.shape[1]}")
+
+
+def _check_scales(k_cache, k_scale, v_scale, int8: bool) -> None:
+    """Both scales, float32, shaped like the cache without its last dimension, iff the cache is int8."""
+    if not int8:
+        if k_scale is not None or v_scale is not None:
+            raise ValueError("k_scale and v_scale are for an int8 cache; this k_cache has dtype "
+                             f"{str(k_cache.dtype).replace('torch.', '')}: pass neither")
+        return
+    want = tuple(k_cache.shape[:-1])
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if t is None:
+            raise ValueError(f"an int8 k_cache/v_cache needs both k_scale and v_scale (float32 {list(want)}); "
+                             f"{name} is missing")
+        check_tensor(name, t, dtypes=(torch.float32,))
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} must have shape k_cache.shape[:-1] = {want} (one scale per key and kv head), "
+                             f"got {tuple(t.shape)}")
+        check_same_device(k_cache=k_cache, **{name: t})
+
+
+def _check_block_table(block_table, batch: int, device: torch.device) -> torch.Tensor:
+    """An int32 (or int64, converted) tensor [B, max_pages] on q's device; returns it as int32."""
+    if not isinstance(block_table, torch.Tensor) or block_table.dtype not in (torch.int32, torch.int64):
+        got = block_table.dtype if isinstance(block_table, torch.Tensor) else type(block_table).__name__
+        raise TypeError(f"block_table must be an int32 (or int64) tensor [B, max_pages], got {got}")
+    if block_table.dim() != 2 or block_table.shape[0] != batch:
+        raise ValueError(f"block_table must have shape [B, max_pages] with B = {batch}, got {tuple(block_table.shape)}")
+    if block_table.device != device:
+        raise ValueError(f"block_table is on {block_table.device}, q on {device}: put them on one device")
+    return block_table.to(torch.int32)
+
+
+def _check_cache_seqlens(cache_seqlens, batch: int, nmax: int, device: torch.device, what: str) -> None:
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError("cache_seqlens must be an int32 or int64 tensor [B]")
+    if cache_seqlens.shape != (batch,):
+        raise ValueError(f"cache_seqlens must have shape [B] = ({batch},), got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != device:
+        raise ValueError(f"cache_seqlens is on {cache_seqlens.device}, q on {device}: put them on one device")
+    if batch and not _capturing(device):
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < 0 or hi > nmax:
+            raise ValueError(f"cache_seqlens must lie in [0, {what}={nmax}], got values in [{lo}, {hi}]")
+
+
+def _capturing(device: torch.device) -> bool:
+    # Checking values needs a host sync, impossible while a CUDA graph is being captured; there the
+    # kernel's clamps (lengths to [0, Nmax], pages to [0, num_pages)) still keep every read in the cache.
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _check_pages_used(block_table: torch.Tensor, cache_seqlens: torch.Tensor, page_size: int, num_pages: int):
+    """The pages each sequence uses (the first ceil(L_b / page_size) entries of its row) must be pages
+    of the cache; the entries after them are never read and may hold anything."""
+    if block_table.numel() == 0 or _capturing(block_table.device):
+        return
+    used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < \
+        ((cache_seqlens.long() + page_size - 1) // page_size)[:, None]
+    bad = used & ((block_table < 0) | (block_table >= num_pages))
+    if bad.any():
+        b, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} is not a page of k_cache: the pages a "
+                         f"sequence uses must lie in [0, num_pages={num_pages})")
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      cache_seqlens: torch.Tensor | None = None, num_splits: int | None = None,
-                     causal: bool = False, *, scale: float | None = None) -> torch.Tensor:
+                     causal: bool = False, *, scale: float | None = None, block_table: torch.Tensor | None = None,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of a few query rows over a KV cache, split along the cache (forward only).
 
     q ``[B, H, Nq, D]`` (Nq small, 1 is the common case); k_cache, v_cache ``[B, Hkv, Nmax, D]`` with
@@ -201,30 +389,44 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     the package's float32 tolerance. Checking ``cache_seqlens``'s values reads them on
     the host (a device synchronisation); while a CUDA graph is captured that check is skipped and the
     kernel clamps each length to [0, Nmax].
+
+    **Paged cache** (``block_table`` given; the convention of FlashAttention's ``flash_attn_with_kvcache``
+    and vLLM): k_cache and v_cache are pools of pages ``[num_pages, page_size, Hkv, D]``, page_size a
+    multiple of 16, and ``block_table`` an int32 tensor ``[B, max_pages]`` (int64 is accepted and
+    converted, a small copy each call): token t of sequence b lives in page ``block_table[b, t // page_size]``
+    at row ``t % page_size``. Then Nmax = max_pages * page_size: ``cache_seqlens`` defaults to it and
+    must not exceed it; the last page may be partly filled. Only the first ceil(L_b / page_size)
+    entries of row b are read (checked to lie in [0, num_pages) on the host; the rest may hold anything,
+    e.g. -1); while a CUDA graph is captured that check is skipped and the kernel clamps each page index
+    into [0, num_pages). Pages may be shared between sequences (a common prefix).
+
+    **int8 cache** (k_cache, v_cache of dtype ``torch.int8``): ``k_scale`` and ``v_scale`` are then
+    required, float32 of shape ``k_cache.shape[:-1]`` (one scale per key and kv head: ``[B, Hkv, Nmax]``
+    dense, ``[num_pages, page_size, Hkv]`` paged), and the cache stands for ``code * scale`` (as
+    ``minikernels.kv_cache.quantize_int8`` makes it). The kernel reads the codes and scales and computes
+    in q's dtype with float32 accumulation; the result is the attention over the dequantized cache.
+    Dense or paged; the scales must not be given for a cache of another dtype.
     """
-    check_attention_inputs(q, k_cache, v_cache, k_name="k_cache", v_name="v_cache")
+    paged, int8 = block_table is not None, _is_int8(k_cache)
+    _check_cache(q, k_cache, v_cache, paged, int8)
+    _check_scales(k_cache, k_scale, v_scale, int8)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
         raise RuntimeError("decode_attention is forward-only (inference): call it under torch.no_grad() or pass "
                            "tensors that do not require grad; use flash_attention to train")
     B, H, Nq, D = q.shape
-    HKV, Nmax = k_cache.shape[1], k_cache.shape[2]
+    if paged:
+        block_table = _check_block_table(block_table, B, q.device)
+        num_pages, page_size, HKV = k_cache.shape[:3]
+        Nmax, what = block_table.shape[1] * page_size, "max_pages * page_size"
+    else:
+        num_pages, page_size, HKV, Nmax, what = 0, 0, k_cache.shape[1], k_cache.shape[2], "Nmax"
     if cache_seqlens is None:
         cache_seqlens = torch.full((B,), Nmax, dtype=torch.int32, device=q.device)
     else:
-        if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64):
-            raise TypeError("cache_seqlens must be an int32 or int64 tensor [B]")
-        if cache_seqlens.shape != (B,):
-            raise ValueError(f"cache_seqlens must have shape [B] = ({B},), got {tuple(cache_seqlens.shape)}")
-        if cache_seqlens.device != q.device:
-            raise ValueError(f"cache_seqlens is on {cache_seqlens.device}, q on {q.device}: put them on one device")
-        # Checking the values needs a host sync, impossible while a CUDA graph is being captured;
-        # there the kernel's clamp to [0, Nmax] still keeps every read inside the cache.
-        capturing = q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if B and not capturing:
-            lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
-            if lo < 0 or hi > Nmax:
-                raise ValueError(f"cache_seqlens must lie in [0, Nmax={Nmax}], got values in [{lo}, {hi}]")
+        _check_cache_seqlens(cache_seqlens, B, Nmax, q.device, what)
         cache_seqlens = cache_seqlens.to(torch.int32).contiguous()
+    if paged:
+        _check_pages_used(block_table, cache_seqlens, page_size, num_pages)
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)):
         raise TypeError(f"num_splits must be a positive int or None, got {type(num_splits).__name__}")
     if num_splits is not None and num_splits < 1:
@@ -242,9 +444,23 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return out
 
     work = compute_dtype(q.dtype)
-    qw, kw, vw = (int32_addressable(n, t.to(work)) for n, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)))
+    # the kernel adds 64-bit offsets for the sequence (or page) and the head, 32-bit ones inside:
+    # [Nmax, D] of a dense cache, [page_size, Hkv, D] of a page
+    inner = 3 if paged else 2
+    qw = int32_addressable("q", q.to(work))
+    kw, vw = (int32_addressable(n, t if int8 else t.to(work), inner) for n, t in (("k_cache", k_cache),
+                                                                                   ("v_cache", v_cache)))
+    if int8:
+        ks, vs = (int32_addressable(n, t, inner - 1) for n, t in (("k_scale", k_scale), ("v_scale", v_scale)))
+        ks_strides, vs_strides = _scale_strides(ks, paged), _scale_strides(vs, paged)
+    else:
+        ks = vs = cache_seqlens  # not read (QUANTIZED is off): any tensor stands in
+        ks_strides = vs_strides = (0, 0, 0)
+    k_strides, v_strides = _cache_strides(kw, paged), _cache_strides(vw, paged)
+    table = block_table if paged else cache_seqlens  # not read when dense
+    stride_tb = block_table.stride(0) if paged else 0
     with on_device_of(q):  # the shared memory of q's device
-        cfg = launch_config(rows, D, qw.element_size())
+        cfg = launch_config(rows, D, qw.element_size(), int8)
     block_n = cfg["BLOCK_N"]
     splits = num_splits or choose_num_splits(B * HKV, Nmax, block_n, q.device)
     # more splits than key blocks, or than the merge tile holds, would only add empty programs
@@ -257,18 +473,32 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     with on_device_of(q):  # Triton launches on the current CUDA device
         def launch(cfg):  # split_len is a multiple of every BLOCK_N a step-down reaches
             _decode_split[(splits, B * HKV)](
-                qw, kw, vw, cache_seqlens, o_part, lse_part, *qw.stride(), *kw.stride(), *vw.stride(),
+                qw, kw, vw, cache_seqlens, o_part, lse_part, table, ks, vs, *qw.stride(), *k_strides, *v_strides,
+                *ks_strides, *vs_strides, stride_tb, num_pages,
                 HKV, group, Nq, D, Nmax, split_len, splits, scale * LOG2E, CAUSAL=causal, ROWS=rows,
-                HEAD_DIM=pad, **{**dot_options(qw.dtype), **cfg})
+                HEAD_DIM=pad, PAGE_SIZE=page_size, QUANTIZED=int8, **{**dot_options(qw.dtype), **cfg})
 
         # a configuration the compiler finds too large for this GPU's shared memory steps down: fewer
         # stages, smaller key blocks, then (float32) single-pass tf32
-        launch_fitting(("split", rows, pad, qw.element_size()), cfg, launch, ("BLOCK_N",),
+        launch_fitting(("split", rows, pad, qw.element_size(), int8), cfg, launch, ("BLOCK_N",),
                        relaxed=TF32_FALLBACK if qw.element_size() == 4 else None)
         _decode_merge[(B * HKV, group * Nq)](
             o_part, lse_part, out, *out.stride(), HKV, group, Nq, D, splits,
             ROWS=rows, SPLITS=max(2, triton.next_power_of_2(splits)), HEAD_DIM=pad, num_warps=4)
     return out
+
+
+def _cache_strides(t: torch.Tensor, paged: bool) -> tuple[int, int, int, int]:
+    """The kernel's (sequence, head, row, lane) strides: [B, Hkv, N, D] as they are; a page pool
+    [num_pages, page_size, Hkv, D] as (page, head, row within the page, lane)."""
+    s = t.stride()
+    return (s[0], s[2], s[1], s[3]) if paged else tuple(s)
+
+
+def _scale_strides(t: torch.Tensor, paged: bool) -> tuple[int, int, int]:
+    """The (sequence, head, row) strides of the scales: [B, Hkv, N], or [num_pages, page_size, Hkv]."""
+    s = t.stride()
+    return (s[0], s[2], s[1]) if paged else tuple(s)
 
 
 def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -330,6 +330,11 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=mask)
 
 
+# The block loops and the launch order, under public names for the variable-length kernels (varlen.py),
+# which run them inside each sequence of a packed batch.
+query_block, fwd_block_loop, bwd_dkdv_loop, bwd_dq_loop = _query_block, _fwd_block_loop, _bwd_dkdv_loop, _bwd_dq_loop
+
+
 # --------------------------------------------------------------------------------------------------
 # launch configuration
 # --------------------------------------------------------------------------------------------------

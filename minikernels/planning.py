@@ -34,6 +34,11 @@ CHOICES: dict[str, str] = {
                  "num_stages (and DOT_PREC for float32 when its 3xtf32 tiles do not fit)",
     "flash.dkdv": "(head_dim, elem_bytes) -> the dK/dV kernel's configuration (BLOCK_N keys resident)",
     "flash.dq": "(head_dim, elem_bytes) -> the dQ kernel's configuration (BLOCK_M query rows resident)",
+    # variable-length (packed) attention: flash attention's tiles unless overridden
+    "varlen.fwd": "(head_dim, elem_bytes) -> the varlen forward's configuration (as flash.fwd)",
+    "varlen.dkdv": "(head_dim, elem_bytes) -> the varlen dK/dV kernel's configuration (as flash.dkdv)",
+    "varlen.dq": "(head_dim, elem_bytes) -> the varlen dQ kernel's configuration (as flash.dq)",
+    "varlen.max_grid_z": "the most sequences one launch takes (CUDA's limit on a grid's third axis)",
     # block-sparse attention
     "block_sparse.fwd": "(block, head_dim, elem_bytes) -> the forward's configuration: SUB rows resident, "
                         "STREAM keys a step, num_warps, num_stages, TMA",
@@ -44,6 +49,8 @@ CHOICES: dict[str, str] = {
                     "num_stages",
     "decode.num_splits": "(batch_kv_heads, max_len, block_n, device) -> how many pieces the keys are split into "
                          "when the caller does not say",
+    "decode.split_int8": "(rows, head_dim, elem_bytes) -> the split kernel's configuration on an int8 cache "
+                         "(elem_bytes: the query's): BLOCK_N, num_warps, num_stages",
     # masks and estimators
     "masks.rule_elements": "how many (query, key) pairs from_mask_fn asks its rule about at once",
     "antidiagonal.tiles": "(head_dim, elem_bytes) -> the scoring kernel's tiles: BLOCK_A, BLOCK_B, D_CHUNK, "

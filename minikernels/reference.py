@@ -46,20 +46,54 @@ def flash_attention(q, k, v, causal: bool = False, scale: float | None = None, r
     return (out, lse) if return_lse else out
 
 
+def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal: bool = False,
+                           scale: float | None = None, return_lse: bool = False):
+    """Packed sequences (q ``[total_q, H, D]``, k and v ``[total_k, Hkv, D]``), each sequence attended to
+    alone by ``flash_attention``: sequence b is rows ``cu_seqlens[b]:cu_seqlens[b + 1]``. lse is
+    ``[H, total_q]``. ``max_seqlen_q`` and ``max_seqlen_k`` size the kernel's grid: ignored here."""
+    def dense(t, start, end):  # [n, H, D] rows -> [1, H, n, D]
+        return t[start:end].transpose(0, 1)[None]
+
+    outs, lses = [q.new_zeros(0, *q.shape[1:])], [q.new_zeros(q.shape[1], 0)]
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for qs, qe, ks, ke in zip(cq, cq[1:], ck, ck[1:]):
+        o, lse = flash_attention(dense(q, qs, qe), dense(k, ks, ke), dense(v, ks, ke), causal, scale, True)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(lse[0])
+    out = keep_in_graph(torch.cat(outs), q, k, v)  # keys no query reads still get (zero) gradients
+    lse = torch.cat(lses, dim=1)
+    return (out, lse) if return_lse else out
+
+
 def decode_attention(q, k_cache, v_cache, cache_seqlens=None, num_splits=None, causal: bool = False, *,
-                     scale: float | None = None):
+                     scale: float | None = None, block_table=None, k_scale=None, v_scale=None):
     """Attention of a few query rows over a KV cache whose first ``cache_seqlens[b]`` positions are
     valid. With ``causal=True`` the Nq queries are the last Nq positions of each sequence: row i sees
     keys j <= L - Nq + i. ``scale`` multiplies the logits (default 1/sqrt(D)). ``num_splits`` only
-    changes how the kernel divides the work: ignored here."""
+    changes how the kernel divides the work: ignored here. An int8 cache is dequantized first
+    (``code * scale`` in q's dtype); a paged cache ``[num_pages, page_size, Hkv, D]`` is gathered through
+    ``block_table`` into a dense ``[B, Hkv, max_pages * page_size, D]`` one (entries past a sequence's
+    pages may hold anything: they are clamped to a page, and what they point at is masked)."""
+    if k_scale is not None:
+        k_cache = k_cache.to(q.dtype) * k_scale.to(q.dtype)[..., None]
+    if v_scale is not None:
+        v_cache = v_cache.to(q.dtype) * v_scale.to(q.dtype)[..., None]
+    if block_table is not None:
+        pages = block_table.long().clamp(0, k_cache.shape[0] - 1)  # [B, max_pages]
+
+        def gather(c):  # [B, max_pages, page_size, Hkv, D] -> [B, Hkv, max_pages * page_size, D]
+            return c[pages].flatten(1, 2).transpose(1, 2)
+        k_cache, v_cache = gather(k_cache), gather(v_cache)
     b, _, nq, _ = q.shape
     nmax = k_cache.shape[2]
     lengths = torch.full((b,), nmax, device=q.device) if cache_seqlens is None else cache_seqlens.to(q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    k, v = _expand_kv_heads(k_cache, q.shape[1]), _expand_kv_heads(v_cache, q.shape[1])
-    s = (q @ k.transpose(-1, -2)) * scale  # [B, H, Nq, Nmax]
     j = torch.arange(nmax, device=q.device)[None, None, None, :]
     limit = lengths.view(b, 1, 1, 1)
+    # positions past a sequence's length are not part of it: what is stored there never reaches the output
+    v_cache = v_cache.masked_fill((j >= limit).transpose(-1, -2), 0)
+    k, v = _expand_kv_heads(k_cache, q.shape[1]), _expand_kv_heads(v_cache, q.shape[1])
+    s = (q @ k.transpose(-1, -2)) * scale  # [B, H, Nq, Nmax]
     visible = j < limit
     if causal:
         i = torch.arange(nq, device=q.device)[None, None, :, None]

@@ -276,3 +276,139 @@ def bench_sparse(ceilings: dict, quick: bool = False) -> list[dict]:
                      "one_call_ms": est_one_ms, "sparse_attention_one_call_ms": att_one_ms,
                      "blockmask_build_ms": build_ms})
     return rows
+
+
+def mixed_lengths(total: int = 16384, lo: int = 256, hi: int = 4096, seed: int = 0) -> list[int]:
+    """Sequence lengths drawn uniformly from [lo, hi] (seeded) that sum to ``total``, each within [lo, hi]."""
+    g = torch.Generator().manual_seed(seed)
+    lengths, left = [], total
+    while left > hi:
+        n = int(torch.randint(lo, min(hi, left - lo) + 1, (1,), generator=g))
+        lengths.append(n)
+        left -= n
+    return lengths + [left]
+
+
+def _flex_documents(lengths: list[int]):
+    """Compiled FlexAttention over the packed tokens [1, H, total, D] with a causal document mask:
+    a query sees the keys of its own sequence up to itself."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    doc = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"), torch.tensor(lengths, device="cuda"))
+    total = sum(lengths)
+    mask = create_block_mask(lambda b, h, i, j: (doc[i] == doc[j]) & (j <= i), None, None, total, total,
+                             device="cuda")
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v: compiled(q, k, v, block_mask=mask)
+
+
+def _flash_attn_varlen():
+    """FlashAttention's own varlen function if installed (FA4's CuTe DSL build, else FA2), or None."""
+    for module in ("flash_attn.cute", "flash_attn"):
+        try:
+            return __import__(module, fromlist=["flash_attn_varlen_func"]).flash_attn_varlen_func
+        except Exception:  # not installed, or installed without its compiled part
+            continue
+    return None
+
+
+def _through_autograd(fn, inputs, grad):
+    """(forward, forward + backward) calls of an op differentiated by autograd."""
+    def forward_backward():
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        return torch.autograd.grad(fn(*leaves), leaves, grad)
+    return (lambda: fn(*inputs)), forward_backward
+
+
+def _bench_varlen_layout(name: str, lengths: list[int], h: int, d: int) -> list[dict]:
+    """One packed layout: ours, mk.flash_attention on the same tokens, and the anchors (see bench_varlen)."""
+    from .. import flash, varlen
+
+    total, scale, longest = sum(lengths), d**-0.5, max(lengths)
+    print(f"  varlen {name}, D{d}: {len(lengths)} sequences {lengths}", flush=True)
+    q, k, v, do = (torch.randn(total, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    o, lse = varlen.launch_forward(q, k, v, cu, cu, longest, longest, True, scale)
+    pieces = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    per_seq = [tuple(t[a:b].transpose(0, 1)[None] for t in (q, k, v, do)) for a, b in pieces]  # [1, H, n, D] views
+    seq_out = [flash.launch_forward(qs, ks, vs, True, scale) for qs, ks, vs, _ in per_seq]
+    for (a, b), (os_, _) in zip(pieces, seq_out):  # the benchmark checks what it times
+        torch.testing.assert_close(o[a:b].float(), os_[0].transpose(0, 1).float(), atol=2e-2, rtol=0)
+
+    ours = {"minikernels": (
+        lambda: varlen.launch_forward(q, k, v, cu, cu, longest, longest, True, scale),
+        lambda: varlen.launch_backward(q, k, v, o, lse, do, cu, cu, longest, longest, True, scale))}
+    anchors = {}
+    if len(set(lengths)) == 1:  # (a): one flash launch over the batch [B, H, N, D], a view of the same tokens
+        dq_, dk_, dv_, ddo = (t.view(len(lengths), longest, h, d).transpose(1, 2) for t in (q, k, v, do))
+        fo, fl = flash.launch_forward(dq_, dk_, dv_, True, scale)
+        ours["mk.flash_attention"] = (lambda: flash.launch_forward(dq_, dk_, dv_, True, scale),
+                                      lambda: flash.launch_backward(dq_, dk_, dv_, fo, fl, ddo, True, scale))
+        for backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION"):  # SDPA takes equal lengths only
+            run = sdpa(backend)
+            anchors[f"sdpa-{backend.split('_')[0].lower()}"] = _through_autograd(
+                lambda q_, k_, v_, run=run: run(q_, k_, v_, True), [t.contiguous() for t in (dq_, dk_, dv_)],
+                ddo.contiguous())
+    else:  # (b): one flash launch per sequence (the same work), and one padded batch (the work varlen saves)
+        ours["mk.flash_attention"] = (
+            lambda: [flash.launch_forward(qs, ks, vs, True, scale) for qs, ks, vs, _ in per_seq],
+            lambda: [flash.launch_backward(qs, ks, vs, os_, ls, dos, True, scale)
+                     for (qs, ks, vs, dos), (os_, ls) in zip(per_seq, seq_out)])
+        pad = [torch.zeros(len(lengths), h, longest, d, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+        po, pl = flash.launch_forward(*pad[:3], True, scale)
+        ours["mk.flash padded"] = (lambda: flash.launch_forward(*pad[:3], True, scale),
+                                   lambda: flash.launch_backward(*pad[:3], po, pl, pad[3], True, scale))
+    try:
+        flex = _flex_documents(lengths)
+        heads = [t.transpose(0, 1)[None].contiguous() for t in (q, k, v, do)]  # [1, H, total, D]
+        got = flex(*(t[:, :1] for t in heads[:3]))
+        torch.testing.assert_close(got[0, 0].float(), o[:, 0].float(), atol=2e-2, rtol=0)  # the same attention
+        anchors["flex (compiled)"] = _through_autograd(flex, heads[:3], heads[3])
+    except Exception as exc:
+        print(f"  flex {name} D{d}: unavailable ({type(exc).__name__}: {str(exc)[:200]})")
+    fa_varlen = _flash_attn_varlen()
+    if fa_varlen is not None:
+        def fa(q_, k_, v_):
+            out = fa_varlen(q_, k_, v_, cu, cu, longest, longest, softmax_scale=scale, causal=True)
+            return out[0] if isinstance(out, tuple) else out
+        anchors["flash_attn varlen"] = _through_autograd(fa, [q, k, v], do)
+
+    real_fwd = sum(attention_flops(1, h, n, n, d, True, "fwd") for n in lengths)  # no padding counted
+    shape = f"{name} H{h} D{d} causal"
+    rows = []
+    for impl, (fwd, fwd_bwd) in {**ours, **anchors}.items():
+        if impl in ours:  # launch functions: forward, then the backward from the saved output
+            fwd_bwd = lambda fwd=fwd, bwd=fwd_bwd: (fwd(), bwd())  # noqa: E731
+        for direction, call in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+            try:
+                call()  # compile and warm up outside the timed region
+                ms = do_bench(call)
+            except Exception as exc:  # an anchor that fails is reported, not fatal
+                print(f"  {impl} {direction} {shape}: failed ({type(exc).__name__}: {str(exc)[:200]})")
+                continue
+            flops = real_fwd * (1.0 if direction == "fwd" else 3.5)
+            rows.append({"impl": impl, "pass": direction, "shape": shape, "H": h, "D": d, "causal": True,
+                         "lengths": lengths, "tokens": total, "dtype": "bfloat16", "ms": ms,
+                         "TFLOPs": flops / (ms * 1e-3) / 1e12, "timing": "do_bench"})
+    for direction in ("fwd", "fwd+bwd"):  # the target; the ratio is not stored (rows hold measurements only)
+        by = {r["impl"]: r for r in rows if r["pass"] == direction}
+        if "minikernels" in by and "mk.flash_attention" in by:
+            ratio = by["minikernels"]["TFLOPs"] / by["mk.flash_attention"]["TFLOPs"]
+            print(f"  {shape} {direction}: varlen {by['minikernels']['TFLOPs']:.0f} TFLOP/s, {ratio:.2f}x "
+                  f"mk.flash_attention on the same tokens (target >= 0.9)", flush=True)
+    return rows
+
+
+def bench_varlen(ceilings: dict, quick: bool = False) -> list[dict]:
+    """Packed variable-length attention, bf16, H16, 16k tokens, causal: (a) 4 sequences of 4k, (b) mixed
+    lengths drawn in 256..4k; forward, and forward + backward, TFLOP/s on the real FLOPs (the sum over
+    sequences of each one's causal attention). Beside ours: mk.flash_attention on the same tokens
+    (B4 x 4k in one launch for (a); one launch per sequence for (b), and one padded batch), SDPA on (a),
+    compiled FlexAttention with a causal document mask, and flash_attn_varlen_func if installed."""
+    torch._dynamo.config.recompile_limit = 64  # flex: a fresh compile per layout, head dim and pass
+    rows = []
+    for d in ((128,) if quick else (128, 64)):
+        for name, lengths in (("4x4096", [4096] * 4), ("mixed 256..4k", mixed_lengths(16384))):
+            rows += _bench_varlen_layout(name, lengths, 16, d)
+            torch.cuda.empty_cache()
+    return rows

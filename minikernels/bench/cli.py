@@ -10,13 +10,17 @@ from pathlib import Path
 
 from .. import _backend
 from ..results import recorded_dir
-from .attention import bench_decode, bench_flash, bench_softmax, bench_sparse
+from .attention import bench_decode, bench_flash, bench_softmax, bench_sparse, bench_varlen
 from .common import environment, measure_ceilings, print_table
+from .decoding import bench_paged_decode
+from .distributed import bench_distributed
+from .hf import bench_hf
 from .linear import bench_crossover, bench_linear
 from .lm import bench_lm
 from .ssm import bench_selective_scan, bench_ssd
 
-OPS = ("softmax", "flash", "decode", "sparse", "linear", "crossover", "ssd", "selective_scan", "lm")
+OPS = ("softmax", "flash", "decode", "sparse", "linear", "crossover", "ssd", "selective_scan", "lm",
+       "paged_decode", "distributed", "varlen", "hf")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
           f"bf16 matmul {ceilings['matmul_bf16_TFLOPs']:.0f} TFLOP/s (8192^3)")
     runners = {"softmax": bench_softmax, "flash": bench_flash, "decode": bench_decode, "sparse": bench_sparse,
                "linear": bench_linear, "crossover": bench_crossover, "ssd": bench_ssd,
-               "selective_scan": bench_selective_scan, "lm": bench_lm}
+               "selective_scan": bench_selective_scan, "lm": bench_lm,
+               "paged_decode": bench_paged_decode, "distributed": bench_distributed,
+               "varlen": bench_varlen, "hf": bench_hf}
     for op in ops:
         rows = runners[op](ceilings, quick=args.quick)
         path = json_dir / f"{op}.json"

@@ -1,0 +1,334 @@
+"""mk.decode_attention on a paged cache (block_table) and on an int8 cache (k_scale, v_scale): against
+the float64 reference, and against the dense kernel on the same keys.
+
+The pages of a test cache are scattered at random over a pool larger than needed; the pool's spare
+pages, the rows of each last page past the sequence's length and the positions past it are NaN, and
+the block-table entries past a sequence's pages hold junk (-1, 2^30): a kernel that reads any of them
+fails."""
+
+import math
+
+import pytest
+import torch
+from attention_utils import qkv
+from hypothesis import given
+from hypothesis import strategies as st
+
+import minikernels as mk
+from minikernels import planning
+from minikernels.kv_cache import dequantize, quantize_int8
+from minikernels.testing import assert_close, poisoned, randn, rel_error, test_dtypes
+
+DEVICE = mk.device()
+DTYPES = test_dtypes()
+JUNK = (-1, 2**30)  # what a block table holds past a sequence's pages: never read
+
+
+def scatter_pages(x, table, pool_pages, page_size, lengths, fill=float("nan")):
+    """A dense ``x [B, Hkv, N, *rest]`` cut into pages ``[pool_pages, page_size, Hkv, *rest]`` placed where
+    ``table [B, N / page_size]`` says; everything else (spare pages, rows at or past a sequence's
+    length) is ``fill``."""
+    b, hkv, n = x.shape[:3]
+    per = table.shape[1]
+    x = x.clone()
+    past = torch.arange(n, device=x.device)[None, :] >= lengths.to(x.device)[:, None]  # [B, N]
+    x[past[:, None].expand(b, hkv, n)] = fill
+    padded = torch.full((b, hkv, per * page_size, *x.shape[3:]), fill, dtype=x.dtype, device=x.device)
+    padded[:, :, :n] = x
+    pages = padded.unflatten(2, (per, page_size)).movedim(1, 3)  # [B, per, page_size, Hkv, *rest]
+    pool = torch.full((pool_pages, page_size, hkv, *x.shape[3:]), fill, dtype=x.dtype, device=x.device)
+    pool[table.flatten().long()] = pages.flatten(0, 1)
+    return pool
+
+
+def paginate(kc, vc, page_size, lengths, seed=0, spare=3, scales=None):
+    """The dense cache ``kc, vc [B, Hkv, N, D]`` (and int8 scales ``[B, Hkv, N]``) as a page pool, its
+    block table (int32, junk past each sequence's pages) and the pages' scales."""
+    b, _, n, _ = kc.shape
+    per = max(1, math.ceil(n / page_size))
+    pool_pages = b * per + spare
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randperm(pool_pages, generator=g)[:b * per].view(b, per).to(torch.int32)
+    fill = 0 if kc.dtype == torch.int8 else float("nan")
+    kp, vp = (scatter_pages(t, table, pool_pages, page_size, lengths, fill) for t in (kc, vc))
+    ks, vs = (scatter_pages(s, table, pool_pages, page_size, lengths) for s in scales) if scales else (None, None)
+    used = torch.arange(per)[None, :] < ((lengths.cpu().long() + page_size - 1) // page_size)[:, None]
+    junk = torch.tensor(JUNK, dtype=torch.int32)[torch.arange(b * per) % 2].view(b, per)
+    return kp, vp, torch.where(used, table, junk).to(DEVICE), ks, vs
+
+
+def lengths_of(*values):
+    return torch.tensor(values, dtype=torch.int32, device=DEVICE)
+
+
+def check_paged(q, kc, vc, lengths, page_size, causal=False, seed=0, num_splits=None):
+    """Paged decode == the reference on the dense keys, and == the dense kernel on them."""
+    kp, vp, table, _, _ = paginate(kc, vc, page_size, lengths, seed=seed)
+    with poisoned():
+        out = mk.decode_attention(q, kp, vp, lengths, num_splits, causal, block_table=table)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    ref = mk.reference.decode_attention(q.double(), kc.double(), vc.double(), lengths, causal=causal)
+    assert_close(out, ref, q.dtype, name="paged vs reference")
+    ref_paged = mk.reference.decode_attention(q.double(), kp.double(), vp.double(), lengths, causal=causal,
+                                              block_table=table)
+    assert_close(ref_paged, ref, torch.float64, name="the reference's paging")
+    dense = mk.decode_attention(q, kc, vc, lengths, num_splits, causal)
+    assert_close(out, dense, q.dtype, name="paged vs dense kernel")
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("page_size", [16, 32, 48, 64])
+def test_paged_equals_dense(page_size, dtype):
+    """Grouped-query heads; lengths 0, 1, a partial last page and the full cache."""
+    q, kc, vc = qkv(4, 4, 2, 1, 100, 32, dtype=dtype, seed=page_size)
+    check_paged(q, kc, vc, lengths_of(0, 1, 57, 100), page_size)
+
+
+@pytest.mark.parametrize("block_n,page_size", [(64, 16), (16, 64), (32, 48)])
+def test_key_blocks_across_and_within_pages(block_n, page_size):
+    """A key block may span several pages (64 keys over pages of 16) or lie inside one."""
+    q, kc, vc = qkv(2, 2, 1, 2, 150, 16, seed=block_n)
+    cfg = {"BLOCK_N": block_n, "num_warps": 4, "num_stages": 1}
+    with planning.override({"decode.split": cfg}):
+        check_paged(q, kc, vc, lengths_of(150, 77), page_size, causal=True, num_splits=3)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_several_query_rows(causal):
+    q, kc, vc = qkv(2, 4, 1, 3, 70, 32, seed=3)
+    check_paged(q, kc, vc, lengths_of(70, 2), 16, causal=causal)
+
+
+@given(page_size=st.sampled_from([16, 32, 48, 64]), b=st.integers(1, 3), hkv=st.sampled_from([1, 2]),
+       group=st.sampled_from([1, 2, 4]), nq=st.integers(1, 2), causal=st.booleans(), nmax=st.integers(1, 130),
+       data=st.data())
+def test_random_page_tables(page_size, b, hkv, group, nq, causal, nmax, data):
+    """Random shapes, lengths and permuted page tables (hypothesis, bounded examples)."""
+    lengths = [data.draw(st.integers(0, nmax), label="length") for _ in range(b)]
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    q, kc, vc = qkv(b, hkv * group, hkv, nq, nmax, 16, seed=seed)
+    check_paged(q, kc, vc, lengths_of(*lengths), page_size, causal=causal, seed=seed)
+
+
+def test_default_lengths_fill_every_page():
+    """Without cache_seqlens a sequence is max_pages * page_size long: every listed page is read."""
+    q, kc, vc = qkv(2, 2, 2, 1, 64, 16, seed=4)
+    kp, vp, table, _, _ = paginate(kc, vc, 32, lengths_of(64, 64))
+    with poisoned():
+        out = mk.decode_attention(q, kp, vp, block_table=table)
+    assert_close(out, mk.reference.decode_attention(q.double(), kc.double(), vc.double()), name="full pages")
+
+
+def test_shared_pages():
+    """Two sequences may share pages (a common prompt): the table lists the same page twice."""
+    q, kc, vc = qkv(2, 2, 1, 1, 48, 16, seed=5)
+    kc[1, :, :32], vc[1, :, :32] = kc[0, :, :32], vc[0, :, :32]  # the first two pages are the same
+    kp, vp, table, _, _ = paginate(kc, vc, 16, lengths_of(48, 48))
+    table[1, :2] = table[0, :2]
+    with poisoned():
+        out = mk.decode_attention(q, kp, vp, lengths_of(48, 40), block_table=table)
+    ref = mk.reference.decode_attention(q.double(), kc.double(), vc.double(), lengths_of(48, 40))
+    assert_close(out, ref, name="shared pages")
+
+
+def test_int64_block_table_and_strided_pages():
+    q, kc, vc = qkv(2, 2, 2, 1, 40, 16, seed=6)
+    lengths = lengths_of(40, 17)
+    kp, vp, table, _, _ = paginate(kc, vc, 16, lengths)
+    wide = torch.full((*kp.shape[:-1], 32), float("nan"), device=DEVICE)
+    wide[..., ::2] = kp
+    with poisoned():
+        out = mk.decode_attention(q, wide[..., ::2], vp, lengths, block_table=table.long())
+    assert_close(out, mk.reference.decode_attention(q.double(), kc.double(), vc.double(), lengths), name="strided")
+
+
+# --- int8 ----------------------------------------------------------------------------------------
+
+def int8_cache(kc, vc):
+    (kq, ks), (vq, vs) = quantize_int8(kc), quantize_int8(vc)
+    return kq, vq, ks, vs
+
+
+# Quantizing K and V to int8 (absmax per token and head) moves the output by about 1% of its norm for
+# standard-normal inputs at these head dims: each element is rounded by at most max|x| / 254, about
+# 1% of the largest element. The bound is three times that.
+INT8_VS_FULL = 3e-2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+def test_int8_cache(paged, dtype):
+    """The kernel on codes and scales == the reference on the dequantized cache (the dtype's bound), and
+    close to the attention over the cache before quantization (INT8_VS_FULL)."""
+    q, kc, vc = qkv(3, 4, 2, 2, 90, 32, dtype=dtype, seed=7)
+    lengths = lengths_of(90, 33, 0)
+    kq, vq, ks, vs = int8_cache(kc, vc)
+    if paged:
+        kq, vq, table, ks, vs = paginate(kq, vq, 32, lengths, scales=(ks, vs))
+    else:
+        table = None
+    with poisoned():
+        out = mk.decode_attention(q, kq, vq, lengths, causal=True, block_table=table, k_scale=ks, v_scale=vs)
+    assert out.dtype == dtype and out.shape == q.shape
+    ref = mk.reference.decode_attention(q.double(), kq, vq, lengths, causal=True, block_table=table, k_scale=ks,
+                                        v_scale=vs)
+    assert_close(out, ref, dtype, name="int8 kernel vs reference on the dequantized cache")
+    full = mk.reference.decode_attention(q.double(), kc.double(), vc.double(), lengths, causal=True)
+    assert rel_error(out, full) < INT8_VS_FULL
+
+
+def test_int8_with_bf16_queries():
+    q, kc, vc = qkv(2, 2, 1, 1, 50, 32, dtype=torch.bfloat16, seed=8)
+    kq, vq, ks, vs = int8_cache(kc, vc)
+    with poisoned():
+        out = mk.decode_attention(q, kq, vq, k_scale=ks, v_scale=vs)
+    ref = mk.reference.decode_attention(q.double(), kq, vq, k_scale=ks, v_scale=vs)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, ref, torch.bfloat16, name="bf16 queries, int8 cache")
+
+
+def test_quantize_round_trip():
+    x = randn(3, 2, 40, 16, seed=9, scale=3.0)
+    x[0, 0, 5] = 0.0  # a zero row: scale 0, codes 0, no NaN
+    codes, scale = quantize_int8(x)
+    assert codes.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == x.shape[:-1]
+    assert codes.abs().max() <= 127
+    err = (dequantize(codes, scale) - x).abs()
+    assert (err <= scale[..., None] / 2 + 1e-6).all()  # rounding: at most half a step
+    assert torch.equal(dequantize(codes, scale)[0, 0, 5], torch.zeros(16, device=DEVICE))
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+def test_bad_block_table():
+    q, kc, vc = qkv(2, 2, 1, 1, 32, 16, seed=10)
+    lengths = lengths_of(32, 20)
+    kp, vp, table, _, _ = paginate(kc, vc, 16, lengths)
+    with pytest.raises(TypeError, match="block_table must be an int32"):
+        mk.decode_attention(q, kp, vp, lengths, block_table=table.float())
+    with pytest.raises(TypeError, match="block_table must be an int32"):
+        mk.decode_attention(q, kp, vp, lengths, block_table=table.tolist())
+    with pytest.raises(ValueError, match=r"block_table must have shape \[B, max_pages\] with B = 2"):
+        mk.decode_attention(q, kp, vp, lengths, block_table=table[:1])
+    with pytest.raises(ValueError, match="block_table is on meta"):
+        mk.decode_attention(q, kp, vp, lengths, block_table=table.to("meta"))
+    for bad in (-1, kp.shape[0]):  # a used page outside the pool
+        t = table.clone()
+        t[1, 1] = bad
+        with pytest.raises(ValueError, match=rf"block_table\[1, 1\] = {bad} is not a page of k_cache"):
+            mk.decode_attention(q, kp, vp, lengths, block_table=t)
+    with pytest.raises(ValueError, match=r"cache_seqlens must lie in \[0, max_pages \* page_size=32\]"):
+        mk.decode_attention(q, kp, vp, lengths_of(33, 1), block_table=table)
+    with pytest.raises(ValueError, match="page_size .* must be a positive multiple of 16"):
+        mk.decode_attention(q, kp[:, :8], vp[:, :8], lengths_of(8, 8), block_table=table)
+    with pytest.raises(ValueError, match=r"k_cache/v_cache heads \(3\) must divide q heads \(2\)"):
+        mk.decode_attention(q, kp.expand(-1, -1, 3, -1), vp.expand(-1, -1, 3, -1), lengths, block_table=table)
+    with pytest.raises(ValueError, match="k_cache must have 4 dimensions"):
+        mk.decode_attention(q, kp[0], vp, lengths, block_table=table)
+
+
+def test_bad_scales():
+    q, kc, vc = qkv(2, 2, 1, 1, 32, 16, seed=11)
+    kq, vq, ks, vs = int8_cache(kc, vc)
+    with pytest.raises(ValueError, match="needs both k_scale and v_scale.*v_scale is missing"):
+        mk.decode_attention(q, kq, vq, k_scale=ks)
+    with pytest.raises(ValueError, match="k_scale and v_scale are for an int8 cache"):
+        mk.decode_attention(q, kc, vc, k_scale=ks, v_scale=vs)
+    with pytest.raises(TypeError, match="k_scale has dtype float16"):
+        mk.decode_attention(q, kq, vq, k_scale=ks.half(), v_scale=vs)
+    with pytest.raises(ValueError, match=r"v_scale must have shape k_cache.shape\[:-1\] = \(2, 1, 32\)"):
+        mk.decode_attention(q, kq, vq, k_scale=ks, v_scale=vs[..., :-1])
+    with pytest.raises(TypeError, match="v_cache has dtype float32; supported dtypes are int8"):
+        mk.decode_attention(q, kq, vc, k_scale=ks, v_scale=vs)
+
+
+def test_int8_without_scales_is_refused_as_before_for_other_dtypes():
+    q, kc, vc = qkv(1, 2, 1, 1, 16, 16, seed=12)
+    with pytest.raises(TypeError, match="k_cache has dtype int32"):
+        mk.decode_attention(q, kc.int(), vc.int())
+
+
+@pytest.mark.parametrize("gpu,limit", [("H100", 232448), ("A100", 166912), ("RTX 4090", 101376)])
+def test_int8_tiles_fit_the_shared_memory(gpu, limit):
+    """The int8 cache's planned tiles fit every GPU's shared memory for every query dtype and head dim."""
+    from minikernels import decode
+    from minikernels._common import SMEM_MARGIN
+
+    for elem in (4, 2):
+        for d in (16, 64, 128, 256):
+            for rows in (16, 64, 128):
+                cfg = decode.tile_config(rows, d, elem, limit, int8_cache=True)
+                smallest = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+                smallest.update({"DOT_PREC": "tf32"} if elem == 4 else {})
+                if decode.smem_need_int8(rows, smallest, d, elem) > limit - SMEM_MARGIN:  # the rows alone fill it
+                    assert gpu != "H100" and rows >= 64 and (elem == 4 or d > 128), (elem, d, rows)
+                    assert cfg == smallest  # the least it can ask for; the compiler has the last word
+                else:
+                    assert decode.smem_need_int8(rows, cfg, d, elem) <= limit - SMEM_MARGIN, (elem, d, rows, cfg)
+    assert decode.tile_config(16, 128, 2, 232448, int8_cache=True)["BLOCK_N"] == 128
+
+
+# --- GPU sweeps ----------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("page_size", [16, 64, 256])
+@pytest.mark.parametrize("int8", [False, True], ids=["16bit", "int8"])
+def test_gpu_paged_every_dtype_and_head_dim(int8, page_size, d, dtype):
+    """Every dtype, head dim and page size runs (the tiles fit this GPU), int8 and paged together."""
+    q, kc, vc = qkv(3, 8, 2, 2, 700, d, dtype=dtype, seed=d + page_size)
+    lengths = lengths_of(700, 1, 333)
+    if not int8:
+        check_paged(q, kc, vc, lengths, page_size, causal=True)
+        return
+    kq, vq, ks, vs = int8_cache(kc, vc)
+    kq, vq, table, ks, vs = paginate(kq, vq, page_size, lengths, scales=(ks, vs))
+    with poisoned():
+        out = mk.decode_attention(q, kq, vq, lengths, causal=True, block_table=table, k_scale=ks, v_scale=vs)
+    ref = mk.reference.decode_attention(q.double(), kq, vq, lengths, causal=True, block_table=table, k_scale=ks,
+                                        v_scale=vs)
+    assert_close(out, ref, dtype, name="int8 paged")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [16, 256])
+@pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8"])
+def test_gpu_long_paged_cache(int8, page_size):
+    """A 64k-token cache, bf16 queries, 8 query heads over 2 kv heads."""
+    n = 65536
+    q = randn(2, 8, 1, 128, dtype=torch.bfloat16, seed=1)
+    kc = randn(2, 2, n, 128, dtype=torch.bfloat16, seed=2)
+    vc = randn(2, 2, n, 128, dtype=torch.bfloat16, seed=3)
+    lengths = lengths_of(n, n - 1000)
+    ks = vs = None
+    if int8:
+        kc, vc, ks, vs = int8_cache(kc, vc)
+        kc, vc, table, ks, vs = paginate(kc, vc, page_size, lengths, scales=(ks, vs))
+    else:
+        kc, vc, table, _, _ = paginate(kc, vc, page_size, lengths)
+    with poisoned():
+        out = mk.decode_attention(q, kc, vc, lengths, block_table=table, k_scale=ks, v_scale=vs)
+    ref = mk.reference.decode_attention(q.double(), kc if int8 else kc.double(), vc if int8 else vc.double(),
+                                        lengths, block_table=table, k_scale=ks, v_scale=vs)
+    assert_close(out, ref, torch.bfloat16, name="64k paged")
+
+
+@pytest.mark.gpu
+def test_gpu_paged_decode_in_a_cuda_graph():
+    """Captured in a CUDA graph (no host checks there), replayed with new lengths and a new table."""
+    q, kc, vc = qkv(2, 4, 2, 1, 256, 64, dtype=torch.float16, seed=13)
+    lengths = lengths_of(256, 100)
+    kp, vp, table, _, _ = paginate(kc, vc, 16, lengths_of(256, 256))
+    table_in, lengths_in = table.clone(), lengths.clone()
+    mk.decode_attention(q, kp, vp, lengths_in, block_table=table_in)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mk.decode_attention(q, kp, vp, lengths_in, block_table=table_in)
+    for new in (lengths_of(256, 100), lengths_of(17, 200)):
+        lengths_in.copy_(new)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = mk.reference.decode_attention(q.double(), kc.double(), vc.double(), new)
+        assert_close(out, ref, torch.float16, name="graph replay")

@@ -1,0 +1,261 @@
+"""attn_implementation="minikernels" in Hugging Face models: the same logits, gradients and generated
+tokens as "sdpa", with and without padding, and a clear error for what the backend cannot do.
+
+Tiny models with random weights (no download): Llama and Qwen2, grouped-query heads (4 query heads,
+2 key/value heads), two layers, float32, short sequences (the kernels run in Triton's interpreter on
+the CPU)."""
+
+import collections
+import copy
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+import minikernels as mk
+import minikernels.integrations.transformers as mk_hf
+from minikernels.testing import rel_error, tolerance
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+FAMILIES = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+DEVICE = mk.device()  # the CPU under the interpreter, the GPU where there is one
+FP32_BOUND = tolerance(torch.float32)  # the package's float32 bound (two float32 runs of one model differ by ~1e-7)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def registered():
+    mk_hf.register()
+
+
+def pair(family: str, seed: int = 0, implementation: str = "minikernels", **overrides):
+    """The same random model twice: with "sdpa", and with ``implementation``."""
+    config = FAMILIES[family](**{**TINY, **overrides})
+    torch.manual_seed(seed)
+    ref = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa").float()
+    # each model gets its own config: from_config writes the implementation into the config it is given
+    ours = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=implementation).float()
+    ours.load_state_dict(ref.state_dict())
+    return ref.to(DEVICE), ours.to(DEVICE)
+
+
+def tokens(batch: int, n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, TINY["vocab_size"], (batch, n), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def padding_mask(batch: int, n: int, padding: str | None) -> torch.Tensor | None:
+    """Row 0 full; the other rows shorter by 3, 5, ... tokens, padded on the left or on the right."""
+    if padding is None:
+        return None
+    mask = torch.ones(batch, n, dtype=torch.long)
+    for b in range(1, batch):
+        short = 1 + 2 * b
+        if padding == "left":
+            mask[b, :short] = 0
+        else:
+            mask[b, n - short:] = 0
+    return mask.to(DEVICE)
+
+
+def counted(calls: collections.Counter, varlen: bool = True) -> str:
+    """Registers the backend with minikernels' kernels wrapped to count their calls into ``calls`` (so
+    that a test cannot pass on sdpa, and sees which kernel each step reached); returns its name.
+    ``varlen=False``: padded batches take the per-sequence path."""
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    kernels = mk_hf.Kernels(flash=counting("flash", mk.flash_attention),
+                            decode=counting("decode", mk.decode_attention),
+                            varlen=counting("varlen", mk.flash_attention_varlen) if varlen else None)
+    return mk_hf.register("minikernels-counted" + ("" if varlen else "-per-sequence"), kernels)
+
+
+@pytest.fixture
+def calls():
+    return collections.Counter()
+
+
+def loss_and_grads(model, ids, mask):
+    """Next-token cross-entropy of real tokens predicting real tokens, and every gradient. (A label
+    follows its position: under left padding the last pad would otherwise predict the first token,
+    from an output that is nobody's answer.)"""
+    model.zero_grad()
+    labels = ids
+    if mask is not None:
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[:, 1:] = labels[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    return out.logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def check_against_sdpa(family, padding, implementation="minikernels", batch=3, n=16):
+    ref, ours = pair(family, implementation=implementation)
+    ids, mask = tokens(batch, n, seed=1), padding_mask(batch, n, padding)
+    ref_logits, ref_grads = loss_and_grads(ref, ids, mask)
+    logits, grads = loss_and_grads(ours, ids, mask)
+    # padded positions carry no token: their logits are nobody's answer (sdpa and flash_attention_2 differ there)
+    real = torch.ones(batch, n, dtype=torch.bool, device=DEVICE) if mask is None else mask.bool()
+    assert torch.isfinite(logits[real]).all()
+    assert rel_error(logits[real], ref_logits[real]) < FP32_BOUND
+    assert ref_grads.keys() == grads.keys()
+    for name, g in grads.items():
+        assert torch.isfinite(g).all(), name
+        if ref_grads[name].abs().max() == 0:
+            assert g.abs().max() == 0, name
+        else:
+            assert rel_error(g, ref_grads[name]) < FP32_BOUND, name
+
+
+def test_register_names_an_implementation():
+    assert mk_hf.register() == "minikernels"
+    assert "minikernels" in transformers.AttentionInterface().valid_keys()
+    _, ours = pair("llama")
+    assert ours.config._attn_implementation == "minikernels"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("padding", [None, "left", "right"])
+def test_logits_and_gradients_match_sdpa(family, padding, calls):
+    check_against_sdpa(family, padding, counted(calls))
+    layers = TINY["num_hidden_layers"]
+    assert calls == ({"flash": layers} if padding is None else {"varlen": layers})
+
+
+def test_per_sequence_path_matches_sdpa(calls):
+    """Without the variable-length kernel, a padded batch runs one flash_attention per sequence."""
+    check_against_sdpa("llama", "left", counted(calls, varlen=False))
+    assert calls == {"flash": TINY["num_hidden_layers"] * 3}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_greedy_generation_matches_sdpa(family, calls):
+    """A left-padded batch of prompts, 8 new tokens: prefill on the padded path, then decode_attention
+    over each sequence's real keys in the cache."""
+    ref, ours = pair(family, seed=2, implementation=counted(calls))
+    ids, mask = tokens(2, 6, seed=3), padding_mask(2, 6, "left")
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    want = ref.generate(ids, **kwargs)
+    got = ours.generate(ids, **kwargs)
+    assert want.shape == (2, 14)
+    assert torch.equal(got, want)
+    layers = TINY["num_hidden_layers"]
+    assert calls["varlen"] == layers  # the prefill
+    assert calls["decode"] == 7 * layers * 2  # 7 decode steps, each layer, each sequence of the padded batch
+
+
+def test_unpadded_generation_decodes_the_batch_at_once(calls):
+    ref, ours = pair("llama", seed=4, implementation=counted(calls))
+    ids = tokens(2, 5, seed=5)
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(ids, **kwargs), ref.generate(ids, **kwargs))
+    assert calls == {"flash": 2, "decode": 3 * 2}
+
+
+def test_padding_helper_reads_any_mask():
+    """Spans and packed indices of a mask with a hole (no generate makes one, but a user may)."""
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [1, 0, 1, 0]], dtype=torch.bool)
+    p = mk_hf._read_padding(mask, 2)
+    assert p.key_cu == [0, 4, 6, 8] and p.query_cu == [0, 2, 4, 5]
+    assert p.key_spans == [(0, 4), (2, 4), None] and p.query_spans == [(0, 2), (0, 2), (0, 1)]
+    assert p.cu_seqlens_k.dtype == torch.int32 and p.cu_seqlens_k.tolist() == [0, 4, 6, 8]
+    assert p.key_cols.tolist() == [0, 1, 2, 3, 2, 3, 0, 2] and not p.all_real
+
+
+@pytest.mark.parametrize("varlen", [True, False])
+def test_mask_with_a_hole_matches_sdpa(varlen, calls):
+    """A padding mask with a gap inside a row: both the packed and the per-sequence path drop exactly
+    the masked keys."""
+    ref, ours = pair("llama", seed=6, implementation=counted(calls, varlen))
+    ids = tokens(2, 10, seed=7)
+    mask = torch.ones(2, 10, dtype=torch.long, device=DEVICE)
+    mask[1, 3:5] = 0
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).logits
+        got = ours(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert rel_error(got[real], want[real]) < FP32_BOUND
+    assert calls == ({"varlen": 2} if varlen else {"flash": 4})
+
+
+# --------------------------------------------------------------------------------------------------
+# what the backend cannot do raises, naming the feature
+# --------------------------------------------------------------------------------------------------
+
+def test_custom_4d_mask_raises():
+    _, ours = pair("llama")
+    ids = tokens(1, 8, seed=0)
+    custom = torch.ones(1, 1, 8, 8, dtype=torch.bool, device=DEVICE).tril()
+    with pytest.raises(NotImplementedError, match="custom attention mask"):
+        ours(input_ids=ids, attention_mask=custom)
+
+
+def test_sliding_window_narrower_than_the_sequence_raises():
+    config = MistralConfig(**TINY, sliding_window=8)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="minikernels").to(DEVICE)
+    with torch.no_grad():
+        model(input_ids=tokens(1, 8, seed=0))  # 8 keys: the window masks nothing
+        with pytest.raises(NotImplementedError, match="sliding-window"):
+            model(input_ids=tokens(1, 12, seed=0))
+
+
+def test_dropout_in_training_raises():
+    _, ours = pair("llama", attention_dropout=0.1)
+    ours.train()
+    with pytest.raises(NotImplementedError, match="dropout"):
+        ours(input_ids=tokens(1, 8, seed=0))
+    ours.eval()  # no dropout at inference: runs
+    with torch.no_grad():
+        ours(input_ids=tokens(1, 8, seed=0))
+
+
+def test_packed_sequences_raise():
+    """position_ids that restart mark sequences packed into one row: not supported, so not ignored."""
+    _, ours = pair("llama")
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]], device=DEVICE)
+    for use_cache in [False, True]:  # transformers' mask sees packing only without a cache; the kernels always
+        with pytest.raises(NotImplementedError, match="packed sequences"):
+            ours(input_ids=tokens(1, 8, seed=0), position_ids=position_ids, use_cache=use_cache)
+
+
+def test_attention_weights_are_not_returned_silently():
+    _, ours = pair("llama")
+    with pytest.raises(NotImplementedError, match="output_attentions"):
+        ours(input_ids=tokens(1, 8, seed=0), output_attentions=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU: bfloat16, where the kernels run on tensor cores
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("padding", [None, "left", "right"])
+def test_bf16_on_gpu_is_as_close_to_fp32_as_sdpa(padding):
+    """In bfloat16 both backends round: ours must be no further from a float32 sdpa model than sdpa in
+    bfloat16 is (with a little slack), for the logits and for the gradients."""
+    config = LlamaConfig(**{**TINY, "hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 512})
+    torch.manual_seed(0)
+    exact = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa").cuda().float()
+    results = {}
+    for name in ["sdpa", "minikernels"]:
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=name).cuda()
+        model.load_state_dict(exact.state_dict())
+        results[name] = model.to(torch.bfloat16)
+    ids = tokens(3, 300, seed=1).cuda()
+    mask = padding_mask(3, 300, padding)
+    mask = mask.cuda() if mask is not None else None
+    real = torch.ones(3, 300, dtype=torch.bool, device="cuda") if mask is None else mask.bool()
+    want, want_grads = loss_and_grads(exact, ids, mask)
+    errors = {}
+    for name, model in results.items():
+        logits, grads = loss_and_grads(model, ids, mask)
+        errors[name] = [rel_error(logits[real].float(), want[real])]
+        errors[name] += [rel_error(g.float(), want_grads[k]) for k, g in grads.items()
+                         if want_grads[k].abs().max() > 0]
+    for ours, theirs in zip(errors["minikernels"], errors["sdpa"]):
+        assert ours <= 1.5 * theirs + 1e-3, (ours, theirs)
