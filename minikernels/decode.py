@@ -64,13 +64,18 @@ MAX_SPLITS = 64
 def _softmax_step_scaled_values(acc, l_i, m_i, s, v, v_scale, DOT_PREC: tl.constexpr):
     """``_common.online_softmax_step`` for a quantized cache: the values are codes ``v`` with one scale
     per key (``v_scale`` [COLS]), so ``p (v * scale) = (p * scale) v`` folds the scales into the
-    probabilities before the product (the running sum ``l`` still adds the unscaled ``p``)."""
+    probabilities before the product (the running sum ``l`` still adds the unscaled ``p``). The scales
+    go in relative to the block's largest, which multiplies the product after it: small values (scales
+    ~1e-6) would otherwise push ``p * scale`` into float16's subnormals, losing its digits."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw no key yet: 2^(-inf) = 0, not NaN
     alpha = tl.exp2(m_i - m_shift)
     p = tl.exp2(s - m_shift[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot((p * v_scale[None, :]).to(v.dtype), v, input_precision=DOT_PREC)
+    v_max = tl.max(v_scale, axis=0)
+    v_max = tl.where(v_max == 0.0, 1.0, v_max)  # every scale 0 (zero values, masked keys): the product is 0
+    pv = tl.dot((p * (v_scale / v_max)[None, :]).to(v.dtype), v, input_precision=DOT_PREC)
+    acc = acc * alpha[:, None] + v_max * pv
     return acc, l_i, m_new
 
 
@@ -80,13 +85,14 @@ def _decode_split(Q, K, V, SEQLENS, O_PART, LSE_PART, BLOCK_TABLE, K_SCALE, V_SC
                   stride_kb, stride_kh, stride_kn, stride_kd,
                   stride_vb, stride_vh, stride_vn, stride_vd,
                   stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
-                  stride_tb, num_pages,
+                  stride_tb, stride_tp, num_pages,
                   HKV, GROUP, NQ, D, NMAX, split_len, n_splits, qk_scale,
                   CAUSAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                   DOT_PREC: tl.constexpr, PAGE_SIZE: tl.constexpr, QUANTIZED: tl.constexpr):
     # The cache's strides come as (sequence, head, row, lane). Dense (PAGE_SIZE = 0): the sequence is b
     # and the row is the key's position. Paged: the "sequence" stride is the page stride, and key t of
-    # sequence b is row t % PAGE_SIZE of page BLOCK_TABLE[b, t // PAGE_SIZE]. Quantized: K and V hold
+    # sequence b is row t % PAGE_SIZE of page BLOCK_TABLE[b, t // PAGE_SIZE] (any strides: a table may
+    # be a column-major or sliced view). Quantized: K and V hold
     # int8 codes, K_SCALE and V_SCALE one float32 scale per (key, kv head), strided the same way.
     split = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -128,8 +134,10 @@ def _decode_split(Q, K, V, SEQLENS, O_PART, LSE_PART, BLOCK_TABLE, K_SCALE, V_SC
             ks_rows = cols * stride_ksn
             vs_rows = cols * stride_vsn
         else:  # one table entry per key (a block may span pages smaller than it); only pages below L are read
-            page = tl.load(BLOCK_TABLE + b.to(tl.int64) * stride_tb + cols // PAGE_SIZE, mask=col_ok, other=0)
-            page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)  # in bounds even unchecked
+            page = tl.load(BLOCK_TABLE + b.to(tl.int64) * stride_tb + (cols // PAGE_SIZE) * stride_tp, mask=col_ok,
+                           other=0)
+            # in bounds even unchecked (an empty pool is never read: the host passes NMAX = 0 for it)
+            page = tl.minimum(tl.maximum(page, 0), tl.maximum(num_pages - 1, 0)).to(tl.int64)
             within = cols % PAGE_SIZE
             k_rows = page * stride_kb + within * stride_kn
             v_rows = page * stride_vb + within * stride_vn
@@ -202,19 +210,17 @@ def smem_need(rows: int, cfg: dict, head_dim: int, elem_bytes: int) -> int:
 
 
 def smem_need_int8(rows: int, cfg: dict, head_dim: int, elem_bytes: int) -> int:
-    """Shared memory (bytes) of the split kernel on an int8 cache, for query rows of ``elem_bytes``
-    bytes: the rows resident (twice when float32 is split for 3xtf32), the pipeline's copies of the
-    int8 K and V blocks (``num_stages - 1``, at least one), one copy of both blocks converted to the
-    rows' dtype (where the MMA reads its operands from shared memory; split twice for float32) and,
-    below 64 rows (the older MMA), a staged P tile. A bound from the tile sizes, not checked against
-    the compiler's own figure; ``launch_fitting`` is the net where it is low."""
+    """Shared memory (bytes) of the split kernel on an int8 cache, for query rows of ``elem_bytes`` bytes.
+    The loop is the dense kernel's on blocks converted to the rows' dtype, plus the int8 blocks as
+    loaded, so it reuses ``smem_need``'s accounting (the same bound, not the compiler's own figure;
+    ``launch_fitting`` is the net where it is low)."""
     n, head_dim = cfg["BLOCK_N"], head_dim_pad(head_dim)
-    widen = 2 if split_operands(cfg, elem_bytes) else 1
-    resident = widen * rows * head_dim * elem_bytes
-    pipelined = max(1, cfg["num_stages"] - 1) * 2 * n * head_dim  # int8: one byte an element
-    converted = widen * 2 * n * head_dim * elem_bytes
-    staged_p = widen * rows * n * elem_bytes if rows < 64 else 0
-    return resident + pipelined + converted + staged_p
+    # the rows resident, one K and one V block in the rows' dtype (the MMA's operands) and float32's
+    # 3xtf32 split where smem_need puts it (in shared memory from 64 rows, a staged P below)
+    converted = smem_need(rows, {**cfg, "num_stages": 1}, head_dim, elem_bytes)
+    # the pipeline's copies of the int8 K and V blocks (num_stages - 1, at least one), a byte an element
+    loaded = max(1, cfg["num_stages"] - 1) * 2 * n * head_dim
+    return converted + loaded
 
 
 def tile_config(rows: int, head_dim: int, elem_bytes: int, smem_limit: int | None, int8_cache: bool = False) -> dict:
@@ -326,7 +332,8 @@ def _check_scales(k_cache, k_scale, v_scale, int8: bool) -> None:
 
 
 def _check_block_table(block_table, batch: int, device: torch.device) -> torch.Tensor:
-    """An int32 (or int64, converted) tensor [B, max_pages] on q's device; returns it as int32."""
+    """An int32 (or int64, converted) tensor [B, max_pages] on q's device; returns it as int32, with
+    whatever strides it has (the kernel takes both)."""
     if not isinstance(block_table, torch.Tensor) or block_table.dtype not in (torch.int32, torch.int64):
         got = block_table.dtype if isinstance(block_table, torch.Tensor) else type(block_table).__name__
         raise TypeError(f"block_table must be an int32 (or int64) tensor [B, max_pages], got {got}")
@@ -337,17 +344,21 @@ def _check_block_table(block_table, batch: int, device: torch.device) -> torch.T
     return block_table.to(torch.int32)
 
 
-def _check_cache_seqlens(cache_seqlens, batch: int, nmax: int, device: torch.device, what: str) -> None:
+def _check_cache_seqlens(cache_seqlens, batch: int, nmax: int, device: torch.device, what: str) -> int:
+    """Checks the lengths and returns the longest (read on the host anyway), or ``nmax`` where they are
+    not read: under CUDA-graph capture (the graph may replay with other lengths) or for an empty batch."""
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError("cache_seqlens must be an int32 or int64 tensor [B]")
     if cache_seqlens.shape != (batch,):
         raise ValueError(f"cache_seqlens must have shape [B] = ({batch},), got {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != device:
         raise ValueError(f"cache_seqlens is on {cache_seqlens.device}, q on {device}: put them on one device")
-    if batch and not _capturing(device):
-        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
-        if lo < 0 or hi > nmax:
-            raise ValueError(f"cache_seqlens must lie in [0, {what}={nmax}], got values in [{lo}, {hi}]")
+    if not batch or _capturing(device):
+        return nmax
+    lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+    if lo < 0 or hi > nmax:
+        raise ValueError(f"cache_seqlens must lie in [0, {what}={nmax}], got values in [{lo}, {hi}]")
+    return hi
 
 
 def _capturing(device: torch.device) -> bool:
@@ -387,18 +398,22 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     float32), except where the split operands do not fit the device's shared memory with the smallest
     key block (D > 128 with more than 64 query rows per KV head on an H100): single-pass tf32 there, within
     the package's float32 tolerance. Checking ``cache_seqlens``'s values reads them on
-    the host (a device synchronisation); while a CUDA graph is captured that check is skipped and the
-    kernel clamps each length to [0, Nmax].
+    the host (a device synchronisation), which also sizes the splits to the longest sequence; while a
+    CUDA graph is captured that check is skipped, the splits cover Nmax and the kernel clamps each
+    length to [0, Nmax]. A dense cache too large for 32-bit offsets inside a (batch, head) slice that is
+    a strided view (e.g. ``[B, N, Hkv, D].transpose(1, 2)``) is copied on every call: pass a contiguous
+    ``[B, Hkv, N, D]`` cache to avoid the copy.
 
     **Paged cache** (``block_table`` given; the convention of FlashAttention's ``flash_attn_with_kvcache``
     and vLLM): k_cache and v_cache are pools of pages ``[num_pages, page_size, Hkv, D]``, page_size a
-    multiple of 16, and ``block_table`` an int32 tensor ``[B, max_pages]`` (int64 is accepted and
-    converted, a small copy each call): token t of sequence b lives in page ``block_table[b, t // page_size]``
+    multiple of 16, and ``block_table`` an int32 tensor ``[B, max_pages]`` of any strides (int64 is
+    accepted and converted, a small copy each call): token t of sequence b lives in page ``block_table[b, t // page_size]``
     at row ``t % page_size``. Then Nmax = max_pages * page_size: ``cache_seqlens`` defaults to it and
     must not exceed it; the last page may be partly filled. Only the first ceil(L_b / page_size)
     entries of row b are read (checked to lie in [0, num_pages) on the host; the rest may hold anything,
     e.g. -1); while a CUDA graph is captured that check is skipped and the kernel clamps each page index
-    into [0, num_pages). Pages may be shared between sequences (a common prefix).
+    into [0, num_pages) (an empty pool, num_pages = 0, gives zeros there; outside capture positive lengths
+    on it are refused). Pages may be shared between sequences (a common prefix).
 
     **int8 cache** (k_cache, v_cache of dtype ``torch.int8``): ``k_scale`` and ``v_scale`` are then
     required, float32 of shape ``k_cache.shape[:-1]`` (one scale per key and kv head: ``[B, Hkv, Nmax]``
@@ -410,7 +425,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     paged, int8 = block_table is not None, _is_int8(k_cache)
     _check_cache(q, k_cache, v_cache, paged, int8)
     _check_scales(k_cache, k_scale, v_scale, int8)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k_scale,
+                                                                                   v_scale)):
         raise RuntimeError("decode_attention is forward-only (inference): call it under torch.no_grad() or pass "
                            "tensors that do not require grad; use flash_attention to train")
     B, H, Nq, D = q.shape
@@ -421,9 +437,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     else:
         num_pages, page_size, HKV, Nmax, what = 0, 0, k_cache.shape[1], k_cache.shape[2], "Nmax"
     if cache_seqlens is None:
-        cache_seqlens = torch.full((B,), Nmax, dtype=torch.int32, device=q.device)
+        cache_seqlens, longest = torch.full((B,), Nmax, dtype=torch.int32, device=q.device), Nmax
     else:
-        _check_cache_seqlens(cache_seqlens, B, Nmax, q.device, what)
+        longest = _check_cache_seqlens(cache_seqlens, B, Nmax, q.device, what)
         cache_seqlens = cache_seqlens.to(torch.int32).contiguous()
     if paged:
         _check_pages_used(block_table, cache_seqlens, page_size, num_pages)
@@ -458,14 +474,20 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         ks_strides = vs_strides = (0, 0, 0)
     k_strides, v_strides = _cache_strides(kw, paged), _cache_strides(vw, paged)
     table = block_table if paged else cache_seqlens  # not read when dense
-    stride_tb = block_table.stride(0) if paged else 0
+    table_strides = block_table.stride() if paged else (0, 0)
+    # an empty page pool holds no key: the kernel clamps every length to 0 (positive lengths were refused
+    # above, except under CUDA-graph capture, where nothing may be read from it either)
+    kernel_nmax = 0 if paged and num_pages == 0 else Nmax
     with on_device_of(q):  # the shared memory of q's device
         cfg = launch_config(rows, D, qw.element_size(), int8)
     block_n = cfg["BLOCK_N"]
-    splits = num_splits or choose_num_splits(B * HKV, Nmax, block_n, q.device)
+    # splits cover the longest sequence, not the cache's capacity (a wide block table with short
+    # sequences would otherwise launch mostly empty programs); under capture the longest is Nmax
+    longest = max(1, min(longest, kernel_nmax))
+    splits = num_splits or choose_num_splits(B * HKV, longest, block_n, q.device)
     # more splits than key blocks, or than the merge tile holds, would only add empty programs
-    splits = min(splits, max(1, triton.cdiv(Nmax, block_n)), MAX_SPLITS)
-    split_len = triton.cdiv(triton.cdiv(max(Nmax, 1), splits), block_n) * block_n
+    splits = min(splits, triton.cdiv(longest, block_n), MAX_SPLITS)
+    split_len = triton.cdiv(triton.cdiv(longest, splits), block_n) * block_n
     pad = head_dim_pad(D)
     # the partials: every (split, row, lane) is written by _decode_split, padding rows and lanes included
     o_part = empty((B * HKV, splits, rows, pad), dtype=torch.float32, device=q.device)
@@ -474,8 +496,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         def launch(cfg):  # split_len is a multiple of every BLOCK_N a step-down reaches
             _decode_split[(splits, B * HKV)](
                 qw, kw, vw, cache_seqlens, o_part, lse_part, table, ks, vs, *qw.stride(), *k_strides, *v_strides,
-                *ks_strides, *vs_strides, stride_tb, num_pages,
-                HKV, group, Nq, D, Nmax, split_len, splits, scale * LOG2E, CAUSAL=causal, ROWS=rows,
+                *ks_strides, *vs_strides, *table_strides, num_pages,
+                HKV, group, Nq, D, kernel_nmax, split_len, splits, scale * LOG2E, CAUSAL=causal, ROWS=rows,
                 HEAD_DIM=pad, PAGE_SIZE=page_size, QUANTIZED=int8, **{**dot_options(qw.dtype), **cfg})
 
         # a configuration the compiler finds too large for this GPU's shared memory steps down: fewer

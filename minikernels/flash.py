@@ -158,18 +158,20 @@ def _attn_fwd(Q, K, V, O, LSE,
 def _bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_od,
                stride_dob, stride_doh, stride_don, stride_dod, H, Nq, D,
                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-    # delta_i = rowsum(dO_i * O_i): read 2*Nq*D, write Nq
+    # delta_i = rowsum(dO_i * O_i): read 2*Nq*D, write Nq. Row offsets in 64 bits: varlen attention
+    # runs this on all its packed tokens as one [1, H, total, D] view, whose rows * stride can pass 2^31
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows64 = rows.to(tl.int64)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_d = tl.arange(0, HEAD_DIM)
     mask = (rows[:, None] < Nq) & (offs_d[None, :] < D)
-    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows[:, None] * stride_on
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows64[:, None] * stride_on
                 + offs_d[None, :] * stride_od, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + rows[:, None] * stride_don
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + rows64[:, None] * stride_don
                  + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + bh.to(tl.int64) * Nq + rows, tl.sum(o * do, axis=1), mask=rows < Nq)
+    tl.store(DELTA + bh.to(tl.int64) * Nq + rows64, tl.sum(o * do, axis=1), mask=rows < Nq)
 
 
 @triton.jit

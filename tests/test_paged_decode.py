@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import minikernels as mk
 from minikernels import planning
+from minikernels._common import head_dim_pad
 from minikernels.kv_cache import dequantize, quantize_int8
 from minikernels.testing import assert_close, poisoned, randn, rel_error, test_dtypes
 
@@ -143,6 +144,82 @@ def test_int64_block_table_and_strided_pages():
     assert_close(out, mk.reference.decode_attention(q.double(), kc.double(), vc.double(), lengths), name="strided")
 
 
+@pytest.mark.parametrize("layout", ["column_major", "sliced", "sliced_int64"])
+def test_block_table_that_is_not_row_major(layout):
+    """A table is read through both its strides: a column-major or sliced view gives the row-major result."""
+    q, kc, vc = qkv(3, 2, 1, 1, 70, 16, seed=14)
+    lengths = lengths_of(70, 40, 17)
+    kp, vp, table, _, _ = paginate(kc, vc, 16, lengths)
+    if layout == "column_major":
+        view = table.t().contiguous().t()
+    else:
+        wide = torch.full((3, 2 * table.shape[1]), -1, dtype=torch.int32, device=DEVICE)
+        wide[:, ::2] = table
+        view = wide[:, ::2] if layout == "sliced" else wide.long()[:, ::2]
+    assert torch.equal(view, table) and view.stride(-1) != 1
+    with poisoned():
+        want = mk.decode_attention(q, kp, vp, lengths, block_table=table)
+        out = mk.decode_attention(q, kp, vp, lengths, block_table=view)
+    assert torch.equal(out, want)
+    assert_close(out, mk.reference.decode_attention(q.double(), kc.double(), vc.double(), lengths), name=layout)
+
+
+def test_empty_page_pool():
+    """A pool of no pages: positive lengths are refused on the host; where that check is skipped (CUDA-graph
+    capture, simulated here) the kernel reads nothing and returns zeros. The pool is an empty view into
+    NaN pages, so a read of page -1 or 0 would show."""
+    from minikernels import decode
+
+    q, _, _ = qkv(2, 2, 1, 1, 16, 16, seed=15)
+    nan_pages = torch.full((2, 16, 1, 16), float("nan"), device=DEVICE)
+    pool = nan_pages[1:1]
+    table = torch.zeros((2, 2), dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"block_table\[0, 0\] = 0 is not a page of k_cache"):
+        mk.decode_attention(q, pool, pool, lengths_of(20, 0), block_table=table)
+    assert torch.equal(mk.decode_attention(q, pool, pool, lengths_of(0, 0), block_table=table), torch.zeros_like(q))
+    capturing = decode._capturing
+    decode._capturing = lambda device: True
+    try:
+        with poisoned():
+            out = mk.decode_attention(q, pool, pool, lengths_of(20, 32), block_table=table)
+    finally:
+        decode._capturing = capturing
+    assert torch.equal(out, torch.zeros_like(q))
+
+
+def record_split_lengths(seen):
+    """A ``decode.num_splits`` override that records the length it is asked to split, then splits in 64."""
+    def choose(batch_kv_heads, max_len, block_n, device):
+        seen.append(max_len)
+        return 64
+    return choose
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+def test_split_count_follows_the_real_length(paged):
+    """The splits are planned for the longest real sequence, not the cache's capacity (a wide table with
+    short sequences would otherwise launch mostly empty programs); under CUDA-graph capture, where the
+    lengths are not read on the host, for the capacity. The result is the reference's either way."""
+    from minikernels import decode
+
+    q, kc, vc = qkv(2, 2, 1, 1, 512, 16, seed=16)
+    lengths = lengths_of(45, 3)
+    ref = mk.reference.decode_attention(q.double(), kc.double(), vc.double(), lengths)
+    kp, vp, table = (*paginate(kc, vc, 16, lengths)[:3],) if paged else (kc, vc, None)
+    seen = []
+    with planning.override({"decode.num_splits": record_split_lengths(seen)}), poisoned():
+        out = mk.decode_attention(q, kp, vp, lengths, block_table=table)
+        assert_close(out, ref, name="real length")
+        mk.decode_attention(q, kp, vp, lengths_of(0, 0), block_table=table)
+        capturing = decode._capturing
+        decode._capturing = lambda device: True
+        try:
+            assert_close(mk.decode_attention(q, kp, vp, lengths, block_table=table), ref, name="capture")
+        finally:
+            decode._capturing = capturing
+    assert seen == [45, 1, 512]
+
+
 # --- int8 ----------------------------------------------------------------------------------------
 
 def int8_cache(kc, vc):
@@ -186,6 +263,20 @@ def test_int8_with_bf16_queries():
     ref = mk.reference.decode_attention(q.double(), kq, vq, k_scale=ks, v_scale=vs)
     assert out.dtype == torch.bfloat16
     assert_close(out, ref, torch.bfloat16, name="bf16 queries, int8 cache")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("magnitude", [1.0, 1e-3, 1e-4])
+def test_int8_small_values_keep_their_precision(magnitude, dtype):
+    """Values of any magnitude: the value scales (max|v| / 127, ~1e-6 for values ~1e-4) must not push the
+    scaled probabilities into float16's subnormals. Within the dtype's bound of the reference on the
+    dequantized cache (bfloat16 runs in float32 under the interpreter, as on the GPU in bfloat16)."""
+    q, kc, vc = qkv(2, 4, 2, 2, 200, 64, dtype=dtype, seed=17)
+    kq, vq, ks, vs = int8_cache(kc, vc.float() * magnitude)
+    with poisoned():
+        out = mk.decode_attention(q, kq, vq, k_scale=ks, v_scale=vs)
+    ref = mk.reference.decode_attention(q.double(), kq, vq, k_scale=ks, v_scale=vs)
+    assert_close(out, ref, dtype, name=f"int8 values ~{magnitude}")
 
 
 def test_quantize_round_trip():
@@ -243,15 +334,45 @@ def test_bad_scales():
         mk.decode_attention(q, kq, vc, k_scale=ks, v_scale=vs)
 
 
+def test_scales_that_require_grad_are_refused():
+    q, kc, vc = qkv(1, 2, 1, 1, 16, 16, seed=18)
+    kq, vq, ks, vs = int8_cache(kc, vc)
+    for name in ("k_scale", "v_scale"):
+        scales = {"k_scale": ks, "v_scale": vs, name: (ks if name == "k_scale" else vs).clone().requires_grad_()}
+        with pytest.raises(RuntimeError, match="decode_attention is forward-only"):
+            mk.decode_attention(q, kq, vq, **scales)
+        with torch.no_grad():
+            mk.decode_attention(q, kq, vq, **scales)
+
+
 def test_int8_without_scales_is_refused_as_before_for_other_dtypes():
     q, kc, vc = qkv(1, 2, 1, 1, 16, 16, seed=12)
     with pytest.raises(TypeError, match="k_cache has dtype int32"):
         mk.decode_attention(q, kc.int(), vc.int())
 
 
+def test_int8_estimate_counts_what_the_dense_estimate_counts():
+    """The int8 kernel's shared memory is the dense kernel's at one stage (the rows, K and V converted to
+    the rows' dtype, float32's split in shared memory from 64 rows and its staged P below) plus the
+    pipeline's int8 copies of K and V, one byte an element."""
+    from minikernels import decode
+
+    for elem, prec in ((2, {}), (4, {}), (4, {"DOT_PREC": "tf32"})):
+        for rows in (16, 32, 64, 128):
+            for d in (16, 100, 256):
+                one = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 1, **prec}
+                int8_blocks = 2 * 64 * head_dim_pad(d)
+                assert decode.smem_need_int8(rows, one, d, elem) == decode.smem_need(rows, one, d, elem) + int8_blocks
+                for stages in (2, 3, 4):
+                    more = decode.smem_need_int8(rows, {**one, "num_stages": stages}, d, elem)
+                    assert more == decode.smem_need_int8(rows, one, d, elem) + (stages - 2) * int8_blocks
+
+
 @pytest.mark.parametrize("gpu,limit", [("H100", 232448), ("A100", 166912), ("RTX 4090", 101376)])
-def test_int8_tiles_fit_the_shared_memory(gpu, limit):
-    """The int8 cache's planned tiles fit every GPU's shared memory for every query dtype and head dim."""
+def test_int8_planner_stays_within_its_budget(gpu, limit):
+    """The planner's arithmetic: the int8 tiles it picks fit each GPU's limit by its own estimate
+    (``smem_need_int8``), for every query dtype and head dim. It does not ask the compiler; whether the
+    estimate holds on a real GPU is test_gpu_int8_large_head_dim's job."""
     from minikernels import decode
     from minikernels._common import SMEM_MARGIN
 
@@ -290,6 +411,27 @@ def test_gpu_paged_every_dtype_and_head_dim(int8, page_size, d, dtype):
     ref = mk.reference.decode_attention(q.double(), kq, vq, lengths, causal=True, block_table=table, k_scale=ks,
                                         v_scale=vs)
     assert_close(out, ref, dtype, name="int8 paged")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [16, 64, 128])
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+def test_gpu_int8_large_head_dim(paged, rows, dtype):
+    """int8 at D = 256 with 16, 64 and 128 query rows per program (the older MMA below 64 rows, the
+    warp-group MMA from 64; float32's split operands): the compiled tiles fit this GPU's shared memory
+    (or step down) and the result is right."""
+    q, kc, vc = qkv(2, rows // 2, 1, 2, 1500, 256, dtype=dtype, seed=rows)
+    lengths = lengths_of(1500, 611)
+    kq, vq, ks, vs = int8_cache(kc, vc)
+    table = None
+    if paged:
+        kq, vq, table, ks, vs = paginate(kq, vq, 64, lengths, scales=(ks, vs))
+    with poisoned():
+        out = mk.decode_attention(q, kq, vq, lengths, causal=True, block_table=table, k_scale=ks, v_scale=vs)
+    ref = mk.reference.decode_attention(q.double(), kq, vq, lengths, causal=True, block_table=table, k_scale=ks,
+                                        v_scale=vs)
+    assert_close(out, ref, dtype, name=f"int8 D=256, {rows} rows")
 
 
 @pytest.mark.gpu

@@ -22,7 +22,9 @@ def exchange(sends, recvs, group) -> list:
     """Post point-to-point sends ``[(tensor, peer, tag)]`` and receives ``[(tensor, peer, tag)]`` in one
     batch (peers are ranks within ``group``) and return the requests without waiting. With NCCL the
     transfers run on NCCL's own stream, so the kernels launched next on the compute stream overlap them;
-    the tags keep two messages between the same pair of ranks apart (gloo matches on them)."""
+    the tags keep two messages between the same pair of ranks apart on gloo, which matches on
+    them; NCCL ignores tags and matches each pair's messages in posting order, so every rank must post its
+    messages in the same order."""
     ops = [dist.P2POp(dist.isend, t, group=group, group_peer=peer, tag=tag) for t, peer, tag in sends]
     ops += [dist.P2POp(dist.irecv, t, group=group, group_peer=peer, tag=tag) for t, peer, tag in recvs]
     return dist.batch_isend_irecv(ops) if ops else []

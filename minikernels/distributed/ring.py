@@ -43,8 +43,11 @@ def merge(out: torch.Tensor, lse: torch.Tensor, o_b: torch.Tensor, lse_b: torch.
     lse.copy_(total)
 
 
-# the gradient accumulators share the link with the key/value shards, and may be in flight between the same two
-# ranks at the same time: a tag of their own keeps the receives from being matched to the wrong message
+# The gradient accumulators share the link with the key/value shards, and may be in flight between the same two
+# ranks at the same time. gloo matches messages on tags, so a tag of their own keeps its receives apart. NCCL
+# ignores tags and matches the messages between two ranks in the order they were posted: correct here only
+# because every rank posts the same sequence (key/value of step s, gradients of step s, key/value of step s + 1).
+# Keep that order when changing the loop.
 _GRADIENT_TAG = 1
 
 
