@@ -91,9 +91,9 @@ def _decode_split(Q, K, V, SEQLENS, O_PART, LSE_PART, BLOCK_TABLE, K_SCALE, V_SC
                   DOT_PREC: tl.constexpr, PAGE_SIZE: tl.constexpr, QUANTIZED: tl.constexpr):
     # The cache's strides come as (sequence, head, row, lane). Dense (PAGE_SIZE = 0): the sequence is b
     # and the row is the key's position. Paged: the "sequence" stride is the page stride, and key t of
-    # sequence b is row t % PAGE_SIZE of page BLOCK_TABLE[b, t // PAGE_SIZE] (any strides: a table may
-    # be a column-major or sliced view). Quantized: K and V hold
-    # int8 codes, K_SCALE and V_SCALE one float32 scale per (key, kv head), strided the same way.
+    # sequence b is row t % PAGE_SIZE of page BLOCK_TABLE[b, t // PAGE_SIZE] (the table through both of
+    # its strides: a column-major or sliced view is read as it is). Quantized: K and V hold int8 codes,
+    # K_SCALE and V_SCALE one float32 scale per (key, kv head), strided the same way.
     split = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // HKV
@@ -407,13 +407,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     **Paged cache** (``block_table`` given; the convention of FlashAttention's ``flash_attn_with_kvcache``
     and vLLM): k_cache and v_cache are pools of pages ``[num_pages, page_size, Hkv, D]``, page_size a
     multiple of 16, and ``block_table`` an int32 tensor ``[B, max_pages]`` of any strides (int64 is
-    accepted and converted, a small copy each call): token t of sequence b lives in page ``block_table[b, t // page_size]``
-    at row ``t % page_size``. Then Nmax = max_pages * page_size: ``cache_seqlens`` defaults to it and
-    must not exceed it; the last page may be partly filled. Only the first ceil(L_b / page_size)
-    entries of row b are read (checked to lie in [0, num_pages) on the host; the rest may hold anything,
-    e.g. -1); while a CUDA graph is captured that check is skipped and the kernel clamps each page index
-    into [0, num_pages) (an empty pool, num_pages = 0, gives zeros there; outside capture positive lengths
-    on it are refused). Pages may be shared between sequences (a common prefix).
+    accepted and converted, a small copy each call): token t of sequence b lives in page
+    ``block_table[b, t // page_size]`` at row ``t % page_size``. Then Nmax = max_pages * page_size:
+    ``cache_seqlens`` defaults to it and must not exceed it; the last page may be partly filled. Only
+    the first ceil(L_b / page_size) entries of row b are read (checked to lie in [0, num_pages) on the
+    host; the rest may hold anything, e.g. -1); while a CUDA graph is captured that check is skipped
+    and the kernel clamps each page index into [0, num_pages) (an empty pool, num_pages = 0, gives
+    zeros there; outside capture positive lengths on it are refused). Pages may be shared between
+    sequences (a common prefix).
 
     **int8 cache** (k_cache, v_cache of dtype ``torch.int8``): ``k_scale`` and ``v_scale`` are then
     required, float32 of shape ``k_cache.shape[:-1]`` (one scale per key and kv head: ``[B, Hkv, Nmax]``

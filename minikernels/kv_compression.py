@@ -185,12 +185,16 @@ def streaming_block_table(pages: list[int], length: int, sink: int, window: int,
 
 @torch.no_grad()
 def streaming_decode(q, k_pages, v_pages, block_table, cache_seqlens, streaming, sink: int, window: int):
-    """Decode ``q [B, H, Nq, D]`` from a paged cache (``decode_attention``'s layout) where the key/value
+    """Decode ``q [B, H, 1, D]`` from a paged cache (``decode_attention``'s layout) where the key/value
     heads marked in ``streaming [Hkv]`` see only their sink and recent pages: two calls of
     ``mk.decode_attention``, one over the retrieval heads with the full block table, one over the
-    streaming heads with each sequence's reduced table."""
+    streaming heads with each sequence's reduced table. One new token a sequence (Nq = 1): the reduced
+    table keeps the pages the last position sees. A run of adjacent heads is passed as a view of the
+    pools; scattered heads are gathered (a copy of their share of the pools)."""
     from .decode import decode_attention
 
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise ValueError(f"streaming_decode takes one new token a sequence: q [B, H, 1, D], got {tuple(q.shape)}")
     streaming = torch.as_tensor(streaming, dtype=torch.bool).cpu()
     page_size, hkv = k_pages.shape[1], k_pages.shape[2]
     group = q.shape[1] // hkv
@@ -209,9 +213,13 @@ def streaming_decode(q, k_pages, v_pages, block_table, cache_seqlens, streaming,
             table = torch.tensor([r + [0] * (width - len(r)) for r, _ in rows], dtype=torch.int32,
                                  device=q.device)
             seqlens = torch.tensor([n for _, n in rows], dtype=torch.int32, device=q.device)
-        idx = torch.tensor(kv_heads, device=q.device)
-        out[:, q_heads] = decode_attention(q[:, q_heads], k_pages.index_select(2, idx), v_pages.index_select(2, idx),
-                                           seqlens, block_table=table)
+        lo, hi = kv_heads[0], kv_heads[-1] + 1
+        if hi - lo == len(kv_heads):  # adjacent heads: a view, no copy
+            k_sel, v_sel = k_pages[:, :, lo:hi], v_pages[:, :, lo:hi]
+        else:
+            idx = torch.tensor(kv_heads, device=q.device)
+            k_sel, v_sel = k_pages.index_select(2, idx), v_pages.index_select(2, idx)
+        out[:, q_heads] = decode_attention(q[:, q_heads], k_sel, v_sel, seqlens, block_table=table)
     return out
 
 

@@ -3,7 +3,7 @@ tokens as "sdpa", with and without padding, and a clear error for what the backe
 
 Tiny models with random weights (no download): Llama and Qwen2, grouped-query heads (4 query heads,
 2 key/value heads), two layers, float32, short sequences (the kernels run in Triton's interpreter on
-the CPU)."""
+the CPU); Mistral for its sliding window, BART for encoder-decoder attention."""
 
 import collections
 import copy
@@ -11,7 +11,15 @@ import copy
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    BartConfig,
+    BartForConditionalGeneration,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    StaticCache,
+)
 
 import minikernels as mk
 import minikernels.integrations.transformers as mk_hf
@@ -181,6 +189,97 @@ def test_mask_with_a_hole_matches_sdpa(varlen, calls):
     real = mask.bool()
     assert rel_error(got[real], want[real]) < FP32_BOUND
     assert calls == ({"varlen": 2} if varlen else {"flash": 4})
+
+
+def prefill_and_step(model, ids, cache_length, cache_config=None):
+    """Logits of a prompt and of one more token, on a StaticCache of ``cache_length`` slots and with no
+    attention_mask: the cache hands every slot to attention, filled or not."""
+    cache = StaticCache(config=cache_config or model.config, max_cache_len=cache_length)
+    with torch.no_grad():
+        prompt = model(input_ids=ids, past_key_values=cache).logits
+        step = model(input_ids=ids[:, -1:], past_key_values=cache).logits
+    return prompt, step
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")  # renamed `cache` in transformers 5
+def test_static_cache_without_mask_matches_sdpa(calls):
+    """Only the filled slots are keys: the prompt's 10 of 32, then 11 for the next token."""
+    ref, ours = pair("llama", seed=8, implementation=counted(calls))
+    ids = tokens(2, 10, seed=9)
+    for want, got in zip(prefill_and_step(ref, ids, 32), prefill_and_step(ours, ids, 32)):
+        assert rel_error(got, want) < FP32_BOUND
+    layers = TINY["num_hidden_layers"]
+    assert calls == {"flash": layers, "decode": layers}  # the batch at once: every sequence fills the same slots
+
+
+def mistral_pair(window: int):
+    config = MistralConfig(**TINY, sliding_window=window)
+    torch.manual_seed(10)
+    ref = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa").float()
+    ours = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="minikernels").float()
+    ours.load_state_dict(ref.state_dict())
+    return ref.to(DEVICE), ours.to(DEVICE)
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
+def test_sliding_window_counts_filled_cache_slots_only():
+    """A static cache longer than the window (layers of full length: a cache built without the window)
+    is not refused for a prompt the window does not reach; a prompt longer than the window is."""
+    ref, ours = mistral_pair(window=16)
+    full_length_layers = MistralConfig(**TINY)  # no sliding_window: 32 slots per layer
+    ids = tokens(2, 10, seed=11)
+    for want, got in zip(prefill_and_step(ref, ids, 32, full_length_layers),
+                         prefill_and_step(ours, ids, 32, full_length_layers)):
+        assert rel_error(got, want) < FP32_BOUND
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        prefill_and_step(ours, tokens(2, 20, seed=11), 32, full_length_layers)
+
+
+BART_TINY = dict(vocab_size=128, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
+                 dropout=0.0)
+
+
+def bart_pair(implementation: str):
+    """A tiny BART twice (sdpa, and ``implementation``), and an encoder batch whose row 1 is padded at 8..11."""
+    config = BartConfig(**BART_TINY)
+    torch.manual_seed(12)
+    ref = BartForConditionalGeneration(copy.deepcopy(config)).float().eval()
+    ref.set_attn_implementation("sdpa")
+    ours = BartForConditionalGeneration(copy.deepcopy(config)).float().eval()
+    ours.load_state_dict(ref.state_dict())
+    ours.set_attn_implementation(implementation)
+    mask = torch.ones(2, 12, dtype=torch.long, device=DEVICE)
+    mask[1, 8:] = 0
+    return ref.to(DEVICE), ours.to(DEVICE), tokens(2, 12, seed=13), mask
+
+
+def test_cross_attention_over_a_padded_encoder_batch_matches_sdpa(calls):
+    """BART: the decoder's queries attend to the encoder's real tokens. The key mask is the encoder's, so
+    no query is padding there; the encoder's own padded positions attend to its real tokens, as in sdpa."""
+    ref, ours, ids, mask = bart_pair(counted(calls))
+    kwargs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=tokens(2, 5, seed=14))
+    with torch.no_grad():
+        want, got = ref(**kwargs), ours(**kwargs)
+    assert rel_error(got.logits, want.logits) < FP32_BOUND
+    assert rel_error(got.encoder_last_hidden_state, want.encoder_last_hidden_state) < FP32_BOUND
+    # encoder self-attention and cross-attention take the padded path; the decoder's own attention has no padding
+    assert calls == {"varlen": 2, "flash": 1}
+
+
+def test_encoder_decoder_generation_matches_sdpa(calls):
+    """Decode steps of cross-attention: decode_attention per sequence over its real encoder tokens."""
+    ref, ours, ids, mask = bart_pair(counted(calls))
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True)
+    want, got = ref.generate(ids, **kwargs), ours.generate(ids, **kwargs)
+    assert len(got.logits) == len(want.logits) == 4
+    for step, (g, w) in enumerate(zip(got.logits, want.logits)):
+        assert rel_error(g, w) < FP32_BOUND, step
+    assert torch.equal(got.sequences, want.sequences)
+    # every step has one query (the first starts from the decoder's start token): the decoder's own attention
+    # over the batch, and cross-attention per sequence over its real encoder tokens; the encoder once, padded
+    assert calls == {"varlen": 1, "decode": 4 * (1 + 2)}
 
 
 # --------------------------------------------------------------------------------------------------

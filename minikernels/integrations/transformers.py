@@ -6,16 +6,19 @@
 
 transformers calls one attention function per layer with ``query [B, H, Nq, D]`` and ``key``, ``value``
 ``[B, Hkv, Nk, D]``. With a KV cache, ``key`` and ``value`` hold the whole cache and the queries are its
-last Nq positions. The mask it passes is made by the mask function registered under the same name:
-ours hands over the 2-D padding mask ``[B, Nk]`` (True = a real token), as flash_attention_2's does,
-so the kernels know which keys are real without a ``[B, Nq, Nk]`` mask being built.
+last Nq positions (a static cache hands over all its slots, the empty ones after them too). The mask it
+passes is made by the mask function registered under the same name: ours hands over the 2-D padding
+mask ``[B, Nk]`` (True = a real token), as flash_attention_2's does, so the kernels know which keys are
+real without a ``[B, Nq, Nk]`` mask being built; without padding it is None, or, for a static cache,
+all True over the filled slots. In cross-attention the mask is the encoder's: it masks keys only.
 
 Where each call goes:
 
 - no padding: ``flash_attention`` (prefill and training; causal, grouped-query heads, the model's scale);
 - a padded batch: the real tokens are gathered into packed sequences, run through
-  ``flash_attention_varlen`` and scattered back (padded query positions get zeros, as with
-  flash_attention_2);
+  ``flash_attention_varlen`` and scattered back (under causal attention padded query positions get
+  zeros, as with flash_attention_2; without it, in an encoder or cross-attention, every query is
+  kept and attends to the real keys, as with sdpa);
 - one query row with no gradient wanted (a decode step of ``generate``): ``decode_attention``, per
   sequence over its real keys when the batch is padded.
 
@@ -46,8 +49,9 @@ try:
 except ImportError as error:  # older releases build one 4-D mask for every implementation
     raise ImportError(f"minikernels' attention backend needs transformers>={MIN_TRANSFORMERS}, "
                       f"found {transformers.__version__}") from error
-# full attention (encoders, or config.is_causal=False), named in later releases
-_PLAIN_MASKS = {causal_mask_function, getattr(masking_utils, "bidirectional_mask_function", causal_mask_function)}
+# full attention (encoders, cross-attention, or config.is_causal=False), named in later releases
+_BIDIRECTIONAL_MASK = getattr(masking_utils, "bidirectional_mask_function", None)
+_PLAIN_MASKS = {causal_mask_function, _BIDIRECTIONAL_MASK} - {None}
 
 __all__ = ["NAME", "Kernels", "attention_forward", "attention_function", "padding_mask", "register"]
 
@@ -88,24 +92,42 @@ def padding_mask(batch_size: int, q_length: int | None = None, kv_length: int | 
                  kv_offset=0, mask_function=causal_mask_function, attention_mask: torch.Tensor | None = None,
                  cache_position: torch.Tensor | None = None, **kwargs):
     """transformers' mask hook for this backend: returns the padding mask ``[B, kv_length]`` (bool,
-    True = real token), or None where every key is real. The kernels apply causality themselves, so
-    a pattern beyond causal (or full) attention raises instead of being dropped. (Releases before 5
-    give the queries' positions as ``cache_position`` rather than ``q_length`` and ``q_offset``.)"""
+    True = real token), a shorter one where the last keys are a static cache's empty slots, or None
+    where every key is real. The kernels apply causality themselves, so a pattern beyond causal (or
+    full) attention raises instead of being dropped. (Releases before 5 give the queries' positions
+    as ``cache_position`` rather than ``q_length`` and ``q_offset``.)"""
+    # on the device of the tensors a composed mask function indexes (packing, chunk offsets)
+    device = cache_position.device if cache_position is not None else kwargs.get("device", "cpu")
     if mask_function not in _PLAIN_MASKS:
-        # on the device of the tensors a composed mask function indexes (packing, chunk offsets)
-        device = cache_position.device if cache_position is not None else kwargs.get("device", "cpu")
         if cache_position is not None:
             q_positions = cache_position
         else:
             q_positions = torch.arange(q_length, device=device) + torch.as_tensor(q_offset, device=device)
         _check_pattern(batch_size, q_positions, kv_length, kv_offset, mask_function, kwargs.get("config"))
     if attention_mask is None:
-        return None
+        if mask_function is _BIDIRECTIONAL_MASK:
+            return None  # an encoder's or cross-attention's keys: every one is an input, no cache slot
+        filled = _filled_slots(q_length, q_offset, kv_offset, cache_position)
+        # a static cache hands over kv_length slots, of which only the first `filled` hold a token;
+        # every sequence has filled the same ones, so a mask of that length tells the kernels where to stop
+        return None if filled >= kv_length else torch.ones(batch_size, filled, dtype=torch.bool, device=device)
     attention_mask = attention_mask[:, -kv_length:]
     # a mask shorter than the keys comes with a static cache: its slots past the mask hold no token yet
     if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
         return None
     return attention_mask
+
+
+def _filled_slots(q_length, q_offset, kv_offset, cache_position) -> int:
+    """How many of the keys hold a token: those up to the last query's position (one host read)."""
+    if cache_position is not None:
+        end = int(cache_position[-1]) + 1
+    elif q_length is not None:
+        end = int(q_offset) + q_length
+    else:
+        raise _unsupported("this version of transformers' mask call (neither cache_position nor q_length given, "
+                           "so the filled cache slots are unknown)")
+    return end - int(kv_offset)
 
 
 def _check_pattern(batch_size, q_positions, kv_length, kv_offset, mask_function, config) -> None:
@@ -154,7 +176,10 @@ class _Padding:
     all_real: bool
 
 
-_last_padding: dict = {}  # one entry: the mask it was read from (weakly), Nq, its version, the _Padding
+# a few entries (an encoder-decoder's layers alternate between their self- and cross-attention masks):
+# (id of the mask, Nq, causal) -> (the mask, weakly; its version; the _Padding)
+_padding_cache: dict = {}
+_PADDING_CACHE_SIZE = 4
 
 
 def _cumulative(lengths: torch.Tensor) -> torch.Tensor:
@@ -170,11 +195,15 @@ def _spans(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return first, end, as_int.sum(1)
 
 
-def _read_padding(mask: torch.Tensor, nq: int) -> _Padding:
-    cached = _last_padding.get("entry")
-    if cached is not None and cached[0]() is mask and cached[1:3] == (nq, mask._version):
-        return cached[3]
-    queries = mask[:, mask.shape[1] - nq:]
+def _read_padding(mask: torch.Tensor, nq: int, causal: bool = True) -> _Padding:
+    """``causal``: the queries are the last Nq keys (self-attention over a cache), padded where those
+    are. Otherwise (an encoder, or cross-attention, where the mask is the encoder's) the mask says
+    nothing about the queries: every query is real, only keys are dropped."""
+    entry = (id(mask), nq, causal)
+    cached = _padding_cache.get(entry)
+    if cached is not None and cached[0]() is mask and cached[1] == mask._version:
+        return cached[2]
+    queries = mask[:, mask.shape[1] - nq:] if causal else mask.new_ones(mask.shape[0], nq)
     key_rows, key_cols = mask.nonzero(as_tuple=True)
     query_rows, query_cols = queries.nonzero(as_tuple=True)
     key_first, key_end, key_len = _spans(mask)
@@ -190,7 +219,9 @@ def _read_padding(mask: torch.Tensor, nq: int) -> _Padding:
     padding = _Padding(key_rows, key_cols, query_rows, query_cols, _cumulative(key_len), _cumulative(query_len),
                        key_cu, query_cu, spans(*host[:3]), spans(*host[3:]),
                        all_real=key_cu[-1] == mask.numel())
-    _last_padding["entry"] = (weakref.ref(mask), nq, mask._version, padding)
+    if len(_padding_cache) >= _PADDING_CACHE_SIZE:
+        del _padding_cache[next(iter(_padding_cache))]  # the oldest
+    _padding_cache[entry] = (weakref.ref(mask), mask._version, padding)
     return padding
 
 
@@ -198,7 +229,7 @@ def _read_padding(mask: torch.Tensor, nq: int) -> _Padding:
 # the attention function
 # --------------------------------------------------------------------------------------------------
 
-def _refuse_unsupported(query, key, attention_mask, dropout, sliding_window, softcap, kwargs) -> None:
+def _refuse_unsupported(attention_mask, dropout, softcap, kwargs) -> None:
     if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
                                            and attention_mask.dtype == torch.bool):
         shape = tuple(attention_mask.shape) if hasattr(attention_mask, "shape") else type(attention_mask).__name__
@@ -207,9 +238,6 @@ def _refuse_unsupported(query, key, attention_mask, dropout, sliding_window, sof
     if dropout:
         raise _unsupported(f"attention dropout (dropout={dropout} in training): set config.attention_dropout=0.0 "
                            "or call model.eval()")
-    if sliding_window is not None and key.shape[2] > sliding_window:
-        raise _unsupported(f"sliding-window attention narrower than the keys (sliding_window={sliding_window}, "
-                           f"{key.shape[2]} keys)")
     if softcap is not None:
         raise _unsupported(f"logit soft-capping (softcap={softcap})")
     for name, feature in [("s_aux", "attention sinks"), ("sinks", "attention sinks"),
@@ -222,7 +250,15 @@ def _refuse_unsupported(query, key, attention_mask, dropout, sliding_window, sof
             raise _unsupported(feature)
     if kwargs.get("output_attentions"):
         raise _unsupported("output_attentions=True (the attention weights are never formed)")
-    if attention_mask is None and query.shape[2] > 1 and _restarts(kwargs.get("position_ids")):
+
+
+def _refuse_unsupported_keys(query, key, padded: bool, sliding_window, kwargs) -> None:
+    """Checks on the keys that are tokens (a static cache's empty slots cut off)."""
+    if sliding_window is not None and key.shape[2] > sliding_window:
+        raise _unsupported(f"sliding-window attention narrower than the keys (sliding_window={sliding_window}, "
+                           f"{key.shape[2]} keys)")
+    # (under padding, generate's position_ids repeat at the pads: no sign of packing there)
+    if not padded and query.shape[2] > 1 and _restarts(kwargs.get("position_ids")):
         # transformers reads packing from position_ids only without a cache (a model called with
         # use_cache=True would attend across the packed sequences under sdpa): refuse it either way
         raise _unsupported("packed sequences (position_ids that restart within a row): pad the batch and "
@@ -269,7 +305,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
 def _attend(kernels: Kernels, module, query, key, value, attention_mask, dropout, scaling, sliding_window,
             softcap, is_causal, kwargs) -> tuple[torch.Tensor, None]:
-    _refuse_unsupported(query, key, attention_mask, dropout, sliding_window, softcap, kwargs)
+    _refuse_unsupported(attention_mask, dropout, softcap, kwargs)
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     # one query row and no gradient: a decode step, where splitting the cache beats tiling queries
     decoding = query.shape[2] == 1 and not (torch.is_grad_enabled() and
@@ -282,9 +318,10 @@ def _attend(kernels: Kernels, module, query, key, value, attention_mask, dropout
             raise ValueError(f"attention_mask covers {n_mask} keys but there are {key.shape[2]}")
         # a static cache is longer than the mask: the slots past it hold no token yet
         key, value = key[:, :, :n_mask], value[:, :, :n_mask]
-        padding = _read_padding(attention_mask, query.shape[2])
+        padding = _read_padding(attention_mask, query.shape[2], causal)
         if padding.all_real:
             padding = None
+    _refuse_unsupported_keys(query, key, padding is not None, sliding_window, kwargs)
 
     if padding is None:
         if decoding:
@@ -297,6 +334,7 @@ def _attend(kernels: Kernels, module, query, key, value, attention_mask, dropout
     # first real query is itself a real query, and the real queries are the last real keys. Packed,
     # query i of a sequence with Nq_b real queries and Nk_b real keys then sees keys j <= i + Nk_b - Nq_b:
     # the kernels' bottom-right causal alignment, exactly the model's causal mask over real tokens.
+    # (Without causality every query is kept and sees all its sequence's real keys.)
     if decoding:
         return _per_sequence(query, key, value, padding,
                              lambda q, k, v: kernels.decode(q, k, v, scale=scaling)), None
