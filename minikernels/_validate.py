@@ -64,20 +64,24 @@ def normalize_dim(dim: int, ndim: int, name: str = "dim") -> int:
 INT32_MAX = 2**31 - 1
 
 
-def int32_addressable(name: str, t: torch.Tensor, inner_dims: int = 2) -> torch.Tensor:
+def int32_addressable(name: str, t: torch.Tensor, inner_dims: int = 2, extent=None, what: str | None = None
+                      ) -> torch.Tensor:
     """The kernels add 64-bit offsets for the leading (batch, head, row) indices but index *inside* a
     slice of the last ``inner_dims`` dimensions with 32-bit arithmetic. If a strided view spans more
     than 2^31 elements inside one slice, return a contiguous copy (which spans the least); if even
-    that is too large, refuse."""
-    def extent(x):
+    that is too large, refuse. ``extent(tensor)`` replaces the span of one slice for kernels that index
+    another way (varlen: the rows of one sequence); ``what`` then names that span in the error."""
+    def slice_extent(x):
         return sum((size - 1) * abs(stride) for size, stride in zip(x.shape[-inner_dims:], x.stride()[-inner_dims:]))
+    extent = extent or slice_extent
     limit = planning.decide("int32_limit", INT32_MAX)
     if extent(t) <= limit:
         return t
     compact = t.contiguous()
     if extent(compact) > limit:
-        raise ValueError(f"{name} has {tuple(t.shape[-inner_dims:])} elements in one slice: more than 2^31, "
-                         "which the kernels' 32-bit indexing cannot address")
+        what = what or f"one slice of {tuple(t.shape[-inner_dims:])} elements"
+        raise ValueError(f"{name}: {what} spans more than 2^31 elements, which the kernels' 32-bit indexing "
+                         "cannot address")
     return compact
 
 

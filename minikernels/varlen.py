@@ -41,7 +41,7 @@ from ._common import (
     natural_lse,
     shared_memory_limit,
 )
-from ._validate import INT32_MAX, MAX_HEAD_DIM, check_flag, check_same_device, check_scale, check_tensor
+from ._validate import MAX_HEAD_DIM, check_flag, check_same_device, check_scale, check_tensor, int32_addressable
 from .flash import bwd_dkdv_loop, bwd_dq_loop, fwd_block_loop, query_block, row_delta, tile_config
 
 # --------------------------------------------------------------------------------------------------
@@ -369,17 +369,10 @@ def _check_offsets(name: str, offsets: list[int], total: int, max_len: int, max_
 def _rows_addressable(name: str, t: torch.Tensor, max_len: int) -> torch.Tensor:
     """The kernels add 64-bit offsets for a sequence's first token and its head, and index rows and
     lanes within one sequence with 32-bit arithmetic: ``max_len`` rows must span fewer than 2^31
-    elements. A wider view is made compact; if even that is too wide, refused."""
+    elements (``int32_addressable`` with that span)."""
     def extent(x):
         return (max(max_len, 1) - 1) * abs(x.stride(0)) + (x.shape[2] - 1) * abs(x.stride(2))
-    limit = planning.decide("int32_limit", INT32_MAX)
-    if extent(t) <= limit:
-        return t
-    compact = t.contiguous()
-    if extent(compact) > limit:
-        raise ValueError(f"{name}: one sequence of up to {max_len} tokens spans more than 2^31 elements, "
-                         "which the kernels' 32-bit indexing cannot address")
-    return compact
+    return int32_addressable(name, t, extent=extent, what=f"one sequence of up to {max_len} tokens")
 
 
 def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> tuple[int, int]:

@@ -40,26 +40,18 @@ def heads_to_sequence(y: torch.Tensor, group, world: int) -> torch.Tensor:
     return received.transpose(0, 1).reshape(B, world * h, n, D)
 
 
-class _SequenceToHeads(torch.autograd.Function):
+class _Exchange(torch.autograd.Function):
+    """One of the two all-to-alls, differentiable: the gradient goes back through the other one."""
+
     @staticmethod
-    def forward(ctx, x, group, world):
-        ctx.group, ctx.world = group, world
-        return sequence_to_heads(x, group, world)
+    def forward(ctx, x, group, world, to_heads: bool):
+        ctx.group, ctx.world, ctx.to_heads = group, world, to_heads
+        return (sequence_to_heads if to_heads else heads_to_sequence)(x, group, world)
 
     @staticmethod
     def backward(ctx, grad):
-        return heads_to_sequence(grad.contiguous(), ctx.group, ctx.world), None, None
-
-
-class _HeadsToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, group, world):
-        ctx.group, ctx.world = group, world
-        return heads_to_sequence(y, group, world)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return sequence_to_heads(grad.contiguous(), ctx.group, ctx.world), None, None
+        inverse = heads_to_sequence if ctx.to_heads else sequence_to_heads
+        return inverse(grad.contiguous(), ctx.group, ctx.world), None, None, None
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
@@ -88,6 +80,6 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     if Hkv % world:
         repeat = math.lcm(Hkv, world) // Hkv
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    qh, kh, vh = (_SequenceToHeads.apply(t, group, world) for t in (q, k, v))
+    qh, kh, vh = (_Exchange.apply(t, group, world, True) for t in (q, k, v))
     out = flash_attention(qh, kh, vh, causal=causal, scale=scale)
-    return _HeadsToSequence.apply(out, group, world)
+    return _Exchange.apply(out, group, world, False)
