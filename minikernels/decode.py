@@ -133,12 +133,16 @@ def _decode_split(Q, K, V, SEQLENS, O_PART, LSE_PART, BLOCK_TABLE, K_SCALE, V_SC
             v_rows = cols * stride_vn
             ks_rows = cols * stride_ksn
             vs_rows = cols * stride_vsn
-        else:  # one table entry per key (a block may span pages smaller than it); only pages below L are read
-            page = tl.load(BLOCK_TABLE + b.to(tl.int64) * stride_tb + (cols // PAGE_SIZE) * stride_tp, mask=col_ok,
-                           other=0)
+        else:
+            if PAGE_SIZE % BLOCK_N == 0:  # blocks start at multiples of BLOCK_N: each lies in one page
+                page = tl.load(BLOCK_TABLE + b.to(tl.int64) * stride_tb + (start // PAGE_SIZE) * stride_tp)
+                within = start % PAGE_SIZE + offs_n
+            else:  # one table entry per key (a block spans pages smaller than it); only pages below L are read
+                page = tl.load(BLOCK_TABLE + b.to(tl.int64) * stride_tb + (cols // PAGE_SIZE) * stride_tp,
+                               mask=col_ok, other=0)
+                within = cols % PAGE_SIZE
             # in bounds even unchecked (an empty pool is never read: the host passes NMAX = 0 for it)
             page = tl.minimum(tl.maximum(page, 0), tl.maximum(num_pages - 1, 0)).to(tl.int64)
-            within = cols % PAGE_SIZE
             k_rows = page * stride_kb + within * stride_kn
             v_rows = page * stride_vb + within * stride_vn
             ks_rows = page * stride_ksb + within * stride_ksn

@@ -68,7 +68,7 @@ class PagedKVCache:
 
     * ``k_pages``, ``v_pages``: ``[num_pages, page_size, num_kv_heads, head_dim]`` of ``dtype``, or of
       int8 with ``quantize="int8"``; then ``k_scale``, ``v_scale`` ``[num_pages, page_size, num_kv_heads]``
-      float32 (else None).
+      float32 (else None), stored head-major within a page (a transposed view, for the kernel's reads).
     * ``max_pages_per_seq``: the longest a sequence may grow (in pages), and the width of every
       ``block_table`` (a fixed shape, as a CUDA graph wants); None: no limit, and tables as wide as the
       longest sequence asked about.
@@ -104,14 +104,23 @@ class PagedKVCache:
         stored = torch.int8 if quantize else dtype
         self.k_pages = torch.zeros(shape, dtype=stored, device=self.device)
         self.v_pages = torch.zeros(shape, dtype=stored, device=self.device)
-        self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device) if quantize else None
-        self.v_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device) if quantize else None
+        self.device = self.k_pages.device  # 'cuda' resolved to the card the pages are on ('cuda:0')
+        self.k_scale = self._scales() if quantize else None
+        self.v_scale = self._scales() if quantize else None
         self._free = list(range(num_pages - 1, -1, -1))  # a stack: pop() hands out the lowest index first
         self._pages: dict[int, list[int]] = {}
         self._lengths: dict[int, int] = {}
         self._next_id = 0
 
     # ---- sequences -------------------------------------------------------------------------------
+
+    def _scales(self) -> torch.Tensor:
+        """float32 ``[num_pages, page_size, num_kv_heads]``, stored head-major within a page: the decode
+        kernel reads one head's scales of a block of keys, contiguous here (token-major storage would
+        put them ``num_kv_heads`` floats apart, a 32-byte sector fetched for each 4-byte scale)."""
+        stored = torch.zeros(self.num_pages, self.num_kv_heads, self.page_size, dtype=torch.float32,
+                             device=self.device)
+        return stored.transpose(1, 2)
 
     def new_sequence(self) -> int:
         """Register an empty sequence under a fresh id and return the id (no page is taken yet)."""

@@ -177,7 +177,7 @@ def test_pruned_decode_reference():
 
 
 def test_channel_scores_are_query_and_key_norms():
-    model = tiny_lm.TinyLM(tiny_lm.CONFIGS["tiny"]).eval()
+    model = tiny_lm.TinyLM(tiny_lm.CONFIGS["tiny"]).eval().to(DEVICE)
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
     scores = kc.channel_scores(model, ids)
     cfg = model.cfg

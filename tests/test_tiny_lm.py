@@ -133,6 +133,7 @@ def test_corpus_is_reproducible_and_split_by_file():
     assert all(f.endswith(".py") and "site-packages" not in f for f in every)
     assert set(files) < set(every) and 0.02 < len(files) / len(every) < 0.1
     assert "os.py" in every and any(f.startswith("test/") for f in every)
+    assert "pydoc_data/topics.py" not in every  # generated prose, not source
     no_tests = tiny_lm.stdlib_files(include_tests=False)
     assert not any({"test", "tests", "idle_test"} & set(f.split("/")[:-1]) for f in no_tests)
 
@@ -185,3 +186,15 @@ def test_train_script_writes_a_loadable_run(tmp_path):
     sample = (out / end["sample_file"]).read_bytes()
     bpb = tiny_lm.bits_per_byte(model, sample, end["sample_context"], batch=2, max_windows=end["sample_windows"])
     assert bpb == pytest.approx(end["sample_bpb"], rel=1e-4)
+
+
+def test_bits_per_byte_caps_windows_spread_over_the_data():
+    """``max_windows`` takes windows spread over all the data: on bytes whose second half is a
+    different text, a cap of 2 windows sees both halves, unlike the first 2 windows."""
+    model = tiny_model(attention="sdpa")
+    context = 8
+    data = bytes(range(65, 65 + 4 * context)) + bytes(4 * context + 1)  # 8 windows: 4 of letters, then zeros
+    whole = [tiny_lm.bits_per_byte(model, data[i * context:(i + 1) * context + 1], context) for i in range(8)]
+    capped = tiny_lm.bits_per_byte(model, data, context, max_windows=2)
+    assert math.isclose(capped, (whole[0] + whole[4]) / 2, rel_tol=1e-5)
+    assert math.isclose(tiny_lm.bits_per_byte(model, data, context), sum(whole) / 8, rel_tol=1e-5)

@@ -22,12 +22,16 @@ DEVICE = "cuda"
 
 def _pages(dense: torch.Tensor, page_size: int, seed: int):
     """``dense [B, Hkv, L, *rest]`` as a pool ``[B * L / page_size, page_size, Hkv, *rest]`` with the pages
-    in random order, and the block table ``[B, L / page_size]`` int32."""
+    in random order, and the block table ``[B, L / page_size]`` int32. Scales (no ``rest``) are stored
+    head-major within a page, as ``PagedKVCache`` stores them."""
     b, hkv, n = dense.shape[:3]
     per = n // page_size
     g = torch.Generator().manual_seed(seed)
     table = torch.randperm(b * per, generator=g).view(b, per).to(device=dense.device, dtype=torch.int32)
-    pool = torch.empty((b * per, page_size, hkv, *dense.shape[3:]), dtype=dense.dtype, device=dense.device)
+    if dense.dim() == 3:
+        pool = torch.empty((b * per, hkv, page_size), dtype=dense.dtype, device=dense.device).transpose(1, 2)
+    else:
+        pool = torch.empty((b * per, page_size, hkv, *dense.shape[3:]), dtype=dense.dtype, device=dense.device)
     pool[table.flatten().long()] = dense.unflatten(2, (per, page_size)).movedim(1, 3).flatten(0, 1)
     return pool, table
 
