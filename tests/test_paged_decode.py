@@ -189,7 +189,7 @@ def test_empty_page_pool():
 
 def record_split_lengths(seen):
     """A ``decode.num_splits`` override that records the length it is asked to split, then splits in 64."""
-    def choose(batch_kv_heads, max_len, block_n, device):
+    def choose(batch_kv_heads, max_len, block_n, device, paged):
         seen.append(max_len)
         return 64
     return choose

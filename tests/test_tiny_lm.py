@@ -53,9 +53,9 @@ def test_default_config_fits_the_weight_budget():
 
 
 def test_minikernels_matches_sdpa_logits_and_gradients():
-    model = tiny_model()
+    model = tiny_model().to(mk.device())  # float32, on the GPU where there is one
     assert model.cfg.n_kv_heads < model.cfg.n_heads
-    x, y = fixed_batch(1, TINY.context)  # two 32-row blocks under the interpreter: diagonal and full
+    x, y = (t.to(mk.device()) for t in fixed_batch(1, TINY.context))  # 2 blocks of 32 rows interpreted
     ref_logits, ref_grads = logits_and_grads(model.set_attention("sdpa"), x, y)
     logits, grads = logits_and_grads(model.set_attention("minikernels"), x, y)
     assert rel(logits, ref_logits) < 1e-4

@@ -139,7 +139,9 @@ def _bench_pages(q, dense: dict, lens, page: int, want, shape: str, n_bytes: tup
     kp, vp, kq, vq, ks, vs = (_pages(dense[name], page, seed=page)[0] for name in ("k", "v", "kq", "vq", "ks", "vs"))
     kv_bytes, int8_bytes = n_bytes
     cases = [
-        (f"minikernels paged{page}", lambda: decode_attention(q, kp, vp, lens, block_table=table), kv_bytes, 1e-3),
+        # paged splits the keys into more pieces than dense: partials merged in another order, rounded
+        # to bf16 at the end (~3e-3 relative at 64k keys)
+        (f"minikernels paged{page}", lambda: decode_attention(q, kp, vp, lens, block_table=table), kv_bytes, 1e-2),
         (f"minikernels int8 paged{page}",
          lambda: decode_attention(q, kq, vq, lens, block_table=table, k_scale=ks, v_scale=vs), int8_bytes, 5e-2),
         (f"flex paged{page}", _lazy(lambda: _flex_paged(table, kp.shape[0], page), kp, vp, q), kv_bytes, 2e-2),
