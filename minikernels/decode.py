@@ -80,7 +80,7 @@ def _softmax_step_scaled_values(acc, l_i, m_i, s, v, v_scale, DOT_PREC: tl.const
 
 
 @triton.jit
-def _decode_split(Q, K, V, SEQLENS, O_PART, LSE_PART, BLOCK_TABLE, K_SCALE, V_SCALE,
+def _decode_split(Q, K, V, SEQLENS, LEFTPAD, O_PART, LSE_PART, BLOCK_TABLE, K_SCALE, V_SCALE,
                   stride_qb, stride_qh, stride_qn, stride_qd,
                   stride_kb, stride_kh, stride_kn, stride_kd,
                   stride_vb, stride_vh, stride_vn, stride_vd,
@@ -88,7 +88,8 @@ def _decode_split(Q, K, V, SEQLENS, O_PART, LSE_PART, BLOCK_TABLE, K_SCALE, V_SC
                   stride_tb, stride_tp, num_pages,
                   HKV, GROUP, NQ, D, NMAX, split_len, n_splits, qk_scale,
                   CAUSAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  DOT_PREC: tl.constexpr, PAGE_SIZE: tl.constexpr, QUANTIZED: tl.constexpr):
+                  DOT_PREC: tl.constexpr, PAGE_SIZE: tl.constexpr, QUANTIZED: tl.constexpr,
+                  HAS_LEFTPAD: tl.constexpr):
     # The cache's strides come as (sequence, head, row, lane). Dense (PAGE_SIZE = 0): the sequence is b
     # and the row is the key's position. Paged: the "sequence" stride is the page stride, and key t of
     # sequence b is row t % PAGE_SIZE of page BLOCK_TABLE[b, t // PAGE_SIZE] (the table through both of
@@ -124,10 +125,16 @@ def _decode_split(Q, K, V, SEQLENS, O_PART, LSE_PART, BLOCK_TABLE, K_SCALE, V_SC
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     lo = split * split_len
     hi = tl.minimum(lo + split_len, L)
+    first = 0
+    if HAS_LEFTPAD:  # the sequence's keys are [first, L) (a left-padded batch): skip whole blocks before
+        first = tl.minimum(tl.maximum(tl.load(LEFTPAD + b), 0), L)
+        lo = tl.maximum(lo, first // BLOCK_N * BLOCK_N)  # still a multiple of BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
         cols = start + offs_n
         col_ok = cols < hi
+        if HAS_LEFTPAD:
+            col_ok = col_ok & (cols >= first)
         if PAGE_SIZE == 0:
             k_rows = cols * stride_kn
             v_rows = cols * stride_vn
@@ -354,20 +361,35 @@ def _check_block_table(block_table, batch: int, device: torch.device) -> torch.T
     return block_table.to(torch.int32)
 
 
-def _check_cache_seqlens(cache_seqlens, batch: int, nmax: int, device: torch.device, what: str) -> int:
-    """Checks the lengths and returns the longest (read on the host anyway), or ``nmax`` where they are
-    not read: under CUDA-graph capture (the graph may replay with other lengths) or for an empty batch."""
-    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError("cache_seqlens must be an int32 or int64 tensor [B]")
-    if cache_seqlens.shape != (batch,):
-        raise ValueError(f"cache_seqlens must have shape [B] = ({batch},), got {tuple(cache_seqlens.shape)}")
-    if cache_seqlens.device != device:
-        raise ValueError(f"cache_seqlens is on {cache_seqlens.device}, q on {device}: put them on one device")
+def _check_lengths_tensor(name: str, t, batch: int, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int32 or int64 tensor [B]")
+    if t.shape != (batch,):
+        raise ValueError(f"{name} must have shape [B] = ({batch},), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, q on {device}: put them on one device")
+
+
+def _check_cache_seqlens(cache_seqlens, batch: int, nmax: int, device: torch.device, what: str,
+                         cache_leftpad=None) -> int:
+    """Checks the lengths (and the left padding: 0 <= cache_leftpad <= cache_seqlens) and returns the
+    longest (read on the host anyway, in one read), or ``nmax`` where they are not read: under CUDA-graph
+    capture (the graph may replay with other lengths) or for an empty batch."""
+    _check_lengths_tensor("cache_seqlens", cache_seqlens, batch, device)
+    if cache_leftpad is not None:
+        _check_lengths_tensor("cache_leftpad", cache_leftpad, batch, device)
     if not batch or _capturing(device):
         return nmax
-    lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+    facts = [cache_seqlens.min(), cache_seqlens.max()]
+    if cache_leftpad is not None:
+        facts.append(((cache_leftpad < 0) | (cache_leftpad > cache_seqlens)).sum())
+    lo, hi, *bad = torch.stack(facts).tolist()
     if lo < 0 or hi > nmax:
         raise ValueError(f"cache_seqlens must lie in [0, {what}={nmax}], got values in [{lo}, {hi}]")
+    if bad and bad[0]:
+        b = int(((cache_leftpad < 0) | (cache_leftpad > cache_seqlens)).nonzero()[0])
+        raise ValueError(f"cache_leftpad must lie in [0, cache_seqlens] for every sequence, got cache_leftpad[{b}]"
+                         f" = {int(cache_leftpad[b])} with cache_seqlens[{b}] = {int(cache_seqlens[b])}")
     return hi
 
 
@@ -394,7 +416,8 @@ def _check_pages_used(block_table: torch.Tensor, cache_seqlens: torch.Tensor, pa
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      cache_seqlens: torch.Tensor | None = None, num_splits: int | None = None,
                      causal: bool = False, *, scale: float | None = None, block_table: torch.Tensor | None = None,
-                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                     cache_leftpad: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of a few query rows over a KV cache, split along the cache (forward only).
 
     q ``[B, H, Nq, D]`` (Nq small, 1 is the common case); k_cache, v_cache ``[B, Hkv, Nmax, D]`` with
@@ -410,9 +433,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     the package's float32 tolerance. Checking ``cache_seqlens``'s values reads them on
     the host (a device synchronisation), which also sizes the splits to the longest sequence; while a
     CUDA graph is captured that check is skipped, the splits cover Nmax and the kernel clamps each
-    length to [0, Nmax]. A dense cache too large for 32-bit offsets inside a (batch, head) slice that is
-    a strided view (e.g. ``[B, N, Hkv, D].transpose(1, 2)``) is copied on every call: pass a contiguous
-    ``[B, Hkv, N, D]`` cache to avoid the copy.
+    length to [0, Nmax]. ``cache_leftpad`` (an int tensor ``[B]``, as FlashAttention's
+    ``flash_attn_with_kvcache`` takes it) is where each sequence's keys start: sequence b attends to
+    keys ``cache_leftpad[b] <= j < cache_seqlens[b]`` (a left-padded batch, as ``generate`` pads);
+    checked with the lengths, in the same host read. A dense cache too large for 32-bit offsets inside a
+    (batch, head) slice that is a strided view (e.g. ``[B, N, Hkv, D].transpose(1, 2)``) is copied on
+    every call: pass a contiguous ``[B, Hkv, N, D]`` cache to avoid the copy.
 
     **Paged cache** (``block_table`` given; the convention of FlashAttention's ``flash_attn_with_kvcache``
     and vLLM): k_cache and v_cache are pools of pages ``[num_pages, page_size, Hkv, D]``, page_size a
@@ -428,7 +454,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     **int8 cache** (k_cache, v_cache of dtype ``torch.int8``): ``k_scale`` and ``v_scale`` are then
     required, float32 of shape ``k_cache.shape[:-1]`` (one scale per key and kv head: ``[B, Hkv, Nmax]``
-    dense, ``[num_pages, page_size, Hkv]`` paged), and the cache stands for ``code * scale`` (as
+    dense, ``[num_pages, page_size, Hkv]`` paged, any strides; paged scales stored head-major within a
+    page, as ``PagedKVCache`` allocates them, are read faster), and the cache stands for ``code * scale`` (as
     ``minikernels.kv_cache.quantize_int8`` makes it). The kernel reads the codes and scales and computes
     in q's dtype with float32 accumulation; the result is the attention over the dequantized cache.
     Dense or paged; the scales must not be given for a cache of another dtype.
@@ -448,10 +475,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     else:
         num_pages, page_size, HKV, Nmax, what = 0, 0, k_cache.shape[1], k_cache.shape[2], "Nmax"
     if cache_seqlens is None:
-        cache_seqlens, longest = torch.full((B,), Nmax, dtype=torch.int32, device=q.device), Nmax
+        cache_seqlens = torch.full((B,), Nmax, dtype=torch.int32, device=q.device)
+        longest = Nmax if cache_leftpad is None else _check_cache_seqlens(cache_seqlens, B, Nmax, q.device, what,
+                                                                          cache_leftpad)
     else:
-        longest = _check_cache_seqlens(cache_seqlens, B, Nmax, q.device, what)
+        longest = _check_cache_seqlens(cache_seqlens, B, Nmax, q.device, what, cache_leftpad)
         cache_seqlens = cache_seqlens.to(torch.int32).contiguous()
+    leftpad = cache_leftpad.to(torch.int32).contiguous() if cache_leftpad is not None else cache_seqlens
     if paged:
         _check_pages_used(block_table, cache_seqlens, page_size, num_pages)
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)):
@@ -506,10 +536,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     with on_device_of(q):  # Triton launches on the current CUDA device
         def launch(cfg):  # split_len is a multiple of every BLOCK_N a step-down reaches
             _decode_split[(splits, B * HKV)](
-                qw, kw, vw, cache_seqlens, o_part, lse_part, table, ks, vs, *qw.stride(), *k_strides, *v_strides,
+                qw, kw, vw, cache_seqlens, leftpad, o_part, lse_part, table, ks, vs, *qw.stride(), *k_strides,
+                *v_strides,
                 *ks_strides, *vs_strides, *table_strides, num_pages,
                 HKV, group, Nq, D, kernel_nmax, split_len, splits, scale * LOG2E, CAUSAL=causal, ROWS=rows,
-                HEAD_DIM=pad, PAGE_SIZE=page_size, QUANTIZED=int8, **{**dot_options(qw.dtype), **cfg})
+                HEAD_DIM=pad, PAGE_SIZE=page_size, QUANTIZED=int8, HAS_LEFTPAD=cache_leftpad is not None,
+                **{**dot_options(qw.dtype), **cfg})
 
         # a configuration the compiler finds too large for this GPU's shared memory steps down: fewer
         # stages, smaller key blocks, then (float32) single-pass tf32

@@ -66,14 +66,15 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens=None, num_splits=None, causal: bool = False, *,
-                     scale: float | None = None, block_table=None, k_scale=None, v_scale=None):
+                     scale: float | None = None, block_table=None, k_scale=None, v_scale=None, cache_leftpad=None):
     """Attention of a few query rows over a KV cache whose first ``cache_seqlens[b]`` positions are
-    valid. With ``causal=True`` the Nq queries are the last Nq positions of each sequence: row i sees
-    keys j <= L - Nq + i. ``scale`` multiplies the logits (default 1/sqrt(D)). ``num_splits`` only
-    changes how the kernel divides the work: ignored here. An int8 cache is dequantized first
-    (``code * scale`` in q's dtype); a paged cache ``[num_pages, page_size, Hkv, D]`` is gathered through
-    ``block_table`` into a dense ``[B, Hkv, max_pages * page_size, D]`` one (entries past a sequence's
-    pages may hold anything: they are clamped to a page, and what they point at is masked)."""
+    valid (from position ``cache_leftpad[b]`` on, when given). With ``causal=True`` the Nq queries are
+    the last Nq positions of each sequence: row i sees keys j <= L - Nq + i. ``scale`` multiplies the
+    logits (default 1/sqrt(D)). ``num_splits`` only changes how the kernel divides the work: ignored here.
+    An int8 cache is dequantized first (``code * scale`` in q's dtype); a paged cache
+    ``[num_pages, page_size, Hkv, D]`` is gathered through ``block_table`` into a dense
+    ``[B, Hkv, max_pages * page_size, D]`` one (entries past a sequence's pages may hold anything: they
+    are clamped to a page, and what they point at is masked)."""
     if k_scale is not None:
         k_cache = k_cache.to(q.dtype) * k_scale.to(q.dtype)[..., None]
     if v_scale is not None:
@@ -90,11 +91,13 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens=None, num_splits=None, c
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     j = torch.arange(nmax, device=q.device)[None, None, None, :]
     limit = lengths.view(b, 1, 1, 1)
-    # positions past a sequence's length are not part of it: what is stored there never reaches the output
-    v_cache = v_cache.masked_fill((j >= limit).transpose(-1, -2), 0)
+    first = 0 if cache_leftpad is None else cache_leftpad.to(q.device).view(b, 1, 1, 1)
+    # positions outside a sequence are not part of it: what is stored there never reaches the output
+    outside = (j >= limit) | (j < first)
+    v_cache = v_cache.masked_fill(outside.transpose(-1, -2), 0)
     k, v = _expand_kv_heads(k_cache, q.shape[1]), _expand_kv_heads(v_cache, q.shape[1])
     s = (q @ k.transpose(-1, -2)) * scale  # [B, H, Nq, Nmax]
-    visible = j < limit
+    visible = ~outside
     if causal:
         i = torch.arange(nq, device=q.device)[None, None, :, None]
         visible = visible & (j <= limit - nq + i)

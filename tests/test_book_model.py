@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-import minikernels as mk  # noqa: F401  (selects the backend before anything imports triton)
+import minikernels as mk  # (selects the backend before anything imports triton)
 from minikernels import tiny_lm
 
 RUN = tiny_lm.BOOK_MODEL_DIR
@@ -50,15 +50,15 @@ def test_held_out_bits_per_byte_match_the_log(model):
     assert bpb < 0.5 * untrained  # and it learned: well below the untrained model
 
 
-def test_logits_with_minikernels_equal_the_reference(model):
+def test_logits_with_minikernels_equal_the_reference():
     """The same weights and bytes through mk.flash_attention (Triton's interpreter here) and through
     the eager PyTorch reference (softmax(q k^T / sqrt(d)) v in float32)."""
     text = (RUN / "heldout_sample.bin").read_bytes()[:96]
-    idx = torch.tensor([list(text)])
+    idx = torch.tensor([list(text)], device=mk.device())
+    on_device = tiny_lm.load_book_model(attention="eager").to(mk.device())  # float32, on the GPU if any
     with torch.no_grad():
-        want = model.set_attention("eager")(idx).double()
-        got = model.set_attention("minikernels")(idx).double()
-    model.set_attention("sdpa")
+        want = on_device(idx).double()
+        got = on_device.set_attention("minikernels")(idx).double()
     err = ((got - want).norm() / want.norm()).item()
     assert math.isfinite(err) and err < 1e-5, err
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.99

@@ -212,3 +212,50 @@ def test_gpu_long_cache_bf16(length):
     lengths = torch.full((8,), length, dtype=torch.int32, device=q.device)
     lengths[0] = 1
     check_decode(q, kc[..., :length + 8, :], vc[..., :length + 8, :], lengths)
+
+
+@pytest.mark.parametrize("num_splits", [None, 1, 4])
+@pytest.mark.parametrize("causal", [False, True])
+def test_left_padding_equals_each_sequence_alone(causal, num_splits):
+    """``cache_leftpad``: sequence b's keys are [leftpad_b, L_b), as if its cache started there. The
+    padding holds NaN, so a read of it would show."""
+    q, kc, vc = qkv(4, 4, 2, 2, 130, 32, seed=11)
+    lengths = torch.tensor([130, 97, 64, 5], dtype=torch.int32, device=DEVICE)
+    leftpad = torch.tensor([0, 33, 64, 5], dtype=torch.int32, device=DEVICE)  # none, mid-block, a block, all
+    pad = torch.arange(130, device=DEVICE)[None, None, :, None] < leftpad.view(4, 1, 1, 1)
+    kc, vc = kc.masked_fill(pad, float("nan")), vc.masked_fill(pad, float("nan"))
+    with poisoned():
+        out = mk.decode_attention(q, kc, vc, lengths, num_splits, causal, cache_leftpad=leftpad)
+    for b, (first, n) in enumerate(zip(leftpad.tolist(), lengths.tolist())):
+        alone = mk.reference.decode_attention(q[b:b + 1].double(), kc[b:b + 1, :, first:n].double(),
+                                              vc[b:b + 1, :, first:n].double(), causal=causal)
+        assert_close(out[b:b + 1], alone, q.dtype, name=f"sequence {b}")
+    ref = mk.reference.decode_attention(q.double(), kc.double(), vc.double(), lengths, causal=causal,
+                                        cache_leftpad=leftpad)
+    assert_close(out, ref, q.dtype, name="reference with cache_leftpad")
+
+
+def test_left_padding_is_checked():
+    q, kc, vc = qkv(2, 4, 2, 1, 16, 32)
+    lengths = torch.tensor([16, 8], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"cache_leftpad must lie in \[0, cache_seqlens\].*cache_leftpad\[1\] = 9"):
+        mk.decode_attention(q, kc, vc, lengths, cache_leftpad=torch.tensor([0, 9], dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match=r"cache_leftpad\[0\] = -1"):
+        mk.decode_attention(q, kc, vc, cache_leftpad=torch.tensor([-1, 0], dtype=torch.int32, device=DEVICE))
+    with pytest.raises(TypeError, match="cache_leftpad must be an int32 or int64 tensor"):
+        mk.decode_attention(q, kc, vc, lengths, cache_leftpad=torch.tensor([0.0, 1.0], device=DEVICE))
+    with pytest.raises(ValueError, match=r"cache_leftpad must have shape \[B\] = \(2,\)"):
+        mk.decode_attention(q, kc, vc, lengths, cache_leftpad=torch.zeros(3, dtype=torch.int32, device=DEVICE))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_gpu_left_padding(d, dtype):
+    q, kc, vc = qkv(3, 8, 2, 1, 5000, d, dtype=dtype, seed=d)
+    lengths = torch.tensor([5000, 4000, 300], dtype=torch.int32, device=DEVICE)
+    leftpad = torch.tensor([0, 1234, 299], dtype=torch.int32, device=DEVICE)
+    with poisoned():
+        out = mk.decode_attention(q, kc, vc, lengths, cache_leftpad=leftpad)
+    ref = mk.reference.decode_attention(q.double(), kc.double(), vc.double(), lengths, cache_leftpad=leftpad)
+    assert_close(out, ref, dtype, name="decode with cache_leftpad")

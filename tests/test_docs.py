@@ -46,6 +46,22 @@ def test_results_compare_each_kernel_with_its_fastest_anchor():
     assert (row["low"], row["high"]) == (0.5, 2.0)
 
 
+def test_results_never_take_our_own_variants_for_anchors():
+    record = {"rows": [
+        {"impl": "minikernels paged16", "pass": "fwd", "shape": "a", "cache": "bfloat16", "ms": 2.0},
+        {"impl": "minikernels", "pass": "fwd", "shape": "a", "cache": "bfloat16", "ms": 1.0},  # ours, dense
+        {"impl": "mk.flash padded", "pass": "fwd", "shape": "a", "cache": "bfloat16", "ms": 0.5},
+        {"impl": "sdpa", "pass": "fwd", "shape": "a", "cache": "bfloat16", "ms": 3.0},
+        {"impl": "minikernels int8", "pass": "fwd", "shape": "a", "cache": "int8", "ms": 1.5},
+    ]}
+    (paged,) = results.compare(record, ours="minikernels paged16")
+    assert paged["anchors"] == ["sdpa"] and paged["low"] == 1.5
+    (int8,) = results.compare(record, ours="minikernels int8")  # the cache is how it ran, not the problem
+    assert int8["anchors"] == ["sdpa"] and int8["low"] == 2.0
+    (own,) = results.compare(record, ours="minikernels paged16", anchors={"minikernels": "dense"})
+    assert own["anchors"] == ["dense"] and own["low"] == 0.5
+
+
 def test_contributors_have_the_design_in_the_repository():
     text = (ROOT / "CONTRIBUTING.md").read_text().lower()
     for topic in ["## layout", "## the api", "## one code path, two machines", "## what \"verified\" means",

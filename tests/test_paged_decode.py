@@ -474,3 +474,14 @@ def test_gpu_paged_decode_in_a_cuda_graph():
         torch.cuda.synchronize()
         ref = mk.reference.decode_attention(q.double(), kc.double(), vc.double(), new)
         assert_close(out, ref, torch.float16, name="graph replay")
+
+
+@pytest.mark.parametrize("page_size", [16, 64])  # under the interpreter: blocks across pages, within one
+def test_left_padding_through_pages(page_size):
+    q, kc, vc = qkv(3, 4, 2, 1, 150, 32, seed=3)
+    lengths, leftpad = lengths_of(150, 77, 20), lengths_of(0, 40, 19)
+    kp, vp, table, _, _ = paginate(kc, vc, page_size, lengths)
+    with poisoned():
+        out = mk.decode_attention(q, kp, vp, lengths, block_table=table, cache_leftpad=leftpad)
+    ref = mk.reference.decode_attention(q.double(), kc.double(), vc.double(), lengths, cache_leftpad=leftpad)
+    assert_close(out, ref, q.dtype, name="paged decode with cache_leftpad")

@@ -144,7 +144,7 @@ def test_per_sequence_path_matches_sdpa(calls):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_greedy_generation_matches_sdpa(family, calls):
     """A left-padded batch of prompts, 8 new tokens: prefill on the padded path, then decode_attention
-    over each sequence's real keys in the cache."""
+    over each sequence's span of real keys in the cache, the batch in one call."""
     ref, ours = pair(family, seed=2, implementation=counted(calls))
     ids, mask = tokens(2, 6, seed=3), padding_mask(2, 6, "left")
     kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
@@ -154,7 +154,24 @@ def test_greedy_generation_matches_sdpa(family, calls):
     assert torch.equal(got, want)
     layers = TINY["num_hidden_layers"]
     assert calls["varlen"] == layers  # the prefill
-    assert calls["decode"] == 7 * layers * 2  # 7 decode steps, each layer, each sequence of the padded batch
+    assert calls["decode"] == 7 * layers  # 7 decode steps, each layer, the padded batch at once
+
+
+def test_decode_step_over_keys_with_a_hole_decodes_each_sequence_alone(calls):
+    """A cached sequence whose real keys are not one span (a gap inside the row): the decode step runs
+    each sequence alone over its real keys, equal to SDPA."""
+    ref, ours = pair("llama", seed=6, implementation=counted(calls))
+    ids = tokens(2, 10, seed=7)
+    mask = torch.ones(2, 10, dtype=torch.long, device=DEVICE)
+    mask[1, 3:5] = 0
+    logits = []
+    with torch.no_grad():
+        for model in (ref, ours):
+            prefill = model(input_ids=ids[:, :9], attention_mask=mask[:, :9], use_cache=True)
+            step = model(input_ids=ids[:, 9:], attention_mask=mask, past_key_values=prefill.past_key_values)
+            logits.append(step.logits)
+    assert rel_error(logits[1], logits[0]) < FP32_BOUND
+    assert calls["decode"] == TINY["num_hidden_layers"] * 2  # each layer, each sequence
 
 
 def test_unpadded_generation_decodes_the_batch_at_once(calls):
@@ -268,7 +285,7 @@ def test_cross_attention_over_a_padded_encoder_batch_matches_sdpa(calls):
 
 
 def test_encoder_decoder_generation_matches_sdpa(calls):
-    """Decode steps of cross-attention: decode_attention per sequence over its real encoder tokens."""
+    """Decode steps of cross-attention: decode_attention over each sequence's real encoder tokens."""
     ref, ours, ids, mask = bart_pair(counted(calls))
     kwargs = dict(attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
                   return_dict_in_generate=True)
@@ -278,8 +295,9 @@ def test_encoder_decoder_generation_matches_sdpa(calls):
         assert rel_error(g, w) < FP32_BOUND, step
     assert torch.equal(got.sequences, want.sequences)
     # every step has one query (the first starts from the decoder's start token): the decoder's own attention
-    # over the batch, and cross-attention per sequence over its real encoder tokens; the encoder once, padded
-    assert calls == {"varlen": 1, "decode": 4 * (1 + 2)}
+    # over the batch, and cross-attention over each sequence's real encoder tokens (one span: the batch at
+    # once); the encoder once, padded
+    assert calls == {"varlen": 1, "decode": 4 * (1 + 1)}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ Where each call goes:
   ``flash_attention_varlen`` and scattered back (under causal attention padded query positions get
   zeros, as with flash_attention_2; without it, in an encoder or cross-attention, every query is
   kept and attends to the real keys, as with sdpa);
-- one query row with no gradient wanted (a decode step of ``generate``): ``decode_attention``, per
-  sequence over its real keys when the batch is padded.
+- one query row with no gradient wanted (a decode step of ``generate``): ``decode_attention``; in a
+  padded batch, one call with each sequence's span of real keys (``cache_leftpad`` to ``cache_seqlens``),
+  or per sequence where a sequence's real keys are not one span.
 
 Anything else raises ``NotImplementedError`` naming the feature (a custom 4-D mask, a sliding window
 narrower than the keys, attention dropout, soft-capping, sinks, position biases, packed sequences,
@@ -174,6 +175,10 @@ class _Padding:
     key_spans: list[tuple[int, int] | None]  # (start, end) where sequence b's real keys are contiguous
     query_spans: list[tuple[int, int] | None]
     all_real: bool
+    # where every sequence's real keys are one span and every query is real (a decode step of a left- or
+    # right-padded batch): int32 [B] starts and ends of the spans, for one batched decode_attention call
+    key_starts: torch.Tensor | None
+    key_ends: torch.Tensor | None
 
 
 # a few entries (an encoder-decoder's layers alternate between their self- and cross-attention masks):
@@ -216,9 +221,15 @@ def _read_padding(mask: torch.Tensor, nq: int, causal: bool = True) -> _Padding:
 
     key_cu = [0, *torch.tensor(host[2]).cumsum(0).tolist()]
     query_cu = [0, *torch.tensor(host[5]).cumsum(0).tolist()]
+    key_spans = spans(*host[:3])
+    one_span_each = all(span is not None for span in key_spans) and query_cu[-1] == queries.numel()
+    starts = torch.tensor([span[0] for span in key_spans], dtype=torch.int32, device=mask.device) \
+        if one_span_each else None
+    ends = torch.tensor([span[1] for span in key_spans], dtype=torch.int32, device=mask.device) \
+        if one_span_each else None
     padding = _Padding(key_rows, key_cols, query_rows, query_cols, _cumulative(key_len), _cumulative(query_len),
-                       key_cu, query_cu, spans(*host[:3]), spans(*host[3:]),
-                       all_real=key_cu[-1] == mask.numel())
+                       key_cu, query_cu, key_spans, spans(*host[3:]),
+                       all_real=key_cu[-1] == mask.numel(), key_starts=starts, key_ends=ends)
     if len(_padding_cache) >= _PADDING_CACHE_SIZE:
         del _padding_cache[next(iter(_padding_cache))]  # the oldest
     _padding_cache[entry] = (weakref.ref(mask), mask._version, padding)
@@ -335,7 +346,10 @@ def _attend(kernels: Kernels, module, query, key, value, attention_mask, dropout
     # query i of a sequence with Nq_b real queries and Nk_b real keys then sees keys j <= i + Nk_b - Nq_b:
     # the kernels' bottom-right causal alignment, exactly the model's causal mask over real tokens.
     # (Without causality every query is kept and sees all its sequence's real keys.)
-    if decoding:
+    if decoding and padding.key_starts is not None:  # the batch at once: each row reads its span of keys
+        out = kernels.decode(query, key, value, padding.key_ends, scale=scaling, cache_leftpad=padding.key_starts)
+        return out.transpose(1, 2).contiguous(), None
+    if decoding:  # a sequence whose real keys have holes: each alone
         return _per_sequence(query, key, value, padding,
                              lambda q, k, v: kernels.decode(q, k, v, scale=scaling)), None
     if kernels.varlen is None:
