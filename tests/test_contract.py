@@ -16,7 +16,10 @@ and then, for every op and every argument the contract speaks of:
   so an out-of-bounds read fails the test instead of killing the run);
 * every mask estimator gives the same mask for bf16 inputs as for the same values in float32;
 * the mask builders follow the same rules; the consistent names (``return_final_state`` on
-  ``linear_attention`` and ``selective_scan``, ``scale`` on ``decode_attention``) work.
+  ``linear_attention`` and ``selective_scan``, ``scale`` on ``decode_attention``) work;
+* ``decode_attention`` over a paged and over an int8 cache are ops of the table of their own;
+  ``mk.distributed``'s two functions check their input on a process group of one (before any
+  transfer), and ``mk.kv_cache.PagedKVCache`` checks its sizes and the tensors it is given.
 
 Sizes are tiny: the whole file runs in about a minute under the interpreter.
 """
@@ -31,11 +34,13 @@ import pickle
 import re
 import select
 import signal
+import socket
 import time
 from collections.abc import Callable
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import minikernels as mk
@@ -93,6 +98,31 @@ def make_ssd(b=1, n=8):
             "initial_state": rand(b, 2, 16, 16, seed=7, scale=0.25), "chunk_size": 16}
 
 
+def _offsets(lengths) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32,
+                        device=DEV)
+
+
+def make_varlen(lq=(3, 5), lk=(6, 4)):  # two packed sequences, Nq != Nk in each, grouped-query heads
+    return {"q": rand(sum(lq), 2, 16, seed=1), "k": rand(sum(lk), 1, 16, seed=2), "v": rand(sum(lk), 1, 16, seed=3),
+            "cu_seqlens_q": _offsets(lq), "cu_seqlens_k": _offsets(lk), "max_seqlen_q": max(lq, default=0),
+            "max_seqlen_k": max(lk, default=0)}
+
+
+def make_paged(b=1, n=1):  # a pool of 3 pages of 16 tokens; each sequence: 20 tokens on pages 2 then 0
+    return {"q": rand(b, 2, n, 16, seed=1), "k_cache": rand(3, 16, 1, 16, seed=2),
+            "v_cache": rand(3, 16, 1, 16, seed=3), "cache_seqlens": torch.full((b,), 20, dtype=torch.int32, device=DEV),
+            "block_table": torch.tensor([[2, 0]] * b, dtype=torch.int32, device=DEV).reshape(b, 2)}
+
+
+def make_int8(b=1, n=1, nk=12):
+    k_cache, k_scale = mk.kv_cache.quantize_int8(rand(b, 1, nk, 16, seed=2))
+    v_cache, v_scale = mk.kv_cache.quantize_int8(rand(b, 1, nk, 16, seed=3))
+    return {"q": rand(b, 2, n, 16, seed=1), "k_cache": k_cache, "v_cache": v_cache,
+            "cache_seqlens": torch.full((b,), max(nk - 2, 0), dtype=torch.int32, device=DEV),
+            "k_scale": k_scale, "v_scale": v_scale}
+
+
 @dataclasses.dataclass
 class Op:
     fn: Callable
@@ -137,7 +167,20 @@ OPS = {
               ("return_final_state",), {"B0": dict(b=0), "N0": dict(n=0)}, "x", state_flag="return_final_state",
               state_shape=lambda kw: (*kw["x"].shape[:2], kw["B"].shape[-1], kw["x"].shape[-1]),
               nan_at={"dt": (0, 0, 4)}),
+    "flash_attention_varlen": Op(mk.flash_attention_varlen, mk.reference.flash_attention_varlen, make_varlen,
+                                 ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k"), ("causal", "return_lse"),
+                                 {"B0": dict(lq=(), lk=()), "N0": dict(lq=(0, 0), lk=(0, 0)), "Nq0": dict(lq=(0, 0)),
+                                  "Nk0": dict(lk=(0, 0))}, "q"),
+    # the paged and int8 caches of decode_attention: the same op, other arguments
+    "decode_attention_paged": Op(mk.decode_attention, mk.reference.decode_attention, make_paged,
+                                 ("q", "k_cache", "v_cache", "cache_seqlens", "block_table"), ("causal",),
+                                 {"B0": dict(b=0), "Nq0": dict(n=0)}, "q", differentiable=False,
+                                 nan_at={"k_cache": (2, 5, 0, 3), "v_cache": (0, 2, 0, 1)}),  # read positions
+    "decode_attention_int8": Op(mk.decode_attention, mk.reference.decode_attention, make_int8,
+                                ("q", "k_cache", "v_cache", "cache_seqlens", "k_scale", "v_scale"), ("causal",),
+                                {"B0": dict(b=0), "Nq0": dict(n=0), "Nk0": dict(nk=0)}, "q", differentiable=False),
 }
+INTEGER_ARGS = {"cache_seqlens", "block_table", "cu_seqlens_q", "cu_seqlens_k"}  # index tensors, not data
 DIFFERENTIABLE = [name for name, op in OPS.items() if op.differentiable]
 
 
@@ -192,7 +235,7 @@ def test_wrong_type_of_a_tensor_argument(op_name, arg, kind):
 
 
 def _bad_dtypes(arg: str) -> tuple[torch.dtype, ...]:
-    return (torch.float32, torch.int16) if arg == "cache_seqlens" else (torch.int32, torch.float64)
+    return (torch.float32, torch.int16) if arg in INTEGER_ARGS else (torch.int32, torch.float64)
 
 
 DTYPE_CASES = [(f"{op}-{arg}-{str(dt).replace('torch.', '')}", op, arg, dt)
@@ -313,6 +356,78 @@ VALUE_CASES = [
      ("initial_state",)),
     ("ssd-chunk_size_24", "ssd", lambda kw: {"chunk_size": 24}, ValueError, ("chunk_size",)),
     ("ssd-chunk_size_float", "ssd", lambda kw: {"chunk_size": 16.0}, TypeError, ("chunk_size",)),
+    ("decode_attention-cache_leftpad_float", "decode_attention",
+     lambda kw: {"cache_leftpad": torch.zeros(1, device=DEV)}, TypeError, ("cache_leftpad",)),
+    ("decode_attention-cache_leftpad_shape", "decode_attention",
+     lambda kw: {"cache_leftpad": torch.zeros(2, dtype=torch.int32, device=DEV)}, ValueError, ("cache_leftpad",)),
+    ("decode_attention-cache_leftpad_past_the_length", "decode_attention",
+     lambda kw: {"cache_leftpad": torch.full((1,), 11, dtype=torch.int32, device=DEV)}, ValueError,
+     ("cache_leftpad",)),
+    ("decode_attention-scales_for_a_float_cache", "decode_attention",
+     lambda kw: {"k_scale": torch.ones(1, 1, 12, device=DEV), "v_scale": torch.ones(1, 1, 12, device=DEV)},
+     ValueError, ("k_scale", "v_scale")),
+    ("flash_attention_varlen-cu_seqlens_q_not_from_0", "flash_attention_varlen",
+     lambda kw: {"cu_seqlens_q": _offsets([1, 2, 5])[1:]}, ValueError, ("cu_seqlens_q",)),
+    ("flash_attention_varlen-cu_seqlens_q_decreasing", "flash_attention_varlen",
+     lambda kw: {"cu_seqlens_q": _offsets([9, -1]), "max_seqlen_q": 9}, ValueError, ("cu_seqlens_q",)),
+    ("flash_attention_varlen-cu_seqlens_q_short_of_the_tokens", "flash_attention_varlen",
+     lambda kw: {"cu_seqlens_q": _offsets([3, 4])}, ValueError, ("cu_seqlens_q",)),
+    ("flash_attention_varlen-cu_seqlens_k_past_the_tokens", "flash_attention_varlen",
+     lambda kw: {"k": rand(12, 1, 16, seed=2), "v": rand(12, 1, 16, seed=3)}, ValueError, ("cu_seqlens_k",)),
+    ("flash_attention_varlen-cu_seqlens_k_other_batch", "flash_attention_varlen",
+     lambda kw: {"cu_seqlens_k": _offsets([10])}, ValueError, ("cu_seqlens_k",)),
+    ("flash_attention_varlen-cu_seqlens_k_on_meta", "flash_attention_varlen",
+     lambda kw: {"cu_seqlens_k": kw["cu_seqlens_k"].to("meta")}, ValueError, ("cu_seqlens_k",)),
+    ("flash_attention_varlen-max_seqlen_q_too_short", "flash_attention_varlen", lambda kw: {"max_seqlen_q": 4},
+     ValueError, ("max_seqlen_q",)),
+    ("flash_attention_varlen-max_seqlen_q_str", "flash_attention_varlen", lambda kw: {"max_seqlen_q": "5"},
+     TypeError, ("max_seqlen_q",)),
+    ("flash_attention_varlen-max_seqlen_k_bool", "flash_attention_varlen", lambda kw: {"max_seqlen_k": True},
+     TypeError, ("max_seqlen_k",)),
+    ("flash_attention_varlen-max_seqlen_k_tensor", "flash_attention_varlen",
+     lambda kw: {"max_seqlen_k": torch.tensor(6)}, TypeError, ("max_seqlen_k",)),
+    ("flash_attention_varlen-max_seqlen_k_negative", "flash_attention_varlen", lambda kw: {"max_seqlen_k": -1},
+     ValueError, ("max_seqlen_k",)),
+    ("flash_attention_varlen-k_head_dim", "flash_attention_varlen",
+     lambda kw: {"k": kw["k"][..., :8], "v": kw["v"][..., :8]}, ValueError, ("k",)),
+    ("flash_attention_varlen-v_rows", "flash_attention_varlen", lambda kw: {"v": kw["v"][:-1]}, ValueError, ("v",)),
+    ("flash_attention_varlen-kv_heads_not_dividing", "flash_attention_varlen",
+     lambda kw: {"q": _shape(kw["q"], 1, 3), "k": _shape(kw["k"], 1, 2), "v": _shape(kw["v"], 1, 2)},
+     ValueError, ("k", "q")),
+    ("flash_attention_varlen-head_dim_300", "flash_attention_varlen",
+     lambda kw: {t: _shape(kw[t], 2, 300) for t in ("q", "k", "v")}, ValueError, ("D", "q")),
+    ("flash_attention_varlen-scale_str", "flash_attention_varlen", lambda kw: {"scale": "0.5"}, TypeError,
+     ("scale",)),
+    ("decode_attention_paged-block_table_other_batch", "decode_attention_paged",
+     lambda kw: {"block_table": kw["block_table"].repeat(2, 1)}, ValueError, ("block_table",)),
+    ("decode_attention_paged-block_table_past_the_pool", "decode_attention_paged",
+     lambda kw: {"block_table": torch.tensor([[2, 3]], dtype=torch.int32, device=DEV)}, ValueError,
+     ("block_table",)),
+    ("decode_attention_paged-block_table_negative", "decode_attention_paged",
+     lambda kw: {"block_table": torch.tensor([[-1, 0]], dtype=torch.int32, device=DEV)}, ValueError,
+     ("block_table",)),
+    ("decode_attention_paged-block_table_on_meta", "decode_attention_paged",
+     lambda kw: {"block_table": kw["block_table"].to("meta")}, ValueError, ("block_table",)),
+    ("decode_attention_paged-cache_seqlens_past_the_table", "decode_attention_paged",
+     lambda kw: {"cache_seqlens": torch.full((1,), 33, dtype=torch.int32, device=DEV)}, ValueError,
+     ("cache_seqlens",)),
+    ("decode_attention_paged-page_size_8", "decode_attention_paged",
+     lambda kw: {"k_cache": kw["k_cache"][:, :8], "v_cache": kw["v_cache"][:, :8],
+                 "cache_seqlens": torch.full((1,), 10, dtype=torch.int32, device=DEV)}, ValueError,
+     ("page_size", "k_cache")),
+    ("decode_attention_paged-v_cache_pages", "decode_attention_paged", lambda kw: {"v_cache": kw["v_cache"][:2]},
+     ValueError, ("v_cache",)),
+    ("decode_attention_paged-kv_heads_not_dividing", "decode_attention_paged",
+     lambda kw: {"k_cache": _shape(kw["k_cache"], 2, 3), "v_cache": _shape(kw["v_cache"], 2, 3)}, ValueError,
+     ("k_cache",)),
+    ("decode_attention_int8-v_scale_missing", "decode_attention_int8", lambda kw: {"v_scale": None}, ValueError,
+     ("v_scale",)),
+    ("decode_attention_int8-k_scale_float16", "decode_attention_int8", lambda kw: {"k_scale": kw["k_scale"].half()},
+     TypeError, ("k_scale",)),
+    ("decode_attention_int8-v_scale_shape", "decode_attention_int8", lambda kw: {"v_scale": kw["v_scale"][..., :-1]},
+     ValueError, ("v_scale",)),
+    ("decode_attention_int8-v_cache_not_int8", "decode_attention_int8",
+     lambda kw: {"v_cache": kw["v_cache"].float()}, TypeError, ("v_cache",)),
 ]
 
 
@@ -340,7 +455,8 @@ def test_bool_flag_given_a_non_bool(op_name, flag, value):
 # NaN and inf reach the outputs they touch
 # --------------------------------------------------------------------------------------------------
 
-NAN_CASES = [(f"{op}-{arg}", op, arg) for op, spec in OPS.items() for arg in spec.tensors if arg != "cache_seqlens"]
+NAN_CASES = [(f"{op}-{arg}", op, arg) for op, spec in OPS.items() for arg in spec.tensors
+             if arg not in INTEGER_ARGS and spec.make()[arg].is_floating_point()]
 
 
 @pytest.mark.parametrize("op_name,arg", _params(NAN_CASES))
@@ -462,6 +578,33 @@ def _minus_inf_rate_resets():
     _finite_close(mk.ssd(**kw), ref, "y")
 
 
+def _inf_varlen_stays_in_its_sequence():
+    out = _inf_in_values("flash_attention_varlen", "v", (2, 0, 0))  # key 2 of sequence 0 (queries 0-2)
+    assert not torch.isfinite(out[:3, :, 0]).any(), "an inf value gave finite outputs"
+    assert torch.isfinite(out[:3, :, 1:]).all() and torch.isfinite(out[3:]).all(), "the inf left its sequence"
+
+
+def _nan_inf_in_pages_not_read():
+    """An unused page, and the rows of a sequence's last page past its length, are not part of the cache."""
+    kw = make_paged()
+    want = mk.decode_attention(**kw)
+    for name in ("k_cache", "v_cache"):
+        t = kw[name].clone()
+        t[1] = float("nan")  # page 1: no sequence's
+        t[0, 4:] = float("inf")  # page 0 holds tokens 16-19 in rows 0-3
+        kw[name] = t
+    got = mk.decode_attention(**kw)
+    assert torch.isfinite(got).all(), "garbage outside the sequence's pages leaked into the output"
+    assert_close(got, want.double(), torch.float32)
+
+
+def _inf_int8_scale():
+    kw = make_int8()
+    kw["v_scale"] = kw["v_scale"].clone()
+    kw["v_scale"][0, 0, 3] = float("inf")  # key 3 < cache_seqlens = 10: every output reads it
+    assert not torch.isfinite(mk.decode_attention(**kw)).any(), "an inf scale gave finite outputs"
+
+
 INF_CASES = [
     ("softmax-minus_inf_rows_and_plus_inf", _inf_softmax_rows),
     ("flash_attention-inf_value", _inf_flash),
@@ -474,6 +617,9 @@ INF_CASES = [
     ("selective_scan-minus_inf_delta_softplus", _minus_inf_delta_with_softplus),
     ("ssd-inf_input", _inf_ssd),
     ("ssd-minus_inf_rate_resets", _minus_inf_rate_resets),
+    ("flash_attention_varlen-inf_value_stays_in_its_sequence", _inf_varlen_stays_in_its_sequence),
+    ("decode_attention_paged-nan_inf_in_pages_not_read", _nan_inf_in_pages_not_read),
+    ("decode_attention_int8-inf_scale", _inf_int8_scale),
 ]
 
 
@@ -826,6 +972,106 @@ def test_estimators_on_empty_inputs(name, nq, nk):
         assert (res.q_len, res.kv_len) == (nq, nk) and res.visited_blocks() == 0
     else:
         assert tuple(res.shape) == (math.ceil(nq / 16), math.ceil(nk / 16))
+
+
+# --------------------------------------------------------------------------------------------------
+# attention across devices: the same checks on a process group of one (before any transfer)
+# --------------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def group_of_one():
+    dist.init_process_group("nccl" if mk.backend() == "cuda" else "gloo",
+                            init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _shards():
+    return {"q": rand(1, 2, 8, 16, seed=1), "k": rand(1, 1, 8, 16, seed=2), "v": rand(1, 1, 8, 16, seed=3)}
+
+
+DISTRIBUTED_CASES = [
+    ("q_list", lambda kw: {"q": kw["q"].tolist()}, TypeError, ("q",)),
+    ("k_numpy", lambda kw: {"k": kw["k"].cpu().numpy()}, TypeError, ("k",)),
+    ("k_int32", lambda kw: {"k": kw["k"].int()}, TypeError, ("k",)),
+    ("v_float64", lambda kw: {"v": kw["v"].double()}, TypeError, ("v",)),
+    ("q_3d", lambda kw: {"q": kw["q"][0]}, ValueError, ("q",)),
+    ("v_5d", lambda kw: {"v": kw["v"][None]}, ValueError, ("v",)),
+    ("k_head_dim", lambda kw: {"k": kw["k"][..., :8], "v": kw["v"][..., :8]}, ValueError, ("k",)),
+    ("kv_heads_not_dividing", lambda kw: {"k": _shape(kw["k"], 1, 3), "v": _shape(kw["v"], 1, 3)}, ValueError,
+     ("k", "q")),
+    ("kv_shard_length", lambda kw: {"k": kw["k"][:, :, :6], "v": kw["v"][:, :, :6]}, ValueError, ("k", "q")),
+    ("causal_1", lambda kw: {"causal": 1}, TypeError, ("causal",)),
+    ("causal_no", lambda kw: {"causal": "no"}, TypeError, ("causal",)),
+    ("scale_str", lambda kw: {"scale": "0.5"}, TypeError, ("scale",)),
+]
+
+
+@pytest.mark.parametrize("fn", [mk.distributed.ring_attention, mk.distributed.ulysses_attention],
+                         ids=["ring_attention", "ulysses_attention"])
+@pytest.mark.parametrize("change,exc,expected", _params(DISTRIBUTED_CASES))
+def test_distributed_attention_rejects_bad_input(group_of_one, fn, change, exc, expected):
+    kw = _shards()
+    kw.update(change(kw))
+    with raises_naming(exc, *expected):
+        fn(**kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# the paged KV cache
+# --------------------------------------------------------------------------------------------------
+
+def _cache(**kw):
+    return mk.kv_cache.PagedKVCache(**{"num_pages": 4, "page_size": 16, "num_kv_heads": 1, "head_dim": 16,
+                                       "dtype": torch.float32, **kw})
+
+
+KV_CACHE_CASES = [
+    ("num_pages_str", lambda: _cache(num_pages="4"), TypeError, ("num_pages",)),
+    ("num_pages_0", lambda: _cache(num_pages=0), ValueError, ("num_pages",)),
+    ("page_size_float", lambda: _cache(page_size=16.0), TypeError, ("page_size",)),
+    ("page_size_24", lambda: _cache(page_size=24), ValueError, ("page_size",)),
+    ("num_kv_heads_bool", lambda: _cache(num_kv_heads=True), TypeError, ("num_kv_heads",)),
+    ("head_dim_negative", lambda: _cache(head_dim=-16), ValueError, ("head_dim",)),
+    ("max_pages_per_seq_0", lambda: _cache(max_pages_per_seq=0), ValueError, ("max_pages_per_seq",)),
+    ("quantize_fp8", lambda: _cache(quantize="fp8"), ValueError, ("quantize",)),
+    ("dtype_int8", lambda: _cache(dtype=torch.int8), TypeError, ("dtype",)),
+    ("dtype_str", lambda: _cache(dtype="float16"), TypeError, ("dtype",)),
+    ("append_k_list", lambda: _append(k=[[0.0]]), TypeError, ("k",)),
+    ("append_k_int32", lambda: _append(k=torch.zeros(1, 1, 3, 16, dtype=torch.int32, device=DEV)), TypeError,
+     ("k",)),
+    ("append_v_head_dim", lambda: _append(v=rand(1, 1, 3, 8, seed=3)), ValueError, ("v",)),
+    ("append_k_3d", lambda: _append(k=rand(1, 3, 16, seed=2)), ValueError, ("k",)),
+    ("append_k_on_meta", lambda: _append(k=torch.zeros(1, 1, 3, 16, device="meta")), ValueError, ("k",)),
+    ("append_kv_lengths", lambda: _append(v=rand(1, 1, 2, 16, seed=3)), ValueError, ("k", "v")),
+    ("append_seq_ids_repeated", lambda: _append(seq_ids=[0, 0], k=rand(2, 1, 3, 16, seed=2),
+                                                v=rand(2, 1, 3, 16, seed=3)), ValueError, ("seq_ids",)),
+    ("dequantize_scale_shape", lambda: mk.kv_cache.dequantize(*_codes_and_scale(cut=True)), ValueError, ("scale",)),
+]
+
+
+def _append(seq_ids=0, **tensors):
+    cache = _cache()
+    cache.add(0)
+    kw = {"k": rand(1, 1, 3, 16, seed=2), "v": rand(1, 1, 3, 16, seed=3), **tensors}
+    cache.append(seq_ids, kw["k"], kw["v"])
+
+
+def _codes_and_scale(cut=False):
+    codes, scale = mk.kv_cache.quantize_int8(rand(1, 1, 4, 16, seed=1))
+    return codes, scale[..., :-1] if cut else scale
+
+
+@pytest.mark.parametrize("build,exc,expected", _params(KV_CACHE_CASES))
+def test_kv_cache_rejects_bad_input(build, exc, expected):
+    with raises_naming(exc, *expected):
+        build()
 
 
 # --------------------------------------------------------------------------------------------------
