@@ -38,7 +38,7 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``codes = round(x / scale)`` (int8 in [-127, 127]). The rounding error of an element is at most
     ``scale / 2``. A row of zeros gets scale 0 and codes 0."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"quantize_int8 takes a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        raise TypeError(f"x must be a floating-point tensor (quantize_int8), got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() == 0:
         raise ValueError("quantize_int8 needs at least one dimension (the vectors are rows of the last one)")
     xf = x.float()
@@ -131,7 +131,7 @@ class PagedKVCache:
     def add(self, seq_id: int) -> int:
         """Register an empty sequence under the id ``seq_id`` (an int not in use) and return it."""
         if isinstance(seq_id, bool) or not isinstance(seq_id, int):
-            raise TypeError(f"a sequence id is an int, got {type(seq_id).__name__}")
+            raise TypeError(f"seq_id must be an int, got {type(seq_id).__name__}")
         if seq_id in self._pages:
             raise ValueError(f"sequence {seq_id} already exists")
         self._pages[seq_id], self._lengths[seq_id] = [], 0
