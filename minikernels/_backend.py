@@ -24,13 +24,23 @@ def _choose() -> None:
 _choose()
 
 
-def backend() -> str:
-    """Which machine the kernels run on: ``"cuda"`` (a GPU) or ``"interpreter"`` (CPU, via Triton's
-    interpreter). Raises ``RuntimeError`` when neither is usable (no GPU and ``TRITON_INTERPRET=0``)."""
+@functools.cache
+def _detected() -> str | None:
+    # Read once: triton read the variable when the kernels were decorated, at import, so a later change
+    # could not move them anyway; and every launch asks (a decode step's host time counts).
     if os.environ.get(_INTERPRET_VAR, "0") not in ("", "0"):
         return "interpreter"
     if torch.cuda.is_available():
         return "cuda"
+    return None
+
+
+def backend() -> str:
+    """Which machine the kernels run on: ``"cuda"`` (a GPU) or ``"interpreter"`` (CPU, via Triton's
+    interpreter). Raises ``RuntimeError`` when neither is usable (no GPU and ``TRITON_INTERPRET=0``)."""
+    found = _detected()
+    if found is not None:
+        return found
     raise RuntimeError(
         "minikernels has no backend: there is no CUDA GPU and TRITON_INTERPRET is set to 0. "
         "Unset TRITON_INTERPRET (or set it to 1) to run the kernels on the CPU through Triton's interpreter."

@@ -27,6 +27,7 @@ Chapter 5 adds two layouts of the same cache to the same kernel (compile-time sw
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -89,7 +90,7 @@ def _decode_split(Q, K, V, SEQLENS, LEFTPAD, O_PART, LSE_PART, BLOCK_TABLE, K_SC
                   HKV, GROUP, NQ, D, NMAX, split_len, n_splits, qk_scale,
                   CAUSAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                   DOT_PREC: tl.constexpr, PAGE_SIZE: tl.constexpr, QUANTIZED: tl.constexpr,
-                  HAS_LEFTPAD: tl.constexpr):
+                  HAS_LEFTPAD: tl.constexpr, HAS_LENGTHS: tl.constexpr):
     # The cache's strides come as (sequence, head, row, lane). Dense (PAGE_SIZE = 0): the sequence is b
     # and the row is the key's position. Paged: the "sequence" stride is the page stride, and key t of
     # sequence b is row t % PAGE_SIZE of page BLOCK_TABLE[b, t // PAGE_SIZE] (the table through both of
@@ -99,7 +100,10 @@ def _decode_split(Q, K, V, SEQLENS, LEFTPAD, O_PART, LSE_PART, BLOCK_TABLE, K_SC
     bhk = tl.program_id(1)
     b = bhk // HKV
     hk = bhk % HKV
-    L = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), NMAX)  # never read outside the cache
+    if HAS_LENGTHS:
+        L = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), NMAX)  # never read outside the cache
+    else:  # every sequence fills the cache
+        L = NMAX
     # rows of the tile: (query head g of the group, query row i), flattened as g * NQ + i
     r = tl.arange(0, ROWS)
     g = r // NQ
@@ -273,6 +277,16 @@ def launch_config(rows: int, head_dim: int, elem_bytes: int, int8_cache: bool = 
     return dict(planning.decide("decode.split", _default_config, rows, head_dim, elem_bytes))
 
 
+# On the host, in plain integers: a decode step is short enough that Triton's helpers, which unwrap
+# compile-time constants, are a measurable part of its launch overhead.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def _num_sms(device: torch.device) -> int:
     # the interpreter counts as 4 SMs here, not sm_count's 1: a few splits, enough to exercise the merge
     return sm_count(device) if device.type == "cuda" and not is_interpreter() else 4
@@ -288,11 +302,11 @@ def choose_num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: t
 def _num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: torch.device, paged: bool) -> int:
     # A paged block's addresses wait on its table entry, a load the pipeline does not hide as well as a
     # dense block's computed ones: more programs per SM keep more reads in flight. On an H100 (B8 H32
-    # Hkv8 D128, 64k keys) paging at 4 programs per SM read 2350 GB/s against the dense 2980; at 8-16,
-    # 2940-3020 (book/notes/kv_cache.md).
+    # Hkv8 D128, 64k keys) paging at 4 programs per SM read 2350 GB/s against the dense 2980; at 16,
+    # 3030 (book/notes/kv_cache.md, which also has the dense cache's own gain from more splits).
     per_sm = 16 if paged else 4
-    want = triton.cdiv(per_sm * _num_sms(device), max(batch_kv_heads, 1))
-    longest = max(1, triton.cdiv(max_len, 4 * block_n))
+    want = _cdiv(per_sm * _num_sms(device), max(batch_kv_heads, 1))
+    longest = max(1, _cdiv(max_len, 4 * block_n))
     return int(max(1, min(want, longest, MAX_SPLITS)))
 
 
@@ -461,6 +475,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     Dense or paged; the scales must not be given for a cache of another dtype.
     """
     paged, int8 = block_table is not None, _is_int8(k_cache)
+    full_cache = (cache_seqlens is None and cache_leftpad is None and not paged and not int8 and k_scale is None
+                  and v_scale is None and all(type(t) is torch.Tensor for t in (q, k_cache, v_cache))
+                  and not planning.overridden())
+    if full_cache:  # a call like an earlier one (a decode step of every layer) launches that call's plan
+        key = _plan_key(q, k_cache, v_cache, num_splits, causal, scale)
+        plan = _FULL_CACHE_PLANS.get(key)
+        if plan is not None and not (torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad
+                                                                  or v_cache.requires_grad)):
+            return _launch(plan, q, k_cache, v_cache)
     _check_cache(q, k_cache, v_cache, paged, int8)
     _check_scales(k_cache, k_scale, v_scale, int8)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k_scale,
@@ -474,14 +497,19 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         Nmax, what = block_table.shape[1] * page_size, "max_pages * page_size"
     else:
         num_pages, page_size, HKV, Nmax, what = 0, 0, k_cache.shape[1], k_cache.shape[2], "Nmax"
-    if cache_seqlens is None:
+    if cache_seqlens is None and cache_leftpad is None and not paged:
+        longest = Nmax  # the kernel takes Nmax for every sequence: no lengths tensor to fill
+    elif cache_seqlens is None:
         cache_seqlens = torch.full((B,), Nmax, dtype=torch.int32, device=q.device)
         longest = Nmax if cache_leftpad is None else _check_cache_seqlens(cache_seqlens, B, Nmax, q.device, what,
                                                                           cache_leftpad)
     else:
         longest = _check_cache_seqlens(cache_seqlens, B, Nmax, q.device, what, cache_leftpad)
         cache_seqlens = cache_seqlens.to(torch.int32).contiguous()
-    leftpad = cache_leftpad.to(torch.int32).contiguous() if cache_leftpad is not None else cache_seqlens
+    has_lengths = cache_seqlens is not None
+    # tensors the kernel does not read (their switch is off) are stood in for by q
+    lengths = cache_seqlens if has_lengths else q
+    leftpad = cache_leftpad.to(torch.int32).contiguous() if cache_leftpad is not None else q
     if paged:
         _check_pages_used(block_table, cache_seqlens, page_size, num_pages)
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)):
@@ -492,7 +520,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     scale = check_scale(scale, D)
     group = H // HKV
-    rows = max(16, triton.next_power_of_2(group * Nq))  # tl.dot needs at least 16 rows
+    rows = max(16, _next_power_of_2(group * Nq))  # tl.dot needs at least 16 rows
     if group * Nq > 128:
         raise ValueError(f"decode_attention takes a few query rows: (H / Hkv) * Nq = {group * Nq} > 128; "
                          "use flash_attention for prefill")
@@ -511,10 +539,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         ks, vs = (int32_addressable(n, t, inner - 1) for n, t in (("k_scale", k_scale), ("v_scale", v_scale)))
         ks_strides, vs_strides = _scale_strides(ks, paged), _scale_strides(vs, paged)
     else:
-        ks = vs = cache_seqlens  # not read (QUANTIZED is off): any tensor stands in
+        ks = vs = q  # not read (QUANTIZED is off)
         ks_strides = vs_strides = (0, 0, 0)
     k_strides, v_strides = _cache_strides(kw, paged), _cache_strides(vw, paged)
-    table = block_table if paged else cache_seqlens  # not read when dense
+    table = block_table if paged else q  # not read when dense
     table_strides = block_table.stride() if paged else (0, 0)
     # an empty page pool holds no key: the kernel clamps every length to 0 (positive lengths were refused
     # above, except under CUDA-graph capture, where nothing may be read from it either)
@@ -527,29 +555,70 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     longest = max(1, min(longest, kernel_nmax))
     splits = num_splits or choose_num_splits(B * HKV, longest, block_n, q.device, paged)
     # more splits than key blocks, or than the merge tile holds, would only add empty programs
-    splits = min(splits, triton.cdiv(longest, block_n), MAX_SPLITS)
-    split_len = triton.cdiv(triton.cdiv(longest, splits), block_n) * block_n
+    splits = min(splits, _cdiv(longest, block_n), MAX_SPLITS)
+    split_len = _cdiv(_cdiv(longest, splits), block_n) * block_n
     pad = head_dim_pad(D)
     # the partials: every (split, row, lane) is written by _decode_split, padding rows and lanes included
     o_part = empty((B * HKV, splits, rows, pad), dtype=torch.float32, device=q.device)
     lse_part = empty((B * HKV, splits, rows), dtype=torch.float32, device=q.device)
+    split_args = (*qw.stride(), *k_strides, *v_strides, *ks_strides, *vs_strides, *table_strides, num_pages,
+                  HKV, group, Nq, D, kernel_nmax, split_len, splits, scale * LOG2E)
+    split_kwargs = dict(CAUSAL=causal, ROWS=rows, HEAD_DIM=pad, PAGE_SIZE=page_size, QUANTIZED=int8,
+                        HAS_LEFTPAD=cache_leftpad is not None, HAS_LENGTHS=has_lengths, **dot_options(qw.dtype))
+    launched = {}
     with on_device_of(q):  # Triton launches on the current CUDA device
         def launch(cfg):  # split_len is a multiple of every BLOCK_N a step-down reaches
-            _decode_split[(splits, B * HKV)](
-                qw, kw, vw, cache_seqlens, leftpad, o_part, lse_part, table, ks, vs, *qw.stride(), *k_strides,
-                *v_strides,
-                *ks_strides, *vs_strides, *table_strides, num_pages,
-                HKV, group, Nq, D, kernel_nmax, split_len, splits, scale * LOG2E, CAUSAL=causal, ROWS=rows,
-                HEAD_DIM=pad, PAGE_SIZE=page_size, QUANTIZED=int8, HAS_LEFTPAD=cache_leftpad is not None,
-                **{**dot_options(qw.dtype), **cfg})
+            _decode_split[(splits, B * HKV)](qw, kw, vw, lengths, leftpad, o_part, lse_part, table, ks, vs,
+                                             *split_args, **{**split_kwargs, **cfg})
+            launched.update(cfg)
 
         # a configuration the compiler finds too large for this GPU's shared memory steps down: fewer
         # stages, smaller key blocks, then (float32) single-pass tf32
         launch_fitting(("split", rows, pad, qw.element_size(), int8), cfg, launch, ("BLOCK_N",),
                        relaxed=TF32_FALLBACK if qw.element_size() == 4 else None)
-        _decode_merge[(B * HKV, group * Nq)](
-            o_part, lse_part, out, *out.stride(), HKV, group, Nq, D, splits,
-            ROWS=rows, SPLITS=max(2, triton.next_power_of_2(splits)), HEAD_DIM=pad, num_warps=4)
+        merge_args = (*out.stride(), HKV, group, Nq, D, splits)
+        merge_kwargs = dict(ROWS=rows, SPLITS=max(2, _next_power_of_2(splits)), HEAD_DIM=pad, num_warps=4)
+        _decode_merge[(B * HKV, group * Nq)](o_part, lse_part, out, *merge_args, **merge_kwargs)
+    if full_cache and qw is q and kw is k_cache and vw is v_cache:  # (no conversion or copy was needed)
+        if len(_FULL_CACHE_PLANS) >= _MAX_PLANS:
+            del _FULL_CACHE_PLANS[next(iter(_FULL_CACHE_PLANS))]  # the oldest
+        _FULL_CACHE_PLANS[key] = _Plan(tuple(out.shape), (B * HKV, splits, rows, pad), (splits, B * HKV), split_args,
+                                       {**split_kwargs, **launched}, (B * HKV, group * Nq), merge_args, merge_kwargs)
+    return out
+
+
+# Launch plans of calls over a full dense cache (no lengths, pages or int8: what transformers' decode
+# step passes, the same shapes in every layer), keyed by everything the checks and the plan read, so
+# that a repeated call skips both: on a 125M model the checks and planning took longer than the kernel.
+@dataclass(frozen=True)
+class _Plan:
+    out_shape: tuple
+    part_shape: tuple  # [B * Hkv, splits, rows, padded D]
+    split_grid: tuple
+    split_args: tuple
+    split_kwargs: dict
+    merge_grid: tuple
+    merge_args: tuple
+    merge_kwargs: dict
+
+
+_FULL_CACHE_PLANS: dict = {}
+_MAX_PLANS = 64
+
+
+def _plan_key(q, k_cache, v_cache, num_splits, causal, scale) -> tuple:
+    return tuple((t.shape, t.stride(), t.dtype, t.device) for t in (q, k_cache, v_cache)) + (
+        type(num_splits), num_splits, type(causal), causal, type(scale), scale)
+
+
+def _launch(plan: _Plan, q, k_cache, v_cache) -> torch.Tensor:
+    out = empty(plan.out_shape, dtype=q.dtype, device=q.device)
+    o_part = empty(plan.part_shape, dtype=torch.float32, device=q.device)
+    lse_part = empty(plan.part_shape[:3], dtype=torch.float32, device=q.device)
+    with on_device_of(q):  # q stands in for the tensors the kernel does not read (lengths, pages, scales)
+        _decode_split[plan.split_grid](q, k_cache, v_cache, q, q, o_part, lse_part, q, q, q, *plan.split_args,
+                                       **plan.split_kwargs)
+        _decode_merge[plan.merge_grid](o_part, lse_part, out, *plan.merge_args, **plan.merge_kwargs)
     return out
 
 

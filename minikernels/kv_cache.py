@@ -38,7 +38,8 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``codes = round(x / scale)`` (int8 in [-127, 127]). The rounding error of an element is at most
     ``scale / 2``. A row of zeros gets scale 0 and codes 0."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor (quantize_int8), got {getattr(x, 'dtype', type(x).__name__)}")
+        got = getattr(x, 'dtype', type(x).__name__)
+        raise TypeError(f"x must be a floating-point tensor (quantize_int8), got {got}")
     if x.dim() == 0:
         raise ValueError("quantize_int8 needs at least one dimension (the vectors are rows of the last one)")
     xf = x.float()

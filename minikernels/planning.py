@@ -79,6 +79,11 @@ CHOICES: dict[str, str] = {
 _OVERRIDES: dict[str, Any] = {}
 
 
+def overridden() -> bool:
+    """Whether any choice is overridden now (plans remembered across calls are then not used)."""
+    return bool(_OVERRIDES)
+
+
 def decide(name: str, default: Any, *args: Any) -> Any:
     """The choice ``name``: its override if one is set (a value, or a function called with ``args``),
     else ``default(*args)``, or ``default`` itself if it is not callable."""

@@ -259,3 +259,56 @@ def test_gpu_left_padding(d, dtype):
         out = mk.decode_attention(q, kc, vc, lengths, cache_leftpad=leftpad)
     ref = mk.reference.decode_attention(q.double(), kc.double(), vc.double(), lengths, cache_leftpad=leftpad)
     assert_close(out, ref, dtype, name="decode with cache_leftpad")
+
+
+# --- remembered plans ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_repeated_full_cache_calls_reuse_a_plan_and_stay_right(dtype):
+    """A call over a full dense cache remembers its launch plan (a decode step repeats the same shapes in
+    every layer); a later call with the same shapes and options reuses it, and any difference the plan
+    depends on (shape, strides, dtype, scale, causal, num_splits) makes its own."""
+    from minikernels import decode
+
+    decode._FULL_CACHE_PLANS.clear()
+    q, kc, vc = qkv(2, 4, 2, 2, 150, 32, dtype=dtype, seed=41)
+    first = check_decode(q, kc, vc)
+    assert len(decode._FULL_CACHE_PLANS) == 1
+    assert torch.equal(check_decode(q, kc, vc), first)
+    assert len(decode._FULL_CACHE_PLANS) == 1  # reused
+    check_decode(q, kc, vc, causal=True)
+    check_decode(q, kc, vc, num_splits=3)
+    check_decode(q, kc[:, :, :97], vc[:, :, :97])  # a shorter view: other shapes and strides
+    check_decode(q, kc[:, :, :97].contiguous(), vc[:, :, :97].contiguous())
+    with poisoned():
+        out = mk.decode_attention(q, kc, vc, scale=0.3)
+    assert_close(out, mk.reference.decode_attention(q.double(), kc.double(), vc.double(), scale=0.3), dtype,
+                 name="another scale")
+    assert len(decode._FULL_CACHE_PLANS) == 6
+    check_decode(q, kc, vc, torch.full((2,), 150, dtype=torch.int32, device=DEVICE))  # lengths: planned anew
+    assert len(decode._FULL_CACHE_PLANS) == 6
+
+
+def test_a_remembered_plan_still_refuses_gradients():
+    q, kc, vc = qkv(1, 2, 1, 1, 40, 16, dtype=torch.float32, seed=43)
+    with torch.no_grad():
+        mk.decode_attention(q, kc, vc)
+    with pytest.raises(RuntimeError, match="forward-only"):
+        mk.decode_attention(q.requires_grad_(), kc, vc)
+
+
+def test_planning_overrides_bypass_remembered_plans():
+    from minikernels import decode, planning
+
+    q, kc, vc = qkv(1, 2, 1, 1, 300, 16, dtype=torch.float32, seed=47)
+    check_decode(q, kc, vc)
+    remembered = dict(decode._FULL_CACHE_PLANS)
+    calls = []
+
+    def splits(*args):
+        calls.append(args)
+        return 2
+    with planning.override({"decode.num_splits": splits}):
+        check_decode(q, kc, vc)
+    assert calls  # planned again, with the override
+    assert decode._FULL_CACHE_PLANS == remembered  # and nothing planned under it is remembered

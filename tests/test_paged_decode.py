@@ -279,6 +279,41 @@ def test_int8_small_values_keep_their_precision(magnitude, dtype):
     assert_close(out, ref, dtype, name=f"int8 values ~{magnitude}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("magnitude", [1e-6, 1.0, 3e4])
+def test_int8_queries_of_any_magnitude(magnitude, dtype):
+    """16-bit queries meet the codes in float16, divided by a power of two per row: bfloat16 queries of
+    any size (beyond float16's range, or below its normal numbers) keep their precision, and a query
+    row of zeros gives the mean of the values."""
+    q, kc, vc = qkv(2, 4, 1, 2, 150, 64, dtype=dtype, seed=23)
+    q = (q.float() * magnitude).to(dtype) if dtype == torch.bfloat16 or magnitude < 1e4 else q
+    q[1, 2] = 0.0
+    kq, vq, ks, vs = int8_cache(kc, vc)
+    with poisoned():
+        out = mk.decode_attention(q, kq, vq, k_scale=ks, v_scale=vs)
+    ref = mk.reference.decode_attention(q.double(), kq, vq, k_scale=ks, v_scale=vs)
+    assert out.isfinite().all()
+    assert_close(out, ref, dtype, name=f"int8 cache, queries ~{magnitude}")
+
+
+def every_code_cache(b, hkv, n, d):
+    """An int8 cache in which every code, -128 to 127, appears in every key block and lane."""
+    codes = (torch.arange(b * hkv * n * d, device=DEVICE) * 37 + torch.arange(d, device=DEVICE).repeat(b * hkv * n))
+    return (codes % 256 - 128).to(torch.int8).view(b, hkv, n, d)
+
+
+def test_int8_every_code_value():
+    """Codes from -128 to 127 (quantize_int8 makes -127..127; a user's cache may hold -128)."""
+    q = randn(2, 4, 1, 32, dtype=torch.float16, seed=29)
+    kq, vq = every_code_cache(2, 2, 300, 32), every_code_cache(2, 2, 300, 32).flip(2)
+    ks = torch.rand(2, 2, 300, device=DEVICE) * 0.02
+    vs = torch.rand(2, 2, 300, device=DEVICE) * 0.02
+    with poisoned():
+        out = mk.decode_attention(q, kq, vq, k_scale=ks, v_scale=vs)
+    ref = mk.reference.decode_attention(q.double(), kq, vq, k_scale=ks, v_scale=vs)
+    assert_close(out, ref, torch.float16, name="every int8 code")
+
+
 def test_quantize_round_trip():
     x = randn(3, 2, 40, 16, seed=9, scale=3.0)
     x[0, 0, 5] = 0.0  # a zero row: scale 0, codes 0, no NaN
@@ -432,6 +467,25 @@ def test_gpu_int8_large_head_dim(paged, rows, dtype):
     ref = mk.reference.decode_attention(q.double(), kq, vq, lengths, causal=True, block_table=table, k_scale=ks,
                                         v_scale=vs)
     assert_close(out, ref, dtype, name=f"int8 D=256, {rows} rows")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+def test_gpu_int8_every_code_value(paged, dtype):
+    """Every code value, -128 to 127, in a cache long enough for several splits, dense and paged."""
+    q = randn(3, 8, 1, 128, dtype=dtype, seed=31)
+    lengths = lengths_of(900, 1, 517)
+    kq, vq = every_code_cache(3, 2, 900, 128), every_code_cache(3, 2, 900, 128).flip(2)
+    ks = torch.rand(3, 2, 900, device=DEVICE) * 0.02
+    vs = torch.rand(3, 2, 900, device=DEVICE) * 0.02
+    table = None
+    if paged:
+        kq, vq, table, ks, vs = paginate(kq, vq, 64, lengths, scales=(ks, vs))
+    with poisoned():
+        out = mk.decode_attention(q, kq, vq, lengths, block_table=table, k_scale=ks, v_scale=vs)
+    ref = mk.reference.decode_attention(q.double(), kq, vq, lengths, block_table=table, k_scale=ks, v_scale=vs)
+    assert_close(out, ref, dtype, name="int8, every code")
 
 
 @pytest.mark.gpu
