@@ -27,7 +27,8 @@ _choose()
 @functools.cache
 def _detected() -> str | None:
     # Read once: triton read the variable when the kernels were decorated, at import, so a later change
-    # could not move them anyway; and every launch asks (a decode step's host time counts).
+    # could not move them anyway; and every launch asks (a decode step's host time counts). So a choice
+    # of TRITON_INTERPRET (the advice of the error below included) takes effect in a new process.
     if os.environ.get(_INTERPRET_VAR, "0") not in ("", "0"):
         return "interpreter"
     if torch.cuda.is_available():

@@ -477,6 +477,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     paged, int8 = block_table is not None, _is_int8(k_cache)
     full_cache = (cache_seqlens is None and cache_leftpad is None and not paged and not int8 and k_scale is None
                   and v_scale is None and all(type(t) is torch.Tensor for t in (q, k_cache, v_cache))
+                  and all(x is None or type(x) in (bool, int, float) for x in (num_splits, causal, scale))
                   and not planning.overridden())
     if full_cache:  # a call like an earlier one (a decode step of every layer) launches that call's plan
         key = _plan_key(q, k_cache, v_cache, num_splits, causal, scale)
@@ -580,8 +581,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         merge_kwargs = dict(ROWS=rows, SPLITS=max(2, _next_power_of_2(splits)), HEAD_DIM=pad, num_warps=4)
         _decode_merge[(B * HKV, group * Nq)](o_part, lse_part, out, *merge_args, **merge_kwargs)
     if full_cache and qw is q and kw is k_cache and vw is v_cache:  # (no conversion or copy was needed)
-        if len(_FULL_CACHE_PLANS) >= _MAX_PLANS:
-            del _FULL_CACHE_PLANS[next(iter(_FULL_CACHE_PLANS))]  # the oldest
+        if len(_FULL_CACHE_PLANS) >= _MAX_PLANS:  # forget the oldest (another thread may be at it too)
+            try:
+                _FULL_CACHE_PLANS.pop(next(iter(_FULL_CACHE_PLANS)), None)
+            except (StopIteration, RuntimeError):
+                pass
         _FULL_CACHE_PLANS[key] = _Plan(tuple(out.shape), (B * HKV, splits, rows, pad), (splits, B * HKV), split_args,
                                        {**split_kwargs, **launched}, (B * HKV, group * Nq), merge_args, merge_kwargs)
     return out

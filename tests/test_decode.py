@@ -274,8 +274,11 @@ def test_repeated_full_cache_calls_reuse_a_plan_and_stay_right(dtype):
     q, kc, vc = qkv(2, 4, 2, 2, 150, 32, dtype=dtype, seed=41)
     first = check_decode(q, kc, vc)
     assert len(decode._FULL_CACHE_PLANS) == 1
+    plan = next(iter(decode._FULL_CACHE_PLANS.values()))
     assert torch.equal(check_decode(q, kc, vc), first)
-    assert len(decode._FULL_CACHE_PLANS) == 1  # reused
+    q2, kc2, vc2 = qkv(2, 4, 2, 2, 150, 32, dtype=dtype, seed=42)  # other tensors of the same shapes
+    check_decode(q2, kc2, vc2)
+    assert list(decode._FULL_CACHE_PLANS.values()) == [plan] and next(iter(decode._FULL_CACHE_PLANS.values())) is plan
     check_decode(q, kc, vc, causal=True)
     check_decode(q, kc, vc, num_splits=3)
     check_decode(q, kc[:, :, :97], vc[:, :, :97])  # a shorter view: other shapes and strides
@@ -312,3 +315,14 @@ def test_planning_overrides_bypass_remembered_plans():
         check_decode(q, kc, vc)
     assert calls  # planned again, with the override
     assert decode._FULL_CACHE_PLANS == remembered  # and nothing planned under it is remembered
+
+
+def test_unhashable_options_get_the_named_errors():
+    """The plan lookup keys on the options: ones that cannot be keys still reach the checks."""
+    q, kc, vc = qkv(1, 2, 1, 1, 40, 16, dtype=torch.float32, seed=53)
+    with pytest.raises(TypeError, match="scale must be"):
+        mk.decode_attention(q, kc, vc, scale=[0.5])
+    with pytest.raises(TypeError, match="num_splits must be"):
+        mk.decode_attention(q, kc, vc, num_splits=[2])
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        mk.decode_attention(q, kc, vc, causal=[True])

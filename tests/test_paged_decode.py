@@ -279,14 +279,13 @@ def test_int8_small_values_keep_their_precision(magnitude, dtype):
     assert_close(out, ref, dtype, name=f"int8 values ~{magnitude}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("magnitude", [1e-6, 1.0, 3e4])
+@pytest.mark.parametrize("dtype, magnitude", [(torch.float16, 1e-6), (torch.float16, 1.0), (torch.float16, 100.0),
+                                              (torch.bfloat16, 1e-6), (torch.bfloat16, 1.0), (torch.bfloat16, 1e5)])
 def test_int8_queries_of_any_magnitude(magnitude, dtype):
-    """16-bit queries meet the codes in float16, divided by a power of two per row: bfloat16 queries of
-    any size (beyond float16's range, or below its normal numbers) keep their precision, and a query
-    row of zeros gives the mean of the values."""
+    """Queries far from 1 against an int8 cache (float16 ones down among its subnormals; bfloat16 ones
+    past float16's range), and a query row of zeros, which gets the mean of the values."""
     q, kc, vc = qkv(2, 4, 1, 2, 150, 64, dtype=dtype, seed=23)
-    q = (q.float() * magnitude).to(dtype) if dtype == torch.bfloat16 or magnitude < 1e4 else q
+    q = (q.float() * magnitude).to(dtype)
     q[1, 2] = 0.0
     kq, vq, ks, vs = int8_cache(kc, vc)
     with poisoned():
@@ -297,9 +296,13 @@ def test_int8_queries_of_any_magnitude(magnitude, dtype):
 
 
 def every_code_cache(b, hkv, n, d):
-    """An int8 cache in which every code, -128 to 127, appears in every key block and lane."""
-    codes = (torch.arange(b * hkv * n * d, device=DEVICE) * 37 + torch.arange(d, device=DEVICE).repeat(b * hkv * n))
-    return (codes % 256 - 128).to(torch.int8).view(b, hkv, n, d)
+    """An int8 cache ``[b, hkv, n, d]`` in which every lane runs through all 256 codes, -128 to 127, along
+    the keys (n >= 256), each lane from its own starting code."""
+    keys = torch.arange(b * hkv * n, device=DEVICE).view(b, hkv, n, 1)
+    lanes = torch.arange(d, device=DEVICE).view(1, 1, 1, d)
+    codes = (keys + 97 * lanes) % 256 - 128
+    assert codes.min() == -128 and codes.max() == 127
+    return codes.to(torch.int8)
 
 
 def test_int8_every_code_value():
