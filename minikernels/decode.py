@@ -81,6 +81,19 @@ def _softmax_step_scaled_values(acc, l_i, m_i, s, v, v_scale, DOT_PREC: tl.const
 
 
 @triton.jit
+def _pages_of_block(table_row, stride_tp, start, hi, offs_n, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The pages holding the keys [start, start + BLOCK_N) of a sequence whose table row is ``table_row``:
+    one entry when the page size is a multiple of BLOCK_N (blocks start at multiples of BLOCK_N, so each
+    lies in one page), else one per key. Only entries of keys below ``hi`` are read (0 for the others)."""
+    if PAGE_SIZE % BLOCK_N == 0:
+        page = tl.load(table_row + (start // PAGE_SIZE) * stride_tp, mask=start < hi, other=0)
+    else:
+        cols = start + offs_n
+        page = tl.load(table_row + (cols // PAGE_SIZE) * stride_tp, mask=cols < hi, other=0)
+    return page
+
+
+@triton.jit
 def _decode_split(Q, K, V, SEQLENS, LEFTPAD, O_PART, LSE_PART, BLOCK_TABLE, K_SCALE, V_SCALE,
                   stride_qb, stride_qh, stride_qn, stride_qd,
                   stride_kb, stride_kh, stride_kn, stride_kd,
@@ -134,6 +147,12 @@ def _decode_split(Q, K, V, SEQLENS, LEFTPAD, O_PART, LSE_PART, BLOCK_TABLE, K_SC
         first = tl.minimum(tl.maximum(tl.load(LEFTPAD + b), 0), L)
         lo = tl.maximum(lo, first // BLOCK_N * BLOCK_N)  # still a multiple of BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
+    table_row = BLOCK_TABLE + b.to(tl.int64) * stride_tb
+    # An int8 block's addresses wait on its table entries, and its loop body (the codes converted for the
+    # products) leaves that load's latency in the open: read them a block ahead. On an H100 at 64k keys
+    # that took a 16-bit cache -2 to +2% and an int8 one +2 to +28% (book/notes/kv_cache.md).
+    if PAGE_SIZE != 0 and QUANTIZED:
+        next_page = _pages_of_block(table_row, stride_tp, lo, hi, offs_n, PAGE_SIZE, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
         cols = start + offs_n
         col_ok = cols < hi
@@ -145,12 +164,14 @@ def _decode_split(Q, K, V, SEQLENS, LEFTPAD, O_PART, LSE_PART, BLOCK_TABLE, K_SC
             ks_rows = cols * stride_ksn
             vs_rows = cols * stride_vsn
         else:
-            if PAGE_SIZE % BLOCK_N == 0:  # blocks start at multiples of BLOCK_N: each lies in one page
-                page = tl.load(BLOCK_TABLE + b.to(tl.int64) * stride_tb + (start // PAGE_SIZE) * stride_tp)
+            if QUANTIZED:  # read a block ahead (above)
+                page = next_page
+                next_page = _pages_of_block(table_row, stride_tp, start + BLOCK_N, hi, offs_n, PAGE_SIZE, BLOCK_N)
+            else:
+                page = _pages_of_block(table_row, stride_tp, start, hi, offs_n, PAGE_SIZE, BLOCK_N)
+            if PAGE_SIZE % BLOCK_N == 0:
                 within = start % PAGE_SIZE + offs_n
-            else:  # one table entry per key (a block spans pages smaller than it); only pages below L are read
-                page = tl.load(BLOCK_TABLE + b.to(tl.int64) * stride_tb + (cols // PAGE_SIZE) * stride_tp,
-                               mask=col_ok, other=0)
+            else:
                 within = cols % PAGE_SIZE
             # in bounds even unchecked (an empty pool is never read: the host passes NMAX = 0 for it)
             page = tl.minimum(tl.maximum(page, 0), tl.maximum(num_pages - 1, 0)).to(tl.int64)
@@ -294,19 +315,19 @@ def _num_sms(device: torch.device) -> int:
 
 def choose_num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: torch.device,
                       paged: bool = False) -> int:
-    """Enough splits that every SM has a few programs (more on a ``paged`` cache), but each split at
-    least a few key blocks long (the planning override ``"decode.num_splits"`` replaces this rule)."""
+    """Enough splits that every SM has a few programs, but each split at least a few key blocks long (the
+    planning override ``"decode.num_splits"`` replaces this rule; ``paged`` is passed to it)."""
     return planning.decide("decode.num_splits", _num_splits, batch_kv_heads, max_len, block_n, device, paged)
 
 
 def _num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: torch.device, paged: bool) -> int:
-    # A paged block's addresses wait on its table entry, a load the pipeline does not hide as well as a
-    # dense block's computed ones: more programs per SM keep more reads in flight. On an H100 (B8 H32
-    # Hkv8 D128, 64k keys) paging at 4 programs per SM read 2350 GB/s against the dense 2980; at 16,
-    # 3030 (book/notes/kv_cache.md, which also has the dense cache's own gain from more splits).
-    per_sm = 16 if paged else 4
-    want = _cdiv(per_sm * _num_sms(device), max(batch_kv_heads, 1))
-    longest = max(1, _cdiv(max_len, 4 * block_n))
+    # About 8 programs per SM, each at least 8 key blocks long: fewer programs leave an SM idle while
+    # its last ones finish; shorter splits spend much of their time filling and draining the pipeline
+    # and writing a partial. One rule for every layout: on an H100 (B8 H32 D128) it read 3-24% faster
+    # than 4 programs per SM (dense) and 16 (paged) at 4k keys with 8 kv heads, and from 8% slower to 5%
+    # faster at 64k (book/notes/kv_cache.md, "A second look at the split count").
+    want = _cdiv(8 * _num_sms(device), max(batch_kv_heads, 1))
+    longest = max(1, _cdiv(max_len, 8 * block_n))
     return int(max(1, min(want, longest, MAX_SPLITS)))
 
 

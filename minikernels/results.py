@@ -72,9 +72,7 @@ KERNELS = (
     Kernel("ssd", "`mk.ssd`"),
     Kernel("selective_scan", "`mk.selective_scan`", studies=("exponentials alone", "exponentials alone, polynomial")),
     Kernel("paged_decode", "`mk.decode_attention`, paged (16-token pages)", ours="minikernels paged16"),
-    # the recorded run's int8 rows read V as words, a variant measured slower and not kept (notes: kv_cache)
-    Kernel("paged_decode", "`mk.decode_attention`, int8 cache (recorded with a slower variant; see the KV-cache "
-           "notes)", ours="minikernels int8"),
+    Kernel("paged_decode", "`mk.decode_attention`, int8 cache", ours="minikernels int8"),
     Kernel("varlen", "`mk.flash_attention_varlen`"),
     Kernel("distributed", "`mk.distributed.ring_attention`, a group of one GPU", ours="ring (P=1, nccl)",
            anchors={OURS: "`mk.flash_attention` (no group)"}),
@@ -88,8 +86,8 @@ KERNELS = (
 MEASURES = {"impl", "ms", "Mtokps", "ktokps", "TFLOPs", "GBps", "frac_of_copy", "timing", "speedup_over_dense_causal",
             "ideal_speedup", "fraction_of_ideal", "relative_to_sparse_attention", "flop_ratio",
             "sparse_attention_ms", "one_call_ms", "sparse_attention_one_call_ms", "blockmask_build_ms",
-            "speed_vs_dense", "speed_vs_bf16", "speed_vs_best_anchor", "tokens", "cache", "copy_ms_kv",
-            "copy_GBps_kv", "nvlink_ms_predicted", "hidden_predicted"}
+            "speed_vs_dense", "speed_vs_bf16", "speed_vs_flashinfer", "speed_vs_best_anchor", "tokens", "cache",
+            "copy_ms_kv", "copy_GBps_kv", "nvlink_ms_predicted", "hidden_predicted"}
 
 
 def _case(row: dict) -> tuple:

@@ -534,11 +534,20 @@ def test_gpu_paged_decode_in_a_cuda_graph():
 
 
 @pytest.mark.parametrize("page_size", [16, 64])  # under the interpreter: blocks across pages, within one
-def test_left_padding_through_pages(page_size):
+@pytest.mark.parametrize("int8", [False, True], ids=["16bit", "int8"])  # int8 reads the table a block ahead
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_left_padding_through_pages(page_size, int8, num_splits):
     q, kc, vc = qkv(3, 4, 2, 1, 150, 32, seed=3)
     lengths, leftpad = lengths_of(150, 77, 20), lengths_of(0, 40, 19)
-    kp, vp, table, _, _ = paginate(kc, vc, page_size, lengths)
+    scales = {}
+    if int8:
+        kc, vc, ks, vs = int8_cache(kc, vc)
+        kp, vp, table, ksp, vsp = paginate(kc, vc, page_size, lengths, scales=(ks, vs))
+        scales, ref_scales = {"k_scale": ksp, "v_scale": vsp}, {"k_scale": ks, "v_scale": vs}
+    else:
+        kp, vp, table, _, _ = paginate(kc, vc, page_size, lengths)
+        kc, vc, ref_scales = kc.double(), vc.double(), {}
     with poisoned():
-        out = mk.decode_attention(q, kp, vp, lengths, block_table=table, cache_leftpad=leftpad)
-    ref = mk.reference.decode_attention(q.double(), kc.double(), vc.double(), lengths, cache_leftpad=leftpad)
+        out = mk.decode_attention(q, kp, vp, lengths, num_splits, block_table=table, cache_leftpad=leftpad, **scales)
+    ref = mk.reference.decode_attention(q.double(), kc, vc, lengths, cache_leftpad=leftpad, **ref_scales)
     assert_close(out, ref, q.dtype, name="paged decode with cache_leftpad")
