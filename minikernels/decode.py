@@ -273,7 +273,8 @@ def tile_config(rows: int, head_dim: int, elem_bytes: int, smem_limit: int | Non
     its 3xtf32 split of the query rows alone would fill an H100's shared memory). On an ``int8_cache``
     (``elem_bytes``: the query's) 128-key blocks: the same bytes a block as 64 keys of a 16-bit cache,
     so as many bytes stay in flight for the same number of blocks (``smem_need_int8``). The layout
-    (dense or paged) does not change the tiles: the kernel looks pages up key by key."""
+    (dense or paged) does not change the tiles: the kernel looks pages up per key, or per block where a
+    block of a 16-bit cache lies in one page."""
     pad = head_dim_pad(head_dim)
     need = smem_need_int8 if int8_cache else smem_need
     start = {"BLOCK_N": 128 if int8_cache else 64, "num_warps": 4, "num_stages": 3}
