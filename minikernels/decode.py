@@ -59,6 +59,7 @@ from ._validate import (
 )
 
 MAX_SPLITS = 64
+PROGRAMS_PER_SM = 3  # the split count's target: one wave of resident programs (_num_splits)
 
 
 @triton.jit
@@ -313,25 +314,23 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _num_sms(device: torch.device) -> int:
-    # the interpreter counts as 4 SMs here, not sm_count's 1: a few splits, enough to exercise the merge
-    return sm_count(device) if device.type == "cuda" and not is_interpreter() else 4
-
-
 def choose_num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: torch.device,
                       paged: bool = False) -> int:
-    """Enough splits that every SM has a few programs, but each split at least a few key blocks long (the
-    planning override ``"decode.num_splits"`` replaces this rule; ``paged`` is passed to it)."""
+    """About one wave of programs on the GPU, each split at least a few key blocks long (the planning
+    override ``"decode.num_splits"`` replaces this rule; ``paged`` is passed to it)."""
     return planning.decide("decode.num_splits", _num_splits, batch_kv_heads, max_len, block_n, device, paged)
 
 
 def _num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: torch.device, paged: bool) -> int:
-    # About 8 programs per SM, each at least 8 key blocks long: fewer programs leave an SM idle while
-    # its last ones finish; shorter splits spend much of their time filling and draining the pipeline
-    # and writing a partial. One rule for every layout: on an H100 (B8 H32 D128) it read 3-24% faster
-    # than 4 programs per SM (dense) and 16 (paged) at 4k keys with 8 kv heads, and from 8% slower to 5%
-    # faster at 64k (book/notes/kv_cache.md, "A second look at the split count").
-    want = _cdiv(8 * _num_sms(device), max(batch_kv_heads, 1))
+    # One wave: about as many programs as the SMs hold at once (3 an SM for the dense and int8 kernels
+    # on an H100, by shared memory and registers; the paged bf16 kernels hold 4-5 and read fastest at
+    # the same count), each split at least 8 key blocks long. A count just over a whole wave leaves
+    # its last programs running on a fraction of the SMs; a count well under one leaves too few loads
+    # in flight (book/notes/kv_cache.md, "The split count as waves of resident programs").
+    if device.type == "cuda" and not is_interpreter():
+        want = (PROGRAMS_PER_SM * sm_count(device)) // max(batch_kv_heads, 1)
+    else:  # the interpreter: a few splits, enough to exercise the merge, whatever the speed
+        want = _cdiv(32, max(batch_kv_heads, 1))
     longest = max(1, _cdiv(max_len, 8 * block_n))
     return int(max(1, min(want, longest, MAX_SPLITS)))
 

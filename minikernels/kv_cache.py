@@ -69,7 +69,8 @@ class PagedKVCache:
 
     * ``k_pages``, ``v_pages``: ``[num_pages, page_size, num_kv_heads, head_dim]`` of ``dtype``, or of
       int8 with ``quantize="int8"``; then ``k_scale``, ``v_scale`` ``[num_pages, page_size, num_kv_heads]``
-      float32 (else None), stored head-major within a page (a transposed view, for the kernel's reads).
+      float32 (else None). int8 codes and scales are stored head-major within a page (transposed views,
+      for the kernel's reads); ``dtype`` pages are contiguous.
     * ``max_pages_per_seq``: the longest a sequence may grow (in pages), and the width of every
       ``block_table`` (a fixed shape, as a CUDA graph wants); None: no limit, and tables as wide as the
       longest sequence asked about.
@@ -101,10 +102,8 @@ class PagedKVCache:
         self.num_pages, self.page_size, self.num_kv_heads, self.head_dim = num_pages, page_size, num_kv_heads, head_dim
         self.dtype, self.quantize, self.max_pages_per_seq = dtype, quantize, max_pages_per_seq
         self.device = torch.device(device) if device is not None else _backend_device()
-        shape = (num_pages, page_size, num_kv_heads, head_dim)
-        stored = torch.int8 if quantize else dtype
-        self.k_pages = torch.zeros(shape, dtype=stored, device=self.device)
-        self.v_pages = torch.zeros(shape, dtype=stored, device=self.device)
+        self.k_pages = self._pool()
+        self.v_pages = self._pool()
         self.device = self.k_pages.device  # 'cuda' resolved to the card the pages are on ('cuda:0')
         self.k_scale = self._scales() if quantize else None
         self.v_scale = self._scales() if quantize else None
@@ -114,6 +113,18 @@ class PagedKVCache:
         self._next_id = 0
 
     # ---- sequences -------------------------------------------------------------------------------
+
+    def _pool(self) -> torch.Tensor:
+        """``[num_pages, page_size, num_kv_heads, head_dim]`` of the cache's dtype, contiguous (the layout of
+        FlashAttention and vLLM); int8 codes are stored head-major within a page (a transposed view), so
+        that one head's rows of a page are one run of ``page_size * head_dim`` bytes rather than runs of
+        ``head_dim``: 128 bytes at d = 128, a single cache line each."""
+        if not self.quantize:
+            return torch.zeros(self.num_pages, self.page_size, self.num_kv_heads, self.head_dim, dtype=self.dtype,
+                               device=self.device)
+        stored = torch.zeros(self.num_pages, self.num_kv_heads, self.page_size, self.head_dim, dtype=torch.int8,
+                             device=self.device)
+        return stored.transpose(1, 2)
 
     def _scales(self) -> torch.Tensor:
         """float32 ``[num_pages, page_size, num_kv_heads]``, stored head-major within a page: the decode

@@ -65,3 +65,21 @@ def test_bench_patches_no_modules():
     from minikernels import bench
 
     assert "sys.modules" not in inspect.getsource(bench)
+
+
+def test_sweep_keeps_checked_rows_and_reports_the_others(capsys):
+    from minikernels import planning
+    from minikernels.bench.common import Sweep, with_override
+
+    want = torch.ones(4)
+    sweep = Sweep(budget_s=600)
+    assert sweep.time("right", lambda: torch.ones(4), 8, want, splits=2) is not None
+    assert sweep.time("wrong", lambda: torch.zeros(4), 8, want) is None
+    assert sweep.time("raises", lambda: 1 / 0, 8, want) is None
+    assert [r["name"] for r in sweep.rows] == ["right"] and sweep.rows[0]["splits"] == 2
+    printed = capsys.readouterr().out
+    assert "wrong" in printed and "ZeroDivisionError" in printed
+    late = Sweep(budget_s=-1)
+    assert late.time("late", lambda: torch.ones(4), 8, want) is None and late.rows == []
+    planned = with_override(lambda: planning.decide("decode.num_splits", lambda: 1), "decode.num_splits", 7)
+    assert planned() == 7 and with_override(len, "decode.num_splits", None) is len

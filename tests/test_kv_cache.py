@@ -125,3 +125,13 @@ def test_int8_pool_is_about_half_the_bytes():
     int8 = PagedKVCache(8, 16, HKV, 128, dtype=torch.float16, quantize="int8")
     assert int8.k_pages.dtype == torch.int8 and int8.k_scale.shape == (8, 16, HKV)
     assert int8.nbytes / full.nbytes == pytest.approx((128 + 4) / 256)  # codes and a float32 scale per vector
+
+
+def test_int8_pages_are_stored_head_major():
+    """int8 codes and scales keep one head's rows of a page contiguous (what the decode kernel reads);
+    16-bit pages keep the token-major layout of FlashAttention and vLLM. Both have the documented shape."""
+    full = PagedKVCache(4, 16, HKV, D)
+    int8 = PagedKVCache(4, 16, HKV, D, quantize="int8")
+    assert full.k_pages.shape == (4, 16, HKV, D) and full.k_pages.is_contiguous()
+    for t in (int8.k_pages, int8.v_pages, int8.k_scale, int8.v_scale):
+        assert t.shape[:3] == (4, 16, HKV) and t.transpose(1, 2).is_contiguous()

@@ -1,9 +1,12 @@
 """What every benchmark shares: the environment recorded with each run, the timers, the measured
-ceilings (copy bandwidth, bf16 matmul, exponentials), and the table printed at the end."""
+ceilings (copy bandwidth, bf16 matmul, exponentials), the table printed at the end, and the rows of
+the parameter sweeps under ``book/data/bench/runs/``."""
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
+import time
 
 import torch
 import triton
@@ -155,3 +158,50 @@ def print_table(op: str, rows: list[dict], ceilings: dict) -> None:
         for i in impls[1:]:
             line += f" {by[i]['ms'] / ours['ms']:>17.2f}x" if ours and i in by else f" {'-':>18}"
         print(line)
+
+
+class Sweep:
+    """The rows of a parameter sweep (the scripts under ``book/data/bench/runs/``): each call is checked
+    against a reference output, then timed with ``time_rotating`` (on a GPU; 0 ms elsewhere, where a
+    sweep only checks that its rows run). Rows stop being taken after ``budget_s`` seconds, so a sweep
+    fits the time of one GPU call and records what it reached."""
+
+    def __init__(self, budget_s: float, tolerance: float = 6e-2):
+        self.rows: list[dict] = []
+        self.budget_s, self.tolerance = budget_s, tolerance
+        self.start = time.time()
+
+    def over_budget(self) -> bool:
+        return time.time() - self.start > self.budget_s
+
+    def time(self, name: str, call, n_bytes: int, want: torch.Tensor, **meta) -> float | None:
+        """Check ``call()`` against ``want`` (relative Frobenius error), time it, append and print a row
+        ``{name, ms, GBps (n_bytes over the time), err, **meta}``; None when over budget or when the call
+        fails or disagrees (printed, not raised: one failing configuration should not end a sweep)."""
+        if self.over_budget():
+            return None
+        try:
+            got = call().float()
+            err = ((got - want).norm() / want.norm()).item()
+            if not err < self.tolerance:
+                raise AssertionError(f"relative error {err}")
+            ms = time_rotating([call])[0] if torch.cuda.is_available() else 0.0
+        except Exception as exc:
+            print(f"{name} {meta}: failed {type(exc).__name__} {str(exc)[:200]}", flush=True)
+            return None
+        row = {"name": name, "ms": ms, "GBps": n_bytes / ms / 1e6 if ms else 0.0, "err": err, **meta}
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        return ms
+
+
+def with_override(fn, key: str, value):
+    """``fn`` run under ``planning.override({key: value})``; ``fn`` itself when ``value`` is None."""
+    if value is None:
+        return fn
+    from .. import planning
+
+    def call(*args, **kwargs):
+        with planning.override({key: value}):
+            return fn(*args, **kwargs)
+    return call

@@ -64,14 +64,15 @@ def _flex_paged(table: torch.Tensor, num_pages: int, page_size: int):
     return run
 
 
-def _flashinfer_paged(table: torch.Tensor, page_size: int, hkv: int):
-    """FlashInfer's batch decode over the same pool (its NHD layout is ours), planned once."""
+def _flashinfer_paged(table: torch.Tensor, page_size: int, hkv: int, layout: str = "NHD"):
+    """FlashInfer's batch decode over the same pool, planned once: ``layout`` "NHD" is our
+    ``[num_pages, page_size, Hkv, D]``, "HND" the head-major ``[num_pages, Hkv, page_size, D]``."""
     import flashinfer
 
     b, per = table.shape
     workspace = torch.empty(256 << 20, dtype=torch.uint8, device=table.device)
     # tensor cores pay off once several query heads share a kv head (FlashInfer's own advice)
-    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=H // hkv >= 4)
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, layout, use_tensor_cores=H // hkv >= 4)
     indptr = torch.arange(0, b * per + 1, per, dtype=torch.int32, device=table.device)
     last = torch.full((b,), page_size, dtype=torch.int32, device=table.device)
     wrapper.plan(indptr, table.flatten().contiguous(), last, H, hkv, D, page_size, q_data_type=torch.bfloat16,
@@ -82,7 +83,9 @@ def _flashinfer_paged(table: torch.Tensor, page_size: int, hkv: int):
 def bench_paged_decode(ceilings: dict, quick: bool = False) -> list[dict]:
     """Per (Hkv, L): ``minikernels`` (the dense cache), ``minikernels paged<P>`` for page sizes P of 16
     and 128, ``minikernels int8`` (dense) and ``minikernels int8 paged<P>``, ``sdpa-cudnn`` and ``flex``
-    on the dense cache, ``flex paged<P>`` and ``flashinfer paged<P>`` on the pool. Every output is checked
+    on the dense cache, ``flex paged<P>`` and ``flashinfer paged<P>`` on the pool, and ``minikernels paged<P>
+    head-major``, ``minikernels int8 paged<P> head-major`` and ``flashinfer paged<P> head-major`` on the same
+    pages stored ``[num_pages, Hkv, page_size, D]`` (PagedKVCache's int8 layout). Every output is checked
     against ours on the dense cache before it is timed. At the longest L, int8 also runs with 64-key
     blocks (``minikernels int8 BLOCK_N=64``; the default takes 128), a study of that choice. Rows carry
     ``speed_vs_dense`` (paged: the dense time over this one), ``speed_vs_bf16`` (int8: the 16-bit
@@ -148,6 +151,20 @@ def _bench_pages(q, dense: dict, lens, page: int, want, shape: str, n_bytes: tup
          lambda: decode_attention(q, kq, vq, lens, block_table=table, k_scale=ks, v_scale=vs), int8_bytes, 5e-2),
         (f"flex paged{page}", _lazy(lambda: _flex_paged(table, kp.shape[0], page), kp, vp, q), kv_bytes, 2e-2),
         (f"flashinfer paged{page}", _lazy(lambda: _flashinfer_paged(table, page, hkv), kp, vp, q), kv_bytes, 2e-2),
+    ]
+    _run(cases, want, shape, hkv, length, ceilings, rows)
+    # the same pages stored head-major ([num_pages, Hkv, page_size, D]; ours reads them through the
+    # transposed view, FlashInfer through its "HND" layout): int8 codes, as PagedKVCache stores them, and bf16
+    kp, vp, kq, vq = (t.transpose(1, 2).contiguous() for t in (kp, vp, kq, vq))
+    hm = " head-major"
+    cases = [
+        (f"minikernels paged{page}{hm}", lambda: decode_attention(q, kp.transpose(1, 2), vp.transpose(1, 2), lens,
+                                                                   block_table=table), kv_bytes, 1e-2),
+        (f"minikernels int8 paged{page}{hm}",
+         lambda: decode_attention(q, kq.transpose(1, 2), vq.transpose(1, 2), lens, block_table=table, k_scale=ks,
+                                  v_scale=vs), int8_bytes, 5e-2),
+        (f"flashinfer paged{page}{hm}", _lazy(lambda: _flashinfer_paged(table, page, hkv, "HND"), kp, vp, q), kv_bytes,
+         2e-2),
     ]
     _run(cases, want, shape, hkv, length, ceilings, rows)
 
