@@ -130,7 +130,8 @@ def _bench_shape(hkv: int, length: int, longest: bool, ceilings: dict, rows: lis
                       lambda: _with(planning, narrow, decode_attention, q, kq, vq, lens, k_scale=ks, v_scale=vs),
                       int8_bytes, 5e-2))
     _run(cases, want, shape, hkv, length, ceilings, rows)
-    for page in (16, 128):  # one page size at a time: the pools of a 64k cache with Hkv = 32 take 13 GB
+    # one page size at a time: at 64k with Hkv = 32 the pools take 13 GB, 26 GB with their head-major copies
+    for page in (16, 128):
         dense = {"k": k, "v": v, "kq": kq, "vq": vq, "ks": ks, "vs": vs}
         _bench_pages(q, dense, lens, page, want, shape, (kv_bytes, int8_bytes), ceilings, rows)
         torch.cuda.empty_cache()

@@ -12,7 +12,8 @@ root with the GPU's Python: ``OUT=<folder> python book/data/bench/runs/split_rul
 taking new rows after SWEEP_BUDGET seconds (default 300). The recorded run, ``sweep_1.json`` and
 ``kernels_1.json`` (the files it writes, renamed), ran on one H100 80GB HBM3 (torch 2.11, Triton 3.6,
 FlashInfer 0.5.3) with the defaults and ``SWEEP_BUDGET=170``: 64k keys with 8 and 32 kv heads, and
-of 4k keys the dense caches and the rule's row on 16-token pages with 8 kv heads."""
+of 4k keys with 8 kv heads cuDNN, FlashInfer on 16-token pages, the dense caches' grids and two
+rows on 16-token bf16 pages."""
 import json
 import os
 import time
