@@ -83,3 +83,15 @@ def test_sweep_keeps_checked_rows_and_reports_the_others(capsys):
     assert late.time("late", lambda: torch.ones(4), 8, want) is None and late.rows == []
     planned = with_override(lambda: planning.decide("decode.num_splits", lambda: 1), "decode.num_splits", 7)
     assert planned() == 7 and with_override(len, "decode.num_splits", None) is len
+
+
+def test_decode_inputs_count_the_bytes_a_step_reads():
+    from minikernels.bench.decoding import decode_inputs
+
+    x = decode_inputs(hkv=2, length=32, device="cpu")
+    k, ks = x["k"], x["ks"]
+    assert k.shape == (8, 2, 32, 128) and x["kq"].dtype == torch.int8 and x["lens"].tolist() == [32] * 8
+    assert x["kv_bytes"] == x["k"].nbytes + x["v"].nbytes
+    assert x["int8_bytes"] == x["kq"].nbytes + x["vq"].nbytes + ks.nbytes + x["vs"].nbytes
+    again = decode_inputs(hkv=2, length=32, device="cpu")  # the same inputs in every run
+    assert all(torch.equal(x[n], again[n]) for n in ("q", "k", "v"))

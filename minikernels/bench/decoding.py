@@ -104,20 +104,31 @@ def bench_paged_decode(ceilings: dict, quick: bool = False) -> list[dict]:
     return rows
 
 
+def decode_inputs(hkv: int, length: int, device=DEVICE) -> dict:
+    """The inputs of one decode shape (B8 H32 D128, bf16, every cache full to ``length``), the same for
+    the benchmark and the sweeps under ``book/data/bench/runs/``: ``q``, ``k``, ``v`` (dense
+    ``[B, Hkv, L, D]``), ``lens``, their int8 form ``kq``, ``ks``, ``vq``, ``vs``, and the bytes a decode step
+    reads, ``kv_bytes`` (bf16) and ``int8_bytes`` (codes and scales)."""
+    from ..kv_cache import quantize_int8
+
+    g = torch.Generator(device=device).manual_seed(length + hkv)
+    q = torch.randn(B, H, 1, D, device=device, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, hkv, length, D, device=device, dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, hkv, length, D, device=device, dtype=torch.bfloat16, generator=g)
+    (kq, ks), (vq, vs) = quantize_int8(k), quantize_int8(v)
+    return {"q": q, "k": k, "v": v, "lens": torch.full((B,), length, dtype=torch.int32, device=device),
+            "kq": kq, "ks": ks, "vq": vq, "vs": vs,
+            "kv_bytes": 2 * k.numel() * 2, "int8_bytes": 2 * k.numel() + 2 * ks.numel() * 4}
+
+
 def _bench_shape(hkv: int, length: int, longest: bool, ceilings: dict, rows: list[dict]) -> None:
     from .. import planning
     from ..decode import decode_attention
-    from ..kv_cache import quantize_int8
 
     shape = f"B{B} H{H} Hkv{hkv} D{D} L{length}"
-    g = torch.Generator(device=DEVICE).manual_seed(length + hkv)
-    q = torch.randn(B, H, 1, D, device=DEVICE, dtype=torch.bfloat16, generator=g)
-    k = torch.randn(B, hkv, length, D, device=DEVICE, dtype=torch.bfloat16, generator=g)
-    v = torch.randn(B, hkv, length, D, device=DEVICE, dtype=torch.bfloat16, generator=g)
-    lens = torch.full((B,), length, dtype=torch.int32, device=DEVICE)
-    (kq, ks), (vq, vs) = quantize_int8(k), quantize_int8(v)
-    kv_bytes = 2 * k.numel() * 2
-    int8_bytes = 2 * k.numel() + 2 * ks.numel() * 4
+    x = decode_inputs(hkv, length)
+    q, k, v, lens, kq, ks, vq, vs = (x[n] for n in ("q", "k", "v", "lens", "kq", "ks", "vq", "vs"))
+    kv_bytes, int8_bytes = x["kv_bytes"], x["int8_bytes"]
     want = decode_attention(q, k, v, lens).float()
     # (impl, call, bytes, the relative difference from ours on the dense cache it may have)
     cases = [(OURS, lambda: decode_attention(q, k, v, lens), kv_bytes, 1e-3),

@@ -13,7 +13,8 @@ taking new rows after SWEEP_BUDGET seconds (default 300). The recorded run, ``sw
 ``kernels_1.json`` (the files it writes, renamed), ran on one H100 80GB HBM3 (torch 2.11, Triton 3.6,
 FlashInfer 0.5.3) with the defaults and ``SWEEP_BUDGET=170``: 64k keys with 8 and 32 kv heads, and
 of 4k keys with 8 kv heads cuDNN, FlashInfer on 16-token pages, the dense caches' grids and two
-rows on 16-token bf16 pages."""
+rows on 16-token bf16 pages. (Its inputs and the cuDNN call were then written out here; they now come
+from the benchmark's ``decode_inputs`` and ``_gqa_sdpa``, which make the same tensors and call.)"""
 import json
 import os
 import time
@@ -23,11 +24,9 @@ import torch
 
 from minikernels import planning  # noqa: F401  (first: on a CPU it switches Triton to its interpreter)
 from minikernels.bench.common import Sweep, with_override
-from minikernels.bench.decoding import _flashinfer_paged, _pages
+from minikernels.bench.decoding import B, D, _flashinfer_paged, _gqa_sdpa, _pages, decode_inputs
 from minikernels.decode import _decode_split, choose_num_splits, decode_attention, launch_config
-from minikernels.kv_cache import quantize_int8
 
-B, H, D = 8, 32, 128
 OUT = os.environ.get("OUT", ".")
 LENS = [int(x) for x in os.environ.get("SWEEP_LENS", "65536,4096,16384").split(",")]
 TILE_LENS = [int(x) for x in os.environ.get("SWEEP_TILES", "65536").split(",") if x]
@@ -42,13 +41,9 @@ try:
         for hkv in (8, 32):
             if sweep.over_budget():
                 break
-            g = torch.Generator(device=dev).manual_seed(hkv + length)
-            q = torch.randn(B, H, 1, D, device=dev, dtype=torch.bfloat16, generator=g)
-            k = torch.randn(B, hkv, length, D, device=dev, dtype=torch.bfloat16, generator=g)
-            v = torch.randn(B, hkv, length, D, device=dev, dtype=torch.bfloat16, generator=g)
-            lens = torch.full((B,), length, dtype=torch.int32, device=dev)
-            (kq, ks), (vq, vs) = quantize_int8(k), quantize_int8(v)
-            bf16_bytes, int8_bytes = 2 * k.numel() * 2, 2 * k.numel() + 2 * ks.numel() * 4
+            x = decode_inputs(hkv, length, dev)  # the benchmark's inputs for this shape
+            q, k, v, lens, kq, ks, vq, vs = (x[n] for n in ("q", "k", "v", "lens", "kq", "ks", "vq", "vs"))
+            bf16_bytes, int8_bytes = x["kv_bytes"], x["int8_bytes"]
             want = decode_attention(q, k, v, lens).float()
             meta = dict(L=length, hkv=hkv)
             planned = {}
@@ -56,12 +51,7 @@ try:
                 bn = launch_config(16, D, 2, int8)["BLOCK_N"]
                 planned[int8] = choose_num_splits(B * hkv, length, bn, q.device)
             if dev == "cuda":
-                from torch.nn.attention import SDPBackend, sdpa_kernel
-
-                def cudnn(q=q, k=k, v=v):
-                    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                        return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-                sweep.time("cudnn dense", cudnn, bf16_bytes, want, page=0, **meta)
+                sweep.time("cudnn dense", partial(_gqa_sdpa, q, k, v), bf16_bytes, want, page=0, **meta)
             for page in (0, 16, 128):
                 if page:
                     table = _pages(k, page, seed=page)[1]
