@@ -1,0 +1,111 @@
+"""The paged kernel's loop, step by step (book/notes/kv_cache.md, "Paged blocks in 32-bit arithmetic"):
+the kernel as it was (``old``: 64-bit page offsets, bf16 pages' table read in the block's iteration),
+then 32-bit page offsets (``i32``), then also bf16 pages' table read a block ahead (``i32+ahead``),
+both from ``variants.py`` beside this file (the old kernel with the two switches), and ``new``: the
+package's own ``decode_attention`` when the script runs. In ``sweep_1.json`` that was the branch
+``paged-i32-regcap`` without its register cap: the two changes and the table's mask constant per
+page. Timed on a GPU at B8 H32 D128, 8 and 32 kv heads (SWEEP_HKV), pages of 16 and 128 tokens, bf16
+pages (token-major) and int8 pages (head-major, as ``PagedKVCache`` stores them, and token-major),
+with FlashInfer's paged decode and our dense kernels in the same run; ``new`` also at other split
+counts. Rows: ``name``, ``variant``, ``splits`` (null: the rule's), ``L``, ``hkv``, ``page``, GB/s
+of the cache bytes (scales included). ``kernels_1.json``: each compiled split kernel's registers and
+shared memory. Run from the repository's root with the GPU's Python: ``OUT=<folder> python
+book/data/bench/runs/paged_i32/sweep.py``; it stops taking rows after SWEEP_BUDGET seconds (the
+recorded run: one H100 80GB HBM3, torch 2.11, Triton 3.6, FlashInfer 0.5.3, ``SWEEP_BUDGET=140``,
+every row reached)."""
+import importlib.util
+import json
+import os
+import sys
+import time
+from functools import partial
+
+import torch
+
+from minikernels import planning  # noqa: F401  (first: on a CPU it switches Triton to its interpreter)
+from minikernels.bench.common import Sweep
+from minikernels.bench.decoding import _flashinfer_paged, _pages, decode_inputs
+from minikernels.decode import _decode_split, decode_attention
+
+spec = importlib.util.spec_from_file_location("minikernels.decode_variants",
+                                              os.path.join(os.path.dirname(__file__), "variants.py"))
+variants = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = variants
+spec.loader.exec_module(variants)
+
+OUT = os.environ.get("OUT", ".")
+LENS = [int(x) for x in os.environ.get("SWEEP_LENS", "65536").split(",")]
+STEPS = {"old": {}, "i32": {"POOL_I32": True}, "i32+ahead": {"POOL_I32": True, "AHEAD": True}}
+STEPS_TIMED = os.environ.get("SWEEP_STEPS", "old,i32,i32+ahead").split(",")
+HKVS = [int(x) for x in os.environ.get("SWEEP_HKV", "32,8").split(",")]
+SPLITS = {8: [4, 8], 32: [2, 3]}
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+sweep = Sweep(float(os.environ.get("SWEEP_BUDGET", "300")))
+
+
+def stepped(step):
+    def call(*args, **kwargs):
+        variants.VARIANT = STEPS[step]
+        return variants.decode_attention(*args, **kwargs)
+    return call
+
+
+try:
+    for length in LENS:
+        for hkv in HKVS:
+            if sweep.over_budget():
+                break
+            x = decode_inputs(hkv, length, dev)
+            q, k, v, lens, kq, ks, vq, vs = (x[n] for n in ("q", "k", "v", "lens", "kq", "ks", "vq", "vs"))
+            bf16_bytes, int8_bytes = x["kv_bytes"], x["int8_bytes"]
+            want = decode_attention(q, k, v, lens).float()
+            meta = dict(L=length, hkv=hkv)
+            sweep.time("dense bf16", partial(decode_attention, q, k, v, lens), bf16_bytes, want, page=0,
+                       variant="new", splits=None, **meta)
+            sweep.time("dense int8", partial(decode_attention, q, kq, vq, lens, k_scale=ks, v_scale=vs),
+                       int8_bytes, want, page=0, variant="new", splits=None, **meta)
+            for page in (16, 128):
+                table = _pages(k, page, seed=page)[1]
+                kc, vc, kqc, vqc, ksc, vsc = (_pages(t, page, seed=page)[0] for t in (k, v, kq, vq, ks, vs))
+                kqh, vqh = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (kqc, vqc))  # head-major
+                if dev == "cuda":
+                    try:
+                        fi = _flashinfer_paged(table, page, hkv)
+                        sweep.time("flashinfer", partial(fi, q, kc, vc), bf16_bytes, want, page=page, **meta)
+                    except Exception as exc:
+                        print("flashinfer failed", exc)
+                pm = dict(page=page, **meta)
+                for step in STEPS_TIMED:
+                    sweep.time("paged bf16", partial(stepped(step), q, kc, vc, lens, block_table=table), bf16_bytes,
+                               want, variant=step, splits=None, **pm)
+                    sweep.time("paged int8 head-major", partial(stepped(step), q, kqh, vqh, lens, block_table=table,
+                                                                k_scale=ksc, v_scale=vsc),
+                               int8_bytes, want, variant=step, splits=None, **pm)
+                for s in [None, *SPLITS[hkv]]:
+                    sweep.time("paged bf16", partial(decode_attention, q, kc, vc, lens, block_table=table,
+                                                     num_splits=s), bf16_bytes, want, variant="new", splits=s, **pm)
+                    sweep.time("paged int8 head-major", partial(decode_attention, q, kqh, vqh, lens, block_table=table,
+                                                                k_scale=ksc, v_scale=vsc, num_splits=s),
+                               int8_bytes, want, variant="new", splits=s, **pm)
+                for step, fn in (("old", stepped("old")), ("new", decode_attention)):
+                    sweep.time("paged int8", partial(fn, q, kqc, vqc, lens, block_table=table, k_scale=ksc,
+                                                     v_scale=vsc), int8_bytes, want, variant=step, splits=None, **pm)
+                kc = vc = kqc = vqc = ksc = vsc = kqh = vqh = None
+                if dev == "cuda":
+                    torch.cuda.empty_cache()
+            q = k = v = kq = vq = None
+finally:
+    json.dump(sweep.rows, open(os.path.join(OUT, "sweep.json"), "w"), indent=0)
+    kernels = []
+    for fn in (_decode_split, variants._decode_split):
+        for _device, caches in getattr(fn, "device_caches", {}).items():
+            for key, ck in caches[0].items():
+                md = ck.metadata
+                kernels.append({"module": fn.__module__, "shared": getattr(md, "shared", None),
+                                "regs": getattr(ck, "n_regs", None), "spills": getattr(ck, "n_spills", None),
+                                "key": str(key)[-400:]})
+    json.dump(kernels, open(os.path.join(OUT, "kernels.json"), "w"), indent=0)
+    if dev == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        print(json.dumps({"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__}))
+    print("sweep done in", round(time.time() - sweep.start), "s:", len(sweep.rows), "rows,", len(kernels), "kernels")
