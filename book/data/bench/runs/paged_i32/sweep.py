@@ -1,7 +1,8 @@
 """The paged kernel's loop, step by step (book/notes/kv_cache.md, "Paged blocks in 32-bit arithmetic"):
 the kernel as it was (``old``: 64-bit page offsets, bf16 pages' table read in the block's iteration),
 then 32-bit page offsets (``i32``), then also bf16 pages' table read a block ahead (``i32+ahead``),
-both from ``variants.py`` beside this file (the old kernel with the two switches), and ``new``: the
+both built by ``old_kernel_with_switches`` below (``minikernels/decode.py`` of commit c90d0f9 with two
+switches added by text edits: the file as main has it when this ran), and ``new``: the
 package's own ``decode_attention`` when the script runs. In ``sweep_1.json`` that was the branch
 ``paged-i32-regcap`` without its register cap: the two changes and the table's mask constant per
 page. Timed on a GPU at B8 H32 D128, 8 and 32 kv heads (SWEEP_HKV), pages of 16 and 128 tokens, bf16
@@ -17,6 +18,7 @@ import importlib.util
 import json
 import os
 import sys
+import tempfile
 import time
 from functools import partial
 
@@ -27,19 +29,50 @@ from minikernels.bench.common import Sweep
 from minikernels.bench.decoding import _flashinfer_paged, _pages, decode_inputs
 from minikernels.decode import _decode_split, decode_attention
 
-spec = importlib.util.spec_from_file_location("minikernels.decode_variants",
-                                              os.path.join(os.path.dirname(__file__), "variants.py"))
-variants = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = variants
-spec.loader.exec_module(variants)
+# The old kernel's lines the switches change, and what they become (each switch off is the old kernel).
+SWITCHES = [
+    ("MAX_SPLITS = 64\n", "MAX_SPLITS = 64\nVARIANT = {}  # the sweep's switches, passed on a paged cache\n"),
+    ("HAS_LEFTPAD: tl.constexpr, HAS_LENGTHS: tl.constexpr):",
+     "HAS_LEFTPAD: tl.constexpr, HAS_LENGTHS: tl.constexpr, POOL_I32: tl.constexpr = False,\n"
+     "                  AHEAD: tl.constexpr = False):"),
+    ("if PAGE_SIZE != 0 and QUANTIZED:\n", "if PAGE_SIZE != 0 and (QUANTIZED or AHEAD):\n"),
+    ("if QUANTIZED:  # read a block ahead (above)", "if QUANTIZED or AHEAD:  # read a block ahead (above)"),
+    ("page = tl.minimum(tl.maximum(page, 0), tl.maximum(num_pages - 1, 0)).to(tl.int64)",
+     "page = tl.minimum(tl.maximum(page, 0), tl.maximum(num_pages - 1, 0))\n"
+     "            if not POOL_I32:\n                page = page.to(tl.int64)"),
+    ("HAS_LENGTHS=has_lengths, **dot_options(qw.dtype))",
+     "HAS_LENGTHS=has_lengths, **dot_options(qw.dtype),\n                        **(VARIANT if paged else {}))"),
+]
+
+
+def old_kernel_with_switches():
+    """``minikernels/decode.py`` with SWITCHES applied, loaded as ``minikernels.decode_variants`` (from a
+    file: Triton reads a kernel's source). It refuses a decode.py the edits do not fit (one changed
+    since commit c90d0f9: take that commit's file)."""
+    import minikernels.decode as package_decode
+
+    source = open(package_decode.__file__).read()
+    for old, new in SWITCHES:
+        if source.count(old) != 1:
+            raise RuntimeError(f"minikernels/decode.py is not commit c90d0f9's: {old!r} not found once")
+        source = source.replace(old, new)
+    path = os.path.join(tempfile.mkdtemp(), "decode_variants.py")
+    open(path, "w").write(source)
+    spec = importlib.util.spec_from_file_location("minikernels.decode_variants", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
 
 OUT = os.environ.get("OUT", ".")
 LENS = [int(x) for x in os.environ.get("SWEEP_LENS", "65536").split(",")]
 STEPS = {"old": {}, "i32": {"POOL_I32": True}, "i32+ahead": {"POOL_I32": True, "AHEAD": True}}
-STEPS_TIMED = os.environ.get("SWEEP_STEPS", "old,i32,i32+ahead").split(",")
+STEPS_TIMED = [s for s in os.environ.get("SWEEP_STEPS", "old,i32,i32+ahead").split(",") if s]
 HKVS = [int(x) for x in os.environ.get("SWEEP_HKV", "32,8").split(",")]
 SPLITS = {8: [4, 8], 32: [2, 3]}
 dev = "cuda" if torch.cuda.is_available() else "cpu"
+variants = old_kernel_with_switches() if STEPS_TIMED else None
 sweep = Sweep(float(os.environ.get("SWEEP_BUDGET", "300")))
 
 
@@ -87,7 +120,7 @@ try:
                     sweep.time("paged int8 head-major", partial(decode_attention, q, kqh, vqh, lens, block_table=table,
                                                                 k_scale=ksc, v_scale=vsc, num_splits=s),
                                int8_bytes, want, variant="new", splits=s, **pm)
-                for step, fn in (("old", stepped("old")), ("new", decode_attention)):
+                for step, fn in [*([("old", stepped("old"))] if variants else []), ("new", decode_attention)]:
                     sweep.time("paged int8", partial(fn, q, kqc, vqc, lens, block_table=table, k_scale=ksc,
                                                      v_scale=vsc), int8_bytes, want, variant=step, splits=None, **pm)
                 kc = vc = kqc = vqc = ksc = vsc = kqh = vqh = None
@@ -97,7 +130,7 @@ try:
 finally:
     json.dump(sweep.rows, open(os.path.join(OUT, "sweep.json"), "w"), indent=0)
     kernels = []
-    for fn in (_decode_split, variants._decode_split):
+    for fn in (_decode_split, *([variants._decode_split] if variants else [])):
         for _device, caches in getattr(fn, "device_caches", {}).items():
             for key, ck in caches[0].items():
                 md = ck.metadata
