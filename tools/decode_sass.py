@@ -36,7 +36,8 @@ def compile_split(page_size: int, int8: bool, maxnreg: int | None = None):
     pointers = {**POINTERS, "K": cache, "V": cache, "K_SCALE": "fp32" if int8 else "bf16",
                 "V_SCALE": "fp32" if int8 else "bf16"}
     constants = dict(CAUSAL=False, ROWS=16, BLOCK_N=128 if int8 else 64, HEAD_DIM=128, DOT_PREC="tf32",
-                     PAGE_SIZE=page_size, QUANTIZED=int8, HAS_LEFTPAD=False, HAS_LENGTHS=True, POOL_I32=True)
+                     PAGE_SIZE=page_size, QUANTIZED=int8, HAS_LEFTPAD=False, HAS_LENGTHS=True,
+                     POOL_I32=True)  # (a switch of the kernel on branch paged-i32-regcap; ignored where absent)
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(_decode_split.arg_names):
         if name in pointers:
@@ -52,7 +53,6 @@ def compile_split(page_size: int, int8: bool, maxnreg: int | None = None):
             signature[name] = "i32"
             if name.startswith("stride") or name in ("D", "NMAX", "split_len"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    constexprs = {k: v for k, v in constexprs.items() if k in _decode_split.arg_names}
     options = {"num_warps": 4, "num_stages": 3, **({"maxnreg": maxnreg} if maxnreg else {})}
     return triton.compile(ASTSource(_decode_split, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                           options=options)
