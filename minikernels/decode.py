@@ -50,6 +50,7 @@ from ._common import (
     split_operands,
 )
 from ._validate import (
+    INT32_MAX,
     MAX_HEAD_DIM,
     check_attention_inputs,
     check_same_device,
@@ -60,6 +61,7 @@ from ._validate import (
 
 MAX_SPLITS = 64
 PROGRAMS_PER_SM = 3  # the split count's target: one wave of resident programs (_num_splits)
+REGISTERS_PER_SM = 65536  # 32-bit registers of an SM (every NVIDIA GPU from Kepler to Hopper)
 
 
 @triton.jit
@@ -86,14 +88,16 @@ def _pages_of_block(table_row, stride_tp, start, hi, offs_n, PAGE_SIZE: tl.const
                     QUANTIZED: tl.constexpr):
     """The pages holding the keys [start, start + BLOCK_N) of a sequence whose table row is ``table_row``:
     one entry when the page size is a multiple of BLOCK_N (blocks start at multiples of BLOCK_N, so each
-    lies in one page) and the cache is 16-bit, else one per key. Only entries of keys below ``hi`` are
-    read (0 for the others). An int8 cache takes one entry per key whatever the page size: on an H100
-    at 64k keys and 128-token pages that read 3-12% faster than one entry per block (book/notes/kv_cache.md)."""
+    lies in one page) and the cache is 16-bit, else one per key. Only entries of pages that start below
+    ``hi`` are read (0 for the others): the sequence's own pages, as ``hi`` never passes its length. The
+    mask is by page, not by key, so it is the same for every key of a page. An int8 cache takes one entry
+    per key whatever the page size: on an H100 at 64k keys and 128-token pages that read 3-12% faster
+    than one entry per block (book/notes/kv_cache.md)."""
     if PAGE_SIZE % BLOCK_N == 0 and not QUANTIZED:
         page = tl.load(table_row + (start // PAGE_SIZE) * stride_tp, mask=start < hi, other=0)
     else:
-        cols = start + offs_n
-        page = tl.load(table_row + (cols // PAGE_SIZE) * stride_tp, mask=cols < hi, other=0)
+        index = (start + offs_n) // PAGE_SIZE
+        page = tl.load(table_row + index * stride_tp, mask=index * PAGE_SIZE < hi, other=0)
     return page
 
 
@@ -107,12 +111,14 @@ def _decode_split(Q, K, V, SEQLENS, LEFTPAD, O_PART, LSE_PART, BLOCK_TABLE, K_SC
                   HKV, GROUP, NQ, D, NMAX, split_len, n_splits, qk_scale,
                   CAUSAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                   DOT_PREC: tl.constexpr, PAGE_SIZE: tl.constexpr, QUANTIZED: tl.constexpr,
-                  HAS_LEFTPAD: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+                  HAS_LEFTPAD: tl.constexpr, HAS_LENGTHS: tl.constexpr, POOL_I32: tl.constexpr):
     # The cache's strides come as (sequence, head, row, lane). Dense (PAGE_SIZE = 0): the sequence is b
     # and the row is the key's position. Paged: the "sequence" stride is the page stride, and key t of
     # sequence b is row t % PAGE_SIZE of page BLOCK_TABLE[b, t // PAGE_SIZE] (the table through both of
     # its strides: a column-major or sliced view is read as it is). Quantized: K and V hold int8 codes,
-    # K_SCALE and V_SCALE one float32 scale per (key, kv head), strided the same way.
+    # K_SCALE and V_SCALE one float32 scale per (key, kv head), strided the same way. POOL_I32: every
+    # element of each page pool lies within 2^31 - 1 elements of its first (the host checks), so a key's
+    # offset in the pool is computed in 32-bit arithmetic, half the instructions of 64-bit.
     split = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // HKV
@@ -152,10 +158,10 @@ def _decode_split(Q, K, V, SEQLENS, LEFTPAD, O_PART, LSE_PART, BLOCK_TABLE, K_SC
         lo = tl.maximum(lo, first // BLOCK_N * BLOCK_N)  # still a multiple of BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
     table_row = BLOCK_TABLE + b.to(tl.int64) * stride_tb
-    # An int8 block's addresses wait on its table entries, and its loop body (the codes converted for the
-    # products) leaves that load's latency in the open: read them a block ahead. On an H100 at 64k keys
-    # that took a 16-bit cache -2 to +2% and an int8 one +2 to +28% (book/notes/kv_cache.md).
-    if PAGE_SIZE != 0 and QUANTIZED:
+    # A paged block's addresses wait on its table entries: read them a block ahead, so that the load's
+    # latency hides behind the block before it and the compiler can software-pipeline the cache loads
+    # (book/notes/kv_cache.md, "Paged blocks in 32-bit arithmetic").
+    if PAGE_SIZE != 0:
         next_page = _pages_of_block(table_row, stride_tp, lo, hi, offs_n, PAGE_SIZE, BLOCK_N, QUANTIZED)
     for start in range(lo, hi, BLOCK_N):
         cols = start + offs_n
@@ -168,18 +174,17 @@ def _decode_split(Q, K, V, SEQLENS, LEFTPAD, O_PART, LSE_PART, BLOCK_TABLE, K_SC
             ks_rows = cols * stride_ksn
             vs_rows = cols * stride_vsn
         else:
-            if QUANTIZED:  # read a block ahead (above)
-                page = next_page
-                next_page = _pages_of_block(table_row, stride_tp, start + BLOCK_N, hi, offs_n, PAGE_SIZE, BLOCK_N,
-                                            QUANTIZED)
-            else:
-                page = _pages_of_block(table_row, stride_tp, start, hi, offs_n, PAGE_SIZE, BLOCK_N, QUANTIZED)
+            page = next_page  # read a block ahead (above)
+            next_page = _pages_of_block(table_row, stride_tp, start + BLOCK_N, hi, offs_n, PAGE_SIZE, BLOCK_N,
+                                        QUANTIZED)
             if PAGE_SIZE % BLOCK_N == 0 and not QUANTIZED:  # as _pages_of_block reads the table
                 within = start % PAGE_SIZE + offs_n
             else:
                 within = cols % PAGE_SIZE
             # in bounds even unchecked (an empty pool is never read: the host passes NMAX = 0 for it)
-            page = tl.minimum(tl.maximum(page, 0), tl.maximum(num_pages - 1, 0)).to(tl.int64)
+            page = tl.minimum(tl.maximum(page, 0), tl.maximum(num_pages - 1, 0))
+            if not POOL_I32:
+                page = page.to(tl.int64)
             k_rows = page * stride_kb + within * stride_kn
             v_rows = page * stride_vb + within * stride_vn
             ks_rows = page * stride_ksb + within * stride_ksn
@@ -334,6 +339,28 @@ def _num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: torch.d
         want = _cdiv(32, max(batch_kv_heads, 1))
     longest = max(1, _cdiv(max_len, 8 * block_n))
     return int(max(1, min(want, longest, MAX_SPLITS)))
+
+
+def _register_cap(cfg: dict, int8: bool, rows: int, head_dim: int) -> dict:
+    """The split kernel's register cap on a GPU: an int8 kernel is held to as many registers a thread as
+    let PROGRAMS_PER_SM of its programs share an SM (168 at 4 warps), which the split count assumes.
+    Left alone, the compiler gives the int8 kernel on pages up to ~200 (Triton 3.6, sm_90): 2 programs an
+    SM, and the planned splits then run in 1.5 waves. Only for tiles of at most 16 rows by 128 lanes (``rows``
+    query rows, ``head_dim`` padded), whose accumulator and queries take a few dozen registers a thread:
+    larger tiles need more than the cap would leave. The 16-bit kernels stay under it by themselves. No
+    cap under the interpreter, where a configuration (an override) sets its own, or where the cap would
+    be under 128 (8 warps)."""
+    if not int8 or is_interpreter() or "maxnreg" in cfg or rows * head_dim > 16 * 128:
+        return {}
+    cap = min(255, REGISTERS_PER_SM // (PROGRAMS_PER_SM * 32 * cfg["num_warps"])) // 8 * 8
+    return {"maxnreg": cap} if cap >= 128 else {}
+
+
+def _pools_fit_int32(*pools: torch.Tensor) -> bool:
+    """Whether every element of each page pool (and of its scales) lies within the ``int32_limit``
+    (2^31 - 1 elements) of its first, so the kernel may compute a key's offset in 32-bit arithmetic."""
+    limit = planning.decide("int32_limit", INT32_MAX)
+    return all(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) <= limit for t in pools)
 
 
 def _is_int8(t) -> bool:
@@ -590,11 +617,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     lse_part = empty((B * HKV, splits, rows), dtype=torch.float32, device=q.device)
     split_args = (*qw.stride(), *k_strides, *v_strides, *ks_strides, *vs_strides, *table_strides, num_pages,
                   HKV, group, Nq, D, kernel_nmax, split_len, splits, scale * LOG2E)
+    # a pool whose offsets fit 32 bits is addressed in 32-bit arithmetic (the scales too: one switch)
+    pool_i32 = paged and _pools_fit_int32(kw, vw, *((ks, vs) if int8 else ()))
     split_kwargs = dict(CAUSAL=causal, ROWS=rows, HEAD_DIM=pad, PAGE_SIZE=page_size, QUANTIZED=int8,
-                        HAS_LEFTPAD=cache_leftpad is not None, HAS_LENGTHS=has_lengths, **dot_options(qw.dtype))
+                        HAS_LEFTPAD=cache_leftpad is not None, HAS_LENGTHS=has_lengths, POOL_I32=pool_i32,
+                        **dot_options(qw.dtype))
     launched = {}
     with on_device_of(q):  # Triton launches on the current CUDA device
         def launch(cfg):  # split_len is a multiple of every BLOCK_N a step-down reaches
+            cfg = {**cfg, **_register_cap(cfg, int8, rows, pad)}
             _decode_split[(splits, B * HKV)](qw, kw, vw, lengths, leftpad, o_part, lse_part, table, ks, vs,
                                              *split_args, **{**split_kwargs, **cfg})
             launched.update(cfg)

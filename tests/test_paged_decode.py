@@ -2,9 +2,10 @@
 the float64 reference, and against the dense kernel on the same keys.
 
 The pages of a test cache are scattered at random over a pool larger than needed; the pool's spare
-pages, the rows of each last page past the sequence's length and the positions past it are NaN, and
-the block-table entries past a sequence's pages hold junk (-1, 2^30): a kernel that reads any of them
-fails."""
+pages, the rows of each last page past the sequence's length and the positions past it are NaN (a
+kernel that reads a key it should not fails), and the block-table entries past a sequence's pages hold
+junk (-1, 2^30), which the kernel must not use: it clamps every entry it reads into the pool, so a
+stray read of the table itself would only show under compute-sanitizer."""
 
 import math
 
@@ -426,6 +427,56 @@ def test_int8_planner_stays_within_its_budget(gpu, limit):
                 else:
                     assert decode.smem_need_int8(rows, cfg, d, elem) <= limit - SMEM_MARGIN, (elem, d, rows, cfg)
     assert decode.tile_config(16, 128, 2, 232448, int8_cache=True)["BLOCK_N"] == 128
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["16bit", "int8"])
+def test_pools_beyond_32_bit_offsets(int8, monkeypatch):
+    """A pool whose offsets fit 32 bits is addressed in 32-bit arithmetic, a larger one in 64-bit. The
+    ``int32_limit`` override stands in for a pool of more than 2^31 elements: set to one page's span, the
+    page slices still fit (the host copies nothing) but the pool does not, so the 64-bit variant runs,
+    and both variants give the reference's result."""
+    from minikernels import decode
+
+    q, kc, vc = qkv(2, 4, 2, 1, 100, 32, seed=21)
+    lengths = lengths_of(100, 41)
+    scales, ref_scales = {}, {}
+    if int8:
+        kc, vc, ks, vs = int8_cache(kc, vc)
+        kp, vp, table, ksp, vsp = paginate(kc, vc, 16, lengths, scales=(ks, vs))
+        scales, ref_scales = {"k_scale": ksp, "v_scale": vsp}, {"k_scale": ks, "v_scale": vs}
+    else:
+        kp, vp, table, _, _ = paginate(kc, vc, 16, lengths)
+        kc, vc = kc.double(), vc.double()
+    ref = mk.reference.decode_attention(q.double(), kc, vc, lengths, **ref_scales)
+    fits = []
+    check = decode._pools_fit_int32
+    monkeypatch.setattr(decode, "_pools_fit_int32", lambda *pools: fits.append(check(*pools)) or fits[-1])
+    one_page = kp[0].numel()  # the span of one page slice [page_size, Hkv, D] is one_page - 1
+    for limit in (None, one_page):
+        with planning.override({} if limit is None else {"int32_limit": limit}), poisoned():
+            out = mk.decode_attention(q, kp, vp, lengths, block_table=table, **scales)
+        assert_close(out, ref, q.dtype, name=f"int32_limit={limit}")
+    assert fits == [True, False]
+
+
+def test_register_cap_keeps_three_int8_programs_an_sm(monkeypatch):
+    """On a GPU the int8 kernel at 4 warps is capped at 168 registers a thread: 3 programs of 128
+    threads then fit an SM's 65536 registers, the occupancy the split count plans for. No cap for a
+    16-bit cache, large tiles, 8 warps, an override that sets its own, or the interpreter."""
+    from minikernels import decode
+
+    cfg = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
+    monkeypatch.setattr(decode, "is_interpreter", lambda: False)
+    cap = decode._register_cap(cfg, True, 16, 128)["maxnreg"]
+    assert cap == 168 and cap % 8 == 0
+    assert decode.PROGRAMS_PER_SM * cap * 32 * cfg["num_warps"] <= decode.REGISTERS_PER_SM
+    assert decode.PROGRAMS_PER_SM * (cap + 8) * 32 * cfg["num_warps"] > decode.REGISTERS_PER_SM
+    assert decode._register_cap(cfg, False, 16, 128) == {}
+    assert decode._register_cap(cfg, True, 16, 256) == {} and decode._register_cap(cfg, True, 64, 128) == {}
+    assert decode._register_cap({**cfg, "num_warps": 8}, True, 16, 128) == {}
+    assert decode._register_cap({**cfg, "maxnreg": 200}, True, 16, 128) == {}
+    monkeypatch.setattr(decode, "is_interpreter", lambda: True)
+    assert decode._register_cap(cfg, True, 16, 128) == {}
 
 
 # --- GPU sweeps ----------------------------------------------------------------------------------
