@@ -320,13 +320,16 @@ def _next_power_of_2(n: int) -> int:
 
 
 def choose_num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: torch.device,
-                      paged: bool = False) -> int:
-    """About one wave of programs on the GPU, each split at least a few key blocks long (the planning
-    override ``"decode.num_splits"`` replaces this rule; ``paged`` is passed to it)."""
-    return planning.decide("decode.num_splits", _num_splits, batch_kv_heads, max_len, block_n, device, paged)
+                      paged: bool = False, int8: bool = False) -> int:
+    """About one wave of programs on the GPU (an int8 cache: waves filled to 90%), each split at least a
+    few key blocks long (the planning override ``"decode.num_splits"`` replaces this rule; ``paged`` and
+    ``int8`` are passed to it)."""
+    return planning.decide("decode.num_splits", _num_splits, batch_kv_heads, max_len, block_n, device, paged,
+                           int8)
 
 
-def _num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: torch.device, paged: bool) -> int:
+def _num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: torch.device, paged: bool,
+                int8: bool) -> int:
     # One wave: about as many programs as the SMs hold at once (3 an SM for the dense and int8 kernels
     # on an H100, by shared memory and registers; the paged bf16 kernels hold 4-5), each split at least
     # 8 key blocks long. A count just over a whole wave leaves its last programs running on a fraction
@@ -334,11 +337,27 @@ def _num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: torch.d
     # the best count or within 2.5% for every layout (book/notes/kv_cache.md, "One wave of three
     # programs per SM, and head-major int8 pages").
     if device.type == "cuda" and not is_interpreter():
-        want = (PROGRAMS_PER_SM * sm_count(device)) // max(batch_kv_heads, 1)
+        wave = PROGRAMS_PER_SM * sm_count(device)
+        want = wave // max(batch_kv_heads, 1)
+        if int8:
+            want = _fill_last_wave(want, batch_kv_heads, wave)
     else:  # the interpreter: a few splits, enough to exercise the merge, whatever the speed
         want = _cdiv(32, max(batch_kv_heads, 1))
     longest = max(1, _cdiv(max_len, 8 * block_n))
     return int(max(1, min(want, longest, MAX_SPLITS)))
+
+
+def _fill_last_wave(splits: int, batch_kv_heads: int, wave: int) -> int:
+    """The smallest count from ``splits`` up (at least 1) whose programs fill their last wave of ``wave``
+    to 90% or more. An int8 program issues ~2.4x the instructions a key of a 16-bit one (its codes are
+    converted for the products), so with fewer than PROGRAMS_PER_SM of them an SM keeps too few loads in
+    flight; a 16-bit program reads at the copy rate with 2. On an H100 at 64k keys and 32 kv heads (256
+    programs a split): one split (0.65 of a wave) read an int8 cache at 2670 GB/s, three (1.94 waves)
+    at 2788; a bf16 cache 3214 and 3186 (book/notes/kv_cache.md, "Paged blocks in 32-bit arithmetic")."""
+    s = max(splits, 1)
+    while s < MAX_SPLITS and s * batch_kv_heads < 0.9 * wave * _cdiv(s * batch_kv_heads, wave):
+        s += 1
+    return s
 
 
 def _register_cap(cfg: dict, int8: bool, rows: int, head_dim: int) -> dict:
@@ -607,7 +626,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     # splits cover the longest sequence, not the cache's capacity (a wide block table with short
     # sequences would otherwise launch mostly empty programs); under capture the longest is Nmax
     longest = max(1, min(longest, kernel_nmax))
-    splits = num_splits or choose_num_splits(B * HKV, longest, block_n, q.device, paged)
+    splits = num_splits or choose_num_splits(B * HKV, longest, block_n, q.device, paged, int8)
     # more splits than key blocks, or than the merge tile holds, would only add empty programs
     splits = min(splits, _cdiv(longest, block_n), MAX_SPLITS)
     split_len = _cdiv(_cdiv(longest, splits), block_n) * block_n

@@ -47,8 +47,8 @@ CHOICES: dict[str, str] = {
     # decoding
     "decode.split": "(rows, head_dim, elem_bytes) -> the split kernel's configuration: BLOCK_N, num_warps, "
                     "num_stages",
-    "decode.num_splits": "(batch_kv_heads, max_len, block_n, device, paged) -> how many pieces the keys are split into "
-                         "when the caller does not say",
+    "decode.num_splits": "(batch_kv_heads, max_len, block_n, device, paged, int8) -> how many pieces the keys "
+                         "are split into when the caller does not say",
     "decode.split_int8": "(rows, head_dim, elem_bytes) -> the split kernel's configuration on an int8 cache "
                          "(elem_bytes: the query's): BLOCK_N, num_warps, num_stages",
     # masks and estimators

@@ -190,7 +190,7 @@ def test_empty_page_pool():
 
 def record_split_lengths(seen):
     """A ``decode.num_splits`` override that records the length it is asked to split, then splits in 64."""
-    def choose(batch_kv_heads, max_len, block_n, device, paged):
+    def choose(batch_kv_heads, max_len, block_n, device, paged, int8):
         seen.append(max_len)
         return 64
     return choose
@@ -477,6 +477,26 @@ def test_register_cap_keeps_three_int8_programs_an_sm(monkeypatch):
     assert decode._register_cap({**cfg, "maxnreg": 200}, True, 16, 128) == {}
     monkeypatch.setattr(decode, "is_interpreter", lambda: True)
     assert decode._register_cap(cfg, True, 16, 128) == {}
+
+
+def test_int8_split_count_fills_its_last_wave(monkeypatch):
+    """On a GPU an int8 cache is split so that its programs fill their last wave (3 an SM) to 90% or
+    more; a 16-bit cache takes one wave's worth, however full. On 132 SMs (a wave of 396 programs) at
+    64k keys with 256 (batch, kv head) pairs: 3 splits for int8 (1.94 waves), 1 for bf16 (0.65)."""
+    from minikernels import decode
+
+    monkeypatch.setattr(decode, "is_interpreter", lambda: False)
+    monkeypatch.setattr(decode, "sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert decode._num_splits(256, 65536, 128, cuda, True, True) == 3
+    assert decode._num_splits(256, 65536, 64, cuda, True, False) == 1
+    assert decode._num_splits(64, 65536, 128, cuda, False, True) == 6  # 384 programs: 0.97 of a wave
+    assert decode._num_splits(256, 1024, 128, cuda, True, True) == 1  # a split keeps at least 8 blocks
+    for pairs in range(1, 1200, 7):
+        s = decode._fill_last_wave(396 // pairs, pairs, 396)
+        programs = s * pairs
+        assert s == decode.MAX_SPLITS or programs >= 0.9 * 396 * math.ceil(programs / 396), pairs
+        assert all(t * pairs < 0.9 * 396 * math.ceil(t * pairs / 396) for t in range(max(396 // pairs, 1), s))
 
 
 # --- GPU sweeps ----------------------------------------------------------------------------------
