@@ -330,12 +330,13 @@ def choose_num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: t
 
 def _num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: torch.device, paged: bool,
                 int8: bool) -> int:
-    # One wave: about as many programs as the SMs hold at once (3 an SM for the dense and int8 kernels
-    # on an H100, by shared memory and registers; the paged bf16 kernels hold 4-5), each split at least
-    # 8 key blocks long. A count just over a whole wave leaves its last programs running on a fraction
-    # of the SMs; a count well under one leaves too few loads in flight. On an H100 at 64k keys it was
-    # the best count or within 2.5% for every layout (book/notes/kv_cache.md, "One wave of three
-    # programs per SM, and head-major int8 pages").
+    # One wave: about as many programs as the SMs hold at once (3 an SM for every layout on an H100, by
+    # shared memory, and for int8 by its register cap, _register_cap), each split at least 8 key blocks
+    # long. A count just over a whole wave leaves its last programs running on a fraction of the SMs; a
+    # count well under one leaves too few loads in flight, which a 16-bit cache tolerates down to two
+    # programs an SM and an int8 one does not (_fill_last_wave). On an H100 at 64k keys it was the best
+    # count or within 1% for every layout, with 8 and 32 kv heads (book/notes/kv_cache.md, "One wave of
+    # three programs per SM, and head-major int8 pages", and "Paged blocks in 32-bit arithmetic").
     if device.type == "cuda" and not is_interpreter():
         wave = PROGRAMS_PER_SM * sm_count(device)
         want = wave // max(batch_kv_heads, 1)

@@ -14,7 +14,11 @@ taking new rows after SWEEP_BUDGET seconds (default 300). The recorded run, ``sw
 FlashInfer 0.5.3) with the defaults and ``SWEEP_BUDGET=170``: 64k keys with 8 and 32 kv heads, and
 of 4k keys with 8 kv heads cuDNN, FlashInfer on 16-token pages, the dense caches' grids and two
 rows on 16-token bf16 pages. (Its inputs and the cuDNN call were then written out here; they now come
-from the benchmark's ``decode_inputs`` and ``_gqa_sdpa``, which make the same tensors and call.)"""
+from the benchmark's ``decode_inputs`` and ``_gqa_sdpa``, which make the same tensors and call.)
+``sweep_2.json`` and ``kernels_2.json``: the paged loop of book/notes/kv_cache.md, "Paged blocks in
+32-bit arithmetic" (with its register cap, before the int8 split rule: ``planned`` is 1 for int8 at 32
+kv heads there), on one H100 80GB HBM3 with ``SWEEP_LENS=65536 SWEEP_TILES= SWEEP_BUDGET=150``, every
+row reached.)"""
 import json
 import os
 import time
@@ -49,7 +53,7 @@ try:
             planned = {}
             for int8 in (False, True):
                 bn = launch_config(16, D, 2, int8)["BLOCK_N"]
-                planned[int8] = choose_num_splits(B * hkv, length, bn, q.device)
+                planned[int8] = choose_num_splits(B * hkv, length, bn, q.device, int8=int8)
             if dev == "cuda":
                 sweep.time("cudnn dense", partial(_gqa_sdpa, q, k, v), bf16_bytes, want, page=0, **meta)
             for page in (0, 16, 128):
