@@ -321,7 +321,7 @@ def _next_power_of_2(n: int) -> int:
 
 def choose_num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: torch.device,
                       paged: bool = False, int8: bool = False) -> int:
-    """About one wave of programs on the GPU (an int8 cache: waves filled to 90%), each split at least a
+    """About one wave of programs on the GPU (an int8 cache: waves at least 90% full), each split at least a
     few key blocks long (the planning override ``"decode.num_splits"`` replaces this rule; ``paged`` and
     ``int8`` are passed to it)."""
     return planning.decide("decode.num_splits", _num_splits, batch_kv_heads, max_len, block_n, device, paged,
@@ -334,45 +334,50 @@ def _num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: torch.d
     # shared memory, and for int8 by its register cap, _register_cap), each split at least 8 key blocks
     # long. A count just over a whole wave leaves its last programs running on a fraction of the SMs; a
     # count well under one leaves too few loads in flight, which a 16-bit cache tolerates down to two
-    # programs an SM and an int8 one does not (_fill_last_wave). On an H100 at 64k keys it was the best
+    # programs an SM and an int8 one does not (_fill_waves). On an H100 at 64k keys it was the best
     # count or within 1% for every layout, with 8 and 32 kv heads (book/notes/kv_cache.md, "One wave of
     # three programs per SM, and head-major int8 pages", and "Paged blocks in 32-bit arithmetic").
     if device.type == "cuda" and not is_interpreter():
         wave = PROGRAMS_PER_SM * sm_count(device)
         want = wave // max(batch_kv_heads, 1)
         if int8:
-            want = _fill_last_wave(want, batch_kv_heads, wave)
+            want = _fill_waves(want, batch_kv_heads, wave)
     else:  # the interpreter: a few splits, enough to exercise the merge, whatever the speed
         want = _cdiv(32, max(batch_kv_heads, 1))
     longest = max(1, _cdiv(max_len, 8 * block_n))
     return int(max(1, min(want, longest, MAX_SPLITS)))
 
 
-def _fill_last_wave(splits: int, batch_kv_heads: int, wave: int) -> int:
-    """The smallest count from ``splits`` up (at least 1) whose programs fill their last wave of ``wave``
-    to 90% or more. An int8 program issues ~2.4x the instructions a key of a 16-bit one (its codes are
-    converted for the products), so with fewer than PROGRAMS_PER_SM of them an SM keeps too few loads in
-    flight; a 16-bit program reads at the copy rate with 2. On an H100 at 64k keys and 32 kv heads (256
-    programs a split): one split (0.65 of a wave) read an int8 cache at 2670 GB/s, three (1.94 waves)
-    at 2788; a bf16 cache 3214 and 3186 (book/notes/kv_cache.md, "Paged blocks in 32-bit arithmetic")."""
+def _fill_waves(splits: int, batch_kv_heads: int, wave: int) -> int:
+    """The smallest count from ``splits`` up (at least 1) whose programs fill at least 90% of the waves of
+    ``wave`` they take (programs / (waves * wave): the share of the SMs' program slots busy, for programs
+    of equal length; at most MAX_SPLITS). An int8 program issues ~2.4x the instructions a key of a 16-bit
+    one (its codes are converted for the products), so with fewer than PROGRAMS_PER_SM of them an SM
+    keeps too few loads in flight; a 16-bit program reads at the copy rate with 2. On an H100 at 64k keys
+    and 32 kv heads (256 programs a split): one split (0.65 of a wave) read an int8 cache at 2670 GB/s,
+    three (1.94 waves) at 2788; a bf16 cache 3214 and 3186 (book/notes/kv_cache.md, "Paged blocks in
+    32-bit arithmetic")."""
     s = max(splits, 1)
     while s < MAX_SPLITS and s * batch_kv_heads < 0.9 * wave * _cdiv(s * batch_kv_heads, wave):
         s += 1
     return s
 
 
-def _register_cap(cfg: dict, int8: bool, rows: int, head_dim: int) -> dict:
+def _register_cap(cfg: dict, int8: bool, rows: int, head_dim: int, query_bytes: int) -> dict:
     """The split kernel's register cap on a GPU: an int8 kernel is held to as many registers a thread as
     let PROGRAMS_PER_SM of its programs share an SM (168 at 4 warps), which the split count assumes.
     Left alone, the compiler gives the int8 kernel on pages up to ~200 (Triton 3.6, sm_90): 2 programs an
-    SM, and the planned splits then run in 1.5 waves. Only for tiles of at most 16 rows by 128 lanes (``rows``
-    query rows, ``head_dim`` padded), whose accumulator and queries take a few dozen registers a thread:
-    larger tiles need more than the cap would leave. The 16-bit kernels stay under it by themselves. No
-    cap under the interpreter, where a configuration (an override) sets its own, or where the cap would
-    be under 128 (8 warps)."""
-    if not int8 or is_interpreter() or "maxnreg" in cfg or rows * head_dim > 16 * 128:
+    SM, and the planned splits then run in 1.5 waves. Only for 16-bit queries (``query_bytes``) and tiles
+    of at most 16 * 128 elements (``rows`` query rows by ``head_dim`` lanes, padded), whose accumulator
+    and queries take a few dozen registers a thread: larger tiles, and float32 queries (whose split
+    operands take more: capped, 408 bytes spilled on an H100), need more than the cap leaves. Capped on
+    an H100 (Triton 3.6): bf16 queries spill nothing, float16 ones 2 bytes. The 16-bit caches' kernels
+    stay under the cap by themselves. No cap under the interpreter, where a configuration (an override)
+    sets its own, or where the cap would be under 128 (8 warps)."""
+    if (not int8 or is_interpreter() or "maxnreg" in cfg or rows * head_dim > 16 * 128
+            or query_bytes != 2):
         return {}
-    cap = min(255, REGISTERS_PER_SM // (PROGRAMS_PER_SM * 32 * cfg["num_warps"])) // 8 * 8
+    cap = min(255, REGISTERS_PER_SM // (PROGRAMS_PER_SM * 32 * cfg.get("num_warps", 4))) // 8 * 8
     return {"maxnreg": cap} if cap >= 128 else {}
 
 
@@ -645,7 +650,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     launched = {}
     with on_device_of(q):  # Triton launches on the current CUDA device
         def launch(cfg):  # split_len is a multiple of every BLOCK_N a step-down reaches
-            cfg = {**cfg, **_register_cap(cfg, int8, rows, pad)}
+            cfg = {**cfg, **_register_cap(cfg, int8, rows, pad, qw.element_size())}
             _decode_split[(splits, B * HKV)](qw, kw, vw, lengths, leftpad, o_part, lse_part, table, ks, vs,
                                              *split_args, **{**split_kwargs, **cfg})
             launched.update(cfg)

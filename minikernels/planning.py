@@ -73,7 +73,7 @@ CHOICES: dict[str, str] = {
     "scan.wide_offsets": "(length, bc_len, *tensors) -> whether offsets need 64 bits",
     # every op
     "int32_limit": "the largest element offset a kernel may address with 32-bit offsets (2^31 - 1); an input "
-                   "past it is made compact, or refused",
+                   "past it is made compact, or refused (a paged decode's page pool past it: 64-bit offsets)",
 }
 
 _OVERRIDES: dict[str, Any] = {}

@@ -462,26 +462,29 @@ def test_pools_beyond_32_bit_offsets(int8, monkeypatch):
 def test_register_cap_keeps_three_int8_programs_an_sm(monkeypatch):
     """On a GPU the int8 kernel at 4 warps is capped at 168 registers a thread: 3 programs of 128
     threads then fit an SM's 65536 registers, the occupancy the split count plans for. No cap for a
-    16-bit cache, large tiles, 8 warps, an override that sets its own, or the interpreter."""
+    16-bit cache, float32 queries, large tiles, 8 warps, an override that sets its own, or the
+    interpreter."""
     from minikernels import decode
 
     cfg = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
     monkeypatch.setattr(decode, "is_interpreter", lambda: False)
-    cap = decode._register_cap(cfg, True, 16, 128)["maxnreg"]
+    cap = decode._register_cap(cfg, True, 16, 128, 2)["maxnreg"]
     assert cap == 168 and cap % 8 == 0
     assert decode.PROGRAMS_PER_SM * cap * 32 * cfg["num_warps"] <= decode.REGISTERS_PER_SM
     assert decode.PROGRAMS_PER_SM * (cap + 8) * 32 * cfg["num_warps"] > decode.REGISTERS_PER_SM
-    assert decode._register_cap(cfg, False, 16, 128) == {}
-    assert decode._register_cap(cfg, True, 16, 256) == {} and decode._register_cap(cfg, True, 64, 128) == {}
-    assert decode._register_cap({**cfg, "num_warps": 8}, True, 16, 128) == {}
-    assert decode._register_cap({**cfg, "maxnreg": 200}, True, 16, 128) == {}
+    assert decode._register_cap({"BLOCK_N": 128}, True, 16, 128, 2) == {"maxnreg": 168}  # 4 warps by default
+    assert decode._register_cap(cfg, False, 16, 128, 2) == {}
+    assert decode._register_cap(cfg, True, 16, 128, 4) == {}  # float32 queries
+    assert decode._register_cap(cfg, True, 16, 256, 2) == {} and decode._register_cap(cfg, True, 64, 128, 2) == {}
+    assert decode._register_cap({**cfg, "num_warps": 8}, True, 16, 128, 2) == {}
+    assert decode._register_cap({**cfg, "maxnreg": 200}, True, 16, 128, 2) == {}
     monkeypatch.setattr(decode, "is_interpreter", lambda: True)
-    assert decode._register_cap(cfg, True, 16, 128) == {}
+    assert decode._register_cap(cfg, True, 16, 128, 2) == {}
 
 
-def test_int8_split_count_fills_its_last_wave(monkeypatch):
-    """On a GPU an int8 cache is split so that its programs fill their last wave (3 an SM) to 90% or
-    more; a 16-bit cache takes one wave's worth, however full. On 132 SMs (a wave of 396 programs) at
+def test_int8_split_count_fills_its_waves(monkeypatch):
+    """On a GPU an int8 cache is split so that its programs fill at least 90% of the waves (3 an SM) they
+    take; a 16-bit cache takes one wave's worth, however full. On 132 SMs (a wave of 396 programs) at
     64k keys with 256 (batch, kv head) pairs: 3 splits for int8 (1.94 waves), 1 for bf16 (0.65)."""
     from minikernels import decode
 
@@ -493,7 +496,7 @@ def test_int8_split_count_fills_its_last_wave(monkeypatch):
     assert decode._num_splits(64, 65536, 128, cuda, False, True) == 6  # 384 programs: 0.97 of a wave
     assert decode._num_splits(256, 1024, 128, cuda, True, True) == 1  # a split keeps at least 8 blocks
     for pairs in range(1, 1200, 7):
-        s = decode._fill_last_wave(396 // pairs, pairs, 396)
+        s = decode._fill_waves(396 // pairs, pairs, 396)
         programs = s * pairs
         assert s == decode.MAX_SPLITS or programs >= 0.9 * 396 * math.ceil(programs / 396), pairs
         assert all(t * pairs < 0.9 * 396 * math.ceil(t * pairs / 396) for t in range(max(396 // pairs, 1), s))

@@ -101,7 +101,7 @@ try:
             planned = {}
             for int8 in (False, True):
                 bn = launch_config(16, D, 2, int8)["BLOCK_N"] if dev == "cuda" else 32
-                planned[int8] = choose_num_splits(B * hkv, length, bn, q.device)
+                planned[int8] = choose_num_splits(B * hkv, length, bn, q.device, int8=int8)
             if dev == "cuda":
                 qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
                 from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -13,7 +13,9 @@ of the cache bytes (scales included). ``kernels_1.json``: each compiled split ke
 shared memory. Run from the repository's root with the GPU's Python: ``OUT=<folder> python
 book/data/bench/runs/paged_i32/sweep.py``; it stops taking rows after SWEEP_BUDGET seconds (the
 recorded run: one H100 80GB HBM3, torch 2.11, Triton 3.6, FlashInfer 0.5.3, ``SWEEP_BUDGET=140``,
-every row reached). ``paged_decode_run2.json`` and ``kernels_2.json`` are not this script's: the
+every row reached). The package's decode.py has since taken the changes, so the edits no longer fit
+it and the script refuses: run it with ``SWEEP_STEPS=`` (only the package's rows) or with commit
+c90d0f9's decode.py in place. ``paged_decode_run2.json`` and ``kernels_2.json`` are not this script's: the
 package's ``--op paged_decode`` with the register cap added, and its compiled split kernels
 (registers, spills, shared memory, ``maxnreg``) after a few decode calls, from a later call."""
 import importlib.util
