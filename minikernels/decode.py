@@ -338,12 +338,17 @@ def _num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: torch.d
     # count or within 1% for every layout, with 8 and 32 kv heads (book/notes/kv_cache.md, "One wave of
     # three programs per SM, and head-major int8 pages", and "Paged blocks in 32-bit arithmetic").
     if device.type == "cuda" and not is_interpreter():
-        wave = PROGRAMS_PER_SM * sm_count(device)
-        want = wave // max(batch_kv_heads, 1)
-        if int8:
-            want = _fill_waves(want, batch_kv_heads, wave)
-    else:  # the interpreter: a few splits, enough to exercise the merge, whatever the speed
-        want = _cdiv(32, max(batch_kv_heads, 1))
+        return _splits_for_waves(batch_kv_heads, max_len, block_n, PROGRAMS_PER_SM * sm_count(device), int8)
+    # the interpreter: a few splits, enough to exercise the merge, whatever the speed
+    want = _cdiv(32, max(batch_kv_heads, 1))
+    return int(max(1, min(want, _cdiv(max_len, 8 * block_n), MAX_SPLITS)))
+
+
+def _splits_for_waves(batch_kv_heads: int, max_len: int, block_n: int, wave: int, int8: bool) -> int:
+    """``_num_splits`` on a GPU whose SMs hold ``wave`` programs at once."""
+    want = wave // max(batch_kv_heads, 1)
+    if int8:
+        want = _fill_waves(want, batch_kv_heads, wave)
     longest = max(1, _cdiv(max_len, 8 * block_n))
     return int(max(1, min(want, longest, MAX_SPLITS)))
 
@@ -364,18 +369,17 @@ def _fill_waves(splits: int, batch_kv_heads: int, wave: int) -> int:
 
 
 def _register_cap(cfg: dict, int8: bool, rows: int, head_dim: int, query_bytes: int) -> dict:
-    """The split kernel's register cap on a GPU: an int8 kernel is held to as many registers a thread as
-    let PROGRAMS_PER_SM of its programs share an SM (168 at 4 warps), which the split count assumes.
-    Left alone, the compiler gives the int8 kernel on pages up to ~200 (Triton 3.6, sm_90): 2 programs an
-    SM, and the planned splits then run in 1.5 waves. Only for 16-bit queries (``query_bytes``) and tiles
-    of at most 16 * 128 elements (``rows`` query rows by ``head_dim`` lanes, padded), whose accumulator
-    and queries take a few dozen registers a thread: larger tiles, and float32 queries (whose split
-    operands take more: capped, 408 bytes spilled on an H100), need more than the cap leaves. Capped on
-    an H100 (Triton 3.6): bf16 queries spill nothing, float16 ones 2 bytes. The 16-bit caches' kernels
-    stay under the cap by themselves. No cap under the interpreter, where a configuration (an override)
-    sets its own, or where the cap would be under 128 (8 warps)."""
-    if (not int8 or is_interpreter() or "maxnreg" in cfg or rows * head_dim > 16 * 128
-            or query_bytes != 2):
+    """The split kernel's register cap on a GPU (not asked under the interpreter): an int8 kernel is held
+    to as many registers a thread as let PROGRAMS_PER_SM of its programs share an SM (168 at 4 warps),
+    which the split count assumes. Left alone, the compiler gives the int8 kernel on pages up to ~200
+    (Triton 3.6, sm_90): 2 programs an SM, and the planned splits then run in 1.5 waves. Only for 16-bit
+    queries (``query_bytes``) and tiles of at most 16 * 128 elements (``rows`` query rows by ``head_dim``
+    lanes, padded), whose accumulator and queries take a few dozen registers a thread: larger tiles, and
+    float32 queries (whose split operands take more: capped, 408 bytes spilled on an H100), need more
+    than the cap leaves. Capped on an H100 (Triton 3.6): bf16 queries spill nothing, float16 ones 2
+    bytes. The 16-bit caches' kernels stay under the cap by themselves. No cap where a configuration (an
+    override) sets its own, or where the cap would be under 128 (8 warps)."""
+    if not int8 or "maxnreg" in cfg or rows * head_dim > 16 * 128 or query_bytes != 2:
         return {}
     cap = min(255, REGISTERS_PER_SM // (PROGRAMS_PER_SM * 32 * cfg.get("num_warps", 4))) // 8 * 8
     return {"maxnreg": cap} if cap >= 128 else {}
@@ -650,7 +654,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     launched = {}
     with on_device_of(q):  # Triton launches on the current CUDA device
         def launch(cfg):  # split_len is a multiple of every BLOCK_N a step-down reaches
-            cfg = {**cfg, **_register_cap(cfg, int8, rows, pad, qw.element_size())}
+            if not is_interpreter():
+                cfg = {**cfg, **_register_cap(cfg, int8, rows, pad, qw.element_size())}
             _decode_split[(splits, B * HKV)](qw, kw, vw, lengths, leftpad, o_part, lse_part, table, ks, vs,
                                              *split_args, **{**split_kwargs, **cfg})
             launched.update(cfg)

@@ -430,11 +430,11 @@ def test_int8_planner_stays_within_its_budget(gpu, limit):
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["16bit", "int8"])
-def test_pools_beyond_32_bit_offsets(int8, monkeypatch):
+def test_pools_beyond_32_bit_offsets(int8):
     """A pool whose offsets fit 32 bits is addressed in 32-bit arithmetic, a larger one in 64-bit. The
     ``int32_limit`` override stands in for a pool of more than 2^31 elements: set to one page's span, the
-    page slices still fit (the host copies nothing) but the pool does not, so the 64-bit variant runs,
-    and both variants give the reference's result."""
+    page slices still fit (the host copies nothing) but the pool does not, so the host switches to the
+    64-bit variant, and both variants give the reference's result."""
     from minikernels import decode
 
     q, kc, vc = qkv(2, 4, 2, 1, 100, 32, seed=21)
@@ -448,26 +448,24 @@ def test_pools_beyond_32_bit_offsets(int8, monkeypatch):
         kp, vp, table, _, _ = paginate(kc, vc, 16, lengths)
         kc, vc = kc.double(), vc.double()
     ref = mk.reference.decode_attention(q.double(), kc, vc, lengths, **ref_scales)
-    fits = []
-    check = decode._pools_fit_int32
-    monkeypatch.setattr(decode, "_pools_fit_int32", lambda *pools: fits.append(check(*pools)) or fits[-1])
+    pools = (kp, vp, *scales.values())
     one_page = kp[0].numel()  # the span of one page slice [page_size, Hkv, D] is one_page - 1
-    for limit in (None, one_page):
-        with planning.override({} if limit is None else {"int32_limit": limit}), poisoned():
-            out = mk.decode_attention(q, kp, vp, lengths, block_table=table, **scales)
+    for limit, fits in ((None, True), (one_page, False)):
+        with planning.override({} if limit is None else {"int32_limit": limit}):
+            assert decode._pools_fit_int32(*pools) is fits
+            with poisoned():
+                out = mk.decode_attention(q, kp, vp, lengths, block_table=table, **scales)
         assert_close(out, ref, q.dtype, name=f"int32_limit={limit}")
-    assert fits == [True, False]
 
 
-def test_register_cap_keeps_three_int8_programs_an_sm(monkeypatch):
+def test_register_cap_keeps_three_int8_programs_an_sm():
     """On a GPU the int8 kernel at 4 warps is capped at 168 registers a thread: 3 programs of 128
     threads then fit an SM's 65536 registers, the occupancy the split count plans for. No cap for a
-    16-bit cache, float32 queries, large tiles, 8 warps, an override that sets its own, or the
-    interpreter."""
+    16-bit cache, float32 queries, large tiles, 8 warps or an override that sets its own (and none
+    under the interpreter, where decode_attention does not ask)."""
     from minikernels import decode
 
     cfg = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
-    monkeypatch.setattr(decode, "is_interpreter", lambda: False)
     cap = decode._register_cap(cfg, True, 16, 128, 2)["maxnreg"]
     assert cap == 168 and cap % 8 == 0
     assert decode.PROGRAMS_PER_SM * cap * 32 * cfg["num_warps"] <= decode.REGISTERS_PER_SM
@@ -478,28 +476,24 @@ def test_register_cap_keeps_three_int8_programs_an_sm(monkeypatch):
     assert decode._register_cap(cfg, True, 16, 256, 2) == {} and decode._register_cap(cfg, True, 64, 128, 2) == {}
     assert decode._register_cap({**cfg, "num_warps": 8}, True, 16, 128, 2) == {}
     assert decode._register_cap({**cfg, "maxnreg": 200}, True, 16, 128, 2) == {}
-    monkeypatch.setattr(decode, "is_interpreter", lambda: True)
-    assert decode._register_cap(cfg, True, 16, 128, 2) == {}
 
 
-def test_int8_split_count_fills_its_waves(monkeypatch):
+def test_int8_split_count_fills_its_waves():
     """On a GPU an int8 cache is split so that its programs fill at least 90% of the waves (3 an SM) they
     take; a 16-bit cache takes one wave's worth, however full. On 132 SMs (a wave of 396 programs) at
     64k keys with 256 (batch, kv head) pairs: 3 splits for int8 (1.94 waves), 1 for bf16 (0.65)."""
     from minikernels import decode
 
-    monkeypatch.setattr(decode, "is_interpreter", lambda: False)
-    monkeypatch.setattr(decode, "sm_count", lambda device: 132)
-    cuda = torch.device("cuda")
-    assert decode._num_splits(256, 65536, 128, cuda, True, True) == 3
-    assert decode._num_splits(256, 65536, 64, cuda, True, False) == 1
-    assert decode._num_splits(64, 65536, 128, cuda, False, True) == 6  # 384 programs: 0.97 of a wave
-    assert decode._num_splits(256, 1024, 128, cuda, True, True) == 1  # a split keeps at least 8 blocks
+    wave = 3 * 132
+    assert decode._splits_for_waves(256, 65536, 128, wave, True) == 3
+    assert decode._splits_for_waves(256, 65536, 64, wave, False) == 1
+    assert decode._splits_for_waves(64, 65536, 128, wave, True) == 6  # 384 programs: 0.97 of a wave
+    assert decode._splits_for_waves(256, 1024, 128, wave, True) == 1  # a split keeps at least 8 blocks
     for pairs in range(1, 1200, 7):
-        s = decode._fill_waves(396 // pairs, pairs, 396)
+        s = decode._fill_waves(wave // pairs, pairs, wave)
         programs = s * pairs
-        assert s == decode.MAX_SPLITS or programs >= 0.9 * 396 * math.ceil(programs / 396), pairs
-        assert all(t * pairs < 0.9 * 396 * math.ceil(t * pairs / 396) for t in range(max(396 // pairs, 1), s))
+        assert s == decode.MAX_SPLITS or programs >= 0.9 * wave * math.ceil(programs / wave), pairs
+        assert all(t * pairs < 0.9 * wave * math.ceil(t * pairs / wave) for t in range(max(wave // pairs, 1), s))
 
 
 # --- GPU sweeps ----------------------------------------------------------------------------------
