@@ -64,6 +64,19 @@ def normalize_dim(dim: int, ndim: int, name: str = "dim") -> int:
 INT32_MAX = 2**31 - 1
 
 
+def element_span(t: torch.Tensor, dims: int | None = None) -> int:
+    """The largest element offset inside ``t``'s last ``dims`` dimensions (all of them by default) from
+    their first element: sum of (size - 1) * |stride|. -1 or less for an empty tensor."""
+    sizes, strides = t.shape[-dims:] if dims else t.shape, t.stride()[-dims:] if dims else t.stride()
+    return sum((size - 1) * abs(stride) for size, stride in zip(sizes, strides))
+
+
+def int32_limit() -> int:
+    """The largest element offset a kernel addresses with 32-bit arithmetic (the ``int32_limit`` planning
+    choice, 2^31 - 1 unless overridden)."""
+    return planning.decide("int32_limit", INT32_MAX)
+
+
 def int32_addressable(name: str, t: torch.Tensor, inner_dims: int = 2, extent=None, what: str | None = None
                       ) -> torch.Tensor:
     """The kernels add 64-bit offsets for the leading (batch, head, row) indices but index *inside* a
@@ -71,10 +84,8 @@ def int32_addressable(name: str, t: torch.Tensor, inner_dims: int = 2, extent=No
     than 2^31 elements inside one slice, return a contiguous copy (which spans the least); if even
     that is too large, refuse. ``extent(tensor)`` replaces the span of one slice for kernels that index
     another way (varlen: the rows of one sequence); ``what`` then names that span in the error."""
-    def slice_extent(x):
-        return sum((size - 1) * abs(stride) for size, stride in zip(x.shape[-inner_dims:], x.stride()[-inner_dims:]))
-    extent = extent or slice_extent
-    limit = planning.decide("int32_limit", INT32_MAX)
+    extent = extent or (lambda x: element_span(x, inner_dims))
+    limit = int32_limit()
     if extent(t) <= limit:
         return t
     compact = t.contiguous()

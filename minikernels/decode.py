@@ -50,13 +50,14 @@ from ._common import (
     split_operands,
 )
 from ._validate import (
-    INT32_MAX,
     MAX_HEAD_DIM,
     check_attention_inputs,
     check_same_device,
     check_scale,
     check_tensor,
+    element_span,
     int32_addressable,
+    int32_limit,
 )
 
 MAX_SPLITS = 64
@@ -388,8 +389,7 @@ def _register_cap(cfg: dict, int8: bool, rows: int, head_dim: int, query_bytes: 
 def _pools_fit_int32(*pools: torch.Tensor) -> bool:
     """Whether every element of each page pool (and of its scales) lies within the ``int32_limit``
     (2^31 - 1 elements) of its first, so the kernel may compute a key's offset in 32-bit arithmetic."""
-    limit = planning.decide("int32_limit", INT32_MAX)
-    return all(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) <= limit for t in pools)
+    return all(element_span(t) <= int32_limit() for t in pools)
 
 
 def _is_int8(t) -> bool:

@@ -85,6 +85,24 @@ def test_sweep_keeps_checked_rows_and_reports_the_others(capsys):
     assert planned() == 7 and with_override(len, "decode.num_splits", None) is len
 
 
+def test_compiled_kernels_lists_every_specialization():
+    """The sweeps' kernel table: one row per compiled specialization of each kernel, on every device, from
+    the compiled kernel's own figures; a kernel never compiled (or interpreted) adds nothing."""
+    from types import SimpleNamespace
+
+    from minikernels.bench.common import compiled_kernels
+
+    def compiled(regs, warps):
+        return SimpleNamespace(n_regs=regs, n_spills=0, metadata=SimpleNamespace(shared=1024, num_warps=warps,
+                                                                                 num_stages=3))
+    kernel = SimpleNamespace(__module__="some.module",
+                             device_caches={0: ({"a": compiled(168, 4), "b": compiled(92, 8)}, None),
+                                            1: ({"c": compiled(100, 4)}, None)})
+    rows = compiled_kernels(kernel, SimpleNamespace(__module__="never.compiled"))
+    assert [(r["key"], r["regs"], r["num_warps"]) for r in rows] == [("a", 168, 4), ("b", 92, 8), ("c", 100, 4)]
+    assert all(r["module"] == "some.module" and r["shared"] == 1024 and r["spills"] == 0 for r in rows)
+
+
 def test_decode_inputs_count_the_bytes_a_step_reads():
     from minikernels.bench.decoding import decode_inputs
 

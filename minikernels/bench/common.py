@@ -195,6 +195,23 @@ class Sweep:
         return ms
 
 
+def compiled_kernels(*kernels) -> list[dict]:
+    """What the compiler made of each Triton kernel in ``kernels`` so far (every specialization on every
+    device): its module, registers a thread, spilled bytes, shared memory, warps, stages and the key it
+    was compiled for (its last 400 characters), as the sweeps record beside their rows. Empty under the
+    interpreter, which compiles nothing."""
+    rows = []
+    for kernel in kernels:
+        for _device, caches in getattr(kernel, "device_caches", {}).items():
+            for key, compiled in caches[0].items():
+                md = compiled.metadata
+                rows.append({"module": kernel.__module__, "shared": getattr(md, "shared", None),
+                             "regs": getattr(compiled, "n_regs", None), "spills": getattr(compiled, "n_spills", None),
+                             "num_warps": getattr(md, "num_warps", None), "num_stages": getattr(md, "num_stages", None),
+                             "key": str(key)[-400:]})
+    return rows
+
+
 def with_override(fn, key: str, value):
     """``fn`` run under ``planning.override({key: value})``; ``fn`` itself when ``value`` is None."""
     if value is None:

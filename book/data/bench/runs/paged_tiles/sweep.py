@@ -19,8 +19,8 @@ from functools import partial
 import torch
 
 from minikernels import planning  # noqa: F401  (first: on a CPU it switches Triton to its interpreter)
-from minikernels.bench.common import Sweep, with_override
-from minikernels.bench.decoding import _flashinfer_paged, _pages, decode_inputs
+from minikernels.bench.common import Sweep, compiled_kernels, with_override
+from minikernels.bench.decoding import _flashinfer_paged, _lazy, _pages, decode_inputs
 from minikernels.decode import _decode_split, decode_attention
 
 OUT = os.environ.get("OUT", ".")
@@ -44,11 +44,8 @@ try:
         table = _pages(k, PAGE, seed=PAGE)[1]
         kc, vc = (_pages(t, PAGE, seed=PAGE)[0] for t in (k, v))
         calls = []
-        if dev == "cuda":
-            try:
-                calls.append(("flashinfer", None, partial(_flashinfer_paged(table, PAGE, hkv), q, kc, vc)))
-            except Exception as exc:
-                print("flashinfer failed", exc)
+        if dev == "cuda":  # planned on its first call, inside the sweep's try
+            calls.append(("flashinfer", None, _lazy(partial(_flashinfer_paged, table, PAGE, hkv), kc, vc, q)))
         for tile in TILES:
             fn = with_override(decode_attention, "decode.split", tile)
             calls.append(("paged bf16", tile, partial(fn, q, kc, vc, lens, block_table=table)))
@@ -61,10 +58,6 @@ try:
             torch.cuda.empty_cache()
 finally:
     json.dump(sweep.rows, open(os.path.join(OUT, "sweep.json"), "w"), indent=0)
-    kernels = []
-    for _device, caches in getattr(_decode_split, "device_caches", {}).items():
-        for key, ck in caches[0].items():
-            kernels.append({"shared": getattr(ck.metadata, "shared", None), "regs": getattr(ck, "n_regs", None),
-                            "spills": getattr(ck, "n_spills", None), "key": str(key)[-400:]})
+    kernels = compiled_kernels(_decode_split)
     json.dump(kernels, open(os.path.join(OUT, "kernels.json"), "w"), indent=0)
     print("sweep done in", round(time.time() - sweep.start), "s:", len(sweep.rows), "rows,", len(kernels), "kernels")
