@@ -601,6 +601,65 @@ def test_gpu_paged_decode_in_a_cuda_graph():
         assert_close(out, ref, torch.float16, name="graph replay")
 
 
+def test_programmatic_launch_only_when_asked_and_where_the_gpu_has_it():
+    """The launch that overlaps the kernel ahead is off unless the "decode.pdl" override asks for it, and
+    then only on a CUDA device of compute capability 9 or more (Hopper): never for the interpreter or
+    CPU tensors, whatever the override says."""
+    from minikernels.decode import use_pdl
+
+    assert use_pdl(DEVICE) is False
+    with planning.override({"decode.pdl": True}):
+        assert use_pdl(torch.device("cpu")) is False
+        hopper = DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE)[0] >= 9
+        assert use_pdl(DEVICE) is hopper
+
+
+def _chained_steps(q, kc, vc, steps, **kwargs):
+    """``steps`` decode calls, each on the previous one's output as its queries, every other one right
+    after a PyTorch kernel negated the values: each call reads what the kernel just ahead of it wrote."""
+    outs = []
+    for step in range(steps):
+        if step % 2:
+            vc.neg_()
+        q = mk.decode_attention(q, kc, vc, **kwargs)
+        outs.append(q)
+    return torch.stack(outs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+def test_gpu_chained_calls_wait_for_the_kernel_ahead(paged):
+    """Launched with programmatic dependent launch (Hopper; asked for through the "decode.pdl" override),
+    a split kernel may start before the kernel ahead of it in the stream ends, and the merge before the
+    splits end; both wait before they touch memory. A chain of calls that each read what the kernel just
+    ahead wrote gives, eagerly and replayed from a CUDA graph, bit for bit what the same chain gives
+    launched plainly (the launch changes no arithmetic), and its first step equals the reference."""
+    q, kc, vc = qkv(4, 8, 2, 1, 3008, 128, dtype=torch.bfloat16, seed=61)
+    lengths = lengths_of(3008, 2999, 1700, 64)  # the longest fills the cache: under capture as outside
+    kwargs = {"cache_seqlens": lengths}
+    if paged:
+        kc, vc, table, _, _ = paginate(kc, vc, 16, lengths)
+        kwargs["block_table"] = table
+    v0 = vc.clone()
+    plain = _chained_steps(q, kc, vc, 6, **kwargs)
+    with planning.override({"decode.pdl": True}):
+        vc.copy_(v0)
+        chained = _chained_steps(q, kc, vc, 6, **kwargs)
+        assert torch.equal(chained, plain)
+        graph = torch.cuda.CUDAGraph()
+        vc.copy_(v0)
+        with torch.cuda.graph(graph):
+            replayed = _chained_steps(q, kc, vc, 6, **kwargs)
+    for _ in range(2):
+        vc.copy_(v0)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(replayed, plain)
+    ref = mk.reference.decode_attention(q.double(), kc.double(), v0.double(), lengths, block_table=kwargs.get(
+        "block_table"))
+    assert_close(plain[0], ref, torch.bfloat16, name="first step")
+
+
 @pytest.mark.parametrize("page_size", [16, 64])  # under the interpreter: blocks across pages, within one
 @pytest.mark.parametrize("int8", [False, True], ids=["16bit", "int8"])  # int8 reads the table a block ahead
 @pytest.mark.parametrize("num_splits", [None, 3])

@@ -37,7 +37,8 @@ def compile_split(page_size: int, int8: bool, maxnreg: int | None = None):
                 "V_SCALE": "fp32" if int8 else "bf16"}
     constants = dict(CAUSAL=False, ROWS=16, BLOCK_N=128 if int8 else 64, HEAD_DIM=128, DOT_PREC="tf32",
                      PAGE_SIZE=page_size, QUANTIZED=int8, HAS_LEFTPAD=False, HAS_LENGTHS=True,
-                     POOL_I32=True)  # the pools fit 32-bit offsets, as the benchmark's do
+                     POOL_I32=True,  # the pools fit 32-bit offsets, as the benchmark's do
+                     PDL=False)  # launched plainly, as by default
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(_decode_split.arg_names):
         if name in pointers:

@@ -64,9 +64,11 @@ def _flex_paged(table: torch.Tensor, num_pages: int, page_size: int):
     return run
 
 
-def _flashinfer_paged(table: torch.Tensor, page_size: int, hkv: int, layout: str = "NHD"):
+def _flashinfer_paged(table: torch.Tensor, page_size: int, hkv: int, layout: str = "NHD", enable_pdl=None):
     """FlashInfer's batch decode over the same pool, planned once: ``layout`` "NHD" is our
-    ``[num_pages, page_size, Hkv, D]``, "HND" the head-major ``[num_pages, Hkv, page_size, D]``."""
+    ``[num_pages, page_size, Hkv, D]``, "HND" the head-major ``[num_pages, Hkv, page_size, D]``.
+    ``enable_pdl``: FlashInfer's own switch for programmatic dependent launch (None: its default, on
+    for Hopper and later)."""
     import flashinfer
 
     b, per = table.shape
@@ -77,7 +79,7 @@ def _flashinfer_paged(table: torch.Tensor, page_size: int, hkv: int, layout: str
     last = torch.full((b,), page_size, dtype=torch.int32, device=table.device)
     wrapper.plan(indptr, table.flatten().contiguous(), last, H, hkv, D, page_size, q_data_type=torch.bfloat16,
                  kv_data_type=torch.bfloat16)
-    return lambda q, k_pool, v_pool: wrapper.run(q[:, :, 0], (k_pool, v_pool))[:, :, None]
+    return lambda q, k_pool, v_pool: wrapper.run(q[:, :, 0], (k_pool, v_pool), enable_pdl=enable_pdl)[:, :, None]
 
 
 def bench_paged_decode(ceilings: dict, quick: bool = False) -> list[dict]:
