@@ -405,12 +405,12 @@ def use_pdl(device: torch.device) -> bool:
     only on Hopper and later GPUs (with Triton >= 3.3). A kernel launched so may start while the kernel
     ahead of it in the stream is still running; it waits (``gdc_wait``) before it reads or writes
     memory, so only the launch overlaps: the merge's programs are resident, waiting, before the last
-    split ends. Off by default: on an H100 it made bf16 decode 0.2-1% faster on 16-token pages and with
-    32 kv heads, but the int8 kernel 9-11 us slower a step at 4k keys with 8 kv heads (a fifth of the
-    step; book/notes/kv_cache.md, "Launching ahead: measured, not adopted")."""
-    supported = (gdc_wait is not None and not is_interpreter() and device.type == "cuda"
-                 and torch.cuda.get_device_capability(device)[0] >= 9)
-    return bool(supported and planning.decide("decode.pdl", False, device))
+    split ends. Off by default: on an H100 it made bf16 decode 0.1-1% faster on 16-token pages and with
+    32 kv heads, but the int8 kernel 9-11 us slower a step at 4k keys with 8 kv heads (a quarter of the
+    step without it; book/notes/kv_cache.md, "Launching ahead: measured, not adopted")."""
+    supported = gdc_wait is not None and not is_interpreter() and device.type == "cuda"
+    return bool(supported and planning.decide("decode.pdl", False, device)
+                and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def _pools_fit_int32(*pools: torch.Tensor) -> bool:

@@ -605,13 +605,13 @@ def test_programmatic_launch_only_when_asked_and_where_the_gpu_has_it():
     """The launch that overlaps the kernel ahead is off unless the "decode.pdl" override asks for it, and
     then only on a CUDA device of compute capability 9 or more (Hopper): never for the interpreter or
     CPU tensors, whatever the override says."""
-    from minikernels.decode import use_pdl
+    from minikernels import decode
 
-    assert use_pdl(DEVICE) is False
+    assert decode.use_pdl(DEVICE) is False
     with planning.override({"decode.pdl": True}):
-        assert use_pdl(torch.device("cpu")) is False
+        assert decode.use_pdl(torch.device("cpu")) is False
         hopper = DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE)[0] >= 9
-        assert use_pdl(DEVICE) is hopper
+        assert decode.use_pdl(DEVICE) is (hopper and decode.gdc_wait is not None)  # (Triton >= 3.3)
 
 
 def _chained_steps(q, kc, vc, steps, **kwargs):
@@ -640,9 +640,13 @@ def test_gpu_chained_calls_wait_for_the_kernel_ahead(paged):
     if paged:
         kc, vc, table, _, _ = paginate(kc, vc, 16, lengths)
         kwargs["block_table"] = table
+    from minikernels.decode import use_pdl
+
     v0 = vc.clone()
     plain = _chained_steps(q, kc, vc, 6, **kwargs)
     with planning.override({"decode.pdl": True}):
+        if not use_pdl(DEVICE):
+            pytest.skip("programmatic dependent launch needs compute capability 9 and Triton >= 3.3")
         vc.copy_(v0)
         chained = _chained_steps(q, kc, vc, 6, **kwargs)
         assert torch.equal(chained, plain)

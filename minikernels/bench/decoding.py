@@ -79,7 +79,8 @@ def _flashinfer_paged(table: torch.Tensor, page_size: int, hkv: int, layout: str
     last = torch.full((b,), page_size, dtype=torch.int32, device=table.device)
     wrapper.plan(indptr, table.flatten().contiguous(), last, H, hkv, D, page_size, q_data_type=torch.bfloat16,
                  kv_data_type=torch.bfloat16)
-    return lambda q, k_pool, v_pool: wrapper.run(q[:, :, 0], (k_pool, v_pool), enable_pdl=enable_pdl)[:, :, None]
+    launch = {} if enable_pdl is None else {"enable_pdl": enable_pdl}  # (older FlashInfer: no such argument)
+    return lambda q, k_pool, v_pool: wrapper.run(q[:, :, 0], (k_pool, v_pool), **launch)[:, :, None]
 
 
 def bench_paged_decode(ceilings: dict, quick: bool = False) -> list[dict]:

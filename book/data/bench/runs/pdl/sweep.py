@@ -11,7 +11,8 @@ timed once per round for SWEEP_ROUNDS rounds (default 2), in the same order ever
 Rows: ``name``, ``round``, ``L``, ``hkv``, ``page`` (0: dense), GB/s of the cache bytes. Run from the
 repository's root with the GPU's Python: ``OUT=<folder> python book/data/bench/runs/pdl/sweep.py``; it
 stops taking rows after SWEEP_BUDGET seconds (default 150). The recorded run, ``sweep_1.json`` and
-``kernels_1.json`` (the files it writes, renamed): one H100 80GB HBM3, torch 2.11, Triton 3.6,
+``kernels_1.json`` (the files it writes, renamed; written by an earlier form of this script, when PDL
+was the package's default and the "pdl" rows took it without the override): one H100 80GB HBM3, torch 2.11, Triton 3.6,
 FlashInfer 0.5.3, ``SWEEP_CELLS=8:16384,8:65536,8:4096,32:4096,32:16384,32:65536 SWEEP_BUDGET=140``;
 the 32:65536 cell was not reached, and the second round of 32:16384 stopped after 11 of its 17 rows."""
 import importlib.util
