@@ -113,3 +113,40 @@ def test_decode_inputs_count_the_bytes_a_step_reads():
     assert x["int8_bytes"] == x["kq"].nbytes + x["vq"].nbytes + ks.nbytes + x["vs"].nbytes
     again = decode_inputs(hkv=2, length=32, device="cpu")  # the same inputs in every run
     assert all(torch.equal(x[n], again[n]) for n in ("q", "k", "v"))
+
+
+def test_paged_pools_share_one_table_and_hold_every_key():
+    """``paged_pools``: one block table for every tensor of a cache, each pool holding key t of sequence b
+    at row t % page of page table[b, t // page] (scales too, stored head-major), the table the same as
+    the per-tensor ``_pages`` of the recorded sweeps draws."""
+    from minikernels.bench.decoding import _pages, paged_pools
+
+    k = torch.randn(3, 2, 64, 8)
+    scales = torch.rand(3, 2, 64)
+    table, (kp, sp) = paged_pools(16, k, scales)
+    assert table.dtype == torch.int32 and sorted(table.flatten().tolist()) == list(range(12))
+    assert torch.equal(table, _pages(k, 16, seed=16)[1]) and torch.equal(kp, _pages(k, 16, seed=16)[0])
+    t = torch.arange(64)
+    for b in range(3):
+        pages = table[b, t // 16].long()
+        assert torch.equal(kp[pages, t % 16].transpose(0, 1), k[b])  # [Hkv, L, D]
+        assert torch.equal(sp[pages, t % 16].transpose(0, 1), scales[b])
+    assert sp.transpose(1, 2).is_contiguous()  # head-major within a page
+
+
+def test_module_with_edits_loads_a_variant_and_refuses_a_misfit(tmp_path):
+    """``module_with_edits``: the module's source edited and loaded under another name, the original
+    untouched; an edit whose text is not there once raises instead of loading the unedited module."""
+    import importlib.util
+
+    from minikernels.bench.common import module_with_edits
+
+    path = tmp_path / "some_kernels.py"
+    path.write_text("SCALE = 2\n\n\ndef scaled(x):\n    return SCALE * x\n")
+    spec = importlib.util.spec_from_file_location("some_kernels", path)
+    original = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(original)
+    variant = module_with_edits(original, [("SCALE = 2\n", "SCALE = 3\n")], "some_kernels_variant")
+    assert variant.scaled(5) == 15 and original.scaled(5) == 10
+    with pytest.raises(RuntimeError, match="not found once"):
+        module_with_edits(original, [("SCALE = 4\n", "SCALE = 5\n")], "some_kernels_misfit")

@@ -212,6 +212,31 @@ def compiled_kernels(*kernels) -> list[dict]:
     return rows
 
 
+def module_with_edits(module, edits: list[tuple[str, str]], name: str):
+    """``module``'s source with each ``(old, new)`` of ``edits`` applied, loaded as module ``name`` from a
+    file (Triton reads a kernel's source from its file): a variant of a kernel module for a sweep,
+    without a copy of it. Raises RuntimeError when an ``old`` does not occur exactly once (the module
+    changed since the edits were written)."""
+    import importlib.util
+    import os
+    import sys
+    import tempfile
+
+    source = open(module.__file__).read()
+    for old, new in edits:
+        if source.count(old) != 1:
+            raise RuntimeError(f"{module.__name__} does not fit the edit: {old!r} not found once")
+        source = source.replace(old, new)
+    path = os.path.join(tempfile.mkdtemp(), name.rsplit(".", 1)[-1] + ".py")
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    variant = importlib.util.module_from_spec(spec)
+    sys.modules[name] = variant
+    spec.loader.exec_module(variant)
+    return variant
+
+
 def with_override(fn, key: str, value):
     """``fn`` run under ``planning.override({key: value})``; ``fn`` itself when ``value`` is None."""
     if value is None:

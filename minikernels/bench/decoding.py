@@ -20,20 +20,38 @@ OURS = "minikernels"
 DEVICE = "cuda"
 
 
-def _pages(dense: torch.Tensor, page_size: int, seed: int):
-    """``dense [B, Hkv, L, *rest]`` as a pool ``[B * L / page_size, page_size, Hkv, *rest]`` with the pages
-    in random order, and the block table ``[B, L / page_size]`` int32. Scales (no ``rest``) are stored
-    head-major within a page, as ``PagedKVCache`` stores them."""
+def _page_table(batch: int, per: int, seed: int, device) -> torch.Tensor:
+    """A block table ``[batch, per]`` int32: the pages of a pool of ``batch * per`` in random order."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(batch * per, generator=g).view(batch, per).to(device=device, dtype=torch.int32)
+
+
+def _pool(dense: torch.Tensor, page_size: int, table: torch.Tensor) -> torch.Tensor:
+    """``dense [B, Hkv, L, *rest]`` as a pool ``[B * L / page_size, page_size, Hkv, *rest]`` whose pages lie
+    where ``table`` says. Scales (no ``rest``) are stored head-major within a page, as ``PagedKVCache``
+    stores them."""
     b, hkv, n = dense.shape[:3]
     per = n // page_size
-    g = torch.Generator().manual_seed(seed)
-    table = torch.randperm(b * per, generator=g).view(b, per).to(device=dense.device, dtype=torch.int32)
     if dense.dim() == 3:
         pool = torch.empty((b * per, hkv, page_size), dtype=dense.dtype, device=dense.device).transpose(1, 2)
     else:
         pool = torch.empty((b * per, page_size, hkv, *dense.shape[3:]), dtype=dense.dtype, device=dense.device)
     pool[table.flatten().long()] = dense.unflatten(2, (per, page_size)).movedim(1, 3).flatten(0, 1)
-    return pool, table
+    return pool
+
+
+def _pages(dense: torch.Tensor, page_size: int, seed: int):
+    """``dense`` as a pool (``_pool``) and its block table, the pages in random order (``seed``)."""
+    table = _page_table(dense.shape[0], dense.shape[2] // page_size, seed, dense.device)
+    return _pool(dense, page_size, table), table
+
+
+def paged_pools(page_size: int, *dense: torch.Tensor):
+    """The block table of pages of ``page_size`` tokens in random order (seeded by the page size) and,
+    for each tensor of ``dense`` (one cache: keys, values, codes, scales, all ``[B, Hkv, L, ...]``), its
+    pool laid out by that one table."""
+    table = _page_table(dense[0].shape[0], dense[0].shape[2] // page_size, page_size, dense[0].device)
+    return table, tuple(_pool(t, page_size, table) for t in dense)
 
 
 def _flex_dense():
@@ -155,8 +173,7 @@ def _bench_pages(q, dense: dict, lens, page: int, want, shape: str, n_bytes: tup
     from ..decode import decode_attention
 
     hkv, length = dense["k"].shape[1], dense["k"].shape[2]
-    table = _pages(dense["k"], page, seed=page)[1]
-    kp, vp, kq, vq, ks, vs = (_pages(dense[name], page, seed=page)[0] for name in ("k", "v", "kq", "vq", "ks", "vs"))
+    table, (kp, vp, kq, vq, ks, vs) = paged_pools(page, *(dense[name] for name in ("k", "v", "kq", "vq", "ks", "vs")))
     kv_bytes, int8_bytes = n_bytes
     cases = [
         # the paged and the dense call may split the keys differently (a planning override, a recorded

@@ -24,7 +24,7 @@ import torch
 from minikernels import planning  # noqa: F401  (first: on a CPU it switches Triton to its interpreter)
 from minikernels._common import sm_count
 from minikernels.bench.common import Sweep, compiled_kernels
-from minikernels.bench.decoding import _flashinfer_paged, _lazy, _pages, decode_inputs
+from minikernels.bench.decoding import _flashinfer_paged, _lazy, decode_inputs, paged_pools
 from minikernels.decode import MAX_SPLITS, _cdiv, _decode_split, _num_splits, decode_attention
 
 OUT = os.environ.get("OUT", ".")
@@ -59,8 +59,8 @@ def under(choices, fn, *args, **kwargs):
 
 def pools(dense, page):
     """(layout, pools as the kernel takes them, FlashInfer's layout and pools) for both page layouts."""
-    table = _pages(dense["k"], page, seed=page)[1]
-    tm = {n: _pages(t, page, seed=page)[0] for n, t in dense.items()}
+    table, pooled = paged_pools(page, *dense.values())
+    tm = dict(zip(dense, pooled))
     hm = {n: (t.transpose(1, 2).contiguous().transpose(1, 2) if t.dim() == 4 else t) for n, t in tm.items()}
     return table, [("token-major", tm, "NHD", tm["k"], tm["v"]),
                    ("head-major", hm, "HND", hm["k"].transpose(1, 2), hm["v"].transpose(1, 2))]
@@ -117,8 +117,7 @@ try:
                    for h, n in ((32, 1), (8, length), (8, length)))
         lens = torch.full((1,), length, dtype=torch.int32, device=dev)
         want = decode_attention(q, k, v, lens).float()
-        table = _pages(k, 16, seed=16)[1]
-        kc, vc = (_pages(t, 16, seed=16)[0] for t in (k, v))
+        table, (kc, vc) = paged_pools(16, k, v)
         for rnd in range(ROUNDS):
             for page, kk, vv, paged in ((0, k, v, {}), (16, kc, vc, {"block_table": table})):
                 for rule, choices in RULES.items():

@@ -18,19 +18,16 @@ it and the script refuses: run it with ``SWEEP_STEPS=`` (only the package's rows
 c90d0f9's decode.py in place. ``paged_decode_run2.json`` and ``kernels_2.json`` are not this script's: the
 package's ``--op paged_decode`` with the register cap added, and its compiled split kernels
 (registers, spills, shared memory, ``maxnreg``) after a few decode calls, from a later call."""
-import importlib.util
 import json
 import os
-import sys
-import tempfile
 import time
 from functools import partial
 
 import torch
 
 from minikernels import planning  # noqa: F401  (first: on a CPU it switches Triton to its interpreter)
-from minikernels.bench.common import Sweep, compiled_kernels
-from minikernels.bench.decoding import _flashinfer_paged, _lazy, _pages, decode_inputs
+from minikernels.bench.common import Sweep, compiled_kernels, module_with_edits
+from minikernels.bench.decoding import _flashinfer_paged, _lazy, decode_inputs, paged_pools
 from minikernels.decode import _decode_split, decode_attention
 
 # The old kernel's lines the switches change, and what they become (each switch off is the old kernel).
@@ -50,23 +47,12 @@ SWITCHES = [
 
 
 def old_kernel_with_switches():
-    """``minikernels/decode.py`` with SWITCHES applied, loaded as ``minikernels.decode_variants`` (from a
-    file: Triton reads a kernel's source). It refuses a decode.py the edits do not fit (one changed
-    since commit c90d0f9: take that commit's file)."""
+    """``minikernels/decode.py`` with SWITCHES applied, loaded as ``minikernels.decode_variants``. It
+    refuses a decode.py the edits do not fit (one changed since commit c90d0f9: take that commit's
+    file)."""
     import minikernels.decode as package_decode
 
-    source = open(package_decode.__file__).read()
-    for old, new in SWITCHES:
-        if source.count(old) != 1:
-            raise RuntimeError(f"minikernels/decode.py is not commit c90d0f9's: {old!r} not found once")
-        source = source.replace(old, new)
-    path = os.path.join(tempfile.mkdtemp(), "decode_variants.py")
-    open(path, "w").write(source)
-    spec = importlib.util.spec_from_file_location("minikernels.decode_variants", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return module_with_edits(package_decode, SWITCHES, "minikernels.decode_variants")
 
 
 OUT = os.environ.get("OUT", ".")
@@ -102,8 +88,7 @@ try:
             sweep.time("dense int8", partial(decode_attention, q, kq, vq, lens, k_scale=ks, v_scale=vs),
                        int8_bytes, want, page=0, variant="new", splits=None, **meta)
             for page in (16, 128):
-                table = _pages(k, page, seed=page)[1]
-                kc, vc, kqc, vqc, ksc, vsc = (_pages(t, page, seed=page)[0] for t in (k, v, kq, vq, ks, vs))
+                table, (kc, vc, kqc, vqc, ksc, vsc) = paged_pools(page, k, v, kq, vq, ks, vs)
                 kqh, vqh = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (kqc, vqc))  # head-major
                 if dev == "cuda":  # planned on its first call, inside the sweep's try
                     fi = _lazy(partial(_flashinfer_paged, table, page, hkv), kc, vc, q)

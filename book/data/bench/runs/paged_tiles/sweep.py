@@ -20,7 +20,7 @@ import torch
 
 from minikernels import planning  # noqa: F401  (first: on a CPU it switches Triton to its interpreter)
 from minikernels.bench.common import Sweep, compiled_kernels, with_override
-from minikernels.bench.decoding import _flashinfer_paged, _lazy, _pages, decode_inputs
+from minikernels.bench.decoding import _flashinfer_paged, _lazy, decode_inputs, paged_pools
 from minikernels.decode import _decode_split, decode_attention
 
 OUT = os.environ.get("OUT", ".")
@@ -41,8 +41,7 @@ try:
         x = decode_inputs(hkv, length, dev)
         q, k, v, lens = (x[n] for n in ("q", "k", "v", "lens"))
         want = decode_attention(q, k, v, lens).float()
-        table = _pages(k, PAGE, seed=PAGE)[1]
-        kc, vc = (_pages(t, PAGE, seed=PAGE)[0] for t in (k, v))
+        table, (kc, vc) = paged_pools(PAGE, k, v)
         calls = []
         if dev == "cuda":  # planned on its first call, inside the sweep's try
             calls.append(("flashinfer", None, _lazy(partial(_flashinfer_paged, table, PAGE, hkv), kc, vc, q)))

@@ -4,10 +4,11 @@ SWEEP_CELLS (default: the paged benchmark's six) and pages of SWEEP_PAGES tokens
 random order, token-major): FlashInfer (its default launch, PDL on Hopper; and ``enable_pdl=False``),
 the package's ``decode_attention`` on the dense cache and on the pages, each launched plainly and
 with PDL (the ``decode.pdl`` override off and on), and with PDL a variant whose split kernel lets the
-merge launch only after its key loop (``late trigger``: the package's kernel with one edit, built by
-``late_trigger``), and the package's kernel on the pages with PDL at each split count in SWEEP_SPLITS
-(default 4 and 8; the rule's count at these shapes is 6 with 8 kv heads, 1 with 32). Each call is
-timed once per round for SWEEP_ROUNDS rounds (default 2), in the same order every round.
+merge launch only after its key loop (``late trigger``: the package's kernel with the two edits
+EDITS, loaded by ``bench.common.module_with_edits``), and the package's kernel on the pages with PDL
+at each split count in SWEEP_SPLITS (default 4 and 8; the rule's count at these shapes is 6 with 8
+kv heads, 1 with 32). Each call is timed once per round for SWEEP_ROUNDS rounds (default 2), in the
+same order every round.
 Rows: ``name``, ``round``, ``L``, ``hkv``, ``page`` (0: dense), GB/s of the cache bytes. Run from the
 repository's root with the GPU's Python: ``OUT=<folder> python book/data/bench/runs/pdl/sweep.py``; it
 stops taking rows after SWEEP_BUDGET seconds (default 150). The recorded run, ``sweep_1.json`` and
@@ -15,19 +16,17 @@ stops taking rows after SWEEP_BUDGET seconds (default 150). The recorded run, ``
 was the package's default and the "pdl" rows took it without the override): one H100 80GB HBM3, torch 2.11, Triton 3.6,
 FlashInfer 0.5.3, ``SWEEP_CELLS=8:16384,8:65536,8:4096,32:4096,32:16384,32:65536 SWEEP_BUDGET=140``;
 the 32:65536 cell was not reached, and the second round of 32:16384 stopped after 11 of its 17 rows."""
-import importlib.util
 import json
 import os
-import sys
-import tempfile
 import time
 from functools import partial
 
 import torch
 
+from minikernels import decode as package_decode
 from minikernels import planning  # noqa: F401  (first: on a CPU it switches Triton to its interpreter)
-from minikernels.bench.common import Sweep, compiled_kernels, with_override
-from minikernels.bench.decoding import _flashinfer_paged, _lazy, _pages, decode_inputs
+from minikernels.bench.common import Sweep, compiled_kernels, module_with_edits, with_override
+from minikernels.bench.decoding import _flashinfer_paged, _lazy, decode_inputs, paged_pools
 from minikernels.decode import _decode_split, decode_attention
 
 # the split kernel's trigger moved from its start (after its wait) to after the key loop
@@ -37,25 +36,6 @@ EDITS = [("        gdc_wait()\n        gdc_launch_dependents()\n    if HAS_LENGT
           "    if PDL:\n        gdc_launch_dependents()\n    empty_row = l_i == 0.0\n    o = acc / ")]
 
 
-def late_trigger():
-    """``minikernels/decode.py`` with EDITS applied, loaded as ``minikernels.decode_late_trigger`` (from a
-    file: Triton reads a kernel's source); refuses a decode.py the edits do not fit."""
-    import minikernels.decode as package_decode
-
-    source = open(package_decode.__file__).read()
-    for old, new in EDITS:
-        if source.count(old) != 1:
-            raise RuntimeError(f"minikernels/decode.py does not fit the edit: {old!r} not found once")
-        source = source.replace(old, new)
-    path = os.path.join(tempfile.mkdtemp(), "decode_late_trigger.py")
-    open(path, "w").write(source)
-    spec = importlib.util.spec_from_file_location("minikernels.decode_late_trigger", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 OUT = os.environ.get("OUT", ".")
 CELLS = [tuple(int(x) for x in cell.split(":")) for cell in os.environ.get(
     "SWEEP_CELLS", "8:4096,8:16384,8:65536,32:4096,32:16384,32:65536").split(",")]
@@ -63,7 +43,7 @@ PAGES = [int(x) for x in os.environ.get("SWEEP_PAGES", "16,128").split(",")]
 ROUNDS = int(os.environ.get("SWEEP_ROUNDS", "2"))
 SPLITS = [int(x) for x in os.environ.get("SWEEP_SPLITS", "4,8").split(",") if x]
 dev = "cuda" if torch.cuda.is_available() else "cpu"
-late = late_trigger()
+late = module_with_edits(package_decode, EDITS, "minikernels.decode_late_trigger")
 sweep = Sweep(float(os.environ.get("SWEEP_BUDGET", "150")))
 plain = partial(with_override, key="decode.pdl", value=False)
 pdl = partial(with_override, key="decode.pdl", value=True)
@@ -79,8 +59,7 @@ try:
                  ("dense pdl", 0, partial(pdl(decode_attention), q, k, v, lens)),
                  ("dense late trigger", 0, partial(pdl(late.decode_attention), q, k, v, lens))]
         for page in PAGES:
-            table = _pages(k, page, seed=page)[1]
-            kc, vc = (_pages(t, page, seed=page)[0] for t in (k, v))
+            table, (kc, vc) = paged_pools(page, k, v)
             if dev == "cuda":  # planned on its first call, inside the sweep's try
                 calls += [("flashinfer", page, _lazy(partial(_flashinfer_paged, table, page, hkv), kc, vc, q)),
                           ("flashinfer no pdl", page, _lazy(partial(_flashinfer_paged, table, page, hkv,

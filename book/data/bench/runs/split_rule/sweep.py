@@ -28,7 +28,7 @@ import torch
 
 from minikernels import planning  # noqa: F401  (first: on a CPU it switches Triton to its interpreter)
 from minikernels.bench.common import Sweep, compiled_kernels, with_override
-from minikernels.bench.decoding import B, D, _flashinfer_paged, _gqa_sdpa, _lazy, _pages, decode_inputs
+from minikernels.bench.decoding import B, D, _flashinfer_paged, _gqa_sdpa, _lazy, decode_inputs, paged_pools
 from minikernels.decode import _decode_split, choose_num_splits, decode_attention, launch_config
 
 OUT = os.environ.get("OUT", ".")
@@ -58,8 +58,7 @@ try:
                 sweep.time("cudnn dense", partial(_gqa_sdpa, q, k, v), bf16_bytes, want, page=0, **meta)
             for page in (0, 16, 128):
                 if page:
-                    table = _pages(k, page, seed=page)[1]
-                    kc, vc, kqc, vqc, ksc, vsc = (_pages(t, page, seed=page)[0] for t in (k, v, kq, vq, ks, vs))
+                    table, (kc, vc, kqc, vqc, ksc, vsc) = paged_pools(page, k, v, kq, vq, ks, vs)
                     if dev == "cuda":  # planned on its first call, inside the sweep's try
                         fi = _lazy(partial(_flashinfer_paged, table, page, hkv), kc, vc, q)
                         sweep.time("flashinfer", fi, bf16_bytes, want, page=page, **meta)
