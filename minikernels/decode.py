@@ -66,7 +66,8 @@ except ImportError:
     gdc_launch_dependents = gdc_wait = None
 
 MAX_SPLITS = 64
-PROGRAMS_PER_SM = 3  # the split count's target: one wave of resident programs (_num_splits)
+PROGRAMS_PER_SM = 3  # split programs an SM holds at once (shared memory; int8: its register cap, _register_cap)
+PLANNED_PER_SM_16BIT = 2  # the split count's target for a 16-bit cache: one wave of two programs an SM
 REGISTERS_PER_SM = 65536  # 32-bit registers of an SM (every NVIDIA GPU from Kepler to Hopper)
 
 
@@ -344,25 +345,28 @@ def choose_num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: t
 
 def _num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: torch.device, paged: bool,
                 int8: bool) -> int:
-    # One wave: about as many programs as the SMs hold at once (3 an SM for every layout on an H100, by
-    # shared memory, and for int8 by its register cap, _register_cap), each split at least 8 key blocks
-    # long. A count just over a whole wave leaves its last programs running on a fraction of the SMs; a
-    # count well under one leaves too few loads in flight, which a 16-bit cache tolerates down to two
-    # programs an SM and an int8 one does not (_fill_waves). On an H100 at 64k keys it was the best
-    # count or within 1% for every layout, with 8 and 32 kv heads (book/notes/kv_cache.md, "One wave of
-    # three programs per SM, and head-major int8 pages", and "Paged blocks in 32-bit arithmetic").
+    # One wave: no more programs than the SMs hold at once, each split at least 8 key blocks long. A
+    # count just over a whole wave leaves its last programs running on a fraction of the SMs. A 16-bit
+    # cache reads at the copy rate with two programs an SM, and is planned for two although an SM holds
+    # three: on an H100 with 64 (batch, kv head) pairs, 4 splits read 0.4-6% faster than 6, dense and
+    # paged, 4k to 64k keys (book/notes/kv_cache.md, "Launching ahead: measured, not adopted"). An
+    # int8 program issues far more instructions a key, and needs three an SM to keep enough loads in
+    # flight (_fill_waves).
     if device.type == "cuda" and not is_interpreter():
-        return _splits_for_waves(batch_kv_heads, max_len, block_n, PROGRAMS_PER_SM * sm_count(device), int8)
+        return _splits_for_sms(batch_kv_heads, max_len, block_n, sm_count(device), int8)
     # the interpreter: a few splits, enough to exercise the merge, whatever the speed
     want = _cdiv(32, max(batch_kv_heads, 1))
     return int(max(1, min(want, _cdiv(max_len, 8 * block_n), MAX_SPLITS)))
 
 
-def _splits_for_waves(batch_kv_heads: int, max_len: int, block_n: int, wave: int, int8: bool) -> int:
-    """``_num_splits`` on a GPU whose SMs hold ``wave`` programs at once."""
-    want = wave // max(batch_kv_heads, 1)
+def _splits_for_sms(batch_kv_heads: int, max_len: int, block_n: int, sms: int, int8: bool) -> int:
+    """``_num_splits`` on a GPU of ``sms`` SMs."""
+    pairs = max(batch_kv_heads, 1)
     if int8:
-        want = _fill_waves(want, batch_kv_heads, wave)
+        wave = PROGRAMS_PER_SM * sms
+        want = _fill_waves(wave // pairs, pairs, wave)
+    else:
+        want = PLANNED_PER_SM_16BIT * sms // pairs
     longest = max(1, _cdiv(max_len, 8 * block_n))
     return int(max(1, min(want, longest, MAX_SPLITS)))
 

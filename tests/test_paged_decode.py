@@ -478,17 +478,22 @@ def test_register_cap_keeps_three_int8_programs_an_sm():
     assert decode._register_cap({**cfg, "maxnreg": 200}, True, 16, 128, 2) == {}
 
 
-def test_int8_split_count_fills_its_waves():
-    """On a GPU an int8 cache is split so that its programs fill at least 90% of the waves (3 an SM) they
-    take; a 16-bit cache takes one wave's worth, however full. On 132 SMs (a wave of 396 programs) at
-    64k keys with 256 (batch, kv head) pairs: 3 splits for int8 (1.94 waves), 1 for bf16 (0.65)."""
+def test_split_count_per_sm():
+    """On a GPU a 16-bit cache is split into one wave of two programs an SM (an SM holds three); an int8
+    cache so that its programs fill at least 90% of the waves of three an SM they take. On 132 SMs at 64k
+    keys: with 64 (batch, kv head) pairs 4 splits for bf16 (256 programs), 6 for int8 (384: 0.97 of a
+    wave of 396); with 256 pairs 1 for bf16, 3 for int8 (1.94 waves)."""
     from minikernels import decode
 
-    wave = 3 * 132
-    assert decode._splits_for_waves(256, 65536, 128, wave, True) == 3
-    assert decode._splits_for_waves(256, 65536, 64, wave, False) == 1
-    assert decode._splits_for_waves(64, 65536, 128, wave, True) == 6  # 384 programs: 0.97 of a wave
-    assert decode._splits_for_waves(256, 1024, 128, wave, True) == 1  # a split keeps at least 8 blocks
+    sms, wave = 132, 3 * 132
+    assert decode._splits_for_sms(64, 65536, 64, sms, False) == 4
+    assert decode._splits_for_sms(64, 65536, 128, sms, True) == 6
+    assert decode._splits_for_sms(256, 65536, 64, sms, False) == 1
+    assert decode._splits_for_sms(256, 65536, 128, sms, True) == 3
+    assert decode._splits_for_sms(8, 65536, 64, sms, False) == 33
+    assert decode._splits_for_sms(1, 65536, 64, sms, False) == decode.MAX_SPLITS
+    assert decode._splits_for_sms(64, 1024, 64, sms, False) == 2  # a split keeps at least 8 blocks
+    assert decode._splits_for_sms(256, 1024, 128, sms, True) == 1
     for pairs in range(1, 1200, 7):
         s = decode._fill_waves(wave // pairs, pairs, wave)
         programs = s * pairs
