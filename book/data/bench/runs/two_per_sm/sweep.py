@@ -2,8 +2,9 @@
 (the rule before it), and a deeper pipeline that two programs an SM leave room for, at 8 kv heads, where
 the two rules differ. At B8 H32 Hkv8 D128, bf16, every cache full, for the lengths in SWEEP_LENS
 (default 65536, 16384, 4096): on the dense cache and on 16- and 128-token pages in random order, stored
-token-major and head-major, the package's ``decode_attention`` (``rule``: 4 splits on an H100, with
-programmatic dependent launch; ``rule plain``: without, the ``decode.pdl`` override off), at
+token-major and head-major, the package's ``decode_attention`` (``rule``: 4 splits on an H100,
+launched plainly as by default; ``rule pdl``: with programmatic dependent launch, the ``decode.pdl``
+override on), at
 ``splits=6`` (three programs an SM) and ``splits=3``, and at the rule's count with the key loop
 pipelined 4 deep (``stages=4``, the ``decode.split`` override), next to FlashInfer on the same pages.
 Then one sequence (B1 H32 Hkv8, 64k keys, dense and 16-token pages): the rule's 33 splits against 49
@@ -31,15 +32,15 @@ DEEP = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4}
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 sweep = Sweep(float(os.environ.get("SWEEP_BUDGET", "150")))
 deep = partial(with_override, key="decode.split", value=DEEP)
-plain = partial(with_override, key="decode.pdl", value=False)
+pdl = partial(with_override, key="decode.pdl", value=True)
 
 
 def ours(q, k, v, lens, table=None):
-    """(name, call) of the package's kernel at the rule's count (launched with PDL where the GPU has it, and
-    plainly), at 6 and 3 splits, 4 stages deep."""
+    """(name, call) of the package's kernel at the rule's count (launched plainly, and with PDL), at 6 and
+    3 splits, 4 stages deep."""
     paged = {} if table is None else {"block_table": table}
     return [("rule", partial(decode_attention, q, k, v, lens, **paged)),
-            ("rule plain", partial(plain(decode_attention), q, k, v, lens, **paged)),
+            ("rule pdl", partial(pdl(decode_attention), q, k, v, lens, **paged)),
             ("splits=6", partial(decode_attention, q, k, v, lens, 6, **paged)),
             ("splits=3", partial(decode_attention, q, k, v, lens, 3, **paged)),
             ("stages=4", partial(deep(decode_attention), q, k, v, lens, **paged))]
