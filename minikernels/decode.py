@@ -403,17 +403,18 @@ def _register_cap(cfg: dict, int8: bool, rows: int, head_dim: int, query_bytes: 
     return {"maxnreg": cap} if cap >= 128 else {}
 
 
-def use_pdl(device: torch.device) -> bool:
-    """Whether the split and merge kernels launch with programmatic dependent launch on ``device``: only
-    where the planning override ``"decode.pdl"`` (a bool, or a function of the device) asks for it, and
-    only on Hopper and later GPUs (with Triton >= 3.3). A kernel launched so may start while the kernel
-    ahead of it in the stream is still running; it waits (``gdc_wait``) before it reads or writes
-    memory, so only the launch overlaps: the merge's programs are resident, waiting, before the last
-    split ends. Off by default: on an H100 it made bf16 decode 0.1-1% faster on 16-token pages and with
-    32 kv heads, but the int8 kernel 9-11 us slower a step at 4k keys with 8 kv heads (a quarter of the
-    step without it; book/notes/kv_cache.md, "Launching ahead: measured, not adopted")."""
+def use_pdl(device: torch.device, int8: bool = False) -> bool:
+    """Whether the split and merge kernels launch with programmatic dependent launch on ``device`` (for an
+    int8 cache when ``int8``): only where the planning override ``"decode.pdl"`` (a bool, or a function
+    of the device and ``int8``) asks for it, and only on Hopper and later GPUs (with Triton >= 3.3). A
+    kernel launched so may start while the kernel ahead of it in the stream is still running; it waits
+    (``gdc_wait``) before it reads or writes memory, so only the launch overlaps: the merge's programs
+    are resident, waiting, before the last split ends. Off by default: on an H100 it made bf16 decode
+    0.1-1% faster on 16-token pages and with 32 kv heads, but the int8 kernel 9-11 us slower a step at
+    4k keys with 8 kv heads (a quarter of the step without it; book/notes/kv_cache.md, "Launching
+    ahead: measured, not adopted")."""
     supported = gdc_wait is not None and not is_interpreter() and device.type == "cuda"
-    return bool(supported and planning.decide("decode.pdl", False, device)
+    return bool(supported and planning.decide("decode.pdl", False, device, int8)
                 and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
@@ -679,7 +680,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                   HKV, group, Nq, D, kernel_nmax, split_len, splits, scale * LOG2E)
     # a pool whose offsets fit 32 bits is addressed in 32-bit arithmetic (the scales too: one switch)
     pool_i32 = paged and _pools_fit_int32(kw, vw, *((ks, vs) if int8 else ()))
-    pdl = use_pdl(q.device)
+    pdl = use_pdl(q.device, int8)
     launch_kwargs = {"launch_pdl": True} if pdl else {}  # (Triton before 3.3 takes no such argument)
     split_kwargs = dict(CAUSAL=causal, ROWS=rows, HEAD_DIM=pad, PAGE_SIZE=page_size, QUANTIZED=int8,
                         HAS_LEFTPAD=cache_leftpad is not None, HAS_LENGTHS=has_lengths, POOL_I32=pool_i32,

@@ -51,8 +51,8 @@ CHOICES: dict[str, str] = {
                          "are split into when the caller does not say",
     "decode.split_int8": "(rows, head_dim, elem_bytes) -> the split kernel's configuration on an int8 cache "
                          "(elem_bytes: the query's): BLOCK_N, num_warps, num_stages",
-    "decode.pdl": "(device) -> whether the split and merge kernels launch with programmatic dependent launch "
-                  "where the GPU has it (Hopper and later; off unless overridden)",
+    "decode.pdl": "(device, int8) -> whether the split and merge kernels launch with programmatic dependent "
+                  "launch where the GPU has it (Hopper and later; off unless overridden)",
     # masks and estimators
     "masks.rule_elements": "how many (query, key) pairs from_mask_fn asks its rule about at once",
     "antidiagonal.tiles": "(head_dim, elem_bytes) -> the scoring kernel's tiles: BLOCK_A, BLOCK_B, D_CHUNK, "

@@ -609,14 +609,18 @@ def test_gpu_paged_decode_in_a_cuda_graph():
 def test_programmatic_launch_only_when_asked_and_where_the_gpu_has_it():
     """The launch that overlaps the kernel ahead is off unless the "decode.pdl" override asks for it, and
     then only on a CUDA device of compute capability 9 or more (Hopper): never for the interpreter or
-    CPU tensors, whatever the override says."""
+    CPU tensors, whatever the override says. A function override is asked per cache (int8 or not)."""
     from minikernels import decode
 
-    assert decode.use_pdl(DEVICE) is False
+    assert decode.use_pdl(DEVICE) is False and decode.use_pdl(DEVICE, True) is False
+    hopper = DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE)[0] >= 9
+    capable = hopper and decode.gdc_wait is not None  # (Triton >= 3.3)
     with planning.override({"decode.pdl": True}):
         assert decode.use_pdl(torch.device("cpu")) is False
-        hopper = DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE)[0] >= 9
-        assert decode.use_pdl(DEVICE) is (hopper and decode.gdc_wait is not None)  # (Triton >= 3.3)
+        assert decode.use_pdl(DEVICE) is capable
+    with planning.override({"decode.pdl": lambda device, int8: not int8}):
+        assert decode.use_pdl(DEVICE, False) is capable
+        assert decode.use_pdl(DEVICE, True) is False
 
 
 def _chained_steps(q, kc, vc, steps, **kwargs):
@@ -648,7 +652,8 @@ def test_gpu_chained_calls_wait_for_the_kernel_ahead(paged):
     from minikernels.decode import use_pdl
 
     v0 = vc.clone()
-    plain = _chained_steps(q, kc, vc, 6, **kwargs)
+    with planning.override({"decode.pdl": False}):
+        plain = _chained_steps(q, kc, vc, 6, **kwargs)
     with planning.override({"decode.pdl": True}):
         if not use_pdl(DEVICE):
             pytest.skip("programmatic dependent launch needs compute capability 9 and Triton >= 3.3")

@@ -1,7 +1,7 @@
 """The two choices that "Launching ahead: measured, not adopted" (book/notes/kv_cache.md) leaves open,
-measured together: the split count of a 16-bit cache planned for three programs an SM (the package's
-rule) or for two, and the launch (plain, the default, or programmatic dependent launch through the
-``decode.pdl`` override), for bf16 and int8 caches. At B8 H32 D128, every cache full, for the (kv
+measured together: the split count of a 16-bit cache planned for three programs an SM or for two,
+and the launch (plain, or programmatic dependent launch), for bf16 and int8 caches; every choice is
+set through the planning overrides, whatever the package's defaults are. At B8 H32 D128, every cache full, for the (kv
 heads, keys) cells in SWEEP_CELLS (default 8:4096, 8:16384, 8:65536, 32:4096, 32:16384): on the dense
 cache and on 16- and 128-token pages in random order, token-major and head-major, bf16 at both split
 rules, each launched plainly and with PDL, next to FlashInfer on the same pages; int8 (codes and
@@ -35,6 +35,13 @@ dev = "cuda" if torch.cuda.is_available() else "cpu"
 sweep = Sweep(float(os.environ.get("SWEEP_BUDGET", "200")))
 
 
+def three_an_sm(pairs, max_len, block_n, device, paged, int8):
+    """The split rule with a 16-bit cache planned for three programs an SM (int8: the package's rule)."""
+    if int8 or device.type != "cuda":
+        return _num_splits(pairs, max_len, block_n, device, paged, int8)
+    return int(max(1, min(3 * sm_count(device) // max(pairs, 1), _cdiv(max_len, 8 * block_n), MAX_SPLITS)))
+
+
 def two_an_sm(pairs, max_len, block_n, device, paged, int8):
     """The split rule with a 16-bit cache planned for two programs an SM (int8: the package's rule)."""
     if int8 or device.type != "cuda":
@@ -42,8 +49,9 @@ def two_an_sm(pairs, max_len, block_n, device, paged, int8):
     return int(max(1, min(2 * sm_count(device) // max(pairs, 1), _cdiv(max_len, 8 * block_n), MAX_SPLITS)))
 
 
-RULES = {"three/an SM": {}, "two/an SM": {"decode.num_splits": two_an_sm}}
-LAUNCHES = {"": {}, " pdl": {"decode.pdl": True}}
+# both written out, whatever the package's rule and launch are
+RULES = {"three/an SM": {"decode.num_splits": three_an_sm}, "two/an SM": {"decode.num_splits": two_an_sm}}
+LAUNCHES = {"": {"decode.pdl": False}, " pdl": {"decode.pdl": True}}
 
 
 def planned(choices, pairs, length, block_n, paged, int8):
