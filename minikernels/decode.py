@@ -405,16 +405,15 @@ def _register_cap(cfg: dict, int8: bool, rows: int, head_dim: int, query_bytes: 
 
 def use_pdl(device: torch.device, int8: bool = False) -> bool:
     """Whether the split and merge kernels launch with programmatic dependent launch on ``device`` (for an
-    int8 cache when ``int8``): only where the planning override ``"decode.pdl"`` (a bool, or a function
-    of the device and ``int8``) asks for it, and only on Hopper and later GPUs (with Triton >= 3.3). A
-    kernel launched so may start while the kernel ahead of it in the stream is still running; it waits
-    (``gdc_wait``) before it reads or writes memory, so only the launch overlaps: the merge's programs
-    are resident, waiting, before the last split ends. Off by default: on an H100 it made bf16 decode
-    0.1-1% faster on 16-token pages and with 32 kv heads, but the int8 kernel 9-11 us slower a step at
-    4k keys with 8 kv heads (a quarter of the step without it; book/notes/kv_cache.md, "Launching
-    ahead: measured, not adopted")."""
+    int8 cache when ``int8``): by default for 16-bit caches and not for int8 ones (the planning override
+    ``"decode.pdl"``, a bool or a function of the device and ``int8``, decides otherwise), and only on
+    Hopper and later GPUs (with Triton >= 3.3). A kernel launched so may start while the kernel ahead of
+    it in the stream is still running; it waits (``gdc_wait``) before it reads or writes memory, so only
+    the launch overlaps: the merge's programs are resident, waiting, before the last split ends. On an
+    H100 it made bf16 decode up to 2% faster, and the int8 kernel 9-11 us slower a step at 4k keys
+    with 8 kv heads (a quarter of the step without it; book/notes/kv_cache.md, "Launching ahead")."""
     supported = gdc_wait is not None and not is_interpreter() and device.type == "cuda"
-    return bool(supported and planning.decide("decode.pdl", False, device, int8)
+    return bool(supported and planning.decide("decode.pdl", not int8, device, int8)
                 and torch.cuda.get_device_capability(device)[0] >= 9)
 
 

@@ -52,7 +52,7 @@ CHOICES: dict[str, str] = {
     "decode.split_int8": "(rows, head_dim, elem_bytes) -> the split kernel's configuration on an int8 cache "
                          "(elem_bytes: the query's): BLOCK_N, num_warps, num_stages",
     "decode.pdl": "(device, int8) -> whether the split and merge kernels launch with programmatic dependent "
-                  "launch where the GPU has it (Hopper and later; off unless overridden)",
+                  "launch where the GPU has it (Hopper and later; by default for 16-bit caches, not int8)",
     # masks and estimators
     "masks.rule_elements": "how many (query, key) pairs from_mask_fn asks its rule about at once",
     "antidiagonal.tiles": "(head_dim, elem_bytes) -> the scoring kernel's tiles: BLOCK_A, BLOCK_B, D_CHUNK, "

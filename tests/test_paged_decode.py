@@ -606,21 +606,24 @@ def test_gpu_paged_decode_in_a_cuda_graph():
         assert_close(out, ref, torch.float16, name="graph replay")
 
 
-def test_programmatic_launch_only_when_asked_and_where_the_gpu_has_it():
-    """The launch that overlaps the kernel ahead is off unless the "decode.pdl" override asks for it, and
-    then only on a CUDA device of compute capability 9 or more (Hopper): never for the interpreter or
-    CPU tensors, whatever the override says. A function override is asked per cache (int8 or not)."""
+def test_programmatic_launch_for_16bit_caches_where_the_gpu_has_it():
+    """The launch that overlaps the kernel ahead is on for 16-bit caches and off for int8 ones unless the
+    "decode.pdl" override says otherwise, and only on a CUDA device of compute capability 9 or more
+    (Hopper): never for the interpreter or CPU tensors, whatever the override says. A function override
+    is asked per cache (int8 or not)."""
     from minikernels import decode
 
-    assert decode.use_pdl(DEVICE) is False and decode.use_pdl(DEVICE, True) is False
     hopper = DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE)[0] >= 9
     capable = hopper and decode.gdc_wait is not None  # (Triton >= 3.3)
+    assert decode.use_pdl(DEVICE) is capable and decode.use_pdl(DEVICE, True) is False
     with planning.override({"decode.pdl": True}):
         assert decode.use_pdl(torch.device("cpu")) is False
-        assert decode.use_pdl(DEVICE) is capable
-    with planning.override({"decode.pdl": lambda device, int8: not int8}):
-        assert decode.use_pdl(DEVICE, False) is capable
-        assert decode.use_pdl(DEVICE, True) is False
+        assert decode.use_pdl(DEVICE, True) is capable
+    with planning.override({"decode.pdl": False}):
+        assert decode.use_pdl(DEVICE) is False
+    with planning.override({"decode.pdl": lambda device, int8: int8}):
+        assert decode.use_pdl(DEVICE, False) is False
+        assert decode.use_pdl(DEVICE, True) is capable
 
 
 def _chained_steps(q, kc, vc, steps, **kwargs):
