@@ -349,9 +349,9 @@ def _num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: torch.d
     # count just over a whole wave leaves its last programs running on a fraction of the SMs. A 16-bit
     # cache reads at the copy rate with two programs an SM, and is planned for two although an SM holds
     # three: on an H100 with 64 (batch, kv head) pairs, 4 splits read 0.3-5% faster than 6 on pages
-    # (launched with PDL), 4k to 64k keys (book/notes/kv_cache.md, "Launching ahead: measured, not adopted"). An
-    # int8 program issues far more instructions a key, and needs three an SM to keep enough loads in
-    # flight (_fill_waves).
+    # (launched with PDL), 4k to 64k keys (book/notes/kv_cache.md, "Launching ahead: measured, not
+    # adopted", and "Two programs an SM, and PDL for 16-bit caches"). An int8 program issues far more
+    # instructions a key, and needs three an SM to keep enough loads in flight (_fill_waves).
     if device.type == "cuda" and not is_interpreter():
         return _splits_for_sms(batch_kv_heads, max_len, block_n, sm_count(device), int8)
     # the interpreter: a few splits, enough to exercise the merge, whatever the speed
