@@ -336,9 +336,9 @@ def _next_power_of_2(n: int) -> int:
 
 def choose_num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: torch.device,
                       paged: bool = False, int8: bool = False) -> int:
-    """About one wave of programs on the GPU (an int8 cache: waves at least 90% full), each split at least a
-    few key blocks long (the planning override ``"decode.num_splits"`` replaces this rule; ``paged`` and
-    ``int8`` are passed to it)."""
+    """Whole waves of programs on the GPU (a 16-bit cache: one wave of two programs an SM; an int8 cache:
+    waves of three an SM, at least 90% full), each split at least a few key blocks long (the planning
+    override ``"decode.num_splits"`` replaces this rule; ``paged`` and ``int8`` are passed to it)."""
     return planning.decide("decode.num_splits", _num_splits, batch_kv_heads, max_len, block_n, device, paged,
                            int8)
 
@@ -410,11 +410,19 @@ def use_pdl(device: torch.device, int8: bool = False) -> bool:
     Hopper and later GPUs (with Triton >= 3.3). A kernel launched so may start while the kernel ahead of
     it in the stream is still running; it waits (``gdc_wait``) before it reads or writes memory, so only
     the launch overlaps: the merge's programs are resident, waiting, before the last split ends. On an
-    H100 it made bf16 decode up to 2% faster, and the int8 kernel 9-11 us slower a step at 4k keys
-    with 8 kv heads (a quarter of the step without it; book/notes/kv_cache.md, "Launching ahead")."""
+    H100 it made bf16 decode 0.4-2.3% faster at 4k keys (about as fast at 64k), and the int8 kernel
+    9-11 us slower a step at 4k keys with 8 kv heads (a quarter of the step without it;
+    book/notes/kv_cache.md, "Launching ahead" and "Two programs an SM, and PDL for 16-bit caches")."""
     supported = gdc_wait is not None and not is_interpreter() and device.type == "cuda"
     return bool(supported and planning.decide("decode.pdl", not int8, device, int8)
-                and torch.cuda.get_device_capability(device)[0] >= 9)
+                and _capability_major(device.index if device.index is not None else torch.cuda.current_device())
+                >= 9)
+
+
+@functools.cache
+def _capability_major(index: int) -> int:
+    """The compute capability's major number of CUDA device ``index`` (asked once: it is on every call's path)."""
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def _pools_fit_int32(*pools: torch.Tensor) -> bool:

@@ -641,7 +641,7 @@ def _chained_steps(q, kc, vc, steps, **kwargs):
 @pytest.mark.gpu
 @pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
 def test_gpu_chained_calls_wait_for_the_kernel_ahead(paged):
-    """Launched with programmatic dependent launch (Hopper; asked for through the "decode.pdl" override),
+    """Launched with programmatic dependent launch (Hopper; forced through the "decode.pdl" override),
     a split kernel may start before the kernel ahead of it in the stream ends, and the merge before the
     splits end; both wait before they touch memory. A chain of calls that each read what the kernel just
     ahead wrote gives, eagerly and replayed from a CUDA graph, bit for bit what the same chain gives

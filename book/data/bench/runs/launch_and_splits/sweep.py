@@ -1,17 +1,17 @@
-"""The two choices that "Launching ahead: measured, not adopted" (book/notes/kv_cache.md) leaves open,
-measured together: the split count of a 16-bit cache planned for three programs an SM or for two,
-and the launch (plain, or programmatic dependent launch), for bf16 and int8 caches; every choice is
-set through the planning overrides, whatever the package's defaults are. At B8 H32 D128, every cache full, for the (kv
-heads, keys) cells in SWEEP_CELLS (default 8:4096, 8:16384, 8:65536, 32:4096, 32:16384): on the dense
-cache and on 16- and 128-token pages in random order, token-major and head-major, bf16 at both split
-rules, each launched plainly and with PDL, next to FlashInfer on the same pages; int8 (codes and
-scales) at the package's rule, plainly and with PDL. Then one sequence (B1 H32 Hkv8, the longest
-length of the cells, dense and 16-token pages, bf16): two an SM (33 splits on 132 SMs) against three
-(49), plainly. Each call is timed once per round for SWEEP_ROUNDS rounds (default 1). Rows: ``name``
-(``bf16 three/an SM``, ``bf16 two/an SM``, ``int8``, ``flashinfer``; `` pdl`` appended when launched
-so), ``round``, ``L``, ``b``, ``hkv``, ``page`` (0: dense), ``layout``, ``splits`` (the count the rule
-plans for 64-key blocks, bf16, or 128-key blocks, int8: the H100's tiles), GB/s of the bytes read
-(int8: codes and scales). Run from the repository's root
+"""The split count of a 16-bit cache planned for three programs an SM or for two (the package's rule),
+and the launch (plain, or programmatic dependent launch, the package's for 16-bit caches), for bf16
+and int8 caches, measured together; the 16-bit split rule and the launch are each set through the
+planning overrides, whatever the package's defaults are (int8 is split by the package's rule). At B8
+H32 D128, every cache full, for the (kv heads, keys) cells in SWEEP_CELLS (default 8:4096, 8:16384,
+8:65536, 32:4096, 32:16384): on the dense cache and on 16- and 128-token pages in random order,
+token-major and head-major, bf16 at both split rules, each launched plainly and with PDL, next to
+FlashInfer on the same pages; int8 (codes and scales), plainly and with PDL. Then one sequence (B1
+H32 Hkv8, the longest length of the cells, dense and 16-token pages, bf16): two an SM (33 splits on
+132 SMs) against three (49), plainly. Each call is timed once per round for SWEEP_ROUNDS rounds
+(default 1). Rows: ``name`` (``bf16 three/an SM``, ``bf16 two/an SM``, ``int8``, ``flashinfer``;
+`` pdl`` appended when launched so), ``round``, ``L``, ``b``, ``hkv``, ``page`` (0: dense),
+``layout``, ``splits`` (the count the rule plans for 64-key blocks, bf16, or 128-key blocks, int8:
+the H100's tiles), GB/s of the bytes read (int8: codes and scales). Run from the repository's root
 with the GPU's Python: ``OUT=<folder> python book/data/bench/runs/launch_and_splits/sweep.py``; it
 stops taking rows after SWEEP_BUDGET seconds (default 200). Not run yet."""
 import json
@@ -130,7 +130,8 @@ try:
             for page, kk, vv, paged in ((0, k, v, {}), (16, kc, vc, {"block_table": table})):
                 for rule, choices in RULES.items():
                     n = planned(choices, 8, length, 64, bool(page), False)
-                    sweep.time(f"bf16 {rule}", partial(under, choices, decode_attention, q, kk, vv, lens, **paged),
+                    sweep.time(f"bf16 {rule}", partial(under, {**choices, **LAUNCHES[""]}, decode_attention, q, kk,
+                                                       vv, lens, **paged),
                                2 * k.numel() * 2, want, round=rnd, L=length, b=1, hkv=8, page=page,
                                layout="token-major" if page else "dense", splits=n)
 finally:
