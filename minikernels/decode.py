@@ -345,8 +345,8 @@ def choose_num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: t
 
 def _num_splits(batch_kv_heads: int, max_len: int, block_n: int, device: torch.device, paged: bool,
                 int8: bool) -> int:
-    # One wave: no more programs than the SMs hold at once, each split at least 8 key blocks long. A
-    # count just over a whole wave leaves its last programs running on a fraction of the SMs. A 16-bit
+    # Whole waves of the programs the SMs hold at once, each split at least 8 key blocks long: a count
+    # just over a whole wave leaves its last programs running on a fraction of the SMs. A 16-bit
     # cache reads at the copy rate with two programs an SM, and is planned for two although an SM holds
     # three: on an H100 with 64 (batch, kv head) pairs, 4 splits read 0.3-5% faster than 6 on pages
     # (launched with PDL), 4k to 64k keys (book/notes/kv_cache.md, "Launching ahead: measured, not
