@@ -35,22 +35,18 @@ dev = "cuda" if torch.cuda.is_available() else "cpu"
 sweep = Sweep(float(os.environ.get("SWEEP_BUDGET", "200")))
 
 
-def three_an_sm(pairs, max_len, block_n, device, paged, int8):
-    """The split rule with a 16-bit cache planned for three programs an SM (int8: the package's rule)."""
-    if int8 or device.type != "cuda":
-        return _num_splits(pairs, max_len, block_n, device, paged, int8)
-    return int(max(1, min(3 * sm_count(device) // max(pairs, 1), _cdiv(max_len, 8 * block_n), MAX_SPLITS)))
-
-
-def two_an_sm(pairs, max_len, block_n, device, paged, int8):
-    """The split rule with a 16-bit cache planned for two programs an SM (int8: the package's rule)."""
-    if int8 or device.type != "cuda":
-        return _num_splits(pairs, max_len, block_n, device, paged, int8)
-    return int(max(1, min(2 * sm_count(device) // max(pairs, 1), _cdiv(max_len, 8 * block_n), MAX_SPLITS)))
+def planned_for(per_sm):
+    """The split rule with a 16-bit cache planned for ``per_sm`` programs an SM (int8: the package's rule)."""
+    def rule(pairs, max_len, block_n, device, paged, int8):
+        if int8 or device.type != "cuda":
+            return _num_splits(pairs, max_len, block_n, device, paged, int8)
+        return int(max(1, min(per_sm * sm_count(device) // max(pairs, 1), _cdiv(max_len, 8 * block_n),
+                              MAX_SPLITS)))
+    return rule
 
 
 # both written out, whatever the package's rule and launch are
-RULES = {"three/an SM": {"decode.num_splits": three_an_sm}, "two/an SM": {"decode.num_splits": two_an_sm}}
+RULES = {"three/an SM": {"decode.num_splits": planned_for(3)}, "two/an SM": {"decode.num_splits": planned_for(2)}}
 LAUNCHES = {"": {"decode.pdl": False}, " pdl": {"decode.pdl": True}}
 
 
