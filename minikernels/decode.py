@@ -109,18 +109,17 @@ def _pages_of_block(table_row, stride_tp, start, hi, offs_n, PAGE_SIZE: tl.const
 
 
 @triton.jit
-def _decode_split(Q, K, V, SEQLENS, LEFTPAD, O_PART, LSE_PART, OUT, BLOCK_TABLE, K_SCALE, V_SCALE,
+def _decode_split(Q, K, V, SEQLENS, LEFTPAD, O_PART, LSE_PART, BLOCK_TABLE, K_SCALE, V_SCALE,
                   stride_qb, stride_qh, stride_qn, stride_qd,
                   stride_kb, stride_kh, stride_kn, stride_kd,
                   stride_vb, stride_vh, stride_vn, stride_vd,
                   stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
-                  stride_ob, stride_oh, stride_on, stride_od,
                   stride_tb, stride_tp, num_pages,
                   HKV, GROUP, NQ, D, NMAX, split_len, n_splits, qk_scale,
                   CAUSAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                   DOT_PREC: tl.constexpr, PAGE_SIZE: tl.constexpr, QUANTIZED: tl.constexpr,
                   HAS_LEFTPAD: tl.constexpr, HAS_LENGTHS: tl.constexpr, POOL_I32: tl.constexpr,
-                  PDL: tl.constexpr, SINGLE_PASS: tl.constexpr):
+                  PDL: tl.constexpr):
     # The cache's strides come as (sequence, head, row, lane). Dense (PAGE_SIZE = 0): the sequence is b
     # and the row is the key's position. Paged: the "sequence" stride is the page stride, and key t of
     # sequence b is row t % PAGE_SIZE of page BLOCK_TABLE[b, t // PAGE_SIZE] (the table through both of
@@ -128,8 +127,6 @@ def _decode_split(Q, K, V, SEQLENS, LEFTPAD, O_PART, LSE_PART, OUT, BLOCK_TABLE,
     # K_SCALE and V_SCALE one float32 scale per (key, kv head), strided the same way. POOL_I32: every
     # element of each page pool lies within 2^31 - 1 elements of its first (the host checks), so a key's
     # offset in the pool is computed in 32-bit arithmetic, half the instructions of 64-bit.
-    # SINGLE_PASS: the keys are not split (n_splits = 1), so this program's normalized rows are the
-    # output: it writes them to OUT itself, and no partials are written and no merge runs.
     split = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // HKV
@@ -224,11 +221,7 @@ def _decode_split(Q, K, V, SEQLENS, LEFTPAD, O_PART, LSE_PART, OUT, BLOCK_TABLE,
         else:
             acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, MAY_BE_EMPTY=True, DOT_PREC=DOT_PREC)
     empty_row = l_i == 0.0
-    o = acc / tl.where(empty_row, 1.0, l_i)[:, None]  # a row that saw no key is 0, as the merge makes it
-    if SINGLE_PASS:  # write the group's rows of the output: what the merge of one split would write
-        tl.store(OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64)[:, None] * stride_oh + i[:, None] * stride_on
-                 + offs_d[None, :] * stride_od, o.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-        return
+    o = acc / tl.where(empty_row, 1.0, l_i)[:, None]
     lse2 = tl.where(empty_row, float("-inf"), m_i + tl.log2(tl.where(empty_row, 1.0, l_i)))  # base 2
     # partials: [B*HKV, n_splits, ROWS, HEAD_DIM] and [B*HKV, n_splits, ROWS], float32 (tiny next to the cache)
     part = (bhk.to(tl.int64) * n_splits + split) * ROWS
@@ -687,29 +680,24 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     splits = min(splits, _cdiv(longest, block_n), MAX_SPLITS)
     split_len = _cdiv(_cdiv(longest, splits), block_n) * block_n
     pad = head_dim_pad(D)
-    # one split: the split kernel writes the output itself (no partials to write and read back, and one
-    # launch, not two), the common case of large batches
-    single = splits == 1 and bool(planning.decide("decode.single_pass", True))
-    if single:  # not read
-        o_part = lse_part = out
-    else:  # the partials: every (split, row, lane) is written by _decode_split, padding rows and lanes included
-        o_part = empty((B * HKV, splits, rows, pad), dtype=torch.float32, device=q.device)
-        lse_part = empty((B * HKV, splits, rows), dtype=torch.float32, device=q.device)
-    split_args = (*qw.stride(), *k_strides, *v_strides, *ks_strides, *vs_strides, *out.stride(), *table_strides,
-                  num_pages, HKV, group, Nq, D, kernel_nmax, split_len, splits, scale * LOG2E)
+    # the partials: every (split, row, lane) is written by _decode_split, padding rows and lanes included
+    o_part = empty((B * HKV, splits, rows, pad), dtype=torch.float32, device=q.device)
+    lse_part = empty((B * HKV, splits, rows), dtype=torch.float32, device=q.device)
+    split_args = (*qw.stride(), *k_strides, *v_strides, *ks_strides, *vs_strides, *table_strides, num_pages,
+                  HKV, group, Nq, D, kernel_nmax, split_len, splits, scale * LOG2E)
     # a pool whose offsets fit 32 bits is addressed in 32-bit arithmetic (the scales too: one switch)
     pool_i32 = paged and _pools_fit_int32(kw, vw, *((ks, vs) if int8 else ()))
     pdl = use_pdl(q.device, int8)
     launch_kwargs = {"launch_pdl": True} if pdl else {}  # (Triton before 3.3 takes no such argument)
     split_kwargs = dict(CAUSAL=causal, ROWS=rows, HEAD_DIM=pad, PAGE_SIZE=page_size, QUANTIZED=int8,
                         HAS_LEFTPAD=cache_leftpad is not None, HAS_LENGTHS=has_lengths, POOL_I32=pool_i32,
-                        PDL=pdl, SINGLE_PASS=single, **launch_kwargs, **dot_options(qw.dtype))
+                        PDL=pdl, **launch_kwargs, **dot_options(qw.dtype))
     launched = {}
     with on_device_of(q):  # Triton launches on the current CUDA device
         def launch(cfg):  # split_len is a multiple of every BLOCK_N a step-down reaches
             if not is_interpreter():
                 cfg = {**cfg, **_register_cap(cfg, int8, rows, pad, qw.element_size())}
-            _decode_split[(splits, B * HKV)](qw, kw, vw, lengths, leftpad, o_part, lse_part, out, table, ks, vs,
+            _decode_split[(splits, B * HKV)](qw, kw, vw, lengths, leftpad, o_part, lse_part, table, ks, vs,
                                              *split_args, **{**split_kwargs, **cfg})
             launched.update(cfg)
 
@@ -720,9 +708,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         merge_args = (*out.stride(), HKV, group, Nq, D, splits)
         merge_kwargs = dict(ROWS=rows, SPLITS=max(2, _next_power_of_2(splits)), HEAD_DIM=pad, num_warps=4, PDL=pdl,
                             **launch_kwargs)
-        merge_grid = None if single else (B * HKV, group * Nq)
-        if merge_grid is not None:
-            _decode_merge[merge_grid](o_part, lse_part, out, *merge_args, **merge_kwargs)
+        _decode_merge[(B * HKV, group * Nq)](o_part, lse_part, out, *merge_args, **merge_kwargs)
     if full_cache and qw is q and kw is k_cache and vw is v_cache:  # (no conversion or copy was needed)
         if len(_FULL_CACHE_PLANS) >= _MAX_PLANS:  # forget the oldest (another thread may be at it too)
             try:
@@ -730,7 +716,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             except (StopIteration, RuntimeError):
                 pass
         _FULL_CACHE_PLANS[key] = _Plan(tuple(out.shape), (B * HKV, splits, rows, pad), (splits, B * HKV), split_args,
-                                       {**split_kwargs, **launched}, merge_grid, merge_args, merge_kwargs)
+                                       {**split_kwargs, **launched}, (B * HKV, group * Nq), merge_args, merge_kwargs)
     return out
 
 
@@ -744,7 +730,7 @@ class _Plan:
     split_grid: tuple
     split_args: tuple
     split_kwargs: dict
-    merge_grid: tuple | None  # None: one split, which writes the output itself
+    merge_grid: tuple
     merge_args: tuple
     merge_kwargs: dict
 
@@ -760,16 +746,12 @@ def _plan_key(q, k_cache, v_cache, num_splits, causal, scale) -> tuple:
 
 def _launch(plan: _Plan, q, k_cache, v_cache) -> torch.Tensor:
     out = empty(plan.out_shape, dtype=q.dtype, device=q.device)
-    if plan.merge_grid is None:  # one split: no partials
-        o_part = lse_part = out
-    else:
-        o_part = empty(plan.part_shape, dtype=torch.float32, device=q.device)
-        lse_part = empty(plan.part_shape[:3], dtype=torch.float32, device=q.device)
+    o_part = empty(plan.part_shape, dtype=torch.float32, device=q.device)
+    lse_part = empty(plan.part_shape[:3], dtype=torch.float32, device=q.device)
     with on_device_of(q):  # q stands in for the tensors the kernel does not read (lengths, pages, scales)
-        _decode_split[plan.split_grid](q, k_cache, v_cache, q, q, o_part, lse_part, out, q, q, q, *plan.split_args,
+        _decode_split[plan.split_grid](q, k_cache, v_cache, q, q, o_part, lse_part, q, q, q, *plan.split_args,
                                        **plan.split_kwargs)
-        if plan.merge_grid is not None:
-            _decode_merge[plan.merge_grid](o_part, lse_part, out, *plan.merge_args, **plan.merge_kwargs)
+        _decode_merge[plan.merge_grid](o_part, lse_part, out, *plan.merge_args, **plan.merge_kwargs)
     return out
 
 

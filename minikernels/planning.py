@@ -53,8 +53,6 @@ CHOICES: dict[str, str] = {
                          "(elem_bytes: the query's): BLOCK_N, num_warps, num_stages",
     "decode.pdl": "(device, int8) -> whether the split and merge kernels launch with programmatic dependent "
                   "launch where the GPU has it (Hopper and later; by default for 16-bit caches, not int8)",
-    "decode.single_pass": "whether a call whose keys are not split (1 split) has the split kernel write the "
-                          "output itself, with no partials and no merge launch (default: yes)",
     # masks and estimators
     "masks.rule_elements": "how many (query, key) pairs from_mask_fn asks its rule about at once",
     "antidiagonal.tiles": "(head_dim, elem_bytes) -> the scoring kernel's tiles: BLOCK_A, BLOCK_B, D_CHUNK, "

@@ -256,34 +256,6 @@ def test_int8_cache(paged, dtype):
     assert rel_error(out, full) < INT8_VS_FULL
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("cache", ["dense", "paged", "int8 paged"])
-def test_one_split_writes_what_its_merge_would(cache, dtype):
-    """With one split (what large batches get) the split kernel writes the output itself and no merge
-    runs: bit for bit what the merge of that one split writes (the "decode.single_pass" override turns
-    it off), rows that see no key included (zeros), and equal to the reference."""
-    q, kc, vc = qkv(3, 4, 2, 3, 90, 32, dtype=dtype, seed=71)
-    lengths = lengths_of(90, 0, 37)
-    kwargs, ref_kwargs = {}, {}
-    if cache == "int8 paged":
-        kc, vc, ks, vs = int8_cache(kc, vc)
-        kc, vc, table, ks, vs = paginate(kc, vc, 16, lengths, scales=(ks, vs))
-        kwargs = ref_kwargs = {"block_table": table, "k_scale": ks, "v_scale": vs}
-    elif cache == "paged":
-        kc, vc, table, _, _ = paginate(kc, vc, 16, lengths)
-        kwargs = ref_kwargs = {"block_table": table}
-    outs = []
-    for single_pass in (True, False):
-        with planning.override({"decode.single_pass": single_pass}), poisoned():
-            outs.append(mk.decode_attention(q, kc, vc, lengths, 1, True, **kwargs))
-    assert torch.equal(outs[0], outs[1])
-    assert torch.equal(outs[0][1], torch.zeros_like(outs[0][1]))  # length 0: no key, zeros
-    ref = mk.reference.decode_attention(q.double(), kc if cache == "int8 paged" else kc.double(),
-                                        vc if cache == "int8 paged" else vc.double(), lengths, causal=True,
-                                        **ref_kwargs)
-    assert_close(outs[0], ref, dtype, name=f"one split, {cache}")
-
-
 def test_int8_with_bf16_queries():
     q, kc, vc = qkv(2, 2, 1, 1, 50, 32, dtype=torch.bfloat16, seed=8)
     kq, vq, ks, vs = int8_cache(kc, vc)
@@ -667,7 +639,7 @@ def _chained_steps(q, kc, vc, steps, **kwargs):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("num_splits", [None, 1], ids=["split", "one_split"])  # one: no merge kernel
+@pytest.mark.parametrize("num_splits", [None, 1], ids=["split", "one_split"])  # one: a merge of one split
 @pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
 def test_gpu_chained_calls_wait_for_the_kernel_ahead(paged, num_splits):
     """Launched with programmatic dependent launch (Hopper; forced through the "decode.pdl" override),

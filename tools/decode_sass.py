@@ -26,7 +26,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from minikernels.decode import _decode_split  # noqa: E402
 
-POINTERS = {"Q": "bf16", "SEQLENS": "i32", "LEFTPAD": "i32", "O_PART": "fp32", "LSE_PART": "fp32", "OUT": "bf16",
+POINTERS = {"Q": "bf16", "SEQLENS": "i32", "LEFTPAD": "i32", "O_PART": "fp32", "LSE_PART": "fp32",
             "BLOCK_TABLE": "i32"}
 UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd"}  # Triton specializes an argument equal to 1
 
@@ -38,8 +38,7 @@ def compile_split(page_size: int, int8: bool, maxnreg: int | None = None):
     constants = dict(CAUSAL=False, ROWS=16, BLOCK_N=128 if int8 else 64, HEAD_DIM=128, DOT_PREC="tf32",
                      PAGE_SIZE=page_size, QUANTIZED=int8, HAS_LEFTPAD=False, HAS_LENGTHS=True,
                      POOL_I32=True,  # the pools fit 32-bit offsets, as the benchmark's do
-                     PDL=False,  # launched plainly
-                     SINGLE_PASS=False)  # split (the benchmark's 8 kv heads: 4 splits)
+                     PDL=False)  # launched plainly, as by default
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(_decode_split.arg_names):
         if name in pointers:
