@@ -75,8 +75,9 @@ def dot_options(dtype: torch.dtype) -> dict:
 
 
 @functools.cache
-def _capability(index: int | None) -> tuple[int, int]:
-    # asked on every launch that may take descriptors: looked up once per device
+def capability(index: int | None) -> tuple[int, int]:
+    """The compute capability of CUDA device ``index`` (None: the current one), looked up once per device:
+    launches that may take tensor descriptors or programmatic dependent launch ask it on every call."""
     return torch.cuda.get_device_capability(index)
 
 
@@ -86,7 +87,7 @@ def tma_ready(*ts: torch.Tensor) -> bool:
     and in a layout a descriptor can describe: unit stride along the last dimension, the base and the
     other strides 16-byte aligned, no zero strides (broadcast views)."""
     def has_tma(t):
-        return t.device.type == "cuda" and _capability(t.device.index)[0] >= 9
+        return t.device.type == "cuda" and capability(t.device.index)[0] >= 9
 
     if not is_interpreter() and not all(has_tma(t) for t in ts):
         return False

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from . import planning
 from ._alloc import empty
-from ._backend import dot_options, is_interpreter, on_device_of
+from ._backend import capability, dot_options, is_interpreter, on_device_of
 from ._common import (
     LOG2E,
     TF32_FALLBACK,
@@ -415,14 +415,7 @@ def use_pdl(device: torch.device, int8: bool = False) -> bool:
     book/notes/kv_cache.md, "Launching ahead" and "Two programs an SM, and PDL for 16-bit caches")."""
     supported = gdc_wait is not None and not is_interpreter() and device.type == "cuda"
     return bool(supported and planning.decide("decode.pdl", not int8, device, int8)
-                and _capability_major(device.index if device.index is not None else torch.cuda.current_device())
-                >= 9)
-
-
-@functools.cache
-def _capability_major(index: int) -> int:
-    """The compute capability's major number of CUDA device ``index`` (asked once: it is on every call's path)."""
-    return torch.cuda.get_device_capability(index)[0]
+                and capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9)
 
 
 def _pools_fit_int32(*pools: torch.Tensor) -> bool:
