@@ -50,6 +50,7 @@ from ._common import (
     split_operands,
 )
 from ._validate import (
+    KERNEL_DTYPES,
     MAX_HEAD_DIM,
     check_attention_inputs,
     check_same_device,
@@ -66,6 +67,7 @@ except ImportError:
     gdc_launch_dependents = gdc_wait = None
 
 MAX_SPLITS = 64
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis: the split kernel's (sequence, kv head) pairs
 PROGRAMS_PER_SM = 3  # split programs an SM holds at once (shared memory; int8: its register cap, _register_cap)
 PLANNED_PER_SM_16BIT = 2  # the split count's target for a 16-bit cache: one wave of two programs an SM
 REGISTERS_PER_SM = 65536  # 32-bit registers of an SM (every NVIDIA GPU from Kepler to Hopper)
@@ -436,9 +438,11 @@ def _check_cache(q, k_cache, v_cache, paged: bool, int8: bool) -> None:
         return
     layout = "[num_pages, page_size, Hkv, D]" if paged else "[B, Hkv, Nmax, D]"
     check_tensor("q", q, ndim=4, shape_hint="[B, H, Nq, D]")
-    cache_dtypes = (torch.int8,) if int8 else (q.dtype,)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        check_tensor(name, t, dtypes=cache_dtypes, ndim=4, shape_hint=layout)
+        check_tensor(name, t, dtypes=(torch.int8,) if int8 else KERNEL_DTYPES, ndim=4, shape_hint=layout)
+    if not int8 and not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise TypeError(f"q, k_cache, v_cache must share one dtype (or the caches be int8 codes), got {q.dtype}, "
+                        f"{k_cache.dtype}, {v_cache.dtype}")
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache)
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must have the same shape {layout}, got {tuple(k_cache.shape)} and "
@@ -477,16 +481,17 @@ def _check_scales(k_cache, k_scale, v_scale, int8: bool) -> None:
 
 
 def _check_block_table(block_table, batch: int, device: torch.device) -> torch.Tensor:
-    """An int32 (or int64, converted) tensor [B, max_pages] on q's device; returns it as int32, with
-    whatever strides it has (the kernel takes both)."""
+    """An int32 (or int64) tensor [B, max_pages] on q's device (its entries are checked, then an int64
+    table is converted to int32, by ``decode_attention``)."""
     if not isinstance(block_table, torch.Tensor) or block_table.dtype not in (torch.int32, torch.int64):
         got = block_table.dtype if isinstance(block_table, torch.Tensor) else type(block_table).__name__
         raise TypeError(f"block_table must be an int32 (or int64) tensor [B, max_pages], got {got}")
     if block_table.dim() != 2 or block_table.shape[0] != batch:
-        raise ValueError(f"block_table must have shape [B, max_pages] with B = {batch}, got {tuple(block_table.shape)}")
+        raise ValueError(f"block_table must have shape [B, max_pages] with B = {batch} (q's batch), got "
+                         f"{tuple(block_table.shape)}")
     if block_table.device != device:
         raise ValueError(f"block_table is on {block_table.device}, q on {device}: put them on one device")
-    return block_table.to(torch.int32)
+    return block_table
 
 
 def _check_lengths_tensor(name: str, t, batch: int, device: torch.device) -> None:
@@ -566,19 +571,20 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     keys ``cache_leftpad[b] <= j < cache_seqlens[b]`` (a left-padded batch, as ``generate`` pads);
     checked with the lengths, in the same host read. A dense cache too large for 32-bit offsets inside a
     (batch, head) slice that is a strided view (e.g. ``[B, N, Hkv, D].transpose(1, 2)``) is copied on
-    every call: pass a contiguous ``[B, Hkv, N, D]`` cache to avoid the copy.
+    every call: pass a contiguous ``[B, Hkv, N, D]`` cache to avoid the copy. A batch of more than 65535
+    (sequence, kv head) pairs, what one launch's grid holds on CUDA, is launched in slices of sequences.
 
     **Paged cache** (``block_table`` given; the convention of FlashAttention's ``flash_attn_with_kvcache``
     and vLLM): k_cache and v_cache are pools of pages ``[num_pages, page_size, Hkv, D]``, page_size a
     multiple of 16, and ``block_table`` an int32 tensor ``[B, max_pages]`` of any strides (int64 is
-    accepted and converted, a small copy each call): token t of sequence b lives in page
-    ``block_table[b, t // page_size]`` at row ``t % page_size``. Then Nmax = max_pages * page_size:
-    ``cache_seqlens`` defaults to it and must not exceed it; the last page may be partly filled. Only
-    the first ceil(L_b / page_size) entries of row b are read (checked to lie in [0, num_pages) on the
-    host; the rest may hold anything, e.g. -1); while a CUDA graph is captured that check is skipped
-    and the kernel clamps each page index into [0, num_pages) (an empty pool, num_pages = 0, gives
-    zeros there; outside capture positive lengths on it are refused). Pages may be shared between
-    sequences (a common prefix).
+    accepted: its used entries are checked, then it is converted to int32, a small copy each call):
+    token t of sequence b lives in page ``block_table[b, t // page_size]`` at row ``t % page_size``.
+    Then Nmax = max_pages * page_size: ``cache_seqlens`` defaults to it and must not exceed it; the last
+    page may be partly filled. Only the first ceil(L_b / page_size) entries of row b are read (checked to
+    lie in [0, num_pages) on the host; the rest may hold anything, e.g. -1); while a CUDA graph is
+    captured that check is skipped and the kernel clamps each page index into [0, num_pages) (an empty
+    pool, num_pages = 0, gives zeros there; outside capture positive lengths on it are refused). Pages
+    may be shared between sequences (a common prefix).
 
     **int8 cache** (k_cache, v_cache of dtype ``torch.int8``): ``k_scale`` and ``v_scale`` are then
     required, float32 of shape ``k_cache.shape[:-1]`` (one scale per key and kv head: ``[B, Hkv, Nmax]``
@@ -625,8 +631,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     # tensors the kernel does not read (their switch is off) are stood in for by q
     lengths = cache_seqlens if has_lengths else q
     leftpad = cache_leftpad.to(torch.int32).contiguous() if cache_leftpad is not None else q
-    if paged:
+    if paged:  # (an int64 table's entries are checked before they are narrowed: 2^32 must not become page 0)
         _check_pages_used(block_table, cache_seqlens, page_size, num_pages)
+        block_table = block_table.to(torch.int32)  # the kernel takes any strides
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)):
         raise TypeError(f"num_splits must be a positive int or None, got {type(num_splits).__name__}")
     if num_splits is not None and num_splits < 1:
@@ -685,13 +692,24 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     split_kwargs = dict(CAUSAL=causal, ROWS=rows, HEAD_DIM=pad, PAGE_SIZE=page_size, QUANTIZED=int8,
                         HAS_LEFTPAD=cache_leftpad is not None, HAS_LENGTHS=has_lengths, POOL_I32=pool_i32,
                         PDL=pdl, **launch_kwargs, **dot_options(qw.dtype))
+    # the split grid's second axis holds the (sequence, kv head) pairs, at most MAX_GRID_Y of them: a
+    # larger batch is launched in slices of whole sequences (the merge's grid has room for all of them)
+    grid_y = planning.decide("decode.max_grid_y", MAX_GRID_Y)
+    per_launch = grid_y // HKV
+    if per_launch < 1:
+        raise ValueError(f"decode_attention launches one program per kv head of a sequence: Hkv = {HKV} is more "
+                         f"than a CUDA grid's second axis holds ({grid_y})")
+    slices = [(lo, min(B, lo + per_launch)) for lo in range(0, B, per_launch)]
     launched = {}
     with on_device_of(q):  # Triton launches on the current CUDA device
         def launch(cfg):  # split_len is a multiple of every BLOCK_N a step-down reaches
             if not is_interpreter():
                 cfg = {**cfg, **_register_cap(cfg, int8, rows, pad, qw.element_size())}
-            _decode_split[(splits, B * HKV)](qw, kw, vw, lengths, leftpad, o_part, lse_part, table, ks, vs,
-                                             *split_args, **{**split_kwargs, **cfg})
+            for lo, hi in slices:
+                args = (qw, kw, vw, lengths, leftpad, o_part, lse_part, table, ks, vs)
+                if len(slices) > 1:
+                    args = _batch_slice(args, lo, hi, HKV, paged, int8, has_lengths, cache_leftpad is not None)
+                _decode_split[(splits, (hi - lo) * HKV)](*args, *split_args, **{**split_kwargs, **cfg})
             launched.update(cfg)
 
         # a configuration the compiler finds too large for this GPU's shared memory steps down: fewer
@@ -702,7 +720,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         merge_kwargs = dict(ROWS=rows, SPLITS=max(2, _next_power_of_2(splits)), HEAD_DIM=pad, num_warps=4, PDL=pdl,
                             **launch_kwargs)
         _decode_merge[(B * HKV, group * Nq)](o_part, lse_part, out, *merge_args, **merge_kwargs)
-    if full_cache and qw is q and kw is k_cache and vw is v_cache:  # (no conversion or copy was needed)
+    if full_cache and qw is q and kw is k_cache and vw is v_cache and len(slices) == 1:  # (no copy was needed)
         if len(_FULL_CACHE_PLANS) >= _MAX_PLANS:  # forget the oldest (another thread may be at it too)
             try:
                 _FULL_CACHE_PLANS.pop(next(iter(_FULL_CACHE_PLANS)), None)
@@ -746,6 +764,19 @@ def _launch(plan: _Plan, q, k_cache, v_cache) -> torch.Tensor:
                                        **plan.split_kwargs)
         _decode_merge[plan.merge_grid](o_part, lse_part, out, *plan.merge_args, **plan.merge_kwargs)
     return out
+
+
+def _batch_slice(args: tuple, lo: int, hi: int, hkv: int, paged: bool, int8: bool, has_lengths: bool,
+                 has_leftpad: bool) -> tuple:
+    """The split kernel's tensors (q, k, v, lengths, leftpad, o_part, lse_part, table, k_scale, v_scale)
+    for sequences [lo, hi) of the batch: views with the same strides, so the kernel's arguments stay as
+    they are. A page pool is not sliced (the table's rows are), nor a tensor the kernel does not read."""
+    q, k, v, lengths, leftpad, o_part, lse_part, table, ks, vs = args
+    rows, pairs = slice(lo, hi), slice(lo * hkv, hi * hkv)
+    dense, dense_int8 = not paged, int8 and not paged
+    return (q[rows], k[rows] if dense else k, v[rows] if dense else v, lengths[rows] if has_lengths else lengths,
+            leftpad[rows] if has_leftpad else leftpad, o_part[pairs], lse_part[pairs],
+            table[rows] if paged else table, ks[rows] if dense_int8 else ks, vs[rows] if dense_int8 else vs)
 
 
 def _cache_strides(t: torch.Tensor, paged: bool) -> tuple[int, int, int, int]:

@@ -23,6 +23,7 @@ scale per token and kv head, ``max |x| / 127`` over the head dim (symmetric absm
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -229,7 +230,9 @@ class PagedKVCache:
         page = table.gather(1, pos // self.page_size).flatten().to(self.device)
         row = (pos % self.page_size).flatten().to(self.device)
         for t, pages, scales in ((k, self.k_pages, self.k_scale), (v, self.v_pages, self.v_scale)):
-            tokens = t.transpose(1, 2).reshape(-1, self.num_kv_heads, self.head_dim)  # [B*T, Hkv, D]
+            # the pools are buffers: a k or v that requires grad (a model's projection) is stored detached,
+            # or the pools would join its graph and keep every step's graph alive
+            tokens = t.detach().transpose(1, 2).reshape(-1, self.num_kv_heads, self.head_dim)  # [B*T, Hkv, D]
             if self.quantize:
                 codes, scale = quantize_int8(tokens)
                 pages[page, row], scales[page, row] = codes, scale
@@ -261,8 +264,12 @@ class PagedKVCache:
         the pages, this block table and these lengths (and the scales, when quantized)."""
         from .decode import decode_attention
 
-        return decode_attention(q, self.k_pages, self.v_pages, self.seqlens(seq_ids), num_splits, causal,
-                                scale=scale, block_table=self.block_table(seq_ids), k_scale=self.k_scale,
+        ids = self._ids(seq_ids)
+        if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[0] != len(ids):
+            raise ValueError(f"q has a batch of {q.shape[0]} but {len(ids)} sequence id(s) were given: q needs one "
+                             "entry per sequence, in the order of seq_ids")
+        return decode_attention(q, self.k_pages, self.v_pages, self.seqlens(ids), num_splits, causal,
+                                scale=scale, block_table=self.block_table(ids), k_scale=self.k_scale,
                                 v_scale=self.v_scale)
 
     def gather(self, seq_ids: int | Sequence[int], dtype: torch.dtype | None = None):
@@ -289,7 +296,19 @@ class PagedKVCache:
 
     @staticmethod
     def _ids(seq_ids) -> list[int]:
-        return [seq_ids] if isinstance(seq_ids, int) and not isinstance(seq_ids, bool) else list(seq_ids)
+        """One id or several (ints, numpy integers, or an integer tensor or array of them) as a list of ints."""
+        if hasattr(seq_ids, "tolist"):  # a tensor, or a numpy scalar or array: Python numbers (bools stay bools)
+            seq_ids = seq_ids.tolist()
+        ids = [seq_ids] if isinstance(seq_ids, numbers.Integral) else seq_ids
+        try:
+            ids = list(ids)
+        except TypeError:
+            raise TypeError(f"seq_ids must be a sequence id (an int) or several, got "
+                            f"{type(seq_ids).__name__}") from None
+        for s in ids:
+            if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+                raise TypeError(f"seq_ids must be ints, got {type(s).__name__} {s!r}")
+        return [int(s) for s in ids]
 
     def _check_known(self, ids: list[int]) -> None:
         unknown = [s for s in ids if s not in self._pages]

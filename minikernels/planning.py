@@ -51,6 +51,8 @@ CHOICES: dict[str, str] = {
                          "are split into when the caller does not say",
     "decode.split_int8": "(rows, head_dim, elem_bytes) -> the split kernel's configuration on an int8 cache "
                          "(elem_bytes: the query's): BLOCK_N, num_warps, num_stages",
+    "decode.max_grid_y": "the most (sequence, kv head) pairs one launch of the split kernel takes (CUDA's limit "
+                         "on a grid's second axis)",
     "decode.pdl": "(device, int8) -> whether the split and merge kernels launch with programmatic dependent "
                   "launch where the GPU has it (Hopper and later; by default for 16-bit caches, not int8)",
     # masks and estimators

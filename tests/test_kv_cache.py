@@ -120,6 +120,43 @@ def test_bad_use():
         quantize_int8(torch.ones(3, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_appending_tensors_that_require_grad_keeps_the_pools_out_of_autograd(quantize):
+    """k and v straight from a model's projection (requires_grad) are stored as values: the pools (and
+    scales) stay plain buffers, and attention through the cache needs no torch.no_grad()."""
+    cache = PagedKVCache(8, 16, HKV, D, dtype=torch.float32, quantize=quantize)
+    s = cache.new_sequence()
+    proj = torch.nn.Linear(D, D).to(DEVICE)
+    k, v = (proj(t) for t in tokens(1, 20, seed=30))
+    cache.append(s, k, v)
+    for t in (cache.k_pages, cache.v_pages, cache.k_scale, cache.v_scale):
+        assert t is None or (not t.requires_grad and t.grad_fn is None)
+    q = randn(1, 4, 1, D, seed=32)
+    kd, vd = cache.gather(s)
+    assert_close(cache.attend(q, s), mk.reference.decode_attention(q.double(), kd.double(), vd.double()),
+                 name="cache.attend after appending tensors that require grad")
+
+
+def test_sequence_ids_of_any_integer_type():
+    """numpy integers and integer tensors name sequences as ints do; other ids, and a q whose batch is
+    not one entry per id, are refused with the argument named."""
+    np = pytest.importorskip("numpy")
+    cache = PagedKVCache(8, 16, HKV, D, dtype=torch.float32)
+    a, b = cache.new_sequence(), cache.new_sequence()
+    cache.append([a, b], *tokens(2, 18, seed=33))
+    q = randn(2, 4, 1, D, seed=34)
+    want = cache.attend(q, [a, b])
+    for ids in (np.array([a, b]), torch.tensor([a, b]), [np.int64(a), torch.tensor(b).item()]):
+        assert torch.equal(cache.attend(q, ids), want)
+    assert torch.equal(cache.attend(q[1:], np.int64(b)), cache.attend(q[1:], b))
+    assert torch.equal(cache.seqlens(torch.tensor(a)), cache.seqlens(a))
+    for bad in ([float(a), b], torch.tensor([True, False]), "ab", [a, None]):
+        with pytest.raises(TypeError, match="seq_ids must be"):
+            cache.attend(q, bad)
+    with pytest.raises(ValueError, match="q has a batch of 2 but 1 sequence id"):
+        cache.attend(q, a)
+
+
 def test_int8_pool_is_about_half_the_bytes():
     full = PagedKVCache(8, 16, HKV, 128, dtype=torch.float16)
     int8 = PagedKVCache(8, 16, HKV, 128, dtype=torch.float16, quantize="int8")

@@ -358,6 +358,63 @@ def test_bad_block_table():
         mk.decode_attention(q, kp[0], vp, lengths, block_table=table)
 
 
+def test_int64_block_table_is_checked_before_it_is_narrowed():
+    """An int64 entry that int32 would wrap onto a page of the pool (2^32 + 1 -> page 1) is refused, not read."""
+    q, kc, vc = qkv(2, 2, 1, 1, 32, 16, seed=10)
+    lengths = lengths_of(32, 20)
+    kp, vp, table, _, _ = paginate(kc, vc, 16, lengths)
+    for bad in (2**32, 2**32 + 1, -(2**32)):
+        t = table.long()
+        t[1, 1] = bad
+        with pytest.raises(ValueError, match=rf"block_table\[1, 1\] = {bad} is not a page of k_cache"):
+            mk.decode_attention(q, kp, vp, lengths, block_table=t)
+    t = table.long()
+    t[1, 1:] = 2**40  # past the sequence's pages: never read, so any value is allowed
+    t[1, 1] = table[1, 1]
+    assert torch.equal(mk.decode_attention(q, kp, vp, lengths, block_table=t),
+                       mk.decode_attention(q, kp, vp, lengths, block_table=table))
+
+
+def test_paged_cache_of_another_dtype_than_q():
+    q, kc, vc = qkv(2, 2, 1, 1, 32, 16, dtype=torch.float32, seed=10)
+    lengths = lengths_of(32, 20)
+    kp, vp, table, _, _ = paginate(kc, vc, 16, lengths)
+    with pytest.raises(TypeError, match="q, k_cache, v_cache must share one dtype .*float16, torch.float32"):
+        mk.decode_attention(q.half(), kp, vp, lengths, block_table=table)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("int8", [False, True])
+def test_batches_larger_than_one_grid_launch_in_slices(paged, int8):
+    """More (sequence, kv head) pairs than a grid's second axis holds (65535 on CUDA; 5 here, through the
+    override) are launched in slices of whole sequences (2, 2 and 1 of the 5): the same output, bit for
+    bit, with lengths and left padding read for the right sequences."""
+    q, kc, vc = qkv(5, 4, 2, 1, 70, 32, seed=21)
+    lengths, leftpad = lengths_of(70, 33, 0, 1, 64), lengths_of(0, 5, 0, 0, 17)
+    scales = ref_scales = {}
+    if int8:
+        kc, vc, ks, vs = int8_cache(kc, vc)
+        scales = ref_scales = {"k_scale": ks, "v_scale": vs}
+    extra = dict(scales)
+    if paged:
+        kc, vc, table, ksp, vsp = paginate(kc, vc, 16, lengths, scales=(ks, vs) if int8 else None)
+        extra = {"block_table": table, **({"k_scale": ksp, "v_scale": vsp} if int8 else {})}
+    whole = mk.decode_attention(q, kc, vc, lengths, 3, cache_leftpad=leftpad, **extra)
+    with planning.override({"decode.max_grid_y": 5}), poisoned():
+        sliced = mk.decode_attention(q, kc, vc, lengths, 3, cache_leftpad=leftpad, **extra)
+    assert torch.equal(sliced, whole)
+    if not paged:
+        ref = mk.reference.decode_attention(q.double(), kc if int8 else kc.double(), vc if int8 else vc.double(),
+                                            lengths, cache_leftpad=leftpad, **ref_scales)
+        assert_close(sliced, ref, q.dtype, name="sliced launches vs reference")
+        if not int8:  # every sequence full (no lengths tensor at all)
+            full = mk.decode_attention(q, kc, vc, num_splits=3)
+            with planning.override({"decode.max_grid_y": 4}), poisoned():
+                assert torch.equal(mk.decode_attention(q, kc, vc, num_splits=3), full)
+    with planning.override({"decode.max_grid_y": 1}), pytest.raises(ValueError, match="Hkv = 2 is more than"):
+        mk.decode_attention(q, kc, vc, lengths, **extra)
+
+
 def test_bad_scales():
     q, kc, vc = qkv(2, 2, 1, 1, 32, 16, seed=11)
     kq, vq, ks, vs = int8_cache(kc, vc)
