@@ -134,7 +134,8 @@ def _decode_split(Q, K, V, SEQLENS, LEFTPAD, O_PART, LSE_PART, BLOCK_TABLE, K_SC
     b = bhk // HKV
     hk = bhk % HKV
     if PDL:  # launched before the kernel ahead of it ended: wait for it (it may have written q or the
-        # cache), then let the merge launch, so that its programs are resident when this grid ends
+        # cache), then let the next kernel launch (the merge, or the next slice of a large batch), so that
+        # its programs are resident when this grid ends
         gdc_wait()
         gdc_launch_dependents()
     if HAS_LENGTHS:
@@ -633,6 +634,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     leftpad = cache_leftpad.to(torch.int32).contiguous() if cache_leftpad is not None else q
     if paged:  # (an int64 table's entries are checked before they are narrowed: 2^32 must not become page 0)
         _check_pages_used(block_table, cache_seqlens, page_size, num_pages)
+        if block_table.dtype == torch.int64:  # out-of-range entries stay out of range in int32 (under capture
+            block_table = block_table.clamp(-1, num_pages)  # they are unchecked, and the kernel clamps them)
         block_table = block_table.to(torch.int32)  # the kernel takes any strides
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)):
         raise TypeError(f"num_splits must be a positive int or None, got {type(num_splits).__name__}")

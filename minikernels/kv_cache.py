@@ -296,7 +296,7 @@ class PagedKVCache:
 
     @staticmethod
     def _ids(seq_ids) -> list[int]:
-        """One id or several (ints, numpy integers, or an integer tensor or array of them) as a list of ints."""
+        """One id or several (ints, numpy or 0-d torch integers, or an integer tensor or array) as ints."""
         if hasattr(seq_ids, "tolist"):  # a tensor, or a numpy scalar or array: Python numbers (bools stay bools)
             seq_ids = seq_ids.tolist()
         ids = [seq_ids] if isinstance(seq_ids, numbers.Integral) else seq_ids
@@ -305,10 +305,13 @@ class PagedKVCache:
         except TypeError:
             raise TypeError(f"seq_ids must be a sequence id (an int) or several, got "
                             f"{type(seq_ids).__name__}") from None
+        out = []
         for s in ids:
+            s = s.tolist() if hasattr(s, "tolist") else s  # a 0-d tensor or numpy integer: a Python number
             if isinstance(s, bool) or not isinstance(s, numbers.Integral):
                 raise TypeError(f"seq_ids must be ints, got {type(s).__name__} {s!r}")
-        return [int(s) for s in ids]
+            out.append(int(s))
+        return out
 
     def _check_known(self, ids: list[int]) -> None:
         unknown = [s for s in ids if s not in self._pages]

@@ -146,7 +146,7 @@ def test_sequence_ids_of_any_integer_type():
     cache.append([a, b], *tokens(2, 18, seed=33))
     q = randn(2, 4, 1, D, seed=34)
     want = cache.attend(q, [a, b])
-    for ids in (np.array([a, b]), torch.tensor([a, b]), [np.int64(a), torch.tensor(b).item()]):
+    for ids in (np.array([a, b]), torch.tensor([a, b]), [np.int64(a), torch.tensor(b)], list(torch.tensor([a, b]))):
         assert torch.equal(cache.attend(q, ids), want)
     assert torch.equal(cache.attend(q[1:], np.int64(b)), cache.attend(q[1:], b))
     assert torch.equal(cache.seqlens(torch.tensor(a)), cache.seqlens(a))

@@ -608,7 +608,7 @@ def test_gpu_batch_beyond_the_grid_limit(paged):
     """4100 sequences of 16 kv heads: 65600 (sequence, kv head) pairs, more than a CUDA grid's second
     axis holds, so the split kernel is launched in slices; the output equals two calls on halves of the
     batch (each within the limit), bit for bit, and the reference on some of its sequences."""
-    b, hkv, n = 4100, 16, 48
+    b, hkv, n = 4100, 16, 160  # 2 splits of a 160-key cache: the merge combines partials of every slice
     q, kc, vc = qkv(b, hkv, hkv, 1, n, 64, dtype=torch.bfloat16, seed=41)
     lengths = (torch.arange(b, device=DEVICE) % (n + 1)).to(torch.int32)
     extra = {}
@@ -622,7 +622,7 @@ def test_gpu_batch_beyond_the_grid_limit(paged):
         part = {"block_table": table[lo:hi]} if paged else {}
         k_part, v_part = (kc, vc) if paged else (kc[lo:hi], vc[lo:hi])
         assert torch.equal(out[lo:hi], mk.decode_attention(q[lo:hi], k_part, v_part, lengths[lo:hi], 2, **part))
-    some = torch.tensor([0, 1, 47, 48, 2049, 4098, 4099], device=DEVICE)
+    some = torch.tensor([0, 1, 160, 161, 2049, 4098, 4099], device=DEVICE)
     dense_k, dense_v = qkv(b, hkv, hkv, 1, n, 64, dtype=torch.bfloat16, seed=41)[1:]
     ref = mk.reference.decode_attention(q[some].double(), dense_k[some].double(), dense_v[some].double(),
                                         lengths[some])
