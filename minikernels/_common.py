@@ -103,6 +103,10 @@ SMEM_MARGIN = 16 * 1024
 # package's float32 tolerance on a GPU (testing.tolerance)
 TF32_FALLBACK = {"DOT_PREC": "tf32"}
 
+# CUDA's limit on a grid's second and third axes (the first takes 2^31 - 1): a launch whose batch, heads
+# or sequences lie on them takes at most this many, and larger ones are launched in slices
+MAX_GRID_YZ = 65535
+
 
 @functools.cache
 def _device_shared_memory(index: int) -> int:

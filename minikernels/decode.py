@@ -38,6 +38,7 @@ from ._alloc import empty
 from ._backend import capability, dot_options, is_interpreter, on_device_of
 from ._common import (
     LOG2E,
+    MAX_GRID_YZ,
     TF32_FALLBACK,
     compute_dtype,
     fit_shared_memory,
@@ -67,7 +68,6 @@ except ImportError:
     gdc_launch_dependents = gdc_wait = None
 
 MAX_SPLITS = 64
-MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis: the split kernel's (sequence, kv head) pairs
 PROGRAMS_PER_SM = 3  # split programs an SM holds at once (shared memory; int8: its register cap, _register_cap)
 PLANNED_PER_SM_16BIT = 2  # the split count's target for a 16-bit cache: one wave of two programs an SM
 REGISTERS_PER_SM = 65536  # 32-bit registers of an SM (every NVIDIA GPU from Kepler to Hopper)
@@ -695,9 +695,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     split_kwargs = dict(CAUSAL=causal, ROWS=rows, HEAD_DIM=pad, PAGE_SIZE=page_size, QUANTIZED=int8,
                         HAS_LEFTPAD=cache_leftpad is not None, HAS_LENGTHS=has_lengths, POOL_I32=pool_i32,
                         PDL=pdl, **launch_kwargs, **dot_options(qw.dtype))
-    # the split grid's second axis holds the (sequence, kv head) pairs, at most MAX_GRID_Y of them: a
+    # the split grid's second axis holds the (sequence, kv head) pairs, at most MAX_GRID_YZ of them: a
     # larger batch is launched in slices of whole sequences (the merge's grid has room for all of them)
-    grid_y = planning.decide("decode.max_grid_y", MAX_GRID_Y)
+    grid_y = planning.decide("decode.max_grid_y", MAX_GRID_YZ)
     per_launch = grid_y // HKV
     if per_launch < 1:
         raise ValueError(f"decode_attention launches one program per kv head of a sequence: Hkv = {HKV} is more "

@@ -33,6 +33,7 @@ from ._autograd import once_differentiable
 from ._backend import dot_options, is_interpreter, on_device_of
 from ._common import (
     LOG2E,
+    MAX_GRID_YZ,
     TF32_FALLBACK,
     base2_lse_for_backward,
     compute_dtype,
@@ -253,10 +254,6 @@ def _launch(key, cfg: dict, launch) -> None:
 # --------------------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------------------
-
-# CUDA's limit on a grid's second and third axes, which hold the heads and the sequences
-MAX_GRID_YZ = 65535
-
 
 def _sequence_slices(batch: int):
     """(first sequence, count) of each launch: the sequences in slices the grid's third axis can hold

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from .._backend import is_interpreter
+from .._common import MAX_GRID_YZ
 
 MAX_STATE = 256
 
@@ -23,7 +24,7 @@ MAX_STATE = 256
 FWD_CONFIG = {"BD": 8, "T": 4, "num_warps": 1, "fast_log": True, "pack_bf16": True, "maxnreg": 128}
 
 
-MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis (the batch's here)
+MAX_GRID_Y = MAX_GRID_YZ  # CUDA's limit on a grid's second axis (the batch's here)
 
 
 def fast_log() -> bool:
