@@ -391,11 +391,11 @@ def test_batches_larger_than_one_grid_launch_in_slices(paged, int8):
     bit, with lengths and left padding read for the right sequences."""
     q, kc, vc = qkv(5, 4, 2, 1, 70, 32, seed=21)
     lengths, leftpad = lengths_of(70, 33, 0, 1, 64), lengths_of(0, 5, 0, 0, 17)
-    scales = ref_scales = {}
+    scales = {}
     if int8:
         kc, vc, ks, vs = int8_cache(kc, vc)
-        scales = ref_scales = {"k_scale": ks, "v_scale": vs}
-    extra = dict(scales)
+        scales = {"k_scale": ks, "v_scale": vs}
+    extra = scales
     if paged:
         kc, vc, table, ksp, vsp = paginate(kc, vc, 16, lengths, scales=(ks, vs) if int8 else None)
         extra = {"block_table": table, **({"k_scale": ksp, "v_scale": vsp} if int8 else {})}
@@ -405,7 +405,7 @@ def test_batches_larger_than_one_grid_launch_in_slices(paged, int8):
     assert torch.equal(sliced, whole)
     if not paged:
         ref = mk.reference.decode_attention(q.double(), kc if int8 else kc.double(), vc if int8 else vc.double(),
-                                            lengths, cache_leftpad=leftpad, **ref_scales)
+                                            lengths, cache_leftpad=leftpad, **scales)
         assert_close(sliced, ref, q.dtype, name="sliced launches vs reference")
         if not int8:  # every sequence full (no lengths tensor at all)
             full = mk.decode_attention(q, kc, vc, num_splits=3)
