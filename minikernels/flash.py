@@ -37,6 +37,7 @@ from ._autograd import once_differentiable
 from ._backend import dot_options, is_interpreter, on_device_of
 from ._common import (
     LOG2E,
+    MAX_GRID_YZ,
     TF32_FALLBACK,
     base2_lse_for_backward,
     compute_dtype,
@@ -436,6 +437,19 @@ def _launch(key, cfg: dict, launch) -> None:
 # host side
 # --------------------------------------------------------------------------------------------------
 
+def _batch_slices(batch: int, heads: int):
+    """[lo, hi) ranges of whole batch entries, one a launch: the grids put (batch, head) on their second
+    axis, which takes at most MAX_GRID_YZ programs, so a larger batch is launched in slices (each kernel
+    addresses its tensors through batch strides, and the logsumexp and delta rows are contiguous in
+    (batch, head), so a slice is a set of views)."""
+    most = planning.decide("flash.max_grid_y", MAX_GRID_YZ)
+    per_launch = most // heads
+    if per_launch < 1:
+        raise ValueError(f"flash_attention launches one program per (batch, head): {heads} heads are more than "
+                         f"a CUDA grid's second axis holds ({most})")
+    return [(lo, min(batch, lo + per_launch)) for lo in range(0, batch, per_launch)]
+
+
 def launch_forward(q, k, v, causal: bool, scale: float, cfg: dict | None = None):
     B, H, Nq, D = q.shape
     HKV, Nk = k.shape[1], k.shape[2]
@@ -447,9 +461,11 @@ def launch_forward(q, k, v, causal: bool, scale: float, cfg: dict | None = None)
     pad = head_dim_pad(D)
 
     def launch(cfg):
-        _attn_fwd[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * H)](
-            q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, H // HKV, Nq, Nk, D,
-            scale * LOG2E, CAUSAL=causal, EVEN_D=(pad == D), HEAD_DIM=pad, **{**dot_options(q.dtype), **cfg})
+        for lo, hi in _batch_slices(B, H):
+            _attn_fwd[(triton.cdiv(Nq, cfg["BLOCK_M"]), (hi - lo) * H)](
+                q[lo:hi], k[lo:hi], v[lo:hi], o[lo:hi], lse[lo:hi], *q.stride(), *k.stride(), *v.stride(),
+                *o.stride(), H, H // HKV, Nq, Nk, D, scale * LOG2E, CAUSAL=causal, EVEN_D=(pad == D),
+                HEAD_DIM=pad, **{**dot_options(q.dtype), **cfg})
 
     _launch(("fwd", pad, q.element_size(), causal), cfg, launch)
     return o, lse
@@ -461,8 +477,10 @@ def row_delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
     delta = empty((B, H, Nq), dtype=torch.float32, device=o.device)  # every row written by _bwd_delta
     if delta.numel() == 0:
         return delta
-    _bwd_delta[(triton.cdiv(Nq, 64), B * H)](o, do, delta, *o.stride(), *do.stride(), H, Nq, D,
-                                              BLOCK_M=64, HEAD_DIM=head_dim_pad(D))
+    for lo, hi in _batch_slices(B, H):
+        _bwd_delta[(triton.cdiv(Nq, 64), (hi - lo) * H)](o[lo:hi], do[lo:hi], delta[lo:hi], *o.stride(),
+                                                         *do.stride(), H, Nq, D, BLOCK_M=64,
+                                                         HEAD_DIM=head_dim_pad(D))
     return delta
 
 
@@ -479,16 +497,19 @@ def launch_backward(q, k, v, o, lse, do, causal: bool, scale: float, dkdv_cfg: d
     dv = empty(v.shape, dtype=v.dtype, device=v.device)
 
     def launch_dkdv(cfg):
-        _attn_bwd_dkdv[(triton.cdiv(Nk, cfg["BLOCK_N"]), B * HKV)](
-            q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-            *dk.stride(), *dv.stride(), H, HKV, H // HKV, Nq, Nk, D, scale, scale * LOG2E,
-            CAUSAL=causal, HEAD_DIM=pad, **{**dot_options(q.dtype), **cfg})
+        for lo, hi in _batch_slices(B, HKV):
+            _attn_bwd_dkdv[(triton.cdiv(Nk, cfg["BLOCK_N"]), (hi - lo) * HKV)](
+                q[lo:hi], k[lo:hi], v[lo:hi], do[lo:hi], dk[lo:hi], dv[lo:hi], lse[lo:hi], delta[lo:hi],
+                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), H, HKV,
+                H // HKV, Nq, Nk, D, scale, scale * LOG2E, CAUSAL=causal, HEAD_DIM=pad,
+                **{**dot_options(q.dtype), **cfg})
 
     def launch_dq(cfg):
-        _attn_bwd_dq[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * H)](
-            q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-            H, H // HKV, Nq, Nk, D, scale, scale * LOG2E, CAUSAL=causal, HEAD_DIM=pad,
-            **{**dot_options(q.dtype), **cfg})
+        for lo, hi in _batch_slices(B, H):
+            _attn_bwd_dq[(triton.cdiv(Nq, cfg["BLOCK_M"]), (hi - lo) * H)](
+                q[lo:hi], k[lo:hi], v[lo:hi], do[lo:hi], dq[lo:hi], lse[lo:hi], delta[lo:hi], *q.stride(),
+                *k.stride(), *v.stride(), *do.stride(), *dq.stride(), H, H // HKV, Nq, Nk, D, scale,
+                scale * LOG2E, CAUSAL=causal, HEAD_DIM=pad, **{**dot_options(q.dtype), **cfg})
 
     if Nk > 0:  # (no key: dK and dV are empty)
         _launch(("dkdv", pad, q.element_size(), causal), dkdv_cfg or launch_config("dkdv", D, q.element_size()),

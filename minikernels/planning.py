@@ -34,6 +34,7 @@ CHOICES: dict[str, str] = {
                  "num_stages (and DOT_PREC for float32 when its 3xtf32 tiles do not fit)",
     "flash.dkdv": "(head_dim, elem_bytes) -> the dK/dV kernel's configuration (BLOCK_N keys resident)",
     "flash.dq": "(head_dim, elem_bytes) -> the dQ kernel's configuration (BLOCK_M query rows resident)",
+    "flash.max_grid_y": "the most (batch, head) pairs one launch takes (CUDA's limit on a grid's second axis)",
     # variable-length (packed) attention: flash attention's tiles unless overridden
     "varlen.fwd": "(head_dim, elem_bytes) -> the varlen forward's configuration (as flash.fwd)",
     "varlen.dkdv": "(head_dim, elem_bytes) -> the varlen dK/dV kernel's configuration (as flash.dkdv)",

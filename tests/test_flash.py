@@ -52,6 +52,30 @@ def test_no_keys_at_all():
     assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
 
 
+
+def _outputs_and_grads(q, k, v, causal):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    with poisoned():
+        out, lse = mk.flash_attention(q, k, v, causal=causal, return_lse=True)
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    return (out, lse, *grads)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_batches_larger_than_one_grid_launch_in_slices(causal):
+    """A grid's second axis holds at most 65535 (batch, head) pairs; a larger batch is launched in
+    slices of whole batch entries. With the limit lowered to 5 pairs, the forward (4 heads) takes one
+    entry a launch and dK/dV (2 kv heads) two, an uneven last slice: bit-equal to one launch each."""
+    q, k, v = qkv(3, 4, 2, 40, 33, 32, seed=21)
+    whole = _outputs_and_grads(q, k, v, causal)
+    with planning.override({"flash.max_grid_y": 5}):
+        sliced = _outputs_and_grads(q, k, v, causal)
+        check_flash(q, k, v, causal=causal)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), sliced, whole):
+        assert torch.equal(a, b), name
+    with planning.override({"flash.max_grid_y": 3}), pytest.raises(ValueError, match="4 heads are more than"):
+        mk.flash_attention(q, k, v)
+
 @pytest.mark.parametrize("h,hkv", [(4, 2), (4, 1), (6, 3)])
 def test_grouped_query_attention(h, hkv):
     check_flash(*qkv(2, h, hkv, 64, 80, 32, seed=h * hkv), causal=True)
@@ -306,6 +330,19 @@ def test_gpu_every_dtype_and_head_dim(d, dtype):
 @pytest.mark.parametrize("n", [1024, 4096, 1000])
 def test_gpu_large(n, d, causal):
     check_flash(*qkv(2, 4, 2, n, n, d, dtype=torch.bfloat16, seed=n + d), causal=causal)
+
+
+@pytest.mark.gpu
+def test_gpu_batch_beyond_the_grid_limit():
+    """4100 x 16 (batch, head) pairs, more than the 65535 a grid's second axis holds: launched in slices,
+    each slice's result equals the same sequences attended alone."""
+    q, k, v = qkv(4100, 16, 16, 24, 24, 64, dtype=torch.bfloat16, seed=5)
+    got = _outputs_and_grads(q, k, v, True)
+    for lo in (0, 4096):  # the first sequences and the last, which fall in different launches
+        alone = _outputs_and_grads(q[lo:lo + 4], k[lo:lo + 4], v[lo:lo + 4], True)
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, alone):
+            assert torch.equal(a[lo:lo + 4], b), (name, lo)
+    check_flash(q[4096:], k[4096:], v[4096:], causal=True)
 
 
 @pytest.mark.gpu
