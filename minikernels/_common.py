@@ -108,6 +108,18 @@ TF32_FALLBACK = {"DOT_PREC": "tf32"}
 MAX_GRID_YZ = 65535
 
 
+def batch_slices(batch: int, heads: int, most: int, op: str) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of whole batch entries, one a launch, for a grid whose second axis holds one
+    program per (batch entry, head) and takes at most ``most`` (MAX_GRID_YZ, or a planning override):
+    a larger batch is launched in slices. Kernels that address their tensors through batch strides,
+    with logsumexp-like rows contiguous in (batch, head), run a slice on views of the tensors."""
+    per_launch = most // heads
+    if per_launch < 1:
+        raise ValueError(f"{op} launches one program per (batch, head): {heads} heads are more than a CUDA "
+                         f"grid's second axis holds ({most})")
+    return [(lo, min(batch, lo + per_launch)) for lo in range(0, batch, per_launch)]
+
+
 @functools.cache
 def _device_shared_memory(index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]

@@ -40,6 +40,7 @@ from ._common import (
     MAX_GRID_YZ,
     TF32_FALLBACK,
     base2_lse_for_backward,
+    batch_slices,
     compute_dtype,
     fit_shared_memory,
     head_dim_pad,
@@ -437,17 +438,11 @@ def _launch(key, cfg: dict, launch) -> None:
 # host side
 # --------------------------------------------------------------------------------------------------
 
-def _batch_slices(batch: int, heads: int):
-    """[lo, hi) ranges of whole batch entries, one a launch: the grids put (batch, head) on their second
-    axis, which takes at most MAX_GRID_YZ programs, so a larger batch is launched in slices (each kernel
-    addresses its tensors through batch strides, and the logsumexp and delta rows are contiguous in
-    (batch, head), so a slice is a set of views)."""
-    most = planning.decide("flash.max_grid_y", MAX_GRID_YZ)
-    per_launch = most // heads
-    if per_launch < 1:
-        raise ValueError(f"flash_attention launches one program per (batch, head): {heads} heads are more than "
-                         f"a CUDA grid's second axis holds ({most})")
-    return [(lo, min(batch, lo + per_launch)) for lo in range(0, batch, per_launch)]
+def _batch_slices(batch: int, heads: int) -> list[tuple[int, int]]:
+    # the grids put (batch, head) on their second axis; every kernel addresses q, k, v, o and their
+    # gradients through batch strides and the logsumexp and delta rows by (batch, head), so a slice of
+    # the batch is a set of views
+    return batch_slices(batch, heads, planning.decide("flash.max_grid_y", MAX_GRID_YZ), "flash_attention")
 
 
 def launch_forward(q, k, v, causal: bool, scale: float, cfg: dict | None = None):

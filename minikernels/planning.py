@@ -45,6 +45,8 @@ CHOICES: dict[str, str] = {
                         "STREAM keys a step, num_warps, num_stages, TMA",
     "block_sparse.dq": "(block, head_dim, elem_bytes) -> the dQ kernel's configuration",
     "block_sparse.dkdv": "(block, head_dim, elem_bytes) -> the dK/dV kernel's configuration",
+    "block_sparse.max_grid_y": "the most (batch, head) pairs one launch takes (CUDA's limit on a grid's second "
+                               "axis)",
     # decoding
     "decode.split": "(rows, head_dim, elem_bytes) -> the split kernel's configuration: BLOCK_N, num_warps, "
                     "num_stages",

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minikernels as mk
-from minikernels import masks
+from minikernels import masks, planning
 from minikernels.testing import assert_close, poisoned, randn, strided_like, test_dtypes
 
 DTYPES = test_dtypes()
@@ -86,6 +86,29 @@ def test_rows_with_no_key_get_zeros():
     out = check_block_sparse(*qkv(1, 1, 1, 64, 64, 16, seed=4), bm)
     assert torch.equal(out[:, :, 10:40], torch.zeros_like(out[:, :, 10:40]))
 
+
+def _outputs_and_grads(q, k, v, bm):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    with poisoned():
+        out = mk.block_sparse_attention(q, k, v, bm)
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    return (out, *grads)
+
+
+def test_batches_larger_than_one_grid_launch_in_slices():
+    """A grid's second axis holds at most 65535 (batch, head) pairs; a larger batch is launched in
+    slices of whole batch entries. With the limit lowered to 5 pairs, the forward and dQ (4 heads) take
+    one entry a launch and dK/dV (2 kv heads) two, an uneven last slice: bit-equal to one launch."""
+    bm = masks.sliding_window(70, 20, block_size=16)
+    q, k, v = qkv(3, 4, 2, 70, 70, 32, seed=22)
+    whole = _outputs_and_grads(q, k, v, bm)
+    with planning.override({"block_sparse.max_grid_y": 5}):
+        sliced = _outputs_and_grads(q, k, v, bm)
+        check_block_sparse(q, k, v, bm)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), sliced, whole):
+        assert torch.equal(a, b), name
+    with planning.override({"block_sparse.max_grid_y": 3}), pytest.raises(ValueError, match="4 heads are more"):
+        mk.block_sparse_attention(q, k, v, bm)
 
 @given(n=st.integers(1, 80), nk=st.integers(1, 80), density=st.floats(0, 1), seed=st.integers(0, 999),
        block_size=st.sampled_from([16, 32]))
@@ -302,6 +325,20 @@ def test_gpu_every_dtype_head_dim_and_block(block_size, d, dtype):
     bm = masks.from_mask_fn(lambda i, j: (j <= i + 40) & ((i - j < 150) | (j % 7 == 0)), 300, 260,
                             block_size=block_size)
     check_block_sparse(*qkv(2, 4, 2, 300, 260, d, dtype=dtype, seed=d + block_size), bm)
+
+
+@pytest.mark.gpu
+def test_gpu_batch_beyond_the_grid_limit():
+    """4100 x 16 (batch, head) pairs, more than the 65535 a grid's second axis holds: launched in slices,
+    each slice's result equals the same sequences attended alone."""
+    bm = masks.causal(64, block_size=32)
+    q, k, v = qkv(4100, 16, 16, 64, 64, 64, dtype=torch.bfloat16, seed=6)
+    got = _outputs_and_grads(q, k, v, bm)
+    for lo in (0, 4096):  # the first sequences and the last, which fall in different launches
+        alone = _outputs_and_grads(q[lo:lo + 4], k[lo:lo + 4], v[lo:lo + 4], bm)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, alone):
+            assert torch.equal(a[lo:lo + 4], b), (name, lo)
+    check_block_sparse(q[4096:], k[4096:], v[4096:], bm)
 
 
 @pytest.mark.gpu

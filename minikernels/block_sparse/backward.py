@@ -12,7 +12,7 @@ from .._backend import dot_options
 from .._common import LOG2E, base2_lse_for_backward, head_dim_pad
 from ..masks import BlockMask
 from .loads import load_cols, load_rows, tma_rows
-from .plan import even_tiles, launch_config, launch_fitted, streamed_sources
+from .plan import batch_slices_of, even_tiles, launch_config, launch_fitted, streamed_sources
 
 
 @triton.jit
@@ -220,22 +220,24 @@ def launch_backward(q, k, v, o, lse, do, bm: BlockMask, scale: float, dq_cfg: di
     bs = bm.block_size
 
     def launch_dq(cfg):
-        cfg, (k_src, v_src) = streamed_sources(cfg, cfg["STREAM"], pad, k, v)
-        _bs_bwd_dq[(bm.n_q_blocks * (bs // cfg["SUB"]), B * H)](
-            q, k_src, v_src, o, do, dq, lse, delta, lay["q_order"], lay["kv_indices"], bm.kv_counts.contiguous(),
-            lay["kv_full"], lay["kv_band_end"], lay["tile_index"], lay["tiles"], lay["tile_lo"], lay["tile_hi"],
-            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(), H, H // HKV, Nq, Nk, D,
-            bm.kv_indices.shape[1], scale, scale * LOG2E,
-            EVEN=even_tiles(bm, D), BLOCK=bs, HEAD_DIM=pad, **{**dot_options(q.dtype), **cfg})
+        for lo, hi in batch_slices_of(B, H):
+            run, (k_src, v_src) = streamed_sources(cfg, cfg["STREAM"], pad, k[lo:hi], v[lo:hi])
+            _bs_bwd_dq[(bm.n_q_blocks * (bs // run["SUB"]), (hi - lo) * H)](
+                q[lo:hi], k_src, v_src, o[lo:hi], do[lo:hi], dq[lo:hi], lse[lo:hi], delta[lo:hi], lay["q_order"],
+                lay["kv_indices"], bm.kv_counts.contiguous(), lay["kv_full"], lay["kv_band_end"], lay["tile_index"],
+                lay["tiles"], lay["tile_lo"], lay["tile_hi"], *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+                *do.stride(), *dq.stride(), H, H // HKV, Nq, Nk, D, bm.kv_indices.shape[1], scale, scale * LOG2E,
+                EVEN=even_tiles(bm, D), BLOCK=bs, HEAD_DIM=pad, **{**dot_options(q.dtype), **run})
 
     def launch_dkdv(cfg):
-        cfg, (q_src, do_src) = streamed_sources(cfg, cfg["STREAM"], pad, q, do)
-        _bs_bwd_dkdv[(bm.n_kv_blocks * (bs // cfg["SUB"]), B * HKV)](
-            q_src, k, v, do_src, dk, dv, lse, delta, lay["kv_order"], lay["q_indices"], bm.q_counts.contiguous(),
-            lay["q_full"], lay["q_band_end"], lay["q_tile_index"], lay["tiles"], lay["tile_lo"], lay["tile_hi"],
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), H, HKV, H // HKV, Nq,
-            Nk, D, bm.q_indices.shape[1], scale, scale * LOG2E,
-            EVEN=even_tiles(bm, D), BLOCK=bs, HEAD_DIM=pad, **{**dot_options(q.dtype), **cfg})
+        for lo, hi in batch_slices_of(B, HKV):
+            run, (q_src, do_src) = streamed_sources(cfg, cfg["STREAM"], pad, q[lo:hi], do[lo:hi])
+            _bs_bwd_dkdv[(bm.n_kv_blocks * (bs // run["SUB"]), (hi - lo) * HKV)](
+                q_src, k[lo:hi], v[lo:hi], do_src, dk[lo:hi], dv[lo:hi], lse[lo:hi], delta[lo:hi], lay["kv_order"],
+                lay["q_indices"], bm.q_counts.contiguous(), lay["q_full"], lay["q_band_end"], lay["q_tile_index"],
+                lay["tiles"], lay["tile_lo"], lay["tile_hi"], *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+                *dk.stride(), *dv.stride(), H, HKV, H // HKV, Nq, Nk, D, bm.q_indices.shape[1], scale,
+                scale * LOG2E, EVEN=even_tiles(bm, D), BLOCK=bs, HEAD_DIM=pad, **{**dot_options(q.dtype), **run})
 
     launch_fitted(("dq", bs, pad, q.element_size()), dq_cfg or launch_config("dq", bs, D, q.element_size()), launch_dq)
     if bm.n_kv_blocks == 0:  # no keys: dK and dV are empty

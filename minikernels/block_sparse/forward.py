@@ -12,7 +12,7 @@ from .._backend import dot_options
 from .._common import LOG2E, head_dim_pad, natural_lse, online_softmax_step
 from ..masks import BlockMask
 from .loads import load_cols, load_rows, tma_rows
-from .plan import even_tiles, launch_config, launch_fitted, streamed_sources
+from .plan import batch_slices_of, even_tiles, launch_config, launch_fitted, streamed_sources
 
 
 @triton.jit
@@ -117,12 +117,14 @@ def launch_forward(q, k, v, bm: BlockMask, scale: float, cfg: dict | None = None
     pad = head_dim_pad(D)
 
     def launch(cfg):
-        cfg, (k_src, v_src) = streamed_sources(cfg, cfg["STREAM"], pad, k, v)
-        _bs_fwd[(bm.n_q_blocks * (bm.block_size // cfg["SUB"]), B * H)](
-            q, k_src, v_src, o, lse, lay["q_order"], lay["kv_indices"], bm.kv_counts.contiguous(), lay["kv_full"],
-            lay["kv_band_end"], lay["tile_index"], lay["tiles"], lay["tile_lo"], lay["tile_hi"],
-            *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, H // HKV, Nq, Nk, D, bm.kv_indices.shape[1],
-            scale * LOG2E, EVEN=even_tiles(bm, D), BLOCK=bm.block_size, HEAD_DIM=pad, **{**dot_options(q.dtype), **cfg})
+        for lo, hi in batch_slices_of(B, H):
+            run, (k_src, v_src) = streamed_sources(cfg, cfg["STREAM"], pad, k[lo:hi], v[lo:hi])
+            _bs_fwd[(bm.n_q_blocks * (bm.block_size // run["SUB"]), (hi - lo) * H)](
+                q[lo:hi], k_src, v_src, o[lo:hi], lse[lo:hi], lay["q_order"], lay["kv_indices"],
+                bm.kv_counts.contiguous(), lay["kv_full"], lay["kv_band_end"], lay["tile_index"], lay["tiles"],
+                lay["tile_lo"], lay["tile_hi"], *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, H // HKV, Nq,
+                Nk, D, bm.kv_indices.shape[1], scale * LOG2E, EVEN=even_tiles(bm, D), BLOCK=bm.block_size,
+                HEAD_DIM=pad, **{**dot_options(q.dtype), **run})
 
     launch_fitted(("fwd", bm.block_size, pad, q.element_size()),
             cfg or launch_config("fwd", bm.block_size, D, q.element_size()), launch)

@@ -10,7 +10,9 @@ import torch
 from .. import planning
 from .._backend import is_interpreter, tma_ready
 from .._common import (
+    MAX_GRID_YZ,
     TF32_FALLBACK,
+    batch_slices,
     fit_shared_memory,
     head_dim_pad,
     launch_fitting,
@@ -96,6 +98,14 @@ def launch_fitted(key, cfg: dict, launch) -> None:
     # then smaller pieces of the block (STREAM, then SUB), then (float32) single-pass tf32
     launch_fitting(key, cfg, launch, ("STREAM", "SUB"), resident="SUB",
                    relaxed=TF32_FALLBACK if key[3] == 4 else None)
+
+
+def batch_slices_of(batch: int, heads: int) -> list[tuple[int, int]]:
+    """[lo, hi) batch ranges, one launch each: the grids put (batch, head) on their second axis (at most
+    MAX_GRID_YZ programs); the mask is shared by every (batch, head), the tensors are addressed through
+    batch strides and the logsumexp and delta rows by (batch, head), so a slice is a set of views."""
+    return batch_slices(batch, heads, planning.decide("block_sparse.max_grid_y", MAX_GRID_YZ),
+                        "block_sparse_attention")
 
 
 def streamed_sources(cfg: dict, rows: int, head_dim: int, *ts: torch.Tensor) -> tuple[dict, tuple]:
