@@ -38,7 +38,7 @@ import triton.language as tl
 from . import planning
 from ._alloc import empty
 from ._backend import dot_options, is_interpreter, on_device_of, tma_ready
-from ._common import LOG2E, compute_dtype, head_dim_pad
+from ._common import LOG2E, MAX_GRID_YZ, batch_slices, compute_dtype, head_dim_pad
 from ._validate import int32_addressable
 
 # patch rows / columns per tile, head-dimension slice per pipeline step (for 16-bit inputs), warps,
@@ -227,7 +227,6 @@ def _scores_per_head(q: torch.Tensor, k: torch.Tensor, stride: int, block_size: 
     # rows contiguous, and no padding of D (a wider tile would read the next row, not zeros)
     tma = ((is_interpreter() or tiles["TMA"]) and n_q % stride == 0 and n_k % stride == 0 and tma_ready(q, k)
            and d == head_dim and q.stride(2) == d and k.stride(2) == d)
-    q_src, k_src = q, k
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -235,14 +234,21 @@ def _scores_per_head(q: torch.Tensor, k: torch.Tensor, stride: int, block_size: 
             return TensorDescriptor(t, [*t.shape[:2], t.shape[2] // stride, stride * d],
                                     [*t.stride()[:2], t.stride(2) * stride, 1], [1, 1, rows, d_chunk])
 
-        q_src, k_src = patches(q, block_a), patches(k, block_b)
+    # the grid's second axis holds (batch, head), at most MAX_GRID_YZ: a larger batch goes in slices of
+    # whole batch entries, each on views of q, k and of the [B*H, ...] buffers
+    most = planning.decide("antidiagonal.max_grid_y", MAX_GRID_YZ)
     with on_device_of(q):
-        _antidiagonal_scores[(na // block_a, B * H)](
-            q_src, k_src, part, tmax, out, *q.stride(), *k.stride(), H, H // k.shape[1], n_q, n_k, d, na, nb, n_tiles,
-            n_k - n_q, LOG2E / (math.sqrt(d) * stride), CAUSAL=causal, STRIDE=stride, PER=per,
-            BLOCK_A=block_a, BLOCK_B=block_b, HEAD_DIM=head_dim, D_CHUNK=d_chunk, TMA=tma,
-            num_warps=4 if is_interpreter() else tiles["num_warps"],
-            num_stages=1 if is_interpreter() else tiles["num_stages"], **dot_options(q.dtype))
+        for lo, hi in batch_slices(B, H, most, "antidiagonal_block_scores"):
+            qs, ks = q[lo:hi], k[lo:hi]
+            use_tma = tma and tma_ready(qs, ks)  # (a slice starts further in: its alignment is checked again)
+            q_src, k_src = (patches(qs, block_a), patches(ks, block_b)) if use_tma else (qs, ks)
+            rows = slice(lo * H, hi * H)
+            _antidiagonal_scores[(na // block_a, (hi - lo) * H)](
+                q_src, k_src, part[rows], tmax[rows], out[rows], *q.stride(), *k.stride(), H, H // k.shape[1],
+                n_q, n_k, d, na, nb, n_tiles, n_k - n_q, LOG2E / (math.sqrt(d) * stride), CAUSAL=causal,
+                STRIDE=stride, PER=per, BLOCK_A=block_a, BLOCK_B=block_b, HEAD_DIM=head_dim, D_CHUNK=d_chunk,
+                TMA=use_tma, num_warps=4 if is_interpreter() else tiles["num_warps"],
+                num_stages=1 if is_interpreter() else tiles["num_stages"], **dot_options(q.dtype))
     return out
 
 

@@ -62,6 +62,8 @@ CHOICES: dict[str, str] = {
     "masks.rule_elements": "how many (query, key) pairs from_mask_fn asks its rule about at once",
     "antidiagonal.tiles": "(head_dim, elem_bytes) -> the scoring kernel's tiles: BLOCK_A, BLOCK_B, D_CHUNK, "
                           "num_warps, num_stages, TMA",
+    "antidiagonal.max_grid_y": "the most (batch, head) pairs one launch of the scoring kernel takes (CUDA's "
+                               "limit on a grid's second axis)",
     # linear attention (and mk.ssd, which runs on its kernels)
     "linear.segments": "(programs, n_chunks, sms) -> how many segments the state pass cuts the sequence into",
     "linear.fused_segments": "(programs, n_chunks, sms) -> how many segments the one-walk passes cut it into",

@@ -269,6 +269,26 @@ def test_antidiagonal_descriptor_and_pointer_loads_agree():
     assert torch.allclose(got_tma, got_ptr, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("strided", [False, True])
+def test_antidiagonal_batches_beyond_one_grid_launch_in_slices(strided):
+    """The scoring grid's second axis holds at most 65535 (batch, head) pairs; a larger batch is scored
+    in slices of whole batch entries. With the limit lowered to 5 pairs (one entry of 4 heads a launch):
+    bit-equal to one launch, through tensor descriptors and through pointer loads."""
+    from minikernels import antidiagonal
+    from minikernels.testing import randn
+
+    q, k = randn(3, 4, 96, 16, seed=7), randn(3, 2, 100, 16, seed=8)
+    if strided:  # patch rows H*D apart: pointer loads
+        q, k = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k))
+    whole = antidiagonal.block_scores(q, k, 4, 32)
+    with planning.override({"antidiagonal.max_grid_y": 5}):
+        sliced = antidiagonal.block_scores(q, k, 4, 32)
+        with planning.override({"antidiagonal.max_grid_y": 3}), pytest.raises(ValueError, match="4 heads are"):
+            antidiagonal.block_scores(q, k, 4, 32)
+    assert torch.equal(sliced, whole)
+    want = masks.antidiagonal_block_scores(q.double(), k.double(), 4, 32).mean(dim=(0, 1))
+    assert torch.allclose(sliced, want.float(), rtol=1e-4, atol=1e-6)
+
 def keep_until_threshold(scores, threshold):
     """The selection of XAttention by sorting: rank each row's blocks by score, keep them in order
     while the blocks ranked above hold less than ``threshold`` of the row's total."""
@@ -347,6 +367,20 @@ def test_gpu_antidiagonal_kernel_long_bf16():
     got = antidiagonal.block_scores(q, k, 8, 128)
     want = masks.antidiagonal_block_scores(q.double(), k.double(), 8, 128).mean(dim=(0, 1))
     assert_close(got, want, torch.bfloat16, name="antidiagonal block scores, N = 4096")
+
+
+@pytest.mark.gpu
+def test_gpu_antidiagonal_batch_beyond_the_grid_limit():
+    """4100 x 16 (batch, head) pairs, more than the 65535 a grid's second axis holds: scored in slices;
+    the scores of the last few entries (in the second launch) equal theirs scored alone."""
+    from minikernels import antidiagonal
+    from minikernels.testing import randn
+
+    q, k = randn(4100, 16, 64, 64, seed=9, dtype=torch.bfloat16), randn(4100, 16, 64, 64, seed=10, dtype=torch.bfloat16)
+    scores = antidiagonal.block_scores(q, k, 8, 32)
+    mean_of_slices = (4096 * antidiagonal.block_scores(q[:4096], k[:4096], 8, 32)
+                      + 4 * antidiagonal.block_scores(q[4096:], k[4096:], 8, 32)) / 4100
+    assert torch.allclose(scores, mean_of_slices, rtol=1e-4, atol=1e-6)
 
 
 def planted(n=256, d=32, needle=37, seed=0):
