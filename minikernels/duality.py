@@ -26,7 +26,7 @@ import torch
 
 from ._autograd import keep_in_graph
 from ._validate import check_flag, check_same_device, check_tensor
-from .linear import MAX_FEATURE_DIM, LinearAttentionFunction, check_chunk_size
+from .linear import MAX_FEATURE_DIM, apply_in_batch_slices, check_chunk_size
 
 
 def _expand_groups(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -115,8 +115,8 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
         q, k = C.reshape(b * groups, 1, N, n), B.reshape(b * groups, 1, N, n)
         s0 = initial_state.reshape(b * groups, per, n, dv) if initial_state is not None else None
         # the log-decay dt * A is built from the weights and the rate A (a row of heads per group)
-        y, state = LinearAttentionFunction.apply(q, k, x.reshape(b * groups, per, N, dv), None, s0, chunk_size, x.dtype,
-                                          dt.reshape(b * groups, per, N), A.reshape(groups, per))
+        y, state = apply_in_batch_slices(q, k, x.reshape(b * groups, per, N, dv), None, s0, chunk_size, x.dtype,
+                                         dt.reshape(b * groups, per, N), A.reshape(groups, per))
         y, state = y.reshape(b, heads, N, dv), state.reshape(b, heads, n, dv)
     if D is not None:
         y = (y.float() + D.float()[None, :, None, None] * x.float()).to(x.dtype)

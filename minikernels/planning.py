@@ -65,6 +65,8 @@ CHOICES: dict[str, str] = {
     "antidiagonal.max_grid_y": "the most (batch, head) pairs one launch of the scoring kernel takes (CUDA's "
                                "limit on a grid's second axis)",
     # linear attention (and mk.ssd, which runs on its kernels)
+    "linear.max_grid_y": "the most (batch, head) pairs one call of the kernels takes (CUDA's limit on a grid's "
+                         "second and third axes)",
     "linear.segments": "(programs, n_chunks, sms) -> how many segments the state pass cuts the sequence into",
     "linear.fused_segments": "(programs, n_chunks, sms) -> how many segments the one-walk passes cut it into",
     "linear.state_grad_segments": "(q, dv, chunk) -> how many segments the reverse state pass cuts it into",

@@ -195,6 +195,29 @@ def test_two_halves_with_the_carried_state_equal_one_pass():
     assert_close(s2, s_whole, torch.float32)
 
 
+def _outputs_and_grads(q, k, v, g, s0):
+    ins = [t.detach().requires_grad_() for t in (q, k, v, g, s0)]
+    with poisoned():
+        out, state = mk.linear_attention(*ins[:3], decay=ins[3], initial_state=ins[4], chunk_size=16,
+                                         return_state=True)
+        grads = torch.autograd.grad(out.sum() + state.sum(), ins)
+    return (out, state, *grads)
+
+
+def test_batches_larger_than_one_grid_launch_in_slices():
+    """The kernels put (batch, head) on a grid axis of at most 65535 programs; a larger batch runs in
+    slices of whole batch entries. With the limit lowered to 9 pairs (two entries of 4 heads a call,
+    an uneven last slice): bit-equal to one call, output, state and every gradient."""
+    q, k, v, g, s0 = make(5, 4, 40, 16, 16, torch.float32, seed=31, state=True)
+    whole = _outputs_and_grads(q, k, v, g, s0)
+    with planning.override({"linear.max_grid_y": 9}):
+        sliced = _outputs_and_grads(q, k, v, g, s0)
+        check(q, k, v, g, s0)
+        with planning.override({"linear.max_grid_y": 3}), pytest.raises(ValueError, match="4 heads are more"):
+            mk.linear_attention(q, k, v)
+    for name, a, b_ in zip(("out", "state", "dq", "dk", "dv", "ddecay", "ds0"), sliced, whole):
+        assert torch.equal(a, b_), name
+
 def test_gradient_of_the_state_alone():
     """Only the final state feeds the loss: the output's gradient is absent, not zero-filled."""
     q, k, v, g, s0 = make(1, 1, 20, 16, 16, torch.float32, seed=10, state=True)
@@ -250,6 +273,18 @@ def test_gpu_float32_backward_at_model_size(chunk):
     """float32 with Dk = Dv = 128: _la_dqdk takes its Dv blocks in a loop (128 KB of shared memory at
     chunks of 64, 160 KB at 128 on the H200, Triton 3.6: no narrower Dk block needed)."""
     check(*make(1, 2, 1000, 128, 128, torch.float32, seed=22, strength=0.1, state=True), chunk=chunk)
+
+
+@pytest.mark.gpu
+def test_gpu_batch_beyond_the_grid_limit():
+    """4100 x 16 (batch, head) pairs, more than the 65535 a grid axis holds: run in slices; the last
+    entries (in the second slice) and the first equal the same entries run alone."""
+    q, k, v, g, s0 = make(4100, 16, 40, 64, 64, torch.bfloat16, seed=32, strength=0.1, state=True)
+    got = _outputs_and_grads(q, k, v, g, s0)
+    for lo in (0, 4096):
+        alone = _outputs_and_grads(*(t[lo:lo + 4] for t in (q, k, v, g, s0)))
+        for name, a, b_ in zip(("out", "state", "dq", "dk", "dv", "ddecay", "ds0"), got, alone):
+            assert_close(a[lo:lo + 4], b_, torch.bfloat16, name=f"{name}, entries {lo}..{lo + 3}")
 
 
 @pytest.mark.gpu

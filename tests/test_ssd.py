@@ -59,6 +59,30 @@ def test_groups_equal_heads_and_a_single_group():
     check(*make(g=1, seed=2))
 
 
+@pytest.mark.parametrize("most", [6, 8])
+def test_batches_larger_than_one_grid_launch_in_slices(most):
+    """The kernels put (batch entry, group) pairs times the group's heads on a grid axis of at most
+    65535 programs; a larger batch runs in slices of whole batch entries (each slice keeps every group
+    of an entry, whose heads read rows of A). With the limit lowered to 6 (one entry of 2 groups x 2
+    heads a call) and to 8 (two, an uneven last slice): bit-equal to one call, but for dA, a sum over
+    the batch that autograd adds up slice by slice (another order of float32 additions)."""
+    x, dt, A, B, C, D, s0 = make(b=3, h=4, g=2, n=40, seed=33)
+
+    def run():
+        ins = [t.detach().requires_grad_() for t in (x, dt, A, B, C, D, s0)]
+        with poisoned():
+            y, state = mk.ssd(*ins[:5], D=ins[5], initial_state=ins[6], return_final_state=True)
+            return (y, state, *torch.autograd.grad(y.sum() + state.sum(), ins))
+
+    whole = run()
+    with planning.override({"linear.max_grid_y": most}):
+        sliced = run()
+    for name, a, b in zip(("y", "state", "dx", "ddt", "dA", "dB", "dC", "dD", "ds0"), sliced, whole):
+        if name == "dA":
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(a, b), name
+
 @pytest.mark.parametrize("most", [1, 2, 4, 8])
 def test_backward_sums_a_groups_heads_in_pieces(most):
     # _la_dqdk sums the gradients of B and C over the heads of a group that share them: all 6 heads
@@ -210,6 +234,25 @@ def test_gpu_float32_chunks_of_128():
     halved = [fitted["BK"] for (key, start), fitted in _common.fitted_launches().items()
               if key[0] == "dqdk" and key[2] == torch.float32 and key[3] == 128 and not key[7]]
     assert halved and max(halved) < 128
+
+
+@pytest.mark.gpu
+def test_gpu_batch_beyond_the_grid_limit():
+    """4100 entries x 16 heads, more than the 65535 (entry, head) pairs a grid axis holds: run in
+    slices; the first and last entries (in different slices) equal the same entries run alone."""
+    x, dt, A, B, C, D, s0 = make(b=4100, h=16, g=1, n=40, p=64, s=64, dtype=torch.bfloat16, seed=34)
+
+    def run(lo, hi):
+        ins = [t[lo:hi].detach().requires_grad_() for t in (x, dt, B, C, s0)]
+        with poisoned():
+            y, state = mk.ssd(ins[0], ins[1], A, ins[2], ins[3], initial_state=ins[4], return_final_state=True)
+            return (y, state, *torch.autograd.grad(y.float().sum() + state.sum(), ins))
+
+    got = run(0, 4100)
+    for lo in (0, 4096):
+        alone = run(lo, lo + 4)
+        for name, a, b in zip(("y", "state", "dx", "ddt", "dB", "dC", "ds0"), got, alone):
+            assert_close(a[lo:lo + 4], b, torch.bfloat16, name=f"{name}, entries {lo}..{lo + 3}")
 
 
 @pytest.mark.gpu

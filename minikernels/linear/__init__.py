@@ -55,9 +55,16 @@ whole sequence instead, the rounding errors of q.dq - k.dk pile up with its leng
 
 from ..feature_maps import FEATURE_MAPS, apply_feature_map, mapped_features, taylor_features
 from . import autograd, backward, common, forms, forward, plan, states
-from .autograd import CHUNK_SIZES, MAX_FEATURE_DIM, LinearAttentionFunction, check_chunk_size, linear_attention
+from .autograd import (
+    CHUNK_SIZES,
+    MAX_FEATURE_DIM,
+    LinearAttentionFunction,
+    apply_in_batch_slices,
+    check_chunk_size,
+    linear_attention,
+)
 from .forms import chunked_form, parallel_form
 
 __all__ = ["CHUNK_SIZES", "FEATURE_MAPS", "MAX_FEATURE_DIM", "LinearAttentionFunction", "apply_feature_map",
-           "autograd", "backward", "check_chunk_size", "chunked_form", "common", "forms", "forward",
-           "linear_attention", "mapped_features", "parallel_form", "plan", "states", "taylor_features"]
+           "apply_in_batch_slices", "autograd", "backward", "check_chunk_size", "chunked_form", "common", "forms",
+           "forward", "linear_attention", "mapped_features", "parallel_form", "plan", "states", "taylor_features"]

@@ -7,9 +7,10 @@ from collections.abc import Callable
 
 import torch
 
+from .. import planning
 from .._autograd import keep_in_graph, once_differentiable
 from .._backend import on_device_of
-from .._common import compute_dtype
+from .._common import MAX_GRID_YZ, batch_slices, compute_dtype
 from .._validate import check_linear_attention_inputs, check_same_device, check_tensor, final_state_flag
 from ..feature_maps import mapped_features, normalized
 from .backward import backward
@@ -83,6 +84,26 @@ class LinearAttentionFunction(torch.autograd.Function):
                 drate.to(ctx.rate_dtype) if drate is not None else None)
 
 
+def apply_in_batch_slices(q, k, v, g, s0, chunk, out_dtype, w=None, rate=None):
+    """``LinearAttentionFunction.apply``, in slices of the batch when it has more (batch, head) pairs
+    than a grid axis holds (MAX_GRID_YZ): the kernels put B*H on their second or third axis (times a
+    few segments or head splits only when B*H is below the SM count). Batch entries are independent,
+    so each slice is its own autograd node and the outputs are concatenated. With a rate of R rows
+    (the log-decay reads rate[b % R]) a slice is whole groups of R entries."""
+    B, H = v.shape[:2]
+    per = rate.shape[0] if rate is not None else 1
+    most = planning.decide("linear.max_grid_y", MAX_GRID_YZ)
+    slices = batch_slices(B // per, H * per, most, "linear_attention")
+    if len(slices) == 1:
+        return LinearAttentionFunction.apply(q, k, v, g, s0, chunk, out_dtype, w, rate)
+    parts = []
+    for lo, hi in slices:
+        rows = slice(lo * per, hi * per)
+        q_s, k_s, v_s, g_s, s0_s, w_s = (t if t is None else t[rows] for t in (q, k, v, g, s0, w))
+        parts.append(LinearAttentionFunction.apply(q_s, k_s, v_s, g_s, s0_s, chunk, out_dtype, w_s, rate))
+    return torch.cat([o for o, _ in parts]), torch.cat([s for _, s in parts])
+
+
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor | None = None,
                      feature_map: str | Callable | None = None, normalize: bool = False, chunk_size: int = 64,
                      initial_state: torch.Tensor | None = None, return_state: bool | None = None,
@@ -142,7 +163,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: t
     # normalizing wants float32 numerator and denominator (either may exceed float16's range while
     # their ratio does not); otherwise the kernel writes the output's dtype directly
     out_dtype = torch.float32 if normalize else v.dtype
-    out, state = LinearAttentionFunction.apply(qf, kf, vv, decay, initial_state, chunk_size, out_dtype)
+    out, state = apply_in_batch_slices(qf, kf, vv, decay, initial_state, chunk_size, out_dtype)
     if normalize:
         out = normalized(out[..., :-1], out[..., -1:])
     out = out.to(v.dtype)
