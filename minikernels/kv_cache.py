@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import torch
 
 from ._backend import device as _backend_device
+from ._validate import KERNEL_DTYPES
 
 INT8_MAX = 127  # symmetric codes: -128 is never used, so negating a code never overflows
 
@@ -68,6 +69,8 @@ class PagedKVCache:
     each holding ``num_kv_heads`` heads of ``head_dim`` values for K and for V, and the sequences that
     own them.
 
+    * ``dtype``: float16, bfloat16 or float32, the dtypes ``decode_attention`` reads; what the values
+      stand for when they are stored as int8 codes.
     * ``k_pages``, ``v_pages``: ``[num_pages, page_size, num_kv_heads, head_dim]`` of ``dtype``, or of
       int8 with ``quantize="int8"``; then ``k_scale``, ``v_scale`` ``[num_pages, page_size, num_kv_heads]``
       float32 (else None). int8 codes and scales are stored head-major within a page (transposed views,
@@ -98,8 +101,9 @@ class PagedKVCache:
             raise ValueError(f"max_pages_per_seq must be a positive int or None, got {max_pages_per_seq!r}")
         if quantize not in (None, "int8"):
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating-point torch.dtype (what the cache stands for), got {dtype!r}")
+        if dtype not in KERNEL_DTYPES:  # the pages (or, quantized, their dequantized values) are what the kernel reads
+            raise TypeError("dtype must be torch.float16, torch.bfloat16 or torch.float32 (the dtypes decode_attention "
+                            f"reads), got {dtype!r}")
         self.num_pages, self.page_size, self.num_kv_heads, self.head_dim = num_pages, page_size, num_kv_heads, head_dim
         self.dtype, self.quantize, self.max_pages_per_seq = dtype, quantize, max_pages_per_seq
         self.device = torch.device(device) if device is not None else _backend_device()

@@ -116,6 +116,9 @@ def test_bad_use():
         PagedKVCache(4, 24, HKV, D)
     with pytest.raises(ValueError, match="quantize must be None or 'int8'"):
         PagedKVCache(4, 16, HKV, D, quantize="int4")
+    for dtype in (torch.float64, torch.int8, "float16"):  # decode_attention reads fp16, bf16, fp32 (int8 via quantize)
+        with pytest.raises(TypeError, match="dtype must be torch.float16, torch.bfloat16 or torch.float32"):
+            PagedKVCache(4, 16, HKV, D, dtype=dtype)
     with pytest.raises(TypeError, match=r"x must be a floating-point tensor \(quantize_int8\)"):
         quantize_int8(torch.ones(3, dtype=torch.int32))
 
