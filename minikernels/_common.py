@@ -109,14 +109,15 @@ MAX_GRID_YZ = 65535
 
 
 def batch_slices(batch: int, heads: int, most: int, op: str) -> list[tuple[int, int]]:
-    """[lo, hi) ranges of whole batch entries, one a launch, for a grid whose second axis holds one
-    program per (batch entry, head) and takes at most ``most`` (MAX_GRID_YZ, or a planning override):
+    """[lo, hi) ranges of whole batch entries, one a launch, for a grid whose second (or third) axis
+    holds one program per (batch entry, head) and takes at most ``most`` (MAX_GRID_YZ, or a planning
+    override):
     a larger batch is launched in slices. Kernels that address their tensors through batch strides,
     with logsumexp-like rows contiguous in (batch, head), run a slice on views of the tensors."""
     per_launch = most // heads
     if per_launch < 1:
-        raise ValueError(f"{op} launches one program per (batch, head): {heads} heads are more than a CUDA "
-                         f"grid's second axis holds ({most})")
+        raise ValueError(f"{op} launches one program per (batch, head): {heads} heads are more than one "
+                         f"axis of a CUDA grid holds ({most})")
     return [(lo, min(batch, lo + per_launch)) for lo in range(0, batch, per_launch)]
 
 
@@ -216,10 +217,11 @@ def launch_fitting(key, cfg: dict, launch, tiles: tuple[str, ...], least: int = 
                    relaxed: dict | None = None):
     """``launch(cfg)``, stepped down (``step_down``) while the compiled kernel asks for more shared
     memory than one program may have on this GPU: Triton raises OutOfResources when it loads the
-    compiled kernel, before it runs, so nothing was written. The planners estimate shared memory ahead
-    (``smem_estimate``) and are right for the configurations they were checked on; this is the net
-    under the rest (other GPUs, other Triton versions). A configuration that had to step down is
-    remembered under (key, cfg), so later calls start from it."""
+    compiled kernel, before it runs, so the failed launch wrote nothing (a launch in batch slices may
+    have written earlier slices; those launches only overwrite their outputs, so the retry is safe).
+    The planners estimate shared memory ahead (``smem_estimate``) and are right for the configurations
+    they were checked on; this is the net under the rest (other GPUs, other Triton versions). A
+    configuration that had to step down is remembered under (key, cfg), so later calls start from it."""
     start = tuple(sorted(cfg.items()))
     first = _FITTED.get((key, start))
     candidates = step_down(cfg, tiles, least, resident, relaxed)

@@ -57,11 +57,11 @@ def _default_tiles(head_dim: int, elem_bytes: int) -> dict:
     return t
 
 
-
 def tile_config(head_dim: int, elem_bytes: int) -> dict:
     """The scoring kernel's tiles for a padded head dim and element size: ``TILES`` with the head-dim
     slice fitted to the element size, or the planning override ``"antidiagonal.tiles"``."""
     return dict(planning.decide("antidiagonal.tiles", _default_tiles, head_dim, elem_bytes))
+
 
 @triton.jit
 def _antidiagonal_scores(Q, K, PART, TMAX, OUT,

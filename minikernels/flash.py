@@ -57,6 +57,7 @@ from ._validate import check_attention_inputs, check_scale, int32_addressable
 # forward
 # --------------------------------------------------------------------------------------------------
 
+
 @triton.jit
 def _query_block(CAUSAL: tl.constexpr):
     # Under a causal mask the last query blocks see the most keys. Handing them out first (the GPU
@@ -348,6 +349,7 @@ query_block, fwd_block_loop, bwd_dkdv_loop, bwd_dq_loop = _query_block, _fwd_blo
 # (fewer pipeline stages, then smaller tiles) until its estimated need fits, so the same code runs on
 # any GPU and every dtype; on Hopper every tuned configuration fits as it is.
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+
 
 def _tuned_config(kernel: str, head_dim: int, elem_bytes: int) -> dict:
     """The configuration tuned on an H100 / H200 (tools/tune_flash.py for 16-bit; the run and its numbers:

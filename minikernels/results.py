@@ -46,6 +46,7 @@ def recorded(op: str, json_dir: str | os.PathLike | None = None) -> dict:
         raise FileNotFoundError(f"no recorded benchmark for {op!r}: {path} is missing")
     return json.loads(path.read_text())
 
+
 OURS = "minikernels"
 
 

@@ -49,10 +49,9 @@ MAX_FUSED_COLS_BWD = 32768
 ONLINE_BLOCK_N = 16384
 
 
-
-
 def _online_block(n_cols: int) -> int:
     return min(planning.decide("softmax.online_block", ONLINE_BLOCK_N), triton.next_power_of_2(n_cols))
+
 
 @triton.jit
 def _softmax_fwd_fused(x_ptr, y_ptr, M, N, stride_xm, stride_xn, stride_ym, stride_yn,

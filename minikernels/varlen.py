@@ -49,6 +49,7 @@ from .flash import bwd_dkdv_loop, bwd_dq_loop, fwd_block_loop, query_block, row_
 # where a sequence lies
 # --------------------------------------------------------------------------------------------------
 
+
 @triton.jit
 def _sequence(CU, b, total, max_len):
     """Start and length of sequence ``b`` from its cumulative offsets. The host checks the offsets; the

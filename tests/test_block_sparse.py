@@ -110,6 +110,7 @@ def test_batches_larger_than_one_grid_launch_in_slices():
     with planning.override({"block_sparse.max_grid_y": 3}), pytest.raises(ValueError, match="4 heads are more"):
         mk.block_sparse_attention(q, k, v, bm)
 
+
 @given(n=st.integers(1, 80), nk=st.integers(1, 80), density=st.floats(0, 1), seed=st.integers(0, 999),
        block_size=st.sampled_from([16, 32]))
 def test_property_random_masks(n, nk, density, seed, block_size):

@@ -123,6 +123,7 @@ def test_ring_timeline_records_every_step(run_dir):
     backward P hops of the gradient accumulators (the last one brings them home); every interval has a start
     before its end."""
     events = torch.load(run_dir / "ring-4.1.pt")["events"]
+
     def count(phase, kind):
         return sum(e["phase"] == phase and e["kind"] == kind for e in events)
     assert count("fwd", "compute") == WORLD and count("bwd", "compute") == WORLD
@@ -220,6 +221,7 @@ def test_visible_block_matches_the_mask(world):
     what it skips is masked, and its mask flag is set only where the block holds a masked pair."""
     n = 6
     half = n // 2
+
     def positions(rank):  # global positions of a rank's zigzag shard
         return torch.cat([torch.arange(c * half, (c + 1) * half) for c in zigzag_chunks(rank, world)])
     for rank in range(world):

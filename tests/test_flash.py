@@ -52,7 +52,6 @@ def test_no_keys_at_all():
     assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
 
 
-
 def _outputs_and_grads(q, k, v, causal):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     with poisoned():
@@ -75,6 +74,7 @@ def test_batches_larger_than_one_grid_launch_in_slices(causal):
         assert torch.equal(a, b), name
     with planning.override({"flash.max_grid_y": 3}), pytest.raises(ValueError, match="4 heads are more than"):
         mk.flash_attention(q, k, v)
+
 
 @pytest.mark.parametrize("h,hkv", [(4, 2), (4, 1), (6, 3)])
 def test_grouped_query_attention(h, hkv):

@@ -218,6 +218,18 @@ def test_batches_larger_than_one_grid_launch_in_slices():
     for name, a, b_ in zip(("out", "state", "dq", "dk", "dv", "ddecay", "ds0"), sliced, whole):
         assert torch.equal(a, b_), name
 
+
+def test_slices_of_a_rated_batch_are_whole_groups():
+    """With a rate of R rows (the log-decay of entry b reads rate[b % R], as mk.ssd passes it), a
+    batch that is not whole groups of R entries is refused rather than cut short."""
+    from minikernels.linear import apply_in_batch_slices
+
+    q, k, v, _, _ = make(5, 1, 16, 16, 16, torch.float32, seed=32)
+    weights, rate = torch.rand(5, 1, 16, device=q.device), -torch.rand(2, 1, device=q.device)
+    with pytest.raises(ValueError, match="a rate of 2 rows needs a batch of whole groups of 2 entries, got 5"):
+        apply_in_batch_slices(q, k, v, None, None, 16, torch.float32, weights, rate)
+
+
 def test_gradient_of_the_state_alone():
     """Only the final state feeds the loss: the output's gradient is absent, not zero-filled."""
     q, k, v, g, s0 = make(1, 1, 20, 16, 16, torch.float32, seed=10, state=True)

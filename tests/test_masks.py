@@ -289,6 +289,7 @@ def test_antidiagonal_batches_beyond_one_grid_launch_in_slices(strided):
     want = masks.antidiagonal_block_scores(q.double(), k.double(), 4, 32).mean(dim=(0, 1))
     assert torch.allclose(sliced, want.float(), rtol=1e-4, atol=1e-6)
 
+
 def keep_until_threshold(scores, threshold):
     """The selection of XAttention by sorting: rank each row's blocks by score, keep them in order
     while the blocks ranked above hold less than ``threshold`` of the row's total."""
@@ -371,16 +372,19 @@ def test_gpu_antidiagonal_kernel_long_bf16():
 
 @pytest.mark.gpu
 def test_gpu_antidiagonal_batch_beyond_the_grid_limit():
-    """4100 x 16 (batch, head) pairs, more than the 65535 a grid's second axis holds: scored in slices;
-    the scores of the last few entries (in the second launch) equal theirs scored alone."""
+    """4100 x 16 (batch, head) pairs, more than the 65535 a grid's second axis holds: scored in slices
+    (entries 0-4094, then 4095-4099). Head by head, the first entries and the last (in different
+    launches) score exactly as they do alone, and the last equal the float64 reference."""
     from minikernels import antidiagonal
-    from minikernels.testing import randn
+    from minikernels.testing import assert_close, randn
 
     q, k = randn(4100, 16, 64, 64, seed=9, dtype=torch.bfloat16), randn(4100, 16, 64, 64, seed=10, dtype=torch.bfloat16)
-    scores = antidiagonal.block_scores(q, k, 8, 32)
-    mean_of_slices = (4096 * antidiagonal.block_scores(q[:4096], k[:4096], 8, 32)
-                      + 4 * antidiagonal.block_scores(q[4096:], k[4096:], 8, 32)) / 4100
-    assert torch.allclose(scores, mean_of_slices, rtol=1e-4, atol=1e-6)
+    per_head = antidiagonal._scores_per_head(q, k, 8, 32, True)  # [B*H, blocks, blocks], head by head
+    for lo in (0, 4096):
+        alone = antidiagonal._scores_per_head(q[lo:lo + 4], k[lo:lo + 4], 8, 32, True)
+        assert torch.equal(per_head[lo * 16:(lo + 4) * 16], alone), lo
+    want = masks.antidiagonal_block_scores(q[4096:].double(), k[4096:].double(), 8, 32).flatten(0, 1)
+    assert_close(per_head[4096 * 16:, :2, :2], want, torch.bfloat16, name="scores of the last launch's heads")
 
 
 def planted(n=256, d=32, needle=37, seed=0):

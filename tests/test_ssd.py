@@ -83,6 +83,7 @@ def test_batches_larger_than_one_grid_launch_in_slices(most):
         else:
             assert torch.equal(a, b), name
 
+
 @pytest.mark.parametrize("most", [1, 2, 4, 8])
 def test_backward_sums_a_groups_heads_in_pieces(most):
     # _la_dqdk sums the gradients of B and C over the heads of a group that share them: all 6 heads
@@ -122,7 +123,6 @@ def test_continuing_from_the_returned_state_equals_one_pass():
                    return_final_state=True)
     assert_close(torch.cat([a, b], dim=2), whole, torch.float32)
     assert_close(s2, s_whole, torch.float32)
-
 
 
 @pytest.mark.parametrize("n_seg", [1, 2, 3, 8])

@@ -87,11 +87,13 @@ class LinearAttentionFunction(torch.autograd.Function):
 def apply_in_batch_slices(q, k, v, g, s0, chunk, out_dtype, w=None, rate=None):
     """``LinearAttentionFunction.apply``, in slices of the batch when it has more (batch, head) pairs
     than a grid axis holds (MAX_GRID_YZ): the kernels put B*H on their second or third axis (times a
-    few segments or head splits only when B*H is below the SM count). Batch entries are independent,
-    so each slice is its own autograd node and the outputs are concatenated. With a rate of R rows
-    (the log-decay reads rate[b % R]) a slice is whole groups of R entries."""
+    few segments, only when B*H is below the SM count; head splits only shorten it). Batch entries are
+    independent, so each slice is its own autograd node and the outputs are concatenated. With a rate
+    of R rows (the log-decay reads rate[b % R]) a slice is whole groups of R entries."""
     B, H = v.shape[:2]
     per = rate.shape[0] if rate is not None else 1
+    if B % per:
+        raise ValueError(f"a rate of {per} rows needs a batch of whole groups of {per} entries, got {B}")
     most = planning.decide("linear.max_grid_y", MAX_GRID_YZ)
     slices = batch_slices(B // per, H * per, most, "linear_attention")
     if len(slices) == 1:
