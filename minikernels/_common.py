@@ -111,9 +111,8 @@ MAX_GRID_YZ = 65535
 def batch_slices(batch: int, heads: int, most: int, op: str) -> list[tuple[int, int]]:
     """[lo, hi) ranges of whole batch entries, one a launch, for a grid whose second (or third) axis
     holds one program per (batch entry, head) and takes at most ``most`` (MAX_GRID_YZ, or a planning
-    override):
-    a larger batch is launched in slices. Kernels that address their tensors through batch strides,
-    with logsumexp-like rows contiguous in (batch, head), run a slice on views of the tensors."""
+    override): a larger batch is launched in slices. Kernels that address their tensors through batch
+    strides, with logsumexp-like rows contiguous in (batch, head), run a slice on views of the tensors."""
     per_launch = most // heads
     if per_launch < 1:
         raise ValueError(f"{op} launches one program per (batch, head): {heads} heads are more than one "

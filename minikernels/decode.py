@@ -40,6 +40,7 @@ from ._common import (
     LOG2E,
     MAX_GRID_YZ,
     TF32_FALLBACK,
+    batch_slices,
     compute_dtype,
     fit_shared_memory,
     head_dim_pad,
@@ -697,12 +698,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                         PDL=pdl, **launch_kwargs, **dot_options(qw.dtype))
     # the split grid's second axis holds the (sequence, kv head) pairs, at most MAX_GRID_YZ of them: a
     # larger batch is launched in slices of whole sequences (the merge's grid has room for all of them)
-    grid_y = planning.decide("decode.max_grid_y", MAX_GRID_YZ)
-    per_launch = grid_y // HKV
-    if per_launch < 1:
-        raise ValueError(f"decode_attention launches one program per kv head of a sequence: Hkv = {HKV} is more "
-                         f"than a CUDA grid's second axis holds ({grid_y})")
-    slices = [(lo, min(B, lo + per_launch)) for lo in range(0, B, per_launch)]
+    slices = batch_slices(B, HKV, planning.decide("decode.max_grid_y", MAX_GRID_YZ), "decode_attention")
     launched = {}
     with on_device_of(q):  # Triton launches on the current CUDA device
         def launch(cfg):  # split_len is a multiple of every BLOCK_N a step-down reaches
