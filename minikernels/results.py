@@ -84,9 +84,9 @@ KERNELS = (
 )
 # Fields that are not part of the problem measured: the measurements, and how an implementation ran it
 # (an int8 cache holds the same keys and values as a 16-bit one).
-MEASURES = {"impl", "ms", "Mtokps", "ktokps", "TFLOPs", "GBps", "frac_of_copy", "timing", "speedup_over_dense_causal",
-            "ideal_speedup", "fraction_of_ideal", "relative_to_sparse_attention", "flop_ratio",
-            "sparse_attention_ms", "one_call_ms", "sparse_attention_one_call_ms", "blockmask_build_ms",
+MEASURES = {"impl", "ms", "ms_rounds", "Mtokps", "ktokps", "TFLOPs", "GBps", "frac_of_copy", "timing",
+            "speedup_over_dense_causal", "ideal_speedup", "fraction_of_ideal", "relative_to_sparse_attention",
+            "flop_ratio", "sparse_attention_ms", "one_call_ms", "sparse_attention_one_call_ms", "blockmask_build_ms",
             "speed_vs_dense", "speed_vs_bf16", "speed_vs_flashinfer", "speed_vs_best_anchor", "tokens", "cache",
             "copy_ms_kv", "copy_GBps_kv", "nvlink_ms_predicted", "hidden_predicted"}
 

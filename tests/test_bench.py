@@ -134,6 +134,65 @@ def test_paged_pools_share_one_table_and_hold_every_key():
     assert sp.transpose(1, 2).is_contiguous()  # head-major within a page
 
 
+def test_paired_cases_are_timed_in_turns_and_keep_their_rounds(capsys):
+    """``_run`` with rounds: each case whose output matches the reference is timed once a round, in turn
+    (A B A B A B), its ms the median of its rounds; a case whose output differs, or that raises, is reported
+    and never timed. The rounds are a measurement, not part of the case: the results table still pairs the
+    row with the rows of other implementations."""
+    from minikernels.bench.decoding import _run
+    from minikernels.results import _case
+
+    want = torch.randn(4, 8)
+
+    def a():
+        return want.clone()
+
+    def b():
+        return want + 1e-6
+
+    def wrong():
+        return want * 2
+
+    def broken():
+        raise RuntimeError("not installed")
+
+    order = []
+    clock = iter([3.0, 5.0, 1.0, 4.0, 2.0, 6.0])  # A B A B A B
+
+    def timer(calls):
+        order.append(calls[0])
+        return next(clock), "fake"
+
+    cases = [("A", a, 1e9, 1e-3), ("wrong", wrong, 1e9, 1e-3), ("B", b, 1e9, 1e-3), ("broken", broken, 1e9, 1e-3)]
+    rows = []
+    _run(cases, want, "S", 2, 8, {"copy_GBps": 1000.0}, rows, rounds=3, timer=timer)
+    assert order == [a, b, a, b, a, b]
+    assert [(r["impl"], r["ms"], r["ms_rounds"]) for r in rows] == [("A", 2.0, [3.0, 1.0, 2.0]),
+                                                                    ("B", 5.0, [5.0, 4.0, 6.0])]
+    assert rows[0]["GBps"] == 500.0 and rows[0]["frac_of_copy"] == 0.5 and rows[0]["timing"] == "fake"
+    out = capsys.readouterr().out
+    assert "wrong S: failed (AssertionError" in out and "broken S: failed (RuntimeError" in out
+    assert _case(rows[0]) == _case({k: v for k, v in rows[0].items() if k != "ms_rounds"})
+
+    once = []
+    _run([("A", a, 1e9, 1e-3)], want, "S", 2, 8, {"copy_GBps": 1000.0}, once, timer=lambda calls: (7.0, "fake"))
+    assert once[0]["ms"] == 7.0 and "ms_rounds" not in once[0]
+
+    tried = []
+
+    def fails_for_b(calls):  # B cannot be timed (say, out of memory in the graph): A keeps its three rounds
+        tried.append(calls[0])
+        if calls[0] is b:
+            raise torch.OutOfMemoryError("captured")
+        return 1.0, "fake"
+
+    left = []
+    _run([("A", a, 1e9, 1e-3), ("B", b, 1e9, 1e-3)], want, "S", 2, 8, {"copy_GBps": 1000.0}, left, rounds=3,
+         timer=fails_for_b)
+    assert tried == [a, b, a, a] and [(r["impl"], r["ms_rounds"]) for r in left] == [("A", [1.0, 1.0, 1.0])]
+    assert "B S: failed while timed (OutOfMemoryError" in capsys.readouterr().out
+
+
 def test_module_with_edits_loads_a_variant_and_refuses_a_misfit(tmp_path):
     """``module_with_edits``: the module's source edited and loaded under another name, the original
     untouched; an edit whose text is not there once raises instead of loading the unedited module."""

@@ -11,6 +11,8 @@ GB/s counts the bytes that must be read: K and V (and, for int8, the float32 sca
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 from .common import time_rotating
@@ -18,6 +20,9 @@ from .common import time_rotating
 B, H, D = 8, 32, 128
 OURS = "minikernels"
 DEVICE = "cuda"
+# ours and FlashInfer on the same pages, the comparison with the finest margin, are timed in turns over this
+# many rounds (each a median of CUDA-graph replays); the other cases once
+PAIRED_ROUNDS = 3
 
 
 def _page_table(batch: int, per: int, seed: int, device) -> torch.Tensor:
@@ -112,8 +117,9 @@ def bench_paged_decode(ceilings: dict, quick: bool = False) -> list[dict]:
     ``speed_vs_dense`` (paged: the dense time over this one), ``speed_vs_bf16`` (int8: the 16-bit
     kernel's time on the same layout over this one), ``speed_vs_flashinfer`` (paged: FlashInfer's time on
     the same pages over this one) and ``speed_vs_best_anchor`` (ours: the fastest anchor of the shape,
-    cuDNN on the dense cache included, over this one). One buffer set
-    a shape: the smallest cache (134 MB) is more than twice the L2 of an H100 or H200."""
+    cuDNN on the dense cache included, over this one). Ours and FlashInfer on the same pages are timed in
+    turn over ``PAIRED_ROUNDS`` rounds: their rows' ``ms`` is the median, ``ms_rounds`` every round. One
+    buffer set a shape: the smallest cache (134 MB) is more than twice the L2 of an H100 or H200."""
     torch._dynamo.config.recompile_limit = 64  # one compile per shape and mask; never a silent eager fallback
     rows = []
     lengths = [16384, 65536] if quick else [4096, 16384, 65536]
@@ -175,49 +181,78 @@ def _bench_pages(q, dense: dict, lens, page: int, want, shape: str, n_bytes: tup
     hkv, length = dense["k"].shape[1], dense["k"].shape[2]
     table, (kp, vp, kq, vq, ks, vs) = paged_pools(page, *(dense[name] for name in ("k", "v", "kq", "vq", "ks", "vs")))
     kv_bytes, int8_bytes = n_bytes
+    # the paged and the dense call may split the keys differently (a planning override, a recorded rule's
+    # run): partials merged in another order, rounded to bf16 at the end (~3e-3 relative at 64k)
+    ours = (f"minikernels paged{page}", lambda: decode_attention(q, kp, vp, lens, block_table=table), kv_bytes, 1e-2)
+    flashinfer = (f"flashinfer paged{page}", _lazy(lambda: _flashinfer_paged(table, page, hkv), kp, vp, q), kv_bytes,
+                  2e-2)
+    _run([ours, flashinfer], want, shape, hkv, length, ceilings, rows, rounds=PAIRED_ROUNDS)
     cases = [
-        # the paged and the dense call may split the keys differently (a planning override, a recorded
-        # rule's run): partials merged in another order, rounded to bf16 at the end (~3e-3 relative at 64k)
-        (f"minikernels paged{page}", lambda: decode_attention(q, kp, vp, lens, block_table=table), kv_bytes, 1e-2),
         (f"minikernels int8 paged{page}",
          lambda: decode_attention(q, kq, vq, lens, block_table=table, k_scale=ks, v_scale=vs), int8_bytes, 5e-2),
         (f"flex paged{page}", _lazy(lambda: _flex_paged(table, kp.shape[0], page), kp, vp, q), kv_bytes, 2e-2),
-        (f"flashinfer paged{page}", _lazy(lambda: _flashinfer_paged(table, page, hkv), kp, vp, q), kv_bytes, 2e-2),
     ]
     _run(cases, want, shape, hkv, length, ceilings, rows)
     # the same pages stored head-major ([num_pages, Hkv, page_size, D]; ours reads them through the
     # transposed view, FlashInfer through its "HND" layout): int8 codes, as PagedKVCache stores them, and bf16
     kp, vp, kq, vq = (t.transpose(1, 2).contiguous() for t in (kp, vp, kq, vq))
     hm = " head-major"
-    cases = [
-        (f"minikernels paged{page}{hm}", lambda: decode_attention(q, kp.transpose(1, 2), vp.transpose(1, 2), lens,
-                                                                   block_table=table), kv_bytes, 1e-2),
-        (f"minikernels int8 paged{page}{hm}",
-         lambda: decode_attention(q, kq.transpose(1, 2), vq.transpose(1, 2), lens, block_table=table, k_scale=ks,
-                                  v_scale=vs), int8_bytes, 5e-2),
-        (f"flashinfer paged{page}{hm}", _lazy(lambda: _flashinfer_paged(table, page, hkv, "HND"), kp, vp, q), kv_bytes,
-         2e-2),
-    ]
-    _run(cases, want, shape, hkv, length, ceilings, rows)
+    ours = (f"minikernels paged{page}{hm}",
+            lambda: decode_attention(q, kp.transpose(1, 2), vp.transpose(1, 2), lens, block_table=table), kv_bytes,
+            1e-2)
+    flashinfer = (f"flashinfer paged{page}{hm}", _lazy(lambda: _flashinfer_paged(table, page, hkv, "HND"), kp, vp, q),
+                  kv_bytes, 2e-2)
+    _run([ours, flashinfer], want, shape, hkv, length, ceilings, rows, rounds=PAIRED_ROUNDS)
+    int8 = (f"minikernels int8 paged{page}{hm}",
+            lambda: decode_attention(q, kq.transpose(1, 2), vq.transpose(1, 2), lens, block_table=table, k_scale=ks,
+                                     v_scale=vs), int8_bytes, 5e-2)
+    _run([int8], want, shape, hkv, length, ceilings, rows)
 
 
-def _run(cases, want, shape, hkv, length, ceilings, rows) -> None:
-    """Check each case's output against ``want`` (ours on the dense cache), time it, append its row."""
+def _run(cases, want, shape, hkv, length, ceilings, rows, rounds: int = 1, timer=time_rotating) -> None:
+    """Check each case's output against ``want`` (ours on the dense cache), then time the cases that passed
+    and append their rows. With ``rounds`` > 1 the cases are timed in turn, round after round (A B A B ...),
+    so that a drift of the GPU during the call (its clock, its temperature) falls on each of them alike; a
+    row's ``ms`` is the median of its rounds and ``ms_rounds`` keeps them all, so a reader can tell a gap
+    between two cases from the spread of one."""
+    checked = []
     for impl, call, n_bytes, tol in cases:
         try:
             got = call().float()  # builds, compiles and warms up outside the timed region
             err = ((got - want).norm() / want.norm()).item()
             if not err <= tol:
                 raise AssertionError(f"differs from ours on the dense cache by {err:.2e} (relative; allowed {tol})")
-            ms, method = time_rotating([call])
         except Exception as exc:  # an anchor that fails (or is not installed) is reported, not fatal
             print(f"  {impl} {shape}: failed ({type(exc).__name__}: {str(exc)[:200]})")
             continue
+        checked.append((impl, call, n_bytes))
+    times = {impl: [] for impl, _, _ in checked}
+    methods, failed = {}, set()
+    for _ in range(rounds):
+        for impl, call, _ in checked:
+            if impl in failed:
+                continue
+            try:
+                ms, methods[impl] = timer([call])
+            except Exception as exc:  # e.g. out of memory while captured: reported, and the case dropped
+                print(f"  {impl} {shape}: failed while timed ({type(exc).__name__}: {str(exc)[:200]})")
+                failed.add(impl)
+                continue
+            times[impl].append(ms)
+    for impl, _, n_bytes in checked:
+        if impl in failed:
+            continue
+        ms = statistics.median(times[impl])
         gbps = n_bytes / (ms * 1e-3) / 1e9
-        rows.append({"impl": impl, "pass": "fwd", "shape": shape, "Hkv": hkv, "L": length, "dtype": "bfloat16",
-                     "cache": "int8" if "int8" in impl else "bfloat16", "ms": ms, "GBps": gbps,
-                     "frac_of_copy": gbps / ceilings["copy_GBps"], "timing": method})
-        print(f"  {impl} {shape}: {ms:.3f} ms, {gbps:.0f} GB/s", flush=True)
+        row = {"impl": impl, "pass": "fwd", "shape": shape, "Hkv": hkv, "L": length, "dtype": "bfloat16",
+               "cache": "int8" if "int8" in impl else "bfloat16", "ms": ms, "GBps": gbps,
+               "frac_of_copy": gbps / ceilings["copy_GBps"], "timing": methods[impl]}
+        spread = ""
+        if rounds > 1:
+            row["ms_rounds"] = times[impl]
+            spread = f" (rounds {min(times[impl]):.4f}-{max(times[impl]):.4f} ms)"
+        rows.append(row)
+        print(f"  {impl} {shape}: {ms:.4f} ms{spread}, {gbps:.0f} GB/s", flush=True)
 
 
 def _gqa_sdpa(q, k, v):
