@@ -157,7 +157,7 @@ def test_paired_cases_are_timed_in_turns_and_keep_their_rounds(capsys):
         raise RuntimeError("not installed")
 
     order = []
-    clock = iter([3.0, 5.0, 1.0, 4.0, 2.0, 6.0])  # A B A B A B
+    clock = iter([3.0, 5.0, 1.0, 4.0, 8.0, 6.0])  # A B A B A B
 
     def timer(calls):
         order.append(calls[0])
@@ -167,9 +167,10 @@ def test_paired_cases_are_timed_in_turns_and_keep_their_rounds(capsys):
     rows = []
     _run(cases, want, "S", 2, 8, {"copy_GBps": 1000.0}, rows, rounds=3, timer=timer)
     assert order == [a, b, a, b, a, b]
-    assert [(r["impl"], r["ms"], r["ms_rounds"]) for r in rows] == [("A", 2.0, [3.0, 1.0, 2.0]),
+    assert [(r["impl"], r["ms"], r["ms_rounds"]) for r in rows] == [("A", 3.0, [3.0, 1.0, 8.0]),
                                                                     ("B", 5.0, [5.0, 4.0, 6.0])]
-    assert rows[0]["GBps"] == 500.0 and rows[0]["frac_of_copy"] == 0.5 and rows[0]["timing"] == "fake"
+    assert rows[0]["GBps"] == 1e9 / 3e-3 / 1e9 and rows[0]["frac_of_copy"] == rows[0]["GBps"] / 1000
+    assert rows[0]["timing"] == "fake"
     out = capsys.readouterr().out
     assert "wrong S: failed (AssertionError" in out and "broken S: failed (RuntimeError" in out
     assert _case(rows[0]) == _case({k: v for k, v in rows[0].items() if k != "ms_rounds"})
@@ -178,9 +179,15 @@ def test_paired_cases_are_timed_in_turns_and_keep_their_rounds(capsys):
     _run([("A", a, 1e9, 1e-3)], want, "S", 2, 8, {"copy_GBps": 1000.0}, once, timer=lambda calls: (7.0, "fake"))
     assert once[0]["ms"] == 7.0 and "ms_rounds" not in once[0]
 
+    methods = iter(["cuda-graph", "do_bench", "cuda-graph"])  # rounds timed differently: every method is named
+    mixed = []
+    _run([("A", a, 1e9, 1e-3)], want, "S", 2, 8, {"copy_GBps": 1000.0}, mixed, rounds=3,
+         timer=lambda calls: (1.0, next(methods)))
+    assert mixed[0]["timing"] == "cuda-graph+do_bench"
+
     tried = []
 
-    def fails_for_b(calls):  # B cannot be timed (say, out of memory in the graph): A keeps its three rounds
+    def fails_for_b(calls):  # B cannot be timed at all: A keeps its three rounds
         tried.append(calls[0])
         if calls[0] is b:
             raise torch.OutOfMemoryError("captured")
